@@ -1,0 +1,3 @@
+from qexplorer.cli import main
+
+raise SystemExit(main())

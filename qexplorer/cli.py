@@ -1,0 +1,119 @@
+"""The command line. ``qexplorer`` alone opens the app.
+
+Heavy imports (textual, torch, transformers) happen inside the command that
+needs them, so ``qexplorer monitor --once --json`` starts in a blink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from qexplorer import __version__
+from qexplorer.core.errors import UserError
+
+PROFILE_CHOICES = ("none", "h100", "gb10")
+
+
+def _common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
+    # On sub-commands the defaults are suppressed, so `qexplorer --simulate gb10
+    # monitor` keeps the value given before the command name.
+    default = argparse.SUPPRESS if sub else None
+    parser.add_argument(
+        "--simulate",
+        default=default,
+        choices=PROFILE_CHOICES,
+        metavar="PROFILE",
+        help="use a simulated machine instead of this one: none, h100 or gb10 (demo mode)",
+    )
+    parser.add_argument("--reserve-gib", type=float, default=default,
+                        help="safety reserve kept free, GiB (default 8)")
+    parser.add_argument("--refresh", type=float, dest="refresh_s", default=default,
+                        help="sampling interval, s (0.25-10; default 1)")
+    parser.add_argument("--theme", default=default, help="theme name (qexplorer-dark, qexplorer-light, ...)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if sub else False,
+                        help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qexplorer",
+        description="Choose how to quantize an LLM: live memory, plans, benchmarks, quality.",
+    )
+    parser.add_argument("--version", action="version", version=f"qexplorer {__version__}")
+    _common(parser, sub=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    app = sub.add_parser("app", help="open the app (the default)")
+    _common(app)
+
+    monitor = sub.add_parser("monitor", help="the live memory dashboard, or one snapshot with --once")
+    _common(monitor)
+    monitor.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    monitor.add_argument("--json", action="store_true", help="with --once: print JSON")
+    return parser
+
+
+def _settings(args: argparse.Namespace):
+    from qexplorer.core.settings import load_settings
+
+    return load_settings().with_overrides(
+        "the command line", refresh_s=args.refresh_s, reserve_gib=args.reserve_gib, theme=args.theme
+    )
+
+
+def cmd_app(args: argparse.Namespace, *, dashboard_only: bool = False) -> int:
+    from qexplorer.ui.app import make_app
+    from qexplorer.ui.sources import Sources
+
+    settings = _settings(args)
+    app = make_app(settings, Sources.for_profile(args.simulate, settings), dashboard_only=dashboard_only)
+    app.run()
+    return app.return_code or 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    if not args.once:
+        return cmd_app(args, dashboard_only=True)
+    from qexplorer.core.telemetry import make_sampler
+    from qexplorer.core.textreport import snapshot_text
+
+    settings = _settings(args)
+    sampler = make_sampler(args.simulate, reserve_bytes=settings.reserve_bytes)
+    try:
+        snapshot = sampler.sample()
+    finally:
+        sampler.close()
+    if args.json:
+        json.dump(snapshot.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(snapshot_text(snapshot))
+    return 0
+
+
+COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
+    None: cmd_app,
+    "app": cmd_app,
+    "monitor": cmd_monitor,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"qexplorer: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qexplorer: interrupted.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `qexplorer ... | head`: the reader left, not an error
+        sys.stderr.close()
+        return 0

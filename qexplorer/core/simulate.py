@@ -1,0 +1,294 @@
+"""Simulated hardware: a fake NVML and a fake host that the real formulas read.
+
+``--simulate none|h100|gb10`` is a documented demo mode and the seam the tests
+use. Nothing here computes a figure the user sees: the fakes answer the same
+queries as NVML and psutil (raising the same NOT_SUPPORTED errors), and
+:class:`~qexplorer.core.telemetry.TelemetrySampler` applies the formulas.
+
+Figures move a little from sample to sample (a deterministic function of the
+sample number, never of wall time), so the history plots have something to show
+and tests stay reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qexplorer.core.telemetry import (
+    DEFAULT_RESERVE_BYTES,
+    GpuProcessUsage,
+    LocalHostProbe,
+    NvmlNotSupported,
+    NvmlQueryError,
+    NvmlUnavailable,
+    PressureStall,
+    TelemetrySampler,
+)
+from qexplorer.core.units import GIB, MIB
+
+PROFILES = ("none", "h100", "gb10")
+SIMULATED_EPOCH_S = 1_767_268_800.0  # 2026-01-01 12:00:00 UTC: a frozen clock
+
+
+@dataclass
+class SimulatedProcess:
+    pid: int
+    name: str
+    rss_bytes: int
+    gpu_bytes: int = 0  # 0: not a GPU process
+    gpu_kind: str = "compute"
+    wobble_bytes: int = 0  # amplitude of the deterministic variation
+
+
+@dataclass
+class SimulatedDevice:
+    name: str
+    compute_capability: tuple[int, int]
+    memory_total_bytes: int | None  # None: the memory query is NOT_SUPPORTED
+    driver_reserved_bytes: int = 0
+    addressing_mode: int | None = None  # None: NOT_SUPPORTED
+    utilization_pct: int = 0
+    temperature_c: int = 40
+    power_w: float = 50.0
+    sm_clock_mhz: int = 1500
+
+
+@dataclass
+class SimulatedMachine:
+    """One profile's state. ``tick`` advances the deterministic variation."""
+
+    name: str
+    mem_total_bytes: int
+    other_host_bytes: int  # non-GPU host memory in use
+    cached_bytes: int
+    sreclaimable_bytes: int
+    swap_total_bytes: int
+    devices: list[SimulatedDevice]
+    processes: list[SimulatedProcess]
+    nvml_missing_reason: str | None = None
+    psi_some_avg10: float = 0.0
+    sample_index: int = 0
+    extra_used_bytes: int = 0  # tests and demos push memory pressure here
+    gpu_lost: bool = False
+    host_fallback: LocalHostProbe = field(default_factory=LocalHostProbe)
+
+    def wobble(self, amplitude: int, phase: float = 0.0) -> int:
+        return int(amplitude * (0.5 + 0.5 * math.sin(self.sample_index / 6.0 + phase)))
+
+    def gpu_bytes(self, proc: SimulatedProcess) -> int:
+        if not proc.gpu_bytes:
+            return 0
+        return proc.gpu_bytes + self.wobble(proc.wobble_bytes, proc.pid % 7)
+
+    @property
+    def unified(self) -> bool:
+        return any(d.memory_total_bytes is None for d in self.devices)
+
+    def mem_available_bytes(self) -> int:
+        used = self.other_host_bytes + self.extra_used_bytes
+        if self.unified:
+            used += sum(self.gpu_bytes(p) for p in self.processes)
+        return max(0, self.mem_total_bytes - used)
+
+
+class SimulatedNvml:
+    """Answers NVML's queries from a :class:`SimulatedMachine`, errors included."""
+
+    def __init__(self, machine: SimulatedMachine) -> None:
+        self.machine = machine
+
+    def init(self) -> None:
+        if self.machine.nvml_missing_reason:
+            raise NvmlUnavailable(self.machine.nvml_missing_reason)
+
+    def shutdown(self) -> None:
+        pass
+
+    def device_count(self) -> int:
+        return len(self.machine.devices)
+
+    def _device(self, index: int) -> SimulatedDevice:
+        if self.machine.gpu_lost:
+            raise NvmlQueryError("GPU is lost")
+        return self.machine.devices[index]
+
+    def name(self, index: int) -> str:
+        return self._device(index).name
+
+    def memory_info(self, index: int) -> tuple[int, int, int]:
+        device = self._device(index)
+        if device.memory_total_bytes is None:
+            raise NvmlNotSupported("nvmlDeviceGetMemoryInfo")
+        used = device.driver_reserved_bytes + sum(self.machine.gpu_bytes(p) for p in self.machine.processes)
+        used = min(used, device.memory_total_bytes)
+        return device.memory_total_bytes, used, device.memory_total_bytes - used
+
+    def processes(self, index: int) -> list[GpuProcessUsage]:
+        self._device(index)
+        return [
+            GpuProcessUsage(p.pid, self.machine.gpu_bytes(p), p.gpu_kind)
+            for p in self.machine.processes
+            if p.gpu_bytes
+        ]
+
+    def utilization_pct(self, index: int) -> int:
+        base = self._device(index).utilization_pct
+        return min(100, base + self.machine.wobble(20, 1.0)) if base else 0
+
+    def temperature_c(self, index: int) -> int:
+        return self._device(index).temperature_c + self.machine.wobble(3, 2.0)
+
+    def power_w(self, index: int) -> float:
+        return round(self._device(index).power_w + self.machine.wobble(15, 1.0), 1)
+
+    def sm_clock_mhz(self, index: int) -> int:
+        return self._device(index).sm_clock_mhz
+
+    def compute_capability(self, index: int) -> tuple[int, int]:
+        return self._device(index).compute_capability
+
+    def addressing_mode(self, index: int) -> int:
+        mode = self._device(index).addressing_mode
+        if mode is None:
+            raise NvmlNotSupported("nvmlDeviceGetAddressingMode")
+        return mode
+
+
+class SimulatedHost:
+    """Answers the host probe's queries from a :class:`SimulatedMachine`.
+
+    Processes the profile does not know (for instance a real job child started
+    while simulating) are read from the real machine, so a job's memory is real.
+    """
+
+    def __init__(self, machine: SimulatedMachine) -> None:
+        self.machine = machine
+
+    def meminfo(self) -> dict[str, int]:
+        m = self.machine
+        m.sample_index += 1
+        available = m.mem_available_bytes()
+        return {
+            "MemTotal": m.mem_total_bytes,
+            "MemAvailable": available,
+            "MemFree": max(0, available - m.cached_bytes),
+            "Cached": m.cached_bytes,
+            "SReclaimable": m.sreclaimable_bytes,
+            "SwapTotal": m.swap_total_bytes,
+            "SwapFree": m.swap_total_bytes,
+            "Hugetlb": 0,
+        }
+
+    def pressure(self) -> PressureStall | None:
+        some = round(self.machine.psi_some_avg10 + self.machine.wobble(2, 3.0) / 10, 2)
+        return PressureStall(some_avg10=some, full_avg10=round(some / 4, 2))
+
+    def process(self, pid: int) -> tuple[str, int] | None:
+        for proc in self.machine.processes:
+            if proc.pid == pid:
+                return proc.name, proc.rss_bytes
+        return self.machine.host_fallback.process(pid)
+
+    def top_processes(self, count: int) -> list[tuple[int, str, int]]:
+        rows = [(p.pid, p.name, p.rss_bytes) for p in self.machine.processes]
+        rows.sort(key=lambda row: row[2], reverse=True)
+        return rows[:count]
+
+
+def machine_for(profile: str) -> SimulatedMachine:
+    """A fresh :class:`SimulatedMachine` for ``none``, ``h100`` or ``gb10``."""
+    if profile == "gb10":
+        # DGX Spark: 128 GB LPDDR5X, MemTotal 127,600,748 kB ≈ 121.7 GiB usable.
+        return SimulatedMachine(
+            name="gb10",
+            mem_total_bytes=127_600_748 * 1024,
+            other_host_bytes=int(6.8 * GIB),
+            cached_bytes=int(11.5 * GIB),
+            sreclaimable_bytes=int(0.9 * GIB),
+            swap_total_bytes=0,
+            devices=[
+                SimulatedDevice(
+                    name="NVIDIA GB10",
+                    compute_capability=(12, 1),
+                    memory_total_bytes=None,  # nvmlDeviceGetMemoryInfo: NOT_SUPPORTED
+                    utilization_pct=38,
+                    temperature_c=52,
+                    power_w=31.0,
+                    sm_clock_mhz=2405,
+                )
+            ],
+            processes=[
+                SimulatedProcess(4242, "vllm serve", int(2.1 * GIB), gpu_bytes=int(30.0 * GIB)),
+                SimulatedProcess(5151, "python3", int(1.4 * GIB), gpu_bytes=int(3.2 * GIB),
+                                 wobble_bytes=int(1.5 * GIB)),
+                SimulatedProcess(1880, "Xorg", 180 * MIB, gpu_bytes=96 * MIB, gpu_kind="graphics"),
+                SimulatedProcess(2210, "jupyter-lab", int(0.7 * GIB)),
+                SimulatedProcess(901, "dockerd", 160 * MIB),
+            ],
+            psi_some_avg10=0.4,
+        )
+    if profile == "h100":
+        return SimulatedMachine(
+            name="h100",
+            mem_total_bytes=251 * GIB,
+            other_host_bytes=int(18.5 * GIB),
+            cached_bytes=int(64.0 * GIB),
+            sreclaimable_bytes=int(3.0 * GIB),
+            swap_total_bytes=8 * GIB,
+            devices=[
+                SimulatedDevice(
+                    name="NVIDIA H100 80GB HBM3",
+                    compute_capability=(9, 0),
+                    memory_total_bytes=81_559 * MIB,
+                    driver_reserved_bytes=530 * MIB,
+                    addressing_mode=0,
+                    utilization_pct=61,
+                    temperature_c=47,
+                    power_w=312.0,
+                    sm_clock_mhz=1980,
+                )
+            ],
+            processes=[
+                SimulatedProcess(31337, "vllm serve", int(9.6 * GIB), gpu_bytes=int(62.0 * GIB)),
+                SimulatedProcess(31400, "python3", int(3.1 * GIB), gpu_bytes=int(4.0 * GIB),
+                                 wobble_bytes=int(2.0 * GIB)),
+                SimulatedProcess(1200, "postgres", int(2.2 * GIB)),
+                SimulatedProcess(1300, "node", int(0.9 * GIB)),
+            ],
+            psi_some_avg10=0.0,
+        )
+    if profile == "none":
+        return SimulatedMachine(
+            name="none",
+            mem_total_bytes=32 * GIB,
+            other_host_bytes=int(9.2 * GIB),
+            cached_bytes=int(7.5 * GIB),
+            sreclaimable_bytes=int(0.6 * GIB),
+            swap_total_bytes=2 * GIB,
+            devices=[],
+            processes=[
+                SimulatedProcess(2020, "python3", int(2.6 * GIB)),
+                SimulatedProcess(2100, "firefox", int(1.9 * GIB)),
+                SimulatedProcess(2150, "code", int(1.1 * GIB)),
+            ],
+            nvml_missing_reason="no NVIDIA driver library (libnvidia-ml) on this machine",
+            psi_some_avg10=0.1,
+        )
+    raise ValueError(f"unknown hardware profile {profile!r}; choose one of {', '.join(PROFILES)}")
+
+
+def simulated_sampler(profile: str, reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> TelemetrySampler:
+    """A sampler wired to a simulated machine and a frozen, ticking clock."""
+    machine = machine_for(profile)
+
+    def clock() -> float:
+        return SIMULATED_EPOCH_S + machine.sample_index
+
+    return TelemetrySampler(
+        nvml=SimulatedNvml(machine),
+        host=SimulatedHost(machine),
+        reserve_bytes=reserve_bytes,
+        simulated=profile,
+        clock=clock,
+    )

@@ -1,0 +1,126 @@
+"""The Textual app and its factory, used by the CLI and the tests alike."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App
+from textual.binding import Binding
+from textual.reactive import reactive
+from textual.timer import Timer
+from textual.worker import Worker, WorkerState
+
+from qexplorer.core.settings import Settings
+from qexplorer.core.telemetry import TelemetrySnapshot
+from qexplorer.ui.messages import TelemetrySampled
+from qexplorer.ui.screens.dashboard import DashboardScreen
+from qexplorer.ui.sources import Sources
+from qexplorer.ui.themes import DEFAULT_THEME, load_themes
+
+HISTORY_SAMPLES = 600  # 10 minutes at the default 1 s
+
+
+class QExplorerApp(App[int]):
+    CSS_PATH = Path(__file__).parent / "app.tcss"
+    TITLE = "qexplorer"
+    BINDINGS = [
+        Binding("question_mark", "help", "Help"),
+        Binding("d", "dashboard", "Dashboard", show=False),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    snapshot: reactive[TelemetrySnapshot | None] = reactive(None, always_update=True)
+    refresh_s: reactive[float] = reactive(1.0)
+    paused: reactive[bool] = reactive(False)
+
+    def __init__(self, settings: Settings, sources: Sources, *, dashboard_only: bool = False,
+                 live: bool = True) -> None:
+        super().__init__()
+        self.settings = settings
+        self.sources = sources
+        self.dashboard_only = dashboard_only
+        self.live = live
+        self.history: deque[TelemetrySnapshot] = deque(maxlen=HISTORY_SAMPLES)
+        self._timer: Timer | None = None
+        self._theme_problems: tuple[str, ...] = ()
+        self.set_reactive(QExplorerApp.refresh_s, settings.refresh_s)
+        self._register_themes(settings.theme)
+        self.sub_title = "dashboard" if dashboard_only else "choose how to quantize"
+
+    # ------------------------------------------------------------------ themes
+    def _register_themes(self, wanted: str) -> None:
+        loaded = load_themes()
+        for theme in loaded.themes:
+            self.register_theme(theme)
+        problems = list(loaded.problems)
+        if os.environ.get("NO_COLOR"):
+            wanted = "ansi-dark"  # the terminal's own palette; Textual drops colour itself
+        if wanted not in self.available_themes:
+            problems.append(f"Theme {wanted!r} is not installed; using {DEFAULT_THEME}.")
+            wanted = DEFAULT_THEME if DEFAULT_THEME in self.available_themes else "textual-dark"
+        self.theme = wanted
+        self._theme_problems = tuple(problems)
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_mount(self) -> None:
+        self.push_screen(DashboardScreen())
+        for problem in self._theme_problems:
+            self.notify(problem, severity="warning", timeout=8)
+        if self.live:
+            # The first sample waits for the first frame: NVML start-up and the
+            # process walk would otherwise compete with it for the GIL.
+            self.call_after_refresh(self.request_sample)
+            self._timer = self.set_interval(self.refresh_s, self.request_sample)
+
+    def on_unmount(self) -> None:
+        self.sources.sampler.close()
+
+    def watch_refresh_s(self, refresh_s: float) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = self.set_interval(refresh_s, self.request_sample)
+
+    # ------------------------------------------------------------------ sampling
+    def request_sample(self) -> None:
+        """Timer tick: ask a thread for a sample; never sample on the event loop."""
+        if self.paused:
+            return
+        if any(w.group == "telemetry" and w.is_running for w in self.workers):
+            return  # the previous sample is still being read
+        self._sample()
+
+    @work(thread=True, group="telemetry", exit_on_error=False)
+    def _sample(self) -> None:
+        self.post_message(TelemetrySampled(self.sources.sampler.sample()))
+
+    @on(TelemetrySampled)
+    def _on_sample(self, message: TelemetrySampled) -> None:
+        self.history.append(message.snapshot)
+        self.snapshot = message.snapshot
+
+    @on(Worker.StateChanged)
+    def _on_worker_state(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR and event.worker.group == "telemetry":
+            self.notify(f"Telemetry failed: {event.worker.error}", severity="error", timeout=6)
+
+    # ------------------------------------------------------------------ actions
+    def action_help(self) -> None:
+        # Imported here: the Markdown widget costs ~25 ms of start-up otherwise.
+        from qexplorer.ui.screens.help import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_dashboard(self) -> None:
+        while len(self.screen_stack) > 2:
+            self.pop_screen()
+
+
+def make_app(settings: Settings, sources: Sources, *, dashboard_only: bool = False,
+             live: bool = True) -> QExplorerApp:
+    """Build the app. ``live=False`` leaves sampling to the caller (tests inject
+    snapshots through :class:`TelemetrySampled`, the production message)."""
+    return QExplorerApp(settings, sources, dashboard_only=dashboard_only, live=live)

@@ -1,0 +1,22 @@
+"""Typed messages that carry core data into the UI."""
+
+from __future__ import annotations
+
+from textual.message import Message
+
+from qexplorer.core.telemetry import TelemetrySnapshot
+
+
+class TelemetrySampled(Message):
+    """A fresh snapshot from the sampling thread.
+
+    Replaceable: if the UI falls behind, a queued older sample is dropped for the
+    newer one rather than replayed (toolong's trick).
+    """
+
+    def __init__(self, snapshot: TelemetrySnapshot) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, TelemetrySampled)

@@ -1,0 +1,53 @@
+"""The help screen (`?`): what each screen does and what each figure means."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+HELP_TEXT = """\
+# qexplorer help
+
+Press **Esc** or **?** to close. **Ctrl+P** opens the command palette (themes,
+screens, quit). Everything works from the keyboard.
+
+## Dashboard (`d`)
+
+Live memory, sampled in a background thread every second (`+` / `-` change the
+interval from 0.25 s to 10 s, `p` pauses).
+
+- **Unified pool** (GB10, Jetson): the GPU has no memory of its own. NVML's
+  memory query answers *Not Supported* there, and tools that show
+  *MemTotal − MemAvailable* as "GPU used" count every host allocation and the
+  page cache. qexplorer shows **GPU** = the sum of each process's GPU
+  allocation (NVML per-process figures), **other host** = host memory in use
+  that is not a GPU allocation, and **available** = the kernel's MemAvailable.
+- **VRAM** (discrete cards): NVML's total / used / free. If the card does not
+  answer, memory is shown as *unavailable* - never host numbers.
+- **Headroom** = MemAvailable − the safety reserve (default 8 GiB, `▒` on the
+  bar; set `reserve_gib`). On unified memory, running out does not fail cleanly:
+  boxes freeze. qexplorer plans and stops jobs against this figure.
+- **page cache** is reclaimable (Cached + SReclaimable); **PSI** is the share of
+  the last 10 s that tasks waited for memory (`/proc/pressure/memory`).
+- The process table lists GPU processes, qexplorer's own jobs (`job`) and the
+  largest host processes, sorted by memory.
+- A **SIMULATED** tag means a demo profile (`--simulate none|h100|gb10`): a fake
+  NVML and host that the real formulas read.
+
+## Units
+
+Memory is in binary units (GiB = 2³⁰ bytes), like `free -h` and nvitop.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [
+        Binding("escape,question_mark,q", "dismiss", "Close"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-body"):
+            yield Markdown(HELP_TEXT)

