@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(monitor)
     monitor.add_argument("--once", action="store_true", help="print one snapshot and exit")
     monitor.add_argument("--json", action="store_true", help="with --once: print JSON")
+
+    models = sub.add_parser("models", help="list the models qexplorer can find (no weights are loaded)")
+    _common(models)
+    models.add_argument("paths", nargs="*", metavar="PATH", help="extra model folders or GGUF files")
+    models.add_argument("--json", action="store_true", help="print JSON")
+
+    plan = sub.add_parser("plan", help="plan memory per precision against live headroom")
+    _common(plan)
+    plan.add_argument("model", metavar="MODEL", help="'default', a Hugging Face cache id, a folder or a .gguf file")
+    plan.add_argument("--context", type=int, help="context length in tokens (default: settings, 4096)")
+    plan.add_argument("--batch", type=int, default=1, help="concurrent sequences (default 1)")
+    plan.add_argument("--kv-dtype", default="f16", help="KV-cache dtype: f32, f16, bf16, fp8, q8_0, q4_0")
+    plan.add_argument("--precision", help="comma-separated precisions (default: all)")
+    plan.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -94,10 +108,58 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from qexplorer.core.catalog import Catalog
+    from qexplorer.core.textreport import models_text
+
+    settings = _settings(args)
+    entries = Catalog(extra_paths=tuple(settings.models) + tuple(args.paths)).scan()
+    if args.json:
+        payload = {
+            "schema": "qexplorer.models/1",
+            "models": [{"ref": e.ref, "source": e.source, "error": e.error,
+                        "model": e.spec.to_json() if e.spec else None} for e in entries],
+        }
+        json.dump(payload, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(models_text(entries))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qexplorer.core import precisions
+    from qexplorer.core.catalog import Catalog
+    from qexplorer.core.planner import PlanRequest, plan_json, plan_model
+    from qexplorer.core.telemetry import make_sampler
+    from qexplorer.core.textreport import plan_text
+
+    settings = _settings(args)
+    request = PlanRequest(context=args.context or settings.default_context, batch=args.batch,
+                          kv_dtype=args.kv_dtype)
+    chosen = precisions.parse_list(args.precision)
+    spec = Catalog(extra_paths=settings.models).resolve(args.model)
+    sampler = make_sampler(args.simulate, reserve_bytes=settings.reserve_bytes)
+    try:
+        snapshot = sampler.sample()
+    finally:
+        sampler.close()
+    plans = plan_model(spec, request, snapshot, chosen)
+    document = plan_json(spec, request, snapshot, plans)
+    if args.json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(plan_text(document))
+    return 0
+
+
 COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
     None: cmd_app,
     "app": cmd_app,
     "monitor": cmd_monitor,
+    "models": cmd_models,
+    "plan": cmd_plan,
 }
 
 

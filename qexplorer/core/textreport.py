@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from qexplorer.core.catalog import CatalogEntry
 from qexplorer.core.telemetry import Reading, TelemetrySnapshot
-from qexplorer.core.units import format_bytes, format_gib
+from qexplorer.core.units import format_bytes, format_count, format_gib
 
 
 def reading_text(reading: Reading, unit: str = "bytes") -> str:
@@ -54,4 +57,50 @@ def snapshot_text(snapshot: TelemetrySnapshot) -> str:
             f"  {proc.pid:>7}  {proc.name[:24]:<24} GPU {format_bytes(proc.gpu_bytes) if proc.gpu_bytes else '-':>10}"
             f"  RSS {format_bytes(proc.rss_bytes):>10}{own}"
         )
+    return "\n".join(lines) + "\n"
+
+
+def models_text(entries: list[CatalogEntry]) -> str:
+    lines = [f"{'MODEL':<40} {'SOURCE':<9} {'ARCH':<20} {'PARAMS':>9} {'STORED':<8} {'DISK':>10}"]
+    for entry in entries:
+        spec = entry.spec
+        if spec is None:
+            lines.append(f"{entry.ref[:40]:<40} {entry.source:<9} unreadable: {entry.error}")
+            continue
+        params = format_count(spec.total_params)
+        if spec.is_moe:
+            params += f" ({format_count(spec.active_params)} active)"
+        lines.append(
+            f"{entry.ref[:40]:<40} {entry.source:<9} {spec.architecture[:20]:<20} {params:>9} "
+            f"{spec.stored_dtype[:8]:<8} {format_bytes(spec.size_on_disk_bytes):>10}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plan_text(document: dict[str, Any]) -> str:
+    model, request = document["model"], document["request"]
+    head = document["headroom_bytes"]
+    simulated = f" (SIMULATED {document['hardware']['simulated']})" if document["hardware"]["simulated"] else ""
+    lines = [
+        f"{model['name']}: {model['architecture']}, {format_count(model['total_params'])} parameters"
+        + (f" ({format_count(model['active_params'])} active)" if model["n_experts"] else ""),
+        f"context {request['context']} tokens × batch {request['batch']}, KV cache {request['kv_dtype']}; "
+        f"target {document['hardware']['label']}{simulated}; headroom {format_gib(head, precision=2)} "
+        f"(reserve {format_gib(document['reserve_bytes'])})",
+        "",
+        f"{'PRECISION':<20} {'BPW':>6} {'WEIGHTS':>11} {'KV CACHE':>11} {'OVERHEAD':>10} {'TOTAL':>11} "
+        f"{'MARGIN':>11}  VERDICT       RUNS",
+    ]
+    for plan in document["plans"]:
+        margin = format_bytes(plan["margin_bytes"]) if plan["margin_bytes"] is not None else "n/a"
+        runs = plan["support"] if plan["support"] == "native" else f"{plan['support']}: {plan['support_note']}"
+        lines.append(
+            f"{plan['label']:<20} {plan['bits_per_weight']:>6.2f} {format_bytes(plan['weight_bytes']):>11} "
+            f"{format_bytes(plan['kv_cache_bytes']):>11} {format_bytes(plan['overhead_bytes']):>10} "
+            f"{format_bytes(plan['total_bytes']):>11} {margin:>11}  {plan['verdict']:<13} {runs}"
+        )
+    for note in document["notes"]:
+        lines.append(f"note: {note}")
+    lines.append("estimated: weights from tensor shapes, KV = 2 × layers × kv_heads × head_dim × bytes × tokens;"
+                 " formulas in README 'Memory plan'.")
     return "\n".join(lines) + "\n"

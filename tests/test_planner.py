@@ -1,0 +1,114 @@
+"""Planner: the seed's ladder, GQA-aware KV cache, verdicts, and plans checked against real files."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+
+import pytest
+from models import LLAMA_31_8B, QWEN3_CODER_30B_A3B, write_config
+
+from qexplorer.cli import main
+from qexplorer.core.catalog import Catalog, bundled_model_path, spec_from_path
+from qexplorer.core.errors import UserError
+from qexplorer.core.gguf_header import read_gguf_header
+from qexplorer.core.planner import PlanRequest, kv_bytes_per_token, plan_model, verdict, weight_bytes
+from qexplorer.core.precisions import BY_KEY, Hardware, get, parse_list
+from qexplorer.core.simulate import simulated_sampler
+from qexplorer.core.units import GIB, KIB
+
+
+def plans_by_key(spec, snapshot=None, **request):
+    return {p.precision: p for p in plan_model(spec, PlanRequest(**request), snapshot)}
+
+
+def test_plan_default_json(capsys):
+    assert main(["plan", "default", "--json", "--simulate", "none"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    params = data["model"]["total_params"]
+    plans = {p["precision"]: p for p in data["plans"]}
+    w = {k: p["weight_bytes"] for k, p in plans.items()}
+    assert abs(w["bf16"] - 2 * params) <= 0.05 * 2 * params
+    assert w["fp32"] > w["bf16"] > max(w["fp8"], w["int8"], w["q8_0"])
+    assert min(w["fp8"], w["int8"], w["q8_0"]) > w["q4_k_m"] > w["q2_k"]
+    # embeddings (21 % of this model) stay BF16 under FP8: more than 1 byte per parameter
+    assert w["fp8"] > 1.15 * params
+    assert data["notes"] and "Q4_1" in data["notes"][0]
+    for plan in data["plans"]:
+        assert plan["total_bytes"] == plan["weight_bytes"] + plan["kv_cache_bytes"] + plan["overhead_bytes"]
+        assert plan["verdict"] in {"fits", "tight", "does not fit"}
+
+
+def test_qwen3_coder_ladder(tmp_path: Path):
+    spec = spec_from_path(write_config(tmp_path / "q", QWEN3_CODER_30B_A3B))
+    plans = plans_by_key(spec)
+    gb = {k: p.weight_bytes / 1e9 for k, p in plans.items()}
+    assert gb["fp32"] == pytest.approx(120, rel=0.05)
+    assert gb["bf16"] == pytest.approx(60, rel=0.05)
+    assert gb["fp8"] == pytest.approx(30, rel=0.05)
+    assert gb["awq"] == pytest.approx(15, rel=0.15)  # embeddings + lm_head stay BF16: 1.2 GB of it
+    assert plans["bf16"].kv_bytes_per_token == 96 * KIB
+
+
+def test_llama_kv_cache_is_gqa_aware(tmp_path: Path):
+    spec = spec_from_path(write_config(tmp_path / "l", LLAMA_31_8B))
+    assert kv_bytes_per_token(spec, "f16") == 128 * KIB
+    assert plans_by_key(spec, context=8192)["bf16"].kv_cache_bytes == 1 * GIB
+    assert plans_by_key(spec, context=8192, batch=2, kv_dtype="fp8")["bf16"].kv_cache_bytes == 1 * GIB
+
+
+def test_group_size_divides_the_model():
+    spec = Catalog().resolve("default")
+    assert get("int4_rtn").group_size(spec) == 64  # 576 is not a multiple of 128
+
+
+def test_verdicts():
+    assert verdict(10 * GIB, None) == ("unknown", None)
+    assert verdict(10 * GIB, 9 * GIB)[0] == "does not fit"
+    assert verdict(10 * GIB, int(10.5 * GIB))[0] == "tight"
+    assert verdict(10 * GIB, 20 * GIB) == ("fits", 10 * GIB)
+
+
+def test_verdict_against_live_headroom(tmp_path: Path):
+    spec = spec_from_path(write_config(tmp_path / "q", QWEN3_CODER_30B_A3B))
+    sampler = simulated_sampler("gb10")
+    sampler.host.machine.extra_used_bytes = 30 * GIB  # someone else is using the box
+    plans = plans_by_key(spec, sampler.sample(), context=32768)
+    assert plans["bf16"].verdict == "does not fit" and plans["bf16"].margin_bytes < 0
+    assert plans["awq"].verdict == "fits"
+    assert plans["fp8"].support == "native" and plans["fp8"].runs_on == "GPU"
+
+
+def test_support_labels():
+    assert get("fp8").support(Hardware(cuda=False)).mode == "emulated"
+    assert get("fp8").support(Hardware(cuda=True, compute_capability=(8, 0))).mode == "emulated"
+    assert get("fp8").support(Hardware(cuda=True, compute_capability=(12, 1))).mode == "native"
+    assert get("q4_k_m").support(Hardware(cuda=False)).mode == "native"
+    with pytest.raises(UserError, match="Unknown precision 'q9'"):
+        parse_list("bf16,q9")
+    with pytest.raises(UserError, match="KV-cache dtype"):
+        PlanRequest(kv_dtype="int3")
+
+
+def test_cli_plan_text_and_options(capsys):
+    assert main(["plan", "default", "--simulate", "gb10", "--context", "8192", "--precision", "bf16,q4_k_m"]) == 0
+    out = capsys.readouterr().out
+    assert "BF16" in out and "GGUF Q4_K_M" in out and "fits" in out and "GiB" in out
+
+
+@pytest.mark.e2e
+def test_gguf_plans_match_llama_cpp_quantizer(tmp_path: Path):
+    """Planned weight bytes vs the tensors llama.cpp actually writes (within 5 %)."""
+    import llama_cpp
+
+    spec = Catalog().resolve("default")
+    ftypes = {"q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q4_k_m": 15, "q3_k_m": 12, "q2_k": 10}
+    for key, ftype in ftypes.items():
+        out = tmp_path / f"{key}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread, params.allow_requantize = ftype, 2, True
+        assert llama_cpp.llama_model_quantize(str(bundled_model_path()).encode(), str(out).encode(),
+                                              ctypes.byref(params)) == 0
+        actual = sum(t.n_bytes for t in read_gguf_header(out).tensors)
+        assert weight_bytes(spec, BY_KEY[key]) == pytest.approx(actual, rel=0.05), key
