@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     app = sub.add_parser("app", help="open the app (the default)")
     _common(app)
+    app.add_argument("--model", default="default", help="model to start with (default: the bundled model)")
 
     monitor = sub.add_parser("monitor", help="the live memory dashboard, or one snapshot with --once")
     _common(monitor)
@@ -83,7 +84,8 @@ def cmd_app(args: argparse.Namespace, *, dashboard_only: bool = False) -> int:
     from qexplorer.ui.sources import Sources
 
     settings = _settings(args)
-    app = make_app(settings, Sources.for_profile(args.simulate, settings), dashboard_only=dashboard_only)
+    app = make_app(settings, Sources.for_profile(args.simulate, settings), dashboard_only=dashboard_only,
+                   model_ref=getattr(args, "model", "default"))
     app.run()
     return app.return_code or 0
 

@@ -25,6 +25,10 @@ def isolated_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Never read or write the real user's config, data or model caches."""
     monkeypatch.setenv("QEXPLORER_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("QEXPLORER_DATA_DIR", str(tmp_path / "data"))
+    # model discovery sees only what a test puts there
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
+    monkeypatch.setenv("QEXPLORER_LMSTUDIO_DIR", str(tmp_path / "lmstudio"))
     for var in ("QEXPLORER_CONFIG", "QEXPLORER_REFRESH_S", "QEXPLORER_RESERVE_GIB", "QEXPLORER_THEME",
                 "QEXPLORER_CONTEXT", "QEXPLORER_RESULTS_DIR", "NO_COLOR"):
         monkeypatch.delenv(var, raising=False)

@@ -55,7 +55,7 @@ async def test_unified_bar_shows_process_sum_and_refresh_keys():
         assert app.refresh_s == 2.0
         await pilot.press("plus", "plus", "plus", "plus")
         assert app.refresh_s == 0.25
-        await pilot.press("p")
+        await pilot.press("space")
         assert app.paused
         await pilot.press("question_mark")
         assert type(app.screen).__name__ == "HelpScreen"

@@ -13,9 +13,10 @@ from textual.reactive import reactive
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
+from qexplorer.core.catalog import DEFAULT_ALIAS, CatalogEntry, ModelSpec
 from qexplorer.core.settings import Settings
 from qexplorer.core.telemetry import TelemetrySnapshot
-from qexplorer.ui.messages import TelemetrySampled
+from qexplorer.ui.messages import CatalogScanned, TelemetrySampled
 from qexplorer.ui.screens.dashboard import DashboardScreen
 from qexplorer.ui.sources import Sources
 from qexplorer.ui.themes import DEFAULT_THEME, load_themes
@@ -29,16 +30,26 @@ class QExplorerApp(App[int]):
     BINDINGS = [
         Binding("question_mark", "help", "Help"),
         Binding("d", "dashboard", "Dashboard", show=False),
+        Binding("m", "models", "Models"),
+        Binding("p", "plan", "Plan"),
         Binding("q", "quit", "Quit"),
     ]
+    DEFAULT_PRECISIONS = frozenset({"bf16", "int8", "q8_0", "q4_k_m"})
 
     snapshot: reactive[TelemetrySnapshot | None] = reactive(None, always_update=True)
     refresh_s: reactive[float] = reactive(1.0)
     paused: reactive[bool] = reactive(False)
+    catalog_entries: reactive[tuple[CatalogEntry, ...]] = reactive(())
+    catalog_scanning: reactive[bool] = reactive(True)
+    model: reactive[ModelSpec | None] = reactive(None)
+    context: reactive[int] = reactive(4096)
+    kv_dtype: reactive[str] = reactive("f16")
+    chosen: reactive[frozenset[str]] = reactive(DEFAULT_PRECISIONS)
 
     def __init__(self, settings: Settings, sources: Sources, *, dashboard_only: bool = False,
-                 live: bool = True) -> None:
+                 live: bool = True, model_ref: str = DEFAULT_ALIAS) -> None:
         super().__init__()
+        self.model_ref = model_ref
         self.settings = settings
         self.sources = sources
         self.dashboard_only = dashboard_only
@@ -47,6 +58,7 @@ class QExplorerApp(App[int]):
         self._timer: Timer | None = None
         self._theme_problems: tuple[str, ...] = ()
         self.set_reactive(QExplorerApp.refresh_s, settings.refresh_s)
+        self.set_reactive(QExplorerApp.context, settings.default_context)
         self._register_themes(settings.theme)
         self.sub_title = "dashboard" if dashboard_only else "choose how to quantize"
 
@@ -69,6 +81,8 @@ class QExplorerApp(App[int]):
         self.push_screen(DashboardScreen())
         for problem in self._theme_problems:
             self.notify(problem, severity="warning", timeout=8)
+        if not self.dashboard_only:
+            self.call_after_refresh(self._scan_catalog)
         if self.live:
             # The first sample waits for the first frame: NVML start-up and the
             # process walk would otherwise compete with it for the GIL.
@@ -101,12 +115,42 @@ class QExplorerApp(App[int]):
         self.history.append(message.snapshot)
         self.snapshot = message.snapshot
 
+    # ------------------------------------------------------------------ catalog
+    @work(thread=True, group="catalog", exit_on_error=False)
+    def _scan_catalog(self) -> None:
+        self.post_message(CatalogScanned(tuple(self.sources.catalog.scan())))
+
+    @on(CatalogScanned)
+    def _on_catalog(self, message: CatalogScanned) -> None:
+        self.catalog_scanning = False
+        self.catalog_entries = message.entries
+        if self.model is None:
+            wanted = next((e for e in message.entries if e.ref == self.model_ref and e.spec), None)
+            if wanted is None and self.model_ref != DEFAULT_ALIAS:
+                self.notify(f"Model {self.model_ref!r} was not found or cannot be read; pick one with m.",
+                            severity="warning", timeout=8)
+            self.model = wanted.spec if wanted else None
+
+    def watch_model(self, model: ModelSpec | None) -> None:
+        if not self.dashboard_only:
+            self.sub_title = model.name if model else "no model chosen (m)"
+
     @on(Worker.StateChanged)
     def _on_worker_state(self, event: Worker.StateChanged) -> None:
-        if event.state == WorkerState.ERROR and event.worker.group == "telemetry":
+        if event.state != WorkerState.ERROR:
+            return
+        if event.worker.group == "telemetry":
             self.notify(f"Telemetry failed: {event.worker.error}", severity="error", timeout=6)
+        elif event.worker.group == "catalog":
+            self.catalog_scanning = False
+            self.notify(f"Model search failed: {event.worker.error}", severity="error", timeout=8)
 
     # ------------------------------------------------------------------ actions
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if self.dashboard_only and action in ("models", "plan"):
+            return False  # `qexplorer monitor` is the dashboard alone
+        return True
+
     def action_help(self) -> None:
         # Imported here: the Markdown widget costs ~25 ms of start-up otherwise.
         from qexplorer.ui.screens.help import HelpScreen
@@ -118,9 +162,30 @@ class QExplorerApp(App[int]):
         while len(self.screen_stack) > 2:
             self.pop_screen()
 
+    def _show(self, screen_type: type) -> None:
+        """Bring a screen to the top: reuse it if it is already in the stack."""
+        if self.dashboard_only:
+            return
+        for index, screen in enumerate(self.screen_stack):
+            if isinstance(screen, screen_type):
+                while len(self.screen_stack) > index + 1:
+                    self.pop_screen()
+                return
+        self.push_screen(screen_type())
+
+    def action_models(self) -> None:
+        from qexplorer.ui.screens.models import ModelPickerScreen
+
+        self._show(ModelPickerScreen)
+
+    def action_plan(self) -> None:
+        from qexplorer.ui.screens.precisions import PrecisionPickerScreen
+
+        self._show(PrecisionPickerScreen)
+
 
 def make_app(settings: Settings, sources: Sources, *, dashboard_only: bool = False,
-             live: bool = True) -> QExplorerApp:
+             live: bool = True, model_ref: str = DEFAULT_ALIAS) -> QExplorerApp:
     """Build the app. ``live=False`` leaves sampling to the caller (tests inject
     snapshots through :class:`TelemetrySampled`, the production message)."""
-    return QExplorerApp(settings, sources, dashboard_only=dashboard_only, live=live)
+    return QExplorerApp(settings, sources, dashboard_only=dashboard_only, live=live, model_ref=model_ref)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
+from qexplorer.core.catalog import CatalogEntry
 from qexplorer.core.telemetry import TelemetrySnapshot
 
 
@@ -20,3 +21,11 @@ class TelemetrySampled(Message):
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, TelemetrySampled)
+
+
+class CatalogScanned(Message):
+    """The catalog's entries, read in a thread (no weights loaded)."""
+
+    def __init__(self, entries: tuple[CatalogEntry, ...]) -> None:
+        super().__init__()
+        self.entries = entries

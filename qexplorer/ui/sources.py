@@ -6,8 +6,9 @@ this machine or for ``--simulate PROFILE``. Nothing here imports torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from qexplorer.core.catalog import Catalog
 from qexplorer.core.settings import Settings
 from qexplorer.core.telemetry import TelemetrySampler, make_sampler
 
@@ -15,7 +16,9 @@ from qexplorer.core.telemetry import TelemetrySampler, make_sampler
 @dataclass
 class Sources:
     sampler: TelemetrySampler
+    catalog: Catalog = field(default_factory=Catalog)
 
     @classmethod
     def for_profile(cls, profile: str | None, settings: Settings) -> Sources:
-        return cls(sampler=make_sampler(profile, reserve_bytes=settings.reserve_bytes))
+        return cls(sampler=make_sampler(profile, reserve_bytes=settings.reserve_bytes),
+                   catalog=Catalog(extra_paths=settings.models))

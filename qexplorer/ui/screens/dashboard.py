@@ -29,9 +29,9 @@ class DashboardScreen(Screen):
     """Memory bars, history, GPU gauges and the process table."""
 
     BINDINGS = [
-        Binding("plus,equals_sign", "faster", "Faster"),
-        Binding("minus", "slower", "Slower"),
-        Binding("p", "toggle_pause", "Pause"),
+        Binding("plus,equals_sign", "faster", "Rate ±", key_display="+/-"),
+        Binding("minus", "slower", "Slower", show=False),
+        Binding("space", "toggle_pause", "Pause"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -89,7 +89,7 @@ class DashboardScreen(Screen):
             kind = {True: "unified memory", False: "discrete", None: "memory unknown"}[device.unified]
             parts.append(f"{device.name.removeprefix('NVIDIA ')} · {kind}")
         else:
-            parts.append(f"no GPU: {snapshot.nvml_status}")
+            parts.append("no GPU")
         stamp = time.strftime("%H:%M:%S", time.gmtime(snapshot.timestamp_s))
         state = "[b]paused[/b]" if self.app.paused else f"every {self.app.refresh_s:g} s"
         parts.append(f"{stamp} UTC · {state}")
@@ -120,6 +120,8 @@ class DashboardScreen(Screen):
                 f"{_fmt_reading(device.power_w, 'W')} · {_fmt_reading(device.temperature_c, '°C')} · "
                 f"SM {_fmt_reading(device.sm_clock_mhz, 'MHz')} · CC {cc}"
             )
+        if not snapshot.devices:
+            lines.append(f"GPU: none - {snapshot.nvml_status}")
         lines.append(host_line)
         stats.update("\n".join(lines))
 

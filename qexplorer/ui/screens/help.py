@@ -14,10 +14,15 @@ HELP_TEXT = """\
 Press **Esc** or **?** to close. **Ctrl+P** opens the command palette (themes,
 screens, quit). Everything works from the keyboard.
 
+## Getting around
+
+`d` dashboard · `m` models · `p` plan (precisions) · `?` this help · `q` quit.
+The app starts on the bundled model, SmolLM2-135M-Instruct.
+
 ## Dashboard (`d`)
 
 Live memory, sampled in a background thread every second (`+` / `-` change the
-interval from 0.25 s to 10 s, `p` pauses).
+interval from 0.25 s to 10 s, `space` pauses).
 
 - **Unified pool** (GB10, Jetson): the GPU has no memory of its own. NVML's
   memory query answers *Not Supported* there, and tools that show
@@ -36,6 +41,26 @@ interval from 0.25 s to 10 s, `p` pauses).
   largest host processes, sorted by memory.
 - A **SIMULATED** tag means a demo profile (`--simulate none|h100|gb10`): a fake
   NVML and host that the real formulas read.
+
+## Models (`m`)
+
+Every model qexplorer found without loading weights: the bundled model, paths
+from the settings file (`models = [...]`) or `qexplorer models PATH`, the
+Hugging Face cache, and GGUF files in LM Studio's and Ollama's folders. Type to
+filter, `Enter` to pick. A model that cannot be read is listed with the reason.
+
+## Plan (`p`)
+
+One row per precision: **bpw** (bits per weight, scales included, averaged
+over the whole model: embeddings and norms usually stay at higher precision),
+**weights**, **total** = weights + KV cache + overhead, and the **margin**
+against live headroom. Verdicts: *fits*, *tight* (margin under 10 % or 1 GiB),
+*does not fit*. **runs here** says whether this machine runs it natively or
+*emulated* (e.g. FP8 without FP8 tensor cores, INT4 on a CPU). All figures are
+estimates until a run measures them.
+
+`space` selects precisions to run, `[` / `]` halve / double the context,
+`k` cycles the KV-cache dtype.
 
 ## Units
 

@@ -1,0 +1,129 @@
+"""The precision picker: one row per precision with its planned memory and verdict."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from qexplorer.core.planner import KV_DTYPE_BYTES, PlanRequest, PrecisionPlan, hardware_from_snapshot, plan_model
+from qexplorer.core.units import format_bytes, format_count, format_gib
+
+CONTEXT_MIN, CONTEXT_MAX = 256, 1 << 20
+VERDICT_STYLE = {"fits": "text-success", "tight": "text-warning", "does not fit": "text-error", "unknown": "text-muted"}
+
+
+class PrecisionPickerScreen(Screen):
+    """Plans for every precision against live headroom; choose the ones to run."""
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("space", "toggle", "Select"),
+        Binding("left_square_bracket", "context(0.5)", "Context ÷2"),
+        Binding("right_square_bracket", "context(2)", "Context ×2"),
+        Binding("k", "kv_dtype", "KV dtype"),
+        Binding("a", "select_all", "All/none", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("", id="plan-summary")
+        table: DataTable = DataTable(id="plan-table", cursor_type="row", zebra_stripes=True)
+        table.add_columns("precision", "bpw", "weights", "total", "margin", "verdict", "runs here")
+        yield table
+        yield Static("", id="plan-detail")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for name in ("snapshot", "model", "context", "kv_dtype", "chosen"):
+            self.watch(self.app, name, lambda _: self._refresh_plans(), init=False)
+        self._refresh_plans()
+        self.query_one("#plan-table", DataTable).focus()
+
+    def _plans(self) -> list[PrecisionPlan]:
+        app = self.app
+        if app.model is None:
+            return []
+        return plan_model(app.model, PlanRequest(context=app.context, kv_dtype=app.kv_dtype), app.snapshot)
+
+    def _refresh_plans(self) -> None:
+        app = self.app
+        summary = self.query_one("#plan-summary", Static)
+        table = self.query_one("#plan-table", DataTable)
+        if app.model is None:
+            summary.update("No model chosen yet: press m to pick one.")
+            return
+        plans = self._plans()
+        self._plans_cache = plans
+        spec, snap = app.model, app.snapshot
+        hardware = hardware_from_snapshot(snap)
+        headroom = snap.headroom_for(hardware.cuda).value if snap else None
+        sim = f" · [reverse] SIMULATED {snap.simulated} [/reverse]" if snap and snap.simulated else ""
+        active = f" ({format_count(spec.active_params)} active)" if spec.is_moe else ""
+        summary.update(
+            f"[b]{spec.name}[/b] · {format_count(spec.total_params)} params{active}\n"
+            f"context {app.context:,} tok · KV cache {app.kv_dtype} "
+            f"{format_bytes(plans[0].kv_cache_bytes) if plans else 'n/a'} · "
+            f"target {hardware.label}{sim}\nheadroom {format_gib(headroom)} "
+            f"(reserve {format_gib(snap.reserve_bytes) if snap else 'n/a'}) · estimated"
+        )
+        row = table.cursor_row
+        table.clear()
+        colours = app.theme_variables
+        for plan in plans:
+            chosen = plan.precision in app.chosen
+            label = Text(("✔ " if chosen else "  ") + plan.label, style="bold" if chosen else "")
+            verdict = Text(plan.verdict, style=colours.get(VERDICT_STYLE[plan.verdict], ""))
+            runs = Text(plan.support, style=colours.get("text-warning", "") if plan.support != "native" else "")
+            table.add_row(
+                label, f"{plan.bits_per_weight:.2f}", format_bytes(plan.weight_bytes), format_bytes(plan.total_bytes),
+                format_bytes(plan.margin_bytes) if plan.margin_bytes is not None else "n/a",
+                verdict, runs, key=plan.precision,
+            )
+        if table.row_count:
+            table.move_cursor(row=min(row, table.row_count - 1))
+        self._show_detail()
+
+    def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
+        self._show_detail()
+
+    def _current(self) -> PrecisionPlan | None:
+        plans = getattr(self, "_plans_cache", [])
+        row = self.query_one("#plan-table", DataTable).cursor_row
+        return plans[row] if 0 <= row < len(plans) else None
+
+    def _show_detail(self) -> None:
+        plan = self._current()
+        detail = self.query_one("#plan-detail", Static)
+        if plan is None:
+            detail.update("")
+            return
+        group = f", group size {plan.group_size}" if plan.group_size else ""
+        detail.update(
+            f"{plan.label}: {plan.support} on {plan.runs_on} ({plan.support_note}){group}; "
+            f"serve with {' / '.join(plan.servers)}. KV {format_bytes(plan.kv_bytes_per_token)}/token; "
+            f"overhead {format_bytes(plan.overhead_bytes)} (runtime + one 512-token prefill chunk)."
+        )
+
+    # ------------------------------------------------------------------ actions
+    def action_toggle(self) -> None:
+        plan = self._current()
+        if plan is None:
+            return
+        chosen = set(self.app.chosen)
+        chosen.symmetric_difference_update({plan.precision})
+        self.app.chosen = frozenset(chosen)
+
+    def action_select_all(self) -> None:
+        plans = getattr(self, "_plans_cache", [])
+        everything = frozenset(p.precision for p in plans)
+        self.app.chosen = frozenset() if self.app.chosen >= everything else everything
+
+    def action_context(self, factor: float) -> None:
+        self.app.context = int(min(CONTEXT_MAX, max(CONTEXT_MIN, self.app.context * factor)))
+
+    def action_kv_dtype(self) -> None:
+        names = list(KV_DTYPE_BYTES)
+        self.app.kv_dtype = names[(names.index(self.app.kv_dtype) + 1) % len(names)]

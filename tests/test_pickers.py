@@ -1,0 +1,120 @@
+"""Model and precision pickers: snapshots and keyboard behaviour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from apps import feed_samples, settle, sim_app
+from models import LLAMA_31_8B, QWEN3_CODER_30B_A3B, write_config
+
+from qexplorer.ui.screens.models import ModelPickerScreen
+from qexplorer.ui.screens.precisions import PrecisionPickerScreen
+
+SIZES = [(80, 24), (120, 40)]
+
+
+@pytest.fixture
+def fixture_models(tmp_path: Path) -> tuple[str, ...]:
+    return (str(write_config(tmp_path / "models" / "Qwen3-Coder-30B-A3B", QWEN3_CODER_30B_A3B)),
+            str(write_config(tmp_path / "models" / "Llama-3.1-8B", LLAMA_31_8B)))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("profile", ["none", "gb10"])
+def test_model_picker_snapshot(snap_compare, profile, size, fixture_models):
+    app = sim_app(profile, models=fixture_models)
+
+    async def run_before(pilot):
+        await feed_samples(app, pilot, 2)
+        await settle(app, pilot)
+        await pilot.press("m")
+        await settle(app, pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("profile", ["none", "gb10"])
+def test_precision_picker_snapshot(snap_compare, profile, size):
+    app = sim_app(profile)
+
+    async def run_before(pilot):
+        await feed_samples(app, pilot, 2)
+        await settle(app, pilot)
+        await pilot.press("p")
+        await settle(app, pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_precision_picker_big_model_on_gb10_snapshot(snap_compare, fixture_models):
+    """Qwen3-Coder-30B at 32K context on a busy GB10: BF16 does not fit, AWQ does."""
+    app = sim_app("gb10", models=fixture_models, default_context=32768)
+    app.sources.sampler.host.machine.extra_used_bytes = 30 * 1024**3
+
+    async def run_before(pilot):
+        await feed_samples(app, pilot, 2)
+        await settle(app, pilot)
+        await pilot.press("m")
+        await pilot.press(*"qwen3", "enter")
+        await settle(app, pilot)
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=run_before)
+
+
+async def test_filter_as_you_type_and_pick(fixture_models):
+    app = sim_app("none", models=fixture_models)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        assert app.model is not None and app.model.name.startswith("SmolLM2")  # starts on the bundled model
+        await pilot.press("m")
+        await settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, ModelPickerScreen)
+        assert screen.query_one("#model-table").row_count == 3
+        await pilot.press(*"llama 3.1")
+        assert screen.query_one("#model-table").row_count == 1
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.model.name == "Llama-3.1-8B"
+        assert isinstance(app.screen, PrecisionPickerScreen)
+
+
+async def test_precision_picker_keys():
+    app = sim_app("gb10")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await feed_samples(app, pilot, 1)
+        await settle(app, pilot)
+        await pilot.press("p")
+        await pilot.pause()
+        table = app.screen.query_one("#plan-table")
+        assert table.row_count == 14
+        assert app.context == 4096
+        await pilot.press("right_square_bracket")
+        assert app.context == 8192
+        await pilot.press("left_square_bracket", "left_square_bracket")
+        assert app.context == 2048
+        await pilot.press("k")
+        assert app.kv_dtype == "bf16"
+        before = set(app.chosen)
+        await pilot.press("space")  # first row: fp32
+        assert set(app.chosen) ^ before == {"fp32"}
+        await pilot.press("escape")
+        assert not isinstance(app.screen, PrecisionPickerScreen)
+
+
+async def test_unreadable_model_is_listed_with_its_error(tmp_path: Path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 16)
+    app = sim_app("none", models=(str(broken),))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        entry = next(e for e in app.catalog_entries if e.ref == str(broken))
+        assert entry.spec is None and "implausible counts" in entry.error
+        await pilot.press("m")
+        await settle(app, pilot)
+        await pilot.press(*"broken", "enter")
+        await pilot.pause()
+        assert app.model.name.startswith("SmolLM2")  # nothing lost, still on the previous model
+        assert any("implausible" in n.message for n in app._notifications)
