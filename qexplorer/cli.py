@@ -68,6 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--kv-dtype", default="f16", help="KV-cache dtype: f32, f16, bf16, fp8, q8_0, q4_0")
     plan.add_argument("--precision", help="comma-separated precisions (default: all)")
     plan.add_argument("--json", action="store_true", help="print JSON")
+
+    run = sub.add_parser("run", help="quantize and benchmark precisions in worker processes")
+    _common(run)
+    run.add_argument("model", metavar="MODEL", help="'default', a Hugging Face cache id, a folder or a .gguf file")
+    run.add_argument("--precision", required=True, help="comma-separated precisions, e.g. bf16,int8,q4_k_m")
+    run.add_argument("--quick", action="store_true", help="pp64/tg16 × 2 repetitions instead of pp512/tg128 × 5")
+    run.add_argument("--repetitions", type=int, help="timed repetitions (default 5, quick 2)")
+    run.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    run.add_argument("--force", action="store_true", help="run even when the plan says it does not fit")
+    run.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    results = sub.add_parser("results", help="print stored results")
+    _common(results)
+    results.add_argument("--format", choices=("csv", "json", "md"), default="md")
+    results.add_argument("--model", help="only this model (same forms as MODEL)")
     return parser
 
 
@@ -156,12 +171,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from qexplorer.core.runplan import run_precisions
+
+    settings = _settings(args)
+    return run_precisions(args, settings)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from qexplorer.core import results as results_mod
+    from qexplorer.core.catalog import Catalog
+
+    settings = _settings(args)
+    store = results_mod.ResultsStore.in_dir(settings.results_path)
+    model_path = Catalog(extra_paths=settings.models).resolve(args.model).path if args.model else None
+    rows = store.latest_per_precision(model_path)
+    render = {"csv": results_mod.to_csv, "json": results_mod.to_json, "md": results_mod.to_markdown}[args.format]
+    sys.stdout.write(render(rows))
+    return 0
+
+
 COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
     None: cmd_app,
     "app": cmd_app,
     "monitor": cmd_monitor,
     "models": cmd_models,
     "plan": cmd_plan,
+    "run": cmd_run,
+    "results": cmd_results,
 }
 
 

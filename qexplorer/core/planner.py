@@ -7,6 +7,7 @@ For a model, a precision and a request (context length, batch, KV dtype):
     kv_cache_bytes = kv_bytes/token × context × batch
     overhead_bytes = runtime base + activations of one prefill chunk
                      activations = batch × min(context, 512) × (hidden × 4 B × 8 + vocab × 4 B)
+                  (llama.cpp: vocab × 4 B once - it keeps the last position's logits only)
     total_bytes    = weight_bytes + kv_cache_bytes + overhead_bytes
 
 ``bits(precision, group)`` comes from :mod:`qexplorer.core.precisions`
@@ -14,9 +15,12 @@ For a model, a precision and a request (context length, batch, KV dtype):
 llama.cpp falls back for rows that are not a multiple of 256).
 
 The runtime base is stated, not guessed per run: a PyTorch + transformers
-process holds about 0.6 GiB before any weights (measured here: ``import
-torch, transformers`` RSS), plus ~0.5 GiB of CUDA context on a GPU;
-llama.cpp's process about 0.1 GiB (+0.3 GiB CUDA context).
+worker holds about 370 MiB besides its weights, a llama.cpp worker about
+110 MiB (KV and compute buffers of a 512-token batch included) - measured on a
+2-core x86 CPU with the bundled model (README "Planner vs measured") - plus a
+CUDA context on a GPU (~0.5 / 0.3 GiB, NVIDIA's usual figure). llama.cpp keeps
+only the last position's logits; transformers computes them for the whole
+prompt chunk, which the activation term counts.
 
 Verdict against headroom (telemetry: MemAvailable − reserve on unified memory
 and CPU, free VRAM on a discrete card):
@@ -32,14 +36,18 @@ from typing import Any
 
 from qexplorer.core.catalog import ModelSpec
 from qexplorer.core.errors import UserError
-from qexplorer.core.precisions import PRECISIONS, Hardware, Precision, Support
+from qexplorer.core.precisions import BY_KEY, PRECISIONS, Hardware, Precision, Support
 from qexplorer.core.telemetry import TelemetrySnapshot
 from qexplorer.core.units import GIB, MIB
 
 KV_DTYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "fp8": 1.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 PREFILL_CHUNK_TOKENS = 512
-TORCH_RUNTIME_BYTES = 600 * MIB
-LLAMA_CPP_RUNTIME_BYTES = 100 * MIB
+TORCH_RUNTIME_BYTES = 370 * MIB
+LLAMA_CPP_RUNTIME_BYTES = 110 * MIB
+# Extra memory of a quantize-and-benchmark job (plan_job_peak), measured like the bases above.
+TORCHAO_IMPORT_BYTES = 190 * MIB
+LLMCOMPRESSOR_IMPORT_BYTES = 510 * MIB
+CALIBRATION_BYTES = 180 * MIB
 CUDA_CONTEXT_BYTES = {"torch": 512 * MIB, "gguf": 300 * MIB}
 TIGHT_FRACTION = 0.10
 TIGHT_MIN_BYTES = 1 * GIB
@@ -108,7 +116,10 @@ def overhead_bytes(spec: ModelSpec, precision: Precision, request: PlanRequest, 
     if on_gpu:
         base += CUDA_CONTEXT_BYTES[family]
     chunk = min(request.context, PREFILL_CHUNK_TOKENS)
-    activations = request.batch * chunk * (spec.hidden_size * 4 * 8 + spec.vocab_size * 4)
+    if precision.is_gguf:  # llama.cpp computes logits for the last position only
+        activations = request.batch * (chunk * spec.hidden_size * 4 * 8 + spec.vocab_size * 4)
+    else:
+        activations = request.batch * chunk * (spec.hidden_size * 4 * 8 + spec.vocab_size * 4)
     return base + activations
 
 
@@ -184,3 +195,53 @@ def plan_json(spec: ModelSpec, request: PlanRequest, snapshot: TelemetrySnapshot
         "notes": notes,
         "plans": [p.to_json() for p in plans],
     }
+
+
+def quantize_path(precision: Precision, on_gpu: bool) -> str:
+    """How a job produces this precision: "cast", "torchao", "llm-compressor" or "llama.cpp"."""
+    if precision.is_gguf:
+        return "llama.cpp"
+    if not precision.quantized:
+        return "cast"
+    if precision.key in ("gptq", "awq") or (precision.key == "int4_rtn" and not on_gpu):
+        return "llm-compressor"
+    return "torchao"
+
+
+def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: bool) -> int:
+    """Predicted peak memory of one quantize-and-benchmark job (what the guard compares against).
+
+    serving plan for pp + tg tokens, plus what producing the precision holds on top:
+      cast           half a BF16 copy while converting from the BF16 source (none for bf16 itself)
+      torchao        the library + the BF16 source (the allocator keeps it) [+ a BF16 copy: FP8 emulated]
+      llm-compressor the library + the BF16 model being quantized [+ calibration and one layer's Hessians]
+      llama.cpp      nothing: the quantizer streams tensors
+    """
+    request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)
+    serving = (weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context
+               + overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu))
+    bf16 = weight_bytes(spec, BY_KEY["bf16"])
+    path = quantize_path(precision, on_gpu)
+    if path == "cast":
+        extra = 0 if precision.key == "bf16" else bf16 // 2
+    elif path == "torchao":
+        extra = TORCHAO_IMPORT_BYTES + bf16
+        if precision.key == "fp8" and precision.support(hardware_for(on_gpu)).mode == "emulated":
+            extra += bf16
+    elif path == "llm-compressor":
+        extra = LLMCOMPRESSOR_IMPORT_BYTES + bf16
+        if precision.needs_calibration:
+            extra += CALIBRATION_BYTES + layer_hessian_bytes(spec)
+    else:
+        extra = 0
+    return serving + extra
+
+
+def layer_hessian_bytes(spec: ModelSpec) -> int:
+    """GPTQ keeps an fp32 cols × cols Hessian per linear module of the layer being calibrated."""
+    per_layer = [g for g in spec.groups if g.role in ("linear", "expert")]
+    return sum(4 * g.cols * g.cols * max(1, g.count // max(1, spec.n_layers)) for g in per_layer)
+
+
+def hardware_for(on_gpu: bool) -> Hardware:
+    return Hardware(cuda=on_gpu)

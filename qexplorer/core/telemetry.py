@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -445,10 +446,7 @@ def is_unified(name: str, memory_query_supported: bool, addressing_mode: int | N
 # --------------------------------------------------------------------------- sampler
 @dataclass
 class TelemetrySampler:
-    """Reads both probes and applies the formulas; one call = one snapshot.
-
-    Not thread-safe by itself: the UI calls it from one thread worker at a time.
-    """
+    """Reads both probes and applies the formulas; one call = one snapshot (thread-safe)."""
 
     nvml: NvmlBackend
     host: HostProbe
@@ -457,6 +455,8 @@ class TelemetrySampler:
     clock: Callable[[], float] = time.time
     own_pids: frozenset[int] = field(default_factory=frozenset)
     _nvml_status: str | None = field(default=None, init=False)
+    # The UI's sampling thread and a job's guard share one sampler.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def _ensure_nvml(self) -> str:
         if self._nvml_status is None:
@@ -474,6 +474,10 @@ class TelemetrySampler:
         self._nvml_status = None
 
     def sample(self) -> TelemetrySnapshot:
+        with self._lock:
+            return self._sample()
+
+    def _sample(self) -> TelemetrySnapshot:
         status = self._ensure_nvml()
         meminfo = self.host.meminfo()
         host = _host_memory(meminfo, self.host.pressure())

@@ -1,0 +1,92 @@
+"""The llama.cpp backend (GGUF): llama-bench's pp/tg measurement through llama-cpp-python.
+
+Prompt processing evaluates ``prompt_tokens`` tokens in one batch; generation
+decodes ``gen_tokens`` tokens one at a time from a fresh context, feeding a
+fixed token so that no sampling is timed (llama-bench does the same).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qexplorer.core import events
+from qexplorer.core.bench import BenchConfig, rates
+
+Outcome = dict[str, Any]
+
+
+def load(path: Path, config: BenchConfig, n_gpu_layers: int = -1) -> Any:
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=max(config.prompt_tokens + config.gen_tokens + 8, 256),
+        n_batch=max(config.prompt_tokens, 64),
+        n_ubatch=max(config.prompt_tokens, 64),
+        n_threads=config.threads or (os.cpu_count() or 1),
+        n_gpu_layers=n_gpu_layers,
+        logits_all=False,
+        verbose=False,
+    )
+
+
+def prompt_ids(llm: Any, text: str, count: int) -> list[int]:
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    while len(ids) < count:
+        ids = ids + ids
+    return ids[:count]
+
+
+def _time_prompt(llm: Any, ids: list[int]) -> float:
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    return time.perf_counter() - start
+
+
+def _time_decode(llm: Any, token: int, steps: int) -> list[float]:
+    llm.reset()
+    llm.eval([token])
+    step_s = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        llm.eval([token])
+        step_s.append(time.perf_counter() - start)
+    return step_s
+
+
+def run(llm: Any, text: str, config: BenchConfig) -> Iterator[events.Event | Outcome]:
+    """Warm-up, then ``repetitions`` of pp and tg; yields progress, then the outcome dict."""
+    ids = prompt_ids(llm, text, config.prompt_tokens)
+    token = ids[-1]
+    if config.warmup:
+        _time_prompt(llm, ids[: min(32, len(ids))])
+        _time_decode(llm, token, 4)
+    pp_s, tg_s, ttft_s = [], [], []
+    for rep in range(config.repetitions):
+        pp = _time_prompt(llm, ids)
+        first_start = time.perf_counter()
+        llm.eval([token])
+        ttft_s.append(pp + time.perf_counter() - first_start)
+        pp_s.append(pp)
+        tg_s.append(sum(_time_decode(llm, token, config.gen_tokens)))
+        yield events.progress("benchmark", rep + 1, config.repetitions, f"repetition {rep + 1}")
+    yield {
+        "prefill_tok_s": rates(config.prompt_tokens, pp_s).to_json(),
+        "decode_tok_s": rates(config.gen_tokens, tg_s).to_json(),
+        "ttft_s": _stat(ttft_s),
+        "prompt_tokens": config.prompt_tokens,
+        "gen_tokens": config.gen_tokens,
+        "repetitions": config.repetitions,
+        "threads": config.threads or (os.cpu_count() or 1),
+    }
+
+
+def _stat(values: list[float]) -> dict[str, float]:
+    from qexplorer.core.bench import Stat
+
+    return Stat.of(values).to_json()

@@ -1,0 +1,208 @@
+"""Torch precisions: a BF16 Hugging Face checkpoint, then a cast or a quantizer.
+
+* fp32 / bf16 / fp16 - a cast at load time.
+* int8 (weight-only) and fp8 - ``torchao.quantize_`` in memory. FP8 uses FP8
+  tensor cores with dynamic activation scaling on CUDA CC ≥ 8.9, and
+  weight-only FP8 (upcast per matmul: "emulated") elsewhere.
+* int4 RTN - ``torchao`` ``Int4WeightOnlyConfig`` on CUDA; torchao 0.18 has no
+  CPU INT4 path, so on CPU the same round-to-nearest W4A16 scheme comes from
+  llm-compressor's data-free ``QuantizationModifier`` ("emulated": the
+  compressed-tensors checkpoint is decompressed to BF16 to run).
+* gptq / awq - llm-compressor ``oneshot`` with the calibration text shipped in
+  ``qexplorer/data/calibration.txt``; saved as a compressed-tensors folder that
+  ``vllm serve`` loads.
+
+Every function that takes a while is a generator of :mod:`events` so that the
+worker can report progress.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qexplorer.core import events
+from qexplorer.core.catalog import ModelSpec
+from qexplorer.core.precisions import Precision
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CALIBRATION_FILE = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (torchao's .so probes, progress bars) out of event streams."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("llmcompressor").setLevel(logging.ERROR)
+
+
+def tensor_storage_bytes(tensor: Any) -> int:
+    """Bytes a tensor really holds, looking inside torchao's tensor subclasses."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_storage_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def model_weight_bytes(model: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in seen:  # tied embeddings count once
+            continue
+        seen.add(id(tensor))
+        total += tensor_storage_bytes(tensor)
+    return total
+
+
+def bf16_checkpoint(spec: ModelSpec, cache_dir: Path) -> Iterator[events.Event | Path]:
+    """The model as a BF16 Hugging Face folder: itself, or (for GGUF) dequantized once and cached."""
+    if spec.format == "hf":
+        yield Path(spec.path)
+        return
+    target = cache_dir / "bf16-checkpoint"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        yield events.log(f"using the cached BF16 checkpoint {target}")
+        yield target
+        return
+    yield events.phase("dequantize", f"dequantizing {Path(spec.path).name} to a BF16 checkpoint (once)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(spec.path)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # Saved as a plain checkpoint: the GGUF quantizer would otherwise be recorded in the config.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    del model
+    yield events.log(f"cached the BF16 checkpoint in {target}")
+    yield target
+
+
+def load_model(folder: Path, dtype_name: str = "bf16", device: str = "cpu") -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, DTYPES.get(dtype_name, "bfloat16"))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer
+
+
+def torchao_quantize(model: Any, precision: Precision, spec: ModelSpec, cuda_cc: tuple[int, int] | None) -> str:
+    """Quantize ``model`` in place with torchao; returns how it runs ("native" / "emulated")."""
+    from torchao.quantization import quantize_
+
+    if precision.key == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantize_(model, Int8WeightOnlyConfig())
+        return "native"
+    if precision.key == "fp8":
+        if cuda_cc is not None and cuda_cc >= (8, 9):
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+            quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+            return "native"
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        quantize_(model, Float8WeightOnlyConfig())
+        return "emulated"
+    if precision.key == "int4_rtn":
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        quantize_(model, Int4WeightOnlyConfig(group_size=precision.group_size(spec) or 128))
+        return "native"
+    raise ValueError(f"{precision.key} is not a torchao precision")
+
+
+def calibration_texts(limit: int = 8) -> list[str]:
+    """Paragraphs of the calibration text shipped with qexplorer."""
+    text = CALIBRATION_FILE.read_text(encoding="utf-8")
+    paragraphs = [p.strip() for p in text.split("\n\n") if len(p.strip()) > 200]
+    return paragraphs[:limit]
+
+
+def _patch_awq_for_cpu() -> None:
+    """llm-compressor's AWQ pins memory even without an accelerator and fails on CPU
+    ("Cannot access accelerator device"); pinning is an optimisation, so it is
+    skipped when no CUDA device exists (FACTS §7)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if hasattr(IntermediatesCache, "pin_memory"):
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+
+
+def llmcompressor_quantize(folder: Path, out_dir: Path, precision: Precision, spec: ModelSpec,
+                           samples: int = 8, max_seq_len: int = 256) -> Iterator[events.Event]:
+    """W4A16 (RTN / GPTQ / AWQ) with llm-compressor; writes a compressed-tensors folder."""
+    import torch
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    group = precision.group_size(spec) or 128
+    weights = {"num_bits": 4, "type": "int", "symmetric": precision.key != "awq", "strategy": "group",
+               "group_size": group}
+    config_groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+    ignore = ["lm_head"] + (["re:.*mlp.gate$"] if spec.is_moe else [])
+    if precision.key == "gptq":
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        recipe: Any = GPTQModifier(config_groups=config_groups, ignore=ignore)
+    elif precision.key == "awq":
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        _patch_awq_for_cpu()
+        recipe = AWQModifier(config_groups=config_groups, ignore=ignore)
+    else:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        recipe = QuantizationModifier(config_groups=config_groups, ignore=ignore)
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    kwargs: dict[str, Any] = {}
+    if precision.needs_calibration:
+        from datasets import Dataset
+
+        texts = calibration_texts(samples)
+        dataset = Dataset.from_dict({"text": texts})
+        dataset = dataset.map(lambda row: tokenizer(row["text"], truncation=True, max_length=max_seq_len),
+                              remove_columns=["text"])
+        kwargs = {"dataset": dataset, "num_calibration_samples": len(texts), "max_seq_length": max_seq_len}
+        yield events.log(f"calibrating on {len(texts)} paragraphs of {CALIBRATION_FILE.name} "
+                         f"(≤ {max_seq_len} tokens each), group size {group}")
+    started = time.perf_counter()
+    oneshot(model=model, recipe=recipe, **kwargs)
+    yield events.metric("oneshot_s", time.perf_counter() - started, "s")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, save_compressed=True)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+    del model

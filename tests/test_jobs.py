@@ -1,0 +1,134 @@
+"""Jobs in child processes: end to end on the bundled model, faults, the memory guard, the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qexplorer.cli import main
+from qexplorer.core.bench import BenchConfig
+from qexplorer.core.jobs import JobRunner, store_outcome
+from qexplorer.core.pipeline import JobSpec
+from qexplorer.core.results import ResultsStore, to_markdown
+from qexplorer.core.simulate import simulated_sampler
+from qexplorer.core.units import GIB
+
+QUICK = BenchConfig.quick()
+
+
+def job(tmp_path: Path, precision: str, **kwargs) -> JobSpec:
+    return JobSpec(model_ref="default", precision=precision, data_dir=str(tmp_path / "data"), bench=QUICK, **kwargs)
+
+
+@pytest.mark.e2e
+def test_cli_run_q8_0_and_int8_quick_json(capsys, isolated_user_dirs):
+    code = main(["run", "default", "--precision", "q8_0,int8", "--quick", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    data = json.loads(captured.out)
+    assert [j["status"] for j in data["jobs"]] == ["ok", "ok"]
+    by = {r["precision"]: r for r in data["results"]}
+    for key, backend in (("q8_0", "llama.cpp"), ("int8", "transformers")):
+        row = by[key]
+        assert row["backend"] == backend
+        assert row["tg_avg_ts"] > 0 and row["pp_avg_ts"] > 0 and row["ttft_avg_s"] > 0
+        assert row["peak_rss_bytes"] > row["model_size"] > 0
+        assert row["roofline_pct"] > 0
+        assert row["n_gen"] == QUICK.gen_tokens and row["repetitions"] == QUICK.repetitions
+    assert "re-quantizing an already quantized file" in captured.err  # the visible warning
+    store = ResultsStore.in_dir(isolated_user_dirs / "data")
+    assert {r.precision for r in store.all()} == {"q8_0", "int8"}
+    assert main(["results", "--format", "md"]) == 0
+    assert "| GGUF Q8_0 |" in capsys.readouterr().out
+
+
+def test_sigkill_mid_run_marks_failed_and_keeps_the_store(tmp_path: Path):
+    store = ResultsStore.in_dir(tmp_path / "data")
+    earlier = store.add({"model_name": "m", "model_path": "p", "precision": "bf16", "family": "torch"})
+    runner = JobRunner(interval_s=0.2)
+
+    def kill_on_load(event):
+        if event.type == "phase" and event.phase == "load":
+            os.kill(runner.current_pid, signal.SIGKILL)
+
+    outcome = runner.run(job(tmp_path, "q8_0"), on_event=kill_on_load)
+    assert outcome.status == "failed"
+    assert "SIGKILL" in outcome.error and outcome.exit_code == -signal.SIGKILL
+    store_outcome(store, outcome)
+    assert store.integrity_ok()
+    rows = store.all(include_failed=True)
+    assert rows[0].id == earlier and rows[-1].status == "failed" and "SIGKILL" in rows[-1].error
+    assert [r.precision for r in store.all()] == ["bf16"]  # failed rows stay out of the results
+
+
+def test_guard_stops_a_real_child_within_one_sample_period(tmp_path: Path):
+    sampler = simulated_sampler("gb10", reserve_bytes=8 * GIB)
+    machine = sampler.host.machine
+    runner = JobRunner(sampler=sampler, interval_s=0.25)
+    # a real child that would run for a minute
+    runner.worker_command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    dropped_at: list[float] = []
+
+    def squeeze() -> None:
+        time.sleep(0.6)
+        machine.extra_used_bytes = machine.mem_available_bytes() - 2 * GIB  # MemAvailable 2 GiB < 8 GiB reserve
+        dropped_at.append(time.monotonic())
+
+    threading.Thread(target=squeeze, daemon=True).start()
+    outcome = runner.run(job(tmp_path, "q8_0", planned_peak_bytes=300 * 1024**2))
+    stopped_after = time.monotonic() - dropped_at[0]
+    assert outcome.status == "stopped"
+    assert "headroom fell to" in outcome.error and "the plan predicted a peak of 0.3 GiB" in outcome.error
+    assert stopped_after < 0.25 + 0.3  # one sample period, plus the time to end the child
+    assert runner.current_pid is None and not sampler.own_pids
+
+
+def test_hanging_worker_is_ended_by_the_phase_timeout(tmp_path: Path):
+    runner = JobRunner(interval_s=0.1, worker_command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    started = time.monotonic()
+    outcome = runner.run(job(tmp_path, "q8_0", phase_timeout_s=0.5))
+    assert outcome.status == "timeout" and "start phase made no progress for 0.5 s" in outcome.error
+    assert time.monotonic() - started < 5
+
+
+def test_cancel_terminates_the_child(tmp_path: Path):
+    cancel = threading.Event()
+    runner = JobRunner(interval_s=0.1, worker_command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    threading.Timer(0.3, cancel.set).start()
+    outcome = runner.run(job(tmp_path, "q8_0"), cancel=cancel)
+    assert outcome.status == "cancelled" and outcome.error == "Cancelled by the user."
+
+
+def test_crashing_worker_reports_its_exit(tmp_path: Path):
+    runner = JobRunner(interval_s=0.1, worker_command=[sys.executable, "-c", "raise SystemExit(7)"])
+    outcome = runner.run(job(tmp_path, "q8_0"))
+    assert outcome.status == "failed" and "exited with code 7" in outcome.error
+
+
+def test_worker_reports_bad_input_in_one_sentence(tmp_path: Path):
+    outcome = JobRunner(interval_s=0.1).run(
+        JobSpec(model_ref=str(tmp_path / "missing.gguf"), precision="q8_0", data_dir=str(tmp_path), bench=QUICK))
+    assert outcome.status == "failed" and outcome.error.endswith("does not exist.")
+
+
+def test_store_schema_version_and_damage(tmp_path: Path):
+    store = ResultsStore.in_dir(tmp_path)
+    store.add({"model_name": "m", "model_path": "p", "precision": "q8_0", "family": "gguf",
+               "decode_tok_s": {"mean": 10.0, "sd": 1.0, "n": 2}, "weight_bytes": 100})
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert (store.path.stat().st_mode & 0o777) == 0o600
+    assert "| q8_0 | 100 B weights" in to_markdown(store.all())
+    store.path.write_bytes(b"this is not a database" * 100)
+    from qexplorer.core.errors import UserError
+
+    with pytest.raises(UserError, match="damaged"):
+        store.all()
