@@ -214,7 +214,7 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     serving plan for pp + tg tokens, plus what producing the precision holds on top:
       cast           half a BF16 copy while converting from the BF16 source (none for bf16 itself)
       torchao        the library + the BF16 source (the allocator keeps it) [+ a BF16 copy: FP8 emulated]
-      llm-compressor the library + the BF16 model being quantized [+ calibration and one layer's Hessians]
+      llm-compressor the library + the BF16 model being quantized [GPTQ: + calibration and one layer's Hessians]
       llama.cpp      nothing: the quantizer streams tensors
     """
     request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)
@@ -230,7 +230,7 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
             extra += bf16
     elif path == "llm-compressor":
         extra = LLMCOMPRESSOR_IMPORT_BYTES + bf16
-        if precision.needs_calibration:
+        if precision.key == "gptq":  # AWQ's scale search measured no extra here
             extra += CALIBRATION_BYTES + layer_hessian_bytes(spec)
     else:
         extra = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -13,10 +14,19 @@ from textual.reactive import reactive
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
+from qexplorer.core.bench import BenchConfig
 from qexplorer.core.catalog import DEFAULT_ALIAS, CatalogEntry, ModelSpec
+from qexplorer.core.errors import UserError
+from qexplorer.core.jobs import JobRunner, store_outcome
+from qexplorer.core.pipeline import JobSpec
+from qexplorer.core.planner import PlanRequest, plan_job_peak, plan_precision
+from qexplorer.core.precisions import get as get_precision
+from qexplorer.core.results import ResultsStore
 from qexplorer.core.settings import Settings
 from qexplorer.core.telemetry import TelemetrySnapshot
-from qexplorer.ui.messages import CatalogScanned, TelemetrySampled
+from qexplorer.core.units import format_bytes
+from qexplorer.ui.jobstate import JobState
+from qexplorer.ui.messages import CatalogScanned, JobEventMessage, JobFinished, JobMemoryMessage, TelemetrySampled
 from qexplorer.ui.screens.dashboard import DashboardScreen
 from qexplorer.ui.sources import Sources
 from qexplorer.ui.themes import DEFAULT_THEME, load_themes
@@ -32,6 +42,7 @@ class QExplorerApp(App[int]):
         Binding("d", "dashboard", "Dashboard", show=False),
         Binding("m", "models", "Models"),
         Binding("p", "plan", "Plan"),
+        Binding("j", "run_screen", "Jobs", show=False),
         Binding("q", "quit", "Quit"),
     ]
     DEFAULT_PRECISIONS = frozenset({"bf16", "int8", "q8_0", "q4_k_m"})
@@ -45,6 +56,8 @@ class QExplorerApp(App[int]):
     context: reactive[int] = reactive(4096)
     kv_dtype: reactive[str] = reactive("f16")
     chosen: reactive[frozenset[str]] = reactive(DEFAULT_PRECISIONS)
+    quick_bench: reactive[bool] = reactive(False)
+    jobs_version: reactive[int] = reactive(0)
 
     def __init__(self, settings: Settings, sources: Sources, *, dashboard_only: bool = False,
                  live: bool = True, model_ref: str = DEFAULT_ALIAS) -> None:
@@ -56,6 +69,9 @@ class QExplorerApp(App[int]):
         self.live = live
         self.history: deque[TelemetrySnapshot] = deque(maxlen=HISTORY_SAMPLES)
         self._timer: Timer | None = None
+        self.jobs: list[JobState] = []
+        self._job_cancels: dict[int, threading.Event] = {}
+        self._queue_running = False
         self._theme_problems: tuple[str, ...] = ()
         self.set_reactive(QExplorerApp.refresh_s, settings.refresh_s)
         self.set_reactive(QExplorerApp.context, settings.default_context)
@@ -147,7 +163,7 @@ class QExplorerApp(App[int]):
 
     # ------------------------------------------------------------------ actions
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if self.dashboard_only and action in ("models", "plan"):
+        if self.dashboard_only and action in ("models", "plan", "run_screen"):
             return False  # `qexplorer monitor` is the dashboard alone
         return True
 
@@ -182,6 +198,126 @@ class QExplorerApp(App[int]):
         from qexplorer.ui.screens.precisions import PrecisionPickerScreen
 
         self._show(PrecisionPickerScreen)
+
+    def action_run_screen(self) -> None:
+        from qexplorer.ui.screens.run import RunScreen
+
+        self._show(RunScreen)
+
+    # ------------------------------------------------------------------ jobs
+    def bench_config(self) -> BenchConfig:
+        return BenchConfig.quick() if self.quick_bench else BenchConfig()
+
+    def queue_chosen(self) -> None:
+        """Queue one job per chosen precision that the plan says fits; then show the run screen."""
+        if self.model is None:
+            self.notify("Pick a model first (m).", severity="warning")
+            return
+        bench = self.bench_config()
+        request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)
+        queued, refused = [], []
+        for key in sorted(self.chosen, key=lambda k: [p.key for p in _all_precisions()].index(k)):
+            precision = get_precision(key)
+            plan = plan_precision(self.model, precision, request, self.snapshot)
+            if plan.verdict == "does not fit":
+                refused.append(f"{precision.label} ({format_bytes(plan.total_bytes)} > "
+                               f"{format_bytes(plan.headroom_bytes)} headroom)")
+                continue
+            spec = JobSpec(
+                model_ref=self.model.path, precision=key, data_dir=str(self.settings.results_path), bench=bench,
+                model_paths=tuple(self.settings.models), model_name=self.model.name, model_path=self.model.path,
+                planned_peak_bytes=plan_job_peak(self.model, precision, bench, on_gpu=plan.runs_on == "GPU"),
+                planned_total_bytes=plan.total_bytes,
+            )
+            job = JobState(id=len(self.jobs) + 1, spec=spec, label=precision.label)
+            self.jobs.append(job)
+            queued.append(job)
+        if refused:
+            self.notify("Not queued, does not fit: " + "; ".join(refused), severity="warning", timeout=10)
+        if not queued and not refused:
+            self.notify("Select precisions with space first.", severity="warning")
+        self.jobs_version += 1
+        self.action_run_screen()
+        if queued and not self._queue_running:
+            self._queue_running = True
+            self._run_queue()
+
+    def cancel_job(self, job_id: int) -> None:
+        job = next((j for j in self.jobs if j.id == job_id), None)
+        if job is None or job.finished:
+            return
+        if job.status == "queued":
+            job.status = "cancelled"
+            job.message = "Cancelled before it started."
+        else:
+            self._job_cancels.setdefault(job_id, threading.Event()).set()
+        self.jobs_version += 1
+
+    @work(thread=True, group="jobs", exit_on_error=False)
+    def _run_queue(self) -> None:
+        runner = JobRunner(sampler=self.sources.sampler, interval_s=self.refresh_s)
+        store = ResultsStore.in_dir(self.settings.results_path)
+        try:
+            while True:
+                job = next((j for j in self.jobs if j.status == "queued"), None)
+                if job is None:
+                    return
+                job.status = "running"
+                cancel = self._job_cancels.setdefault(job.id, threading.Event())
+                outcome = runner.run(
+                    job.spec,
+                    on_event=lambda event, jid=job.id: self.post_message(JobEventMessage(jid, event)),
+                    on_memory=lambda sample, jid=job.id: self.post_message(JobMemoryMessage(jid, sample)),
+                    cancel=cancel,
+                )
+                store_error = None
+                try:
+                    store_outcome(store, outcome)
+                except UserError as exc:
+                    store_error = str(exc)
+                self.post_message(JobFinished(job.id, outcome, store_error))
+        finally:
+            self._queue_running = False
+
+    def _job(self, job_id: int) -> JobState | None:
+        return next((j for j in self.jobs if j.id == job_id), None)
+
+    @on(JobEventMessage)
+    def _on_job_event(self, message: JobEventMessage) -> None:
+        job = self._job(message.job_id)
+        if job is not None:
+            job.apply(message.event)
+            self.jobs_version += 1
+
+    @on(JobMemoryMessage)
+    def _on_job_memory(self, message: JobMemoryMessage) -> None:
+        job = self._job(message.job_id)
+        if job is not None:
+            job.memory.append(message.sample)
+            self.jobs_version += 1
+
+    @on(JobFinished)
+    def _on_job_finished(self, message: JobFinished) -> None:
+        job = self._job(message.job_id)
+        if job is None:
+            return
+        job.outcome = message.outcome
+        job.status = message.outcome.status
+        if message.outcome.ok:
+            job.phase = "done"
+            job.message = f"stored in {self.settings.results_path / 'results.sqlite3'}"
+            self.notify(f"{job.label}: done.", timeout=4)
+        else:
+            self.notify(f"{job.label}: {message.outcome.error}", severity="error", timeout=10)
+        if message.store_error:
+            self.notify(message.store_error, severity="error", timeout=10)
+        self.jobs_version += 1
+
+
+def _all_precisions():
+    from qexplorer.core.precisions import PRECISIONS
+
+    return PRECISIONS
 
 
 def make_app(settings: Settings, sources: Sources, *, dashboard_only: bool = False,

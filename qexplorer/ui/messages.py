@@ -5,6 +5,8 @@ from __future__ import annotations
 from textual.message import Message
 
 from qexplorer.core.catalog import CatalogEntry
+from qexplorer.core.events import Event
+from qexplorer.core.jobs import JobOutcome, MemorySample
 from qexplorer.core.telemetry import TelemetrySnapshot
 
 
@@ -29,3 +31,31 @@ class CatalogScanned(Message):
     def __init__(self, entries: tuple[CatalogEntry, ...]) -> None:
         super().__init__()
         self.entries = entries
+
+
+class JobEventMessage(Message):
+    """One event from a running job's worker."""
+
+    def __init__(self, job_id: int, event: Event) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.event = event
+
+
+class JobMemoryMessage(Message):
+    """One memory sample of a running job, taken by the parent from outside."""
+
+    def __init__(self, job_id: int, sample: MemorySample) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.sample = sample
+
+
+class JobFinished(Message):
+    """A job ended (ok, failed, cancelled, stopped by the guard or timed out) and was stored."""
+
+    def __init__(self, job_id: int, outcome: JobOutcome, store_error: str | None = None) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.outcome = outcome
+        self.store_error = store_error

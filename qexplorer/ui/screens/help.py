@@ -16,8 +16,14 @@ screens, quit). Everything works from the keyboard.
 
 ## Getting around
 
-`d` dashboard · `m` models · `p` plan (precisions) · `?` this help · `q` quit.
+`d` dashboard · `m` models · `p` plan (precisions) · `j` jobs · `?` this help · `q` quit.
 The app starts on the bundled model, SmolLM2-135M-Instruct.
+
+**To run a benchmark:** press `p`, move to a precision and press `space` to
+select it (BF16, INT8, Q8_0 and Q4_K_M start selected), then press `r`. The
+jobs screen opens and shows each job's phase, progress and memory. `b` on the
+plan screen switches between the full llama-bench measurement (pp512 / tg128 ×
+5) and a quick one (pp64 / tg16 × 2).
 
 ## Dashboard (`d`)
 
@@ -59,8 +65,25 @@ against live headroom. Verdicts: *fits*, *tight* (margin under 10 % or 1 GiB),
 *emulated* (e.g. FP8 without FP8 tensor cores, INT4 on a CPU). All figures are
 estimates until a run measures them.
 
-`space` selects precisions to run, `[` / `]` halve / double the context,
-`k` cycles the KV-cache dtype.
+`space` selects precisions to run, `r` runs them, `b` toggles the quick
+benchmark, `[` / `]` halve / double the context, `k` cycles the KV-cache dtype.
+A precision that does not fit is not queued.
+
+## Jobs (`j`)
+
+Each job quantizes the model to one precision and benchmarks it in its own
+worker process, so a crash or an out-of-memory kill never takes the app. The
+plot shows the job's memory measured from outside (RSS), the planner's
+predicted peak as a line, and the machine's headroom on the right-hand axis.
+**The memory guard** stops a job as soon as headroom falls below zero
+(MemAvailable under the reserve) and says what the plan predicted. `c` cancels
+the selected job; results land in the results store as each job ends.
+
+**Benchmark figures** follow llama-bench: a warm-up, then N repetitions of
+prompt processing (pp, tokens/s) and generation (tg, tokens/s), mean ± sd;
+TTFT is pp plus one decode step. *Roofline %* = decode tok/s × bytes read per
+token ÷ memory bandwidth (published for GPUs, measured with a copy test on CPU).
+*Emulated* means the precision has no native kernel here (e.g. FP8 on a CPU).
 
 ## Units
 

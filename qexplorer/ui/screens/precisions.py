@@ -21,9 +21,11 @@ class PrecisionPickerScreen(Screen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("space", "toggle", "Select"),
-        Binding("left_square_bracket", "context(0.5)", "Context ÷2"),
-        Binding("right_square_bracket", "context(2)", "Context ×2"),
-        Binding("k", "kv_dtype", "KV dtype"),
+        Binding("left_square_bracket", "context(0.5)", "Context", key_display="[ ]"),
+        Binding("right_square_bracket", "context(2)", "Context ×2", show=False),
+        Binding("k", "kv_dtype", "KV dtype", show=False),
+        Binding("r", "run", "Run"),
+        Binding("b", "toggle_quick", "Quick", show=False),
         Binding("a", "select_all", "All/none", show=False),
     ]
 
@@ -123,6 +125,15 @@ class PrecisionPickerScreen(Screen):
 
     def action_context(self, factor: float) -> None:
         self.app.context = int(min(CONTEXT_MAX, max(CONTEXT_MIN, self.app.context * factor)))
+
+    def action_run(self) -> None:
+        self.app.queue_chosen()
+
+    def action_toggle_quick(self) -> None:
+        self.app.quick_bench = not self.app.quick_bench
+        bench = self.app.bench_config()
+        self.notify(f"Benchmark: pp{bench.prompt_tokens} / tg{bench.gen_tokens} × {bench.repetitions}"
+                    + (" (quick)" if self.app.quick_bench else " (llama-bench default)"), timeout=4)
 
     def action_kv_dtype(self) -> None:
         names = list(KV_DTYPE_BYTES)

@@ -1,0 +1,124 @@
+"""The run screen: the job queue, each job's phase and progress, and its memory as it climbs."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
+from textual_plotext import PlotextPlot
+
+from qexplorer.core.units import GIB, format_bytes
+from qexplorer.ui.jobstate import JobState
+from qexplorer.ui.widgets.plots import theme_rgb
+
+STATUS_STYLE = {"ok": "text-success", "failed": "text-error", "stopped": "text-error", "timeout": "text-error",
+                "cancelled": "text-warning", "running": "text-accent", "queued": "text-muted"}
+
+
+class RunScreen(Screen):
+    """Jobs started from the plan screen (`r`), newest last."""
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("c", "cancel", "Cancel job"),
+        Binding("C", "cancel_all", "Cancel all", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        table: DataTable = DataTable(id="job-table", cursor_type="row", zebra_stripes=True)
+        table.add_columns("precision", "status", "phase", "peak", "decode")
+        yield table
+        yield ProgressBar(id="job-progress", show_eta=False)
+        yield Static("", id="job-message")
+        yield PlotextPlot(id="job-memory")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.watch(self.app, "jobs_version", lambda _: self._refresh(), init=False)
+        self.query_one("#job-memory", PlotextPlot).border_title = "job memory (GiB, measured from outside)"
+        self._refresh()
+        self.query_one("#job-table", DataTable).focus()
+
+    def _selected(self) -> JobState | None:
+        jobs = self.app.jobs
+        row = self.query_one("#job-table", DataTable).cursor_row
+        if 0 <= row < len(jobs):
+            return jobs[row]
+        return next((j for j in jobs if j.status == "running"), jobs[-1] if jobs else None)
+
+    def _refresh(self) -> None:
+        table = self.query_one("#job-table", DataTable)
+        row = table.cursor_row
+        table.clear()
+        colours = self.app.theme_variables
+        for job in self.app.jobs:
+            decode = ""
+            if job.outcome is not None and job.outcome.record:
+                tg = job.outcome.record.get("decode_tok_s") or {}
+                decode = f"{tg.get('mean', 0):.1f} ± {tg.get('sd', 0):.1f} tok/s"
+            status = Text(job.status, style=colours.get(STATUS_STYLE.get(job.status, ""), ""))
+            table.add_row(job.label, status, job.phase or "-", format_bytes(job.peak_rss_bytes or None),
+                          decode, key=str(job.id))
+        if table.row_count:
+            running = next((i for i, j in enumerate(self.app.jobs) if j.status == "running"), None)
+            table.move_cursor(row=min(row if row > 0 or running is None else running, table.row_count - 1))
+        self._show_job(self._selected())
+
+    def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
+        self._show_job(self._selected())
+
+    def _show_job(self, job: JobState | None) -> None:
+        bar = self.query_one("#job-progress", ProgressBar)
+        message = self.query_one("#job-message", Static)
+        if job is None:
+            message.update("No jobs yet: on the plan screen (p), select precisions with space and press r.")
+            bar.update(total=None, progress=0)
+            self._plot(None)
+            return
+        if job.finished:
+            bar.update(total=1, progress=1)
+        elif job.total:
+            bar.update(total=job.total, progress=job.done)
+        else:
+            bar.update(total=None)
+        text = job.message
+        if job.outcome is not None and job.outcome.error:
+            text = job.outcome.error
+        warnings = f"  ⚠ {job.warnings[-1]}" if job.warnings else ""
+        log = f"  (log: {job.outcome.log_path.name})" if job.outcome and job.outcome.log_path else ""
+        message.update(f"[b]{job.label}[/b] · {job.phase or job.status}: {text}{warnings}{log}")
+        self._plot(job)
+
+    def _plot(self, job: JobState | None) -> None:
+        widget = self.query_one("#job-memory", PlotextPlot)
+        plt = widget.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.xlabel("seconds since start")
+        if job is not None and job.memory:
+            xs = [s.elapsed_s for s in job.memory]
+            plt.plot(xs, [s.rss_bytes / GIB for s in job.memory], label="job RSS",
+                     color=theme_rgb(self.app, "accent"), marker="braille")
+            if job.spec.planned_peak_bytes:
+                plt.plot([xs[0], xs[-1]], [job.spec.planned_peak_bytes / GIB] * 2, label="predicted peak",
+                         color=theme_rgb(self.app, "error"), marker="braille")
+            # headroom is tens of GiB where a job is a few: it gets the right-hand axis
+            headroom = [(s.elapsed_s, s.headroom_bytes / GIB) for s in job.memory if s.headroom_bytes is not None]
+            if headroom:
+                plt.plot([h[0] for h in headroom], [h[1] for h in headroom], label="headroom (right axis)",
+                         color=theme_rgb(self.app, "success"), marker="braille", yside="right")
+            plt.ylim(0, None)
+        widget.refresh()
+
+    def action_cancel(self) -> None:
+        job = self._selected()
+        if job is not None and not job.finished:
+            self.app.cancel_job(job.id)
+
+    def action_cancel_all(self) -> None:
+        for job in self.app.jobs:
+            if not job.finished:
+                self.app.cancel_job(job.id)
