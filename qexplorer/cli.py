@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     run.add_argument("--force", action="store_true", help="run even when the plan says it does not fit")
     run.add_argument("--json", action="store_true", help="print the results as JSON")
+    run.add_argument("--quality", action="store_true", help="also measure KLD, top-1 and perplexity vs the reference")
+    run.add_argument("--corpus", help="evaluation text: a UTF-8 file or a folder (default: shipped prose + stdlib)")
+    run.add_argument("--reference", choices=("bf16", "fp32"), default="bf16", help="reference precision")
+    run.add_argument("--quality-tokens", type=int, default=4096, help="tokens of evaluation text (default 4096)")
+    run.add_argument("--quality-ctx", type=int, default=512, help="chunk length for quality (default 512)")
 
     results = sub.add_parser("results", help="print stored results")
     _common(results)

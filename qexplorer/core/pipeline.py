@@ -41,6 +41,11 @@ class JobSpec:
     bench: BenchConfig = field(default_factory=BenchConfig)
     model_paths: tuple[str, ...] = ()
     quality: bool = False
+    quality_corpus: str | None = None  # a text file or folder; None: the default corpus
+    quality_tokens: int = 4096
+    quality_ctx: int = 512
+    reference_precision: str = "bf16"
+    top_k: int = 256
     phase_timeout_s: float = 1800.0
     planned_peak_bytes: int | None = None
     planned_total_bytes: int | None = None
@@ -120,10 +125,13 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Iterator[eve
         "planned_peak_bytes": job.planned_peak_bytes, "planned_total_bytes": job.planned_total_bytes,
         "baseline_rss_bytes": current_rss_bytes(),
     }
+    reference = None
+    if job.quality:
+        reference = yield from _ensure_reference(spec, job, work_dir, cancel)
     if precision.is_gguf:
-        yield from _gguf_job(spec, precision, job, work_dir, record, cancel)
+        yield from _gguf_job(spec, precision, job, work_dir, record, cancel, reference)
     else:
-        yield from _torch_job(spec, precision, job, work_dir, record, cancel)
+        yield from _torch_job(spec, precision, job, work_dir, record, cancel, reference)
     record["peak_rss_bytes"] = peak_rss_bytes()
     # Bandwidth for the roofline is measured after the peak is recorded (its buffers
     # would count), in a phase the parent leaves out of its own peak.
@@ -142,7 +150,7 @@ def _take_path(gen: Iterator[events.Event | Path], sink: list[Path]) -> Iterator
 
 
 def _gguf_job(spec: ModelSpec, precision: Precision, job: JobSpec, work_dir: Path, record: dict[str, Any],
-              cancel: threading.Event | None) -> Iterator[events.Event]:
+              cancel: threading.Event | None, reference: Any = None) -> Iterator[events.Event]:
     import llama_cpp
 
     from qexplorer.core.bench import llamacpp
@@ -181,10 +189,22 @@ def _gguf_job(spec: ModelSpec, precision: Precision, job: JobSpec, work_dir: Pat
     outcome = yield from _outcome(llamacpp.run(llm, text, job.bench), cancel)
     record.update(outcome)
     record["bytes_per_token"] = weight_bytes
+    if reference is not None:
+        del llm  # the quality pass needs every position's logits: a second context
+        yield events.phase("quality", "KLD, top-1 and perplexity against the reference")
+        qllm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=job.quality_ctx, n_batch=job.quality_ctx,
+                               n_ubatch=job.quality_ctx, n_threads=job.bench.threads or (os.cpu_count() or 1),
+                               n_gpu_layers=-1 if gpu else 0, logits_all=True, verbose=False)
+        from qexplorer.core import quality
+
+        meta = reference[0]
+        probe = qllm.tokenize(meta_probe_text(job).encode(), add_bos=False, special=False)
+        quality.check_alignment(meta, probe, qllm.n_vocab())
+        record["quality"] = yield from _quality(reference, quality.llamacpp_logits_fn(qllm), cancel)
 
 
 def _torch_job(spec: ModelSpec, precision: Precision, job: JobSpec, work_dir: Path, record: dict[str, Any],
-               cancel: threading.Event | None) -> Iterator[events.Event]:
+               cancel: threading.Event | None, reference: Any = None) -> Iterator[events.Event]:
     from qexplorer.core.quantize.torch_quant import quiet_libraries
 
     quiet_libraries()
@@ -243,9 +263,103 @@ def _torch_job(spec: ModelSpec, precision: Precision, job: JobSpec, work_dir: Pa
     outcome = yield from _outcome(torch_backend.run(model, tokenizer, _bench_text(), job.bench), cancel)
     record.update(outcome)
     record["bytes_per_token"] = record["resident_weight_bytes"]
+    if reference is not None:
+        from qexplorer.core import quality
+
+        yield events.phase("quality", "KLD, top-1 and perplexity against the reference")
+        probe = tokenizer(meta_probe_text(job), add_special_tokens=False)["input_ids"]
+        quality.check_alignment(reference[0], probe, int(model.config.vocab_size))
+        record["quality"] = yield from _quality(reference, quality.torch_logits_fn(model), cancel)
 
 
 DTYPE_LABEL = {"fp32": "fp32", "fp16": "fp16"}
+
+
+def job_corpus(job: JobSpec):
+    from qexplorer.core import quality
+
+    if job.quality_corpus:
+        return quality.load_corpus(Path(job.quality_corpus))
+    # ~6 characters per token leaves room for prose and code alike; the tokens are cut to size after
+    return quality.default_corpus(chars=job.quality_tokens * 6)
+
+
+def meta_probe_text(job: JobSpec) -> str:
+    from qexplorer.core import quality
+
+    return quality.probe_text(job_corpus(job))
+
+
+def _ensure_reference(spec: ModelSpec, job: JobSpec, work_dir: Path,
+                      cancel: threading.Event | None) -> Iterator[events.Event]:
+    """The reference log-probs for this model + corpus: from the cache, or computed now (once)."""
+    from qexplorer.core import quality
+    from qexplorer.core.quantize import torch_quant
+
+    corpus = job_corpus(job)
+    folder = quality.reference_dir(Path(job.data_dir), model_key(spec), corpus, job.reference_precision,
+                                   job.quality_ctx, job.quality_tokens, job.top_k)
+    cached = quality.load_reference(folder)
+    if cached is not None:
+        yield events.log(f"reusing the {job.reference_precision} reference for {corpus.name} ({folder.name})")
+        return cached
+    yield events.phase("reference", f"{job.reference_precision} reference log-probs on {corpus.name} (once)")
+    torch_quant.quiet_libraries()
+    folders: list[Path] = []
+    yield from _take_path(torch_quant.bf16_checkpoint(spec, work_dir), folders)
+    model, tokenizer = torch_quant.load_model(folders[0], job.reference_precision)
+    ids = tokenizer(corpus.text, add_special_tokens=False)["input_ids"][: job.quality_tokens]
+    bos = tokenizer.bos_token_id if _adds_bos(spec, tokenizer) else None
+    chunks = quality.make_chunks(ids, job.quality_ctx, bos)
+    meta = quality.ReferenceMeta(
+        format=quality.REFERENCE_FORMAT, model_path=spec.path, reference_precision=job.reference_precision,
+        corpus_name=corpus.name, corpus_sha256=corpus.sha256, n_tokens=len(chunks) * job.quality_ctx,
+        ctx=job.quality_ctx, n_chunks=len(chunks), top_k=job.top_k, bos_id=bos,
+        vocab_size=int(model.config.vocab_size),
+        probe_ids=tokenizer(quality.probe_text(corpus), add_special_tokens=False)["input_ids"],
+        reference_quantized=spec.stored_quantized,
+    )
+    for event in quality.build_reference(folder, quality.torch_logits_fn(model), chunks, meta):
+        yield event
+        _check(cancel)
+    del model
+    import gc
+
+    gc.collect()
+    loaded = quality.load_reference(folder)
+    assert loaded is not None
+    return loaded
+
+
+def _adds_bos(spec: ModelSpec, tokenizer: Any) -> bool:
+    """Whether the model expects BOS: GGUF's tokenizer.ggml.add_bos_token, else the tokenizer's own flag."""
+    if spec.format == "gguf":
+        from qexplorer.core.gguf_header import read_gguf_header
+
+        value = read_gguf_header(Path(spec.path)).metadata.get("tokenizer.ggml.add_bos_token")
+        if isinstance(value, bool):
+            return value
+    return bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_token_id is not None
+
+
+def _quality(reference: Any, logits_fn: Any, cancel: threading.Event | None) -> Iterator[events.Event]:
+    from qexplorer.core import quality
+
+    meta = reference[0]
+    stats: dict[str, Any] = {}
+    for item in quality.candidate_pass(reference, logits_fn):
+        if isinstance(item, dict):
+            stats = item
+        else:
+            yield item
+            _check(cancel)
+    folder_bytes = sum(arr.nbytes for arr in reference[1].values())
+    stats.update(corpus=meta.corpus_name, corpus_sha256=meta.corpus_sha256, n_tokens=meta.n_tokens,
+                 ctx=meta.ctx, n_chunks=meta.n_chunks, top_k=meta.top_k,
+                 chunking=f"{meta.n_chunks} chunks of {meta.ctx} tokens, BOS first, second half scored",
+                 reference_precision=meta.reference_precision, reference_quantized=meta.reference_quantized,
+                 reference_cache_bytes=int(folder_bytes))
+    return stats
 
 
 def _hw(cuda: bool, cc: tuple[int, int] | None):

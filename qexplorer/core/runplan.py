@@ -64,6 +64,12 @@ class StderrProgress:
 
 def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     chosen = precisions.parse_list(args.precision)
+    if args.corpus:  # a bad evaluation file is caught before any worker starts
+        from pathlib import Path
+
+        from qexplorer.core.quality import load_corpus
+
+        load_corpus(Path(args.corpus))
     catalog = Catalog(extra_paths=settings.models)
     spec = catalog.resolve(args.model)
     bench = BenchConfig.quick() if args.quick else BenchConfig()
@@ -86,7 +92,8 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
             model_ref=args.model, precision=precision.key, data_dir=str(settings.results_path), bench=bench,
             model_paths=tuple(settings.models), model_name=spec.name, model_path=spec.path,
             planned_peak_bytes=plan_job_peak(spec, precision, bench, on_gpu=plan.runs_on == "GPU"),
-            planned_total_bytes=plan.total_bytes,
+            planned_total_bytes=plan.total_bytes, quality=args.quality, quality_corpus=args.corpus,
+            quality_tokens=args.quality_tokens, quality_ctx=args.quality_ctx, reference_precision=args.reference,
         ))
     store = ResultsStore.in_dir(settings.results_path)
     runner = JobRunner(sampler=sampler, interval_s=settings.refresh_s)

@@ -57,6 +57,7 @@ class QExplorerApp(App[int]):
     kv_dtype: reactive[str] = reactive("f16")
     chosen: reactive[frozenset[str]] = reactive(DEFAULT_PRECISIONS)
     quick_bench: reactive[bool] = reactive(False)
+    measure_quality: reactive[bool] = reactive(True)
     jobs_version: reactive[int] = reactive(0)
 
     def __init__(self, settings: Settings, sources: Sources, *, dashboard_only: bool = False,
@@ -227,7 +228,7 @@ class QExplorerApp(App[int]):
                 model_ref=self.model.path, precision=key, data_dir=str(self.settings.results_path), bench=bench,
                 model_paths=tuple(self.settings.models), model_name=self.model.name, model_path=self.model.path,
                 planned_peak_bytes=plan_job_peak(self.model, precision, bench, on_gpu=plan.runs_on == "GPU"),
-                planned_total_bytes=plan.total_bytes,
+                planned_total_bytes=plan.total_bytes, quality=self.measure_quality,
             )
             job = JobState(id=len(self.jobs) + 1, spec=spec, label=precision.label)
             self.jobs.append(job)

@@ -26,6 +26,7 @@ class PrecisionPickerScreen(Screen):
         Binding("k", "kv_dtype", "KV dtype", show=False),
         Binding("r", "run", "Run"),
         Binding("b", "toggle_quick", "Quick", show=False),
+        Binding("v", "toggle_quality", "Quality", show=False),
         Binding("a", "select_all", "All/none", show=False),
     ]
 
@@ -134,6 +135,10 @@ class PrecisionPickerScreen(Screen):
         bench = self.app.bench_config()
         self.notify(f"Benchmark: pp{bench.prompt_tokens} / tg{bench.gen_tokens} × {bench.repetitions}"
                     + (" (quick)" if self.app.quick_bench else " (llama-bench default)"), timeout=4)
+
+    def action_toggle_quality(self) -> None:
+        self.app.measure_quality = not self.app.measure_quality
+        self.notify("Quality (KLD, top-1, PPL vs BF16): " + ("on" if self.app.measure_quality else "off"), timeout=4)
 
     def action_kv_dtype(self) -> None:
         names = list(KV_DTYPE_BYTES)

@@ -29,7 +29,7 @@ class RunScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         table: DataTable = DataTable(id="job-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("precision", "status", "phase", "peak", "decode")
+        table.add_columns("precision", "status", "phase", "peak", "decode", "KLD", "top-1")
         yield table
         yield ProgressBar(id="job-progress", show_eta=False)
         yield Static("", id="job-message")
@@ -55,13 +55,17 @@ class RunScreen(Screen):
         table.clear()
         colours = self.app.theme_variables
         for job in self.app.jobs:
-            decode = ""
+            decode = kld = top1 = ""
             if job.outcome is not None and job.outcome.record:
                 tg = job.outcome.record.get("decode_tok_s") or {}
                 decode = f"{tg.get('mean', 0):.1f} ± {tg.get('sd', 0):.1f} tok/s"
+                q = job.outcome.record.get("quality") or {}
+                if q:
+                    kld = f"{q['kld_mean']:.4f}"
+                    top1 = f"{q['same_top1_pct']:.1f} %"
             status = Text(job.status, style=colours.get(STATUS_STYLE.get(job.status, ""), ""))
             table.add_row(job.label, status, job.phase or "-", format_bytes(job.peak_rss_bytes or None),
-                          decode, key=str(job.id))
+                          decode, kld, top1, key=str(job.id))
         if table.row_count:
             running = next((i for i, j in enumerate(self.app.jobs) if j.status == "running"), None)
             table.move_cursor(row=min(row if row > 0 or running is None else running, table.row_count - 1))

@@ -1,0 +1,120 @@
+"""Benchmarks for jobs: the llama.cpp backend against a bare llama_cpp loop, and the
+planner's predicted peak against the measured peak for every precision.
+
+    python scripts/bench_jobs.py backend [--reps 5] [--threads 2]
+    python scripts/bench_jobs.py peaks [--model default] [--precision all]
+    python scripts/bench_jobs.py synthetic   # the same on a random-weight 185M model (HF source)
+
+Prints numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from qexplorer.core import precisions
+from qexplorer.core.bench import BenchConfig, llamacpp
+from qexplorer.core.catalog import Catalog
+from qexplorer.core.jobs import JobRunner
+from qexplorer.core.pipeline import JobSpec
+from qexplorer.core.planner import plan_job_peak
+from qexplorer.core.quantize.torch_quant import CALIBRATION_FILE
+
+
+def backend(args: argparse.Namespace) -> None:
+    """Decode tok/s: qexplorer's llama.cpp backend vs a bare streaming completion, same file and threads."""
+    import llama_cpp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = JobRunner(interval_s=0.5)
+        outcome = runner.run(JobSpec(model_ref="default", precision="q8_0", data_dir=tmp,
+                                     bench=BenchConfig(repetitions=1)))
+        path = Path(outcome.record["artifact_path"])
+        text = CALIBRATION_FILE.read_text(encoding="utf-8")
+        config = BenchConfig(prompt_tokens=512, gen_tokens=128, repetitions=1, threads=args.threads)
+        llm = llamacpp.load(path, config, n_gpu_layers=0)
+        bare = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=args.threads, verbose=False)
+        ours_tg, bare_tg = [], []
+        for _ in range(args.reps):  # interleaved so that drift hits both alike
+            result = None
+            for item in llamacpp.run(llm, text, config):
+                if isinstance(item, dict):
+                    result = item
+            ours_tg.append(result["decode_tok_s"]["mean"])
+            stamps = []
+            for _chunk in bare.create_completion("The harbour town", max_tokens=129, temperature=0.0,
+                                                 stream=True):
+                stamps.append(time.perf_counter())
+            bare_tg.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        print(f"file {path.name}, {args.threads} threads, tg128, {args.reps} interleaved runs")
+        for name, values in (("qexplorer llama.cpp backend", ours_tg), ("bare llama_cpp.Llama streaming", bare_tg)):
+            print(f"  {name:32} {statistics.fmean(values):7.1f} ± {statistics.stdev(values):5.1f} tok/s")
+        print(f"  ratio ours / bare: {statistics.fmean(ours_tg) / statistics.fmean(bare_tg):.3f}")
+
+
+def peaks(args: argparse.Namespace, model_ref: str | None = None, extra_paths: tuple[str, ...] = ()) -> None:
+    """Predicted vs measured job peak for each precision (fresh data dir, default benchmark, 1 repetition)."""
+    model_ref = model_ref or args.model
+    spec = Catalog(extra_paths=extra_paths).resolve(model_ref)
+    chosen = precisions.parse_list(args.precision)
+    bench = BenchConfig(repetitions=1)
+    print(f"{spec.name}: {spec.total_params / 1e6:.1f} M parameters; pp{bench.prompt_tokens}/tg{bench.gen_tokens}")
+    print(f"{'precision':10} {'predicted':>10} {'measured':>10} {'error':>7}  status")
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = JobRunner(interval_s=0.25)
+        # one throw-away job fills the BF16 cache so the dequantization peak is not counted
+        if spec.format == "gguf":
+            runner.run(JobSpec(model_ref=model_ref, precision="bf16", data_dir=tmp, bench=BenchConfig.quick(),
+                               model_paths=extra_paths))
+        for precision in chosen:
+            predicted = plan_job_peak(spec, precision, bench, on_gpu=False)
+            outcome = runner.run(JobSpec(model_ref=model_ref, precision=precision.key, data_dir=tmp, bench=bench,
+                                         model_paths=extra_paths))
+            measured = outcome.peak_rss_bytes
+            error = 100 * (predicted / measured - 1) if measured else float("nan")
+            print(f"{precision.key:10} {predicted / 2**20:8.0f} MiB {measured / 2**20:8.0f} MiB {error:+6.1f} %  "
+                  f"{outcome.status} {outcome.error or ''}")
+
+
+def synthetic(args: argparse.Namespace) -> None:
+    """A random-weight Llama of another shape, saved as a BF16 HF folder, through the same check."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "synthetic-llama-185m"
+        config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                             num_attention_heads=16, num_key_value_heads=4, vocab_size=49152,
+                             max_position_embeddings=4096, tie_word_embeddings=True, torch_dtype="bfloat16")
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+        cached = next(Path(args.data_dir).glob("artifacts/*/bf16-checkpoint"), None) if args.data_dir else None
+        if cached is None:
+            raise SystemExit("run a torch job on the bundled model first (it caches the tokenizer) and pass "
+                             "--data-dir")
+        AutoTokenizer.from_pretrained(cached).save_pretrained(folder)
+        peaks(args, model_ref=str(folder), extra_paths=(str(folder),))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    b = sub.add_parser("backend")
+    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("peaks")
+    p.add_argument("--model", default="default")
+    p.add_argument("--precision", default="all")
+    s = sub.add_parser("synthetic")
+    s.add_argument("--precision", default="bf16,int8,gptq,q8_0,q4_k_m")
+    s.add_argument("--data-dir", help="a qexplorer data dir that holds the bundled model's BF16 checkpoint")
+    args = parser.parse_args()
+    {"backend": backend, "peaks": peaks, "synthetic": synthetic}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
