@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quality-tokens", type=int, default=4096, help="tokens of evaluation text (default 4096)")
     run.add_argument("--quality-ctx", type=int, default=512, help="chunk length for quality (default 512)")
 
+    export = sub.add_parser("export", help="write a quantized model a server loads (GGUF or a vLLM folder)")
+    _common(export)
+    export.add_argument("model", metavar="MODEL", help="'default', a Hugging Face cache id, a folder or a .gguf file")
+    export.add_argument("--precision", required=True, help="one precision, e.g. q4_k_m or fp8")
+    export.add_argument("--out", required=True, help="the GGUF file or folder to write")
+
     results = sub.add_parser("results", help="print stored results")
     _common(results)
     results.add_argument("--format", choices=("csv", "json", "md"), default="md")
@@ -183,6 +189,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_precisions(args, settings)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from qexplorer.core import precisions
+    from qexplorer.core.catalog import Catalog
+    from qexplorer.core.jobs import JobRunner
+    from qexplorer.core.pipeline import JobSpec
+    from qexplorer.core.runplan import StderrProgress
+
+    settings = _settings(args)
+    precision = precisions.get(args.precision)
+    spec = Catalog(extra_paths=settings.models).resolve(args.model)
+    from pathlib import Path
+
+    out = Path(args.out).expanduser()
+    if not out.resolve().parent.exists():
+        raise UserError(f"The folder {out.resolve().parent} does not exist; create it or choose another --out.")
+    job = JobSpec(model_ref=args.model, precision=precision.key, data_dir=str(settings.results_path),
+                  model_paths=tuple(settings.models), model_name=spec.name, model_path=spec.path,
+                  action="export", export_path=str(out.resolve()))
+    progress = StderrProgress(sys.stderr, f"export {precision.key}")
+    outcome = JobRunner(interval_s=settings.refresh_s).run(job, on_event=progress)
+    if not outcome.ok or outcome.record is None:
+        raise UserError(f"Export failed: {outcome.error}")
+    record = outcome.record
+    print(f"wrote {record['export_path']} ({record['format']}, {record['bytes']:,} bytes)")
+    print(f"serve it with:\n  {record['serve_command']}")
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from qexplorer.core import results as results_mod
     from qexplorer.core.catalog import Catalog
@@ -204,6 +238,7 @@ COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
     "plan": cmd_plan,
     "run": cmd_run,
     "results": cmd_results,
+    "export": cmd_export,
 }
 
 

@@ -99,6 +99,6 @@ async def test_cancel_from_the_keyboard(isolated_user_dirs):
         app.chosen = frozenset({"q8_0", "q6_k"})
         app.quick_bench = True
         await pilot.press("p", "r")
-        await pilot.press("C")  # cancel all: the running one and the queued one
+        await pilot.press("K")  # cancel all: the running one and the queued one
         await wait_jobs(app, pilot, 60)
         assert {j.status for j in app.jobs} == {"cancelled"}

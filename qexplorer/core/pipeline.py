@@ -25,6 +25,7 @@ from qexplorer import __version__
 from qexplorer.core import events
 from qexplorer.core.bench import BenchConfig, roofline_pct
 from qexplorer.core.catalog import Catalog, ModelSpec
+from qexplorer.core.errors import UserError
 from qexplorer.core.precisions import Precision, get
 
 CALIBRATE_PHASE = "calibrate"
@@ -51,6 +52,8 @@ class JobSpec:
     planned_total_bytes: int | None = None
     model_name: str = ""  # filled by the parent for failure records
     model_path: str = ""
+    action: str = "run"  # "run" (quantize + benchmark [+ quality]) or "export"
+    export_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +119,19 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Iterator[eve
     work_dir = Path(job.data_dir) / "artifacts" / model_key(spec)
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     yield events.log(f"{spec.name} → {precision.label}; artifacts in {work_dir}")
+    if job.action == "export":
+        from qexplorer.core.export import export_model
+
+        if not job.export_path:
+            raise UserError("An export needs an output path (--out).")
+        for item in export_model(spec, precision, Path(job.export_path), work_dir, job.bench.threads):
+            if isinstance(item, dict):
+                yield events.result({"model_name": spec.name, "model_path": spec.path, "precision": precision.key,
+                                     "family": precision.family, **item})
+            else:
+                yield item
+                _check(cancel)
+        return
     record: dict[str, Any] = {
         "model_name": spec.name, "model_path": spec.path, "model_ref": job.model_ref,
         "model_params": spec.total_params, "model_stored_dtype": spec.stored_dtype,

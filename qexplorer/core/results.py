@@ -232,3 +232,17 @@ def to_markdown(results: list[StoredResult]) -> str:
                      f"pp{first.get('prompt_tokens')}/tg{first.get('gen_tokens')} × {first.get('repetitions')}, "
                      "mean ± sd.")
     return "\n".join(lines) + "\n"
+
+
+def write_exports(results: list[StoredResult], folder: Path) -> list[Path]:
+    """results.csv, results.json and results.md in ``folder`` (each written whole, then renamed)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    written = []
+    for name, render in (("results.csv", to_csv), ("results.json", to_json), ("results.md", to_markdown)):
+        path = folder / name
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(render(results), encoding="utf-8")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        written.append(path)
+    return written

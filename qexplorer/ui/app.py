@@ -26,7 +26,14 @@ from qexplorer.core.settings import Settings
 from qexplorer.core.telemetry import TelemetrySnapshot
 from qexplorer.core.units import format_bytes
 from qexplorer.ui.jobstate import JobState
-from qexplorer.ui.messages import CatalogScanned, JobEventMessage, JobFinished, JobMemoryMessage, TelemetrySampled
+from qexplorer.ui.messages import (
+    CatalogScanned,
+    JobEventMessage,
+    JobFinished,
+    JobMemoryMessage,
+    ResultsLoaded,
+    TelemetrySampled,
+)
 from qexplorer.ui.screens.dashboard import DashboardScreen
 from qexplorer.ui.sources import Sources
 from qexplorer.ui.themes import DEFAULT_THEME, load_themes
@@ -43,6 +50,7 @@ class QExplorerApp(App[int]):
         Binding("m", "models", "Models"),
         Binding("p", "plan", "Plan"),
         Binding("j", "run_screen", "Jobs", show=False),
+        Binding("c", "compare", "Compare"),
         Binding("q", "quit", "Quit"),
     ]
     DEFAULT_PRECISIONS = frozenset({"bf16", "int8", "q8_0", "q4_k_m"})
@@ -59,6 +67,7 @@ class QExplorerApp(App[int]):
     quick_bench: reactive[bool] = reactive(False)
     measure_quality: reactive[bool] = reactive(True)
     jobs_version: reactive[int] = reactive(0)
+    results_version: reactive[int] = reactive(0)
 
     def __init__(self, settings: Settings, sources: Sources, *, dashboard_only: bool = False,
                  live: bool = True, model_ref: str = DEFAULT_ALIAS) -> None:
@@ -73,6 +82,8 @@ class QExplorerApp(App[int]):
         self.jobs: list[JobState] = []
         self._job_cancels: dict[int, threading.Event] = {}
         self._queue_running = False
+        self.compare_rows: list = []
+        self.results_error: str | None = None
         self._theme_problems: tuple[str, ...] = ()
         self.set_reactive(QExplorerApp.refresh_s, settings.refresh_s)
         self.set_reactive(QExplorerApp.context, settings.default_context)
@@ -164,7 +175,7 @@ class QExplorerApp(App[int]):
 
     # ------------------------------------------------------------------ actions
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if self.dashboard_only and action in ("models", "plan", "run_screen"):
+        if self.dashboard_only and action in ("models", "plan", "run_screen", "compare"):
             return False  # `qexplorer monitor` is the dashboard alone
         return True
 
@@ -199,6 +210,69 @@ class QExplorerApp(App[int]):
         from qexplorer.ui.screens.precisions import PrecisionPickerScreen
 
         self._show(PrecisionPickerScreen)
+
+    def action_compare(self) -> None:
+        from qexplorer.ui.screens.compare import CompareScreen
+
+        self._show(CompareScreen)
+
+    # ------------------------------------------------------------------ results
+    def load_results(self) -> None:
+        """Read the store in a thread; a damaged or locked store is one message, not a crash."""
+        self._load_results()
+
+    @work(thread=True, group="results", exclusive=True, exit_on_error=False)
+    def _load_results(self) -> None:
+        from qexplorer.core.compare import row_from_result
+
+        model_path = self.model.path if self.model else None
+        try:
+            results = ResultsStore.in_dir(self.settings.results_path).latest_per_precision(model_path)
+            rows, error = [row_from_result(r) for r in results], None
+        except UserError as exc:
+            rows, error = None, str(exc)
+        self.post_message(ResultsLoaded(rows, error))
+
+    @on(ResultsLoaded)
+    def _on_results(self, message: ResultsLoaded) -> None:
+        if message.rows is not None:
+            self.compare_rows = message.rows  # on error the rows already shown stay
+        self.results_error = message.error
+        if message.error:
+            self.notify(message.error, severity="error", timeout=10)
+        self.results_version += 1
+
+    def export_results(self) -> None:
+        self._export_results()
+
+    @work(thread=True, group="results", exit_on_error=False)
+    def _export_results(self) -> None:
+        from qexplorer.core.results import write_exports
+
+        try:
+            store = ResultsStore.in_dir(self.settings.results_path)
+            rows = store.latest_per_precision(self.model.path if self.model else None)
+            paths = write_exports(rows, self.settings.results_path / "exports")
+            self.call_from_thread(self.notify, "Wrote " + ", ".join(str(p) for p in paths), timeout=10)
+        except (UserError, OSError) as exc:
+            self.call_from_thread(self.notify, f"Export failed: {exc}", severity="error", timeout=10)
+
+    def export_model(self, precision_key: str) -> None:
+        """Export the selected precision as a servable artifact, in a worker process."""
+        if self.model is None:
+            return
+        out = self.settings.results_path / "exports" / _export_name(self.model.name, precision_key)
+        out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        spec = JobSpec(model_ref=self.model.path, precision=precision_key, data_dir=str(self.settings.results_path),
+                       model_paths=tuple(self.settings.models), model_name=self.model.name,
+                       model_path=self.model.path, action="export", export_path=str(out))
+        job = JobState(id=len(self.jobs) + 1, spec=spec, label=f"export {get_precision(precision_key).label}")
+        self.jobs.append(job)
+        self.jobs_version += 1
+        self.notify(f"Exporting {get_precision(precision_key).label} to {out} (see jobs, j).", timeout=6)
+        if not self._queue_running:
+            self._queue_running = True
+            self._run_queue()
 
     def action_run_screen(self) -> None:
         from qexplorer.ui.screens.run import RunScreen
@@ -272,13 +346,16 @@ class QExplorerApp(App[int]):
                     cancel=cancel,
                 )
                 store_error = None
-                try:
-                    store_outcome(store, outcome)
-                except UserError as exc:
-                    store_error = str(exc)
+                if job.spec.action == "run":
+                    try:
+                        store_outcome(store, outcome)
+                    except UserError as exc:
+                        store_error = str(exc)
                 self.post_message(JobFinished(job.id, outcome, store_error))
         finally:
             self._queue_running = False
+        self.compare_rows: list = []
+        self.results_error: str | None = None
 
     def _job(self, job_id: int) -> JobState | None:
         return next((j for j in self.jobs if j.id == job_id), None)
@@ -304,15 +381,25 @@ class QExplorerApp(App[int]):
             return
         job.outcome = message.outcome
         job.status = message.outcome.status
-        if message.outcome.ok:
+        if message.outcome.ok and job.spec.action == "export" and message.outcome.record:
+            job.phase = "done"
+            job.message = f"serve it with: {message.outcome.record['serve_command']}"
+            self.notify(job.message, timeout=15)
+        elif message.outcome.ok:
             job.phase = "done"
             job.message = f"stored in {self.settings.results_path / 'results.sqlite3'}"
             self.notify(f"{job.label}: done.", timeout=4)
+            self.load_results()
         else:
             self.notify(f"{job.label}: {message.outcome.error}", severity="error", timeout=10)
         if message.store_error:
             self.notify(message.store_error, severity="error", timeout=10)
         self.jobs_version += 1
+
+
+def _export_name(model_name: str, precision_key: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)[:60]
+    return f"{safe}-{precision_key}.gguf" if get_precision(precision_key).is_gguf else f"{safe}-{precision_key}"
 
 
 def _all_precisions():

@@ -59,3 +59,12 @@ class JobFinished(Message):
         self.job_id = job_id
         self.outcome = outcome
         self.store_error = store_error
+
+
+class ResultsLoaded(Message):
+    """Rows for the compare screen, read from the results store in a thread (None: could not read)."""
+
+    def __init__(self, rows: list | None, error: str | None) -> None:
+        super().__init__()
+        self.rows = rows
+        self.error = error

@@ -206,3 +206,20 @@ def llmcompressor_quantize(folder: Path, out_dir: Path, precision: Precision, sp
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(partial, out_dir)
     del model
+
+
+def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str) -> Iterator[events.Event]:
+    """A data-free preset scheme (FP8_DYNAMIC, W8A16) written as a compressed-tensors folder for vLLM."""
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    started = time.perf_counter()
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
+    yield events.metric("oneshot_s", time.perf_counter() - started, "s")
+    model.save_pretrained(out_dir, save_compressed=True)
+    tokenizer.save_pretrained(out_dir)
+    del model

@@ -16,7 +16,7 @@ screens, quit). Everything works from the keyboard.
 
 ## Getting around
 
-`d` dashboard · `m` models · `p` plan (precisions) · `j` jobs · `?` this help · `q` quit.
+`d` dashboard · `m` models · `p` plan (precisions) · `j` jobs · `c` compare · `?` this help · `q` quit.
 The app starts on the bundled model, SmolLM2-135M-Instruct.
 
 **To run a benchmark:** press `p`, move to a precision and press `space` to
@@ -76,14 +76,39 @@ worker process, so a crash or an out-of-memory kill never takes the app. The
 plot shows the job's memory measured from outside (RSS), the planner's
 predicted peak as a line, and the machine's headroom on the right-hand axis.
 **The memory guard** stops a job as soon as headroom falls below zero
-(MemAvailable under the reserve) and says what the plan predicted. `c` cancels
-the selected job; results land in the results store as each job ends.
+(MemAvailable under the reserve) and says what the plan predicted. `k` cancels
+the selected job (`K` all); results land in the results store as each job ends.
 
 **Benchmark figures** follow llama-bench: a warm-up, then N repetitions of
 prompt processing (pp, tokens/s) and generation (tg, tokens/s), mean ± sd;
 TTFT is pp plus one decode step. *Roofline %* = decode tok/s × bytes read per
 token ÷ memory bandwidth (published for GPUs, measured with a copy test on CPU).
 *Emulated* means the precision has no native kernel here (e.g. FP8 on a CPU).
+
+## Quality
+
+With quality on (`v` on the plan screen toggles it), each job also scores the
+precision against the full-precision reference (BF16, dequantized once) on the
+evaluation text: **KLD** (mean KL divergence of the next-token distributions,
+lower is better), **top-1** (% of positions where both pick the same most
+likely token), **PPL** (perplexity; the reference's beside it). The text is cut
+into 512-token chunks and the second half of each chunk is scored, as
+llama-perplexity does. If the reference was itself quantized (the bundled model
+is a Q4_1 file), small differences mean little and the screen says so.
+
+## Compare (`c`)
+
+Every measured precision of the current model, latest run each: memory, speed
+(mean ± sd), roofline %, KLD, top-1, PPL; three plots (decode speed, KLD, and
+KLD against memory with the Pareto frontier: nothing else is both smaller and
+better). `s` sorts, `f` filters torch / GGUF, the selected row is highlighted
+in every plot. The **recommendation** follows the framework: quality first →
+lowest KLD with native kernels (FP8 on FP8 tensor cores); memory first →
+smallest with acceptable KLD (calibrated INT4: AWQ / GPTQ); CPU → GGUF K-quants
+of 4+ bits; it only considers what fits the live headroom. `o` changes the
+priority. `e` writes results.csv / .json / .md, `x` exports the selected
+precision as a GGUF file (llama.cpp) or a compressed-tensors folder (vLLM) and
+prints the command that serves it.
 
 ## Units
 

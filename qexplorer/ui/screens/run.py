@@ -22,8 +22,8 @@ class RunScreen(Screen):
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
-        Binding("c", "cancel", "Cancel job"),
-        Binding("C", "cancel_all", "Cancel all", show=False),
+        Binding("k", "cancel", "Cancel job"),
+        Binding("K", "cancel_all", "Cancel all", show=False),
     ]
 
     def compose(self) -> ComposeResult:

@@ -1,0 +1,193 @@
+"""The compare screen: every measured precision side by side, plots, a recommendation, exports."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+from textual_plotext import PlotextPlot
+
+from qexplorer.core.compare import (
+    PRIORITIES,
+    SORT_KEYS,
+    CompareRow,
+    filter_rows,
+    pareto_front,
+    recommend,
+    sort_rows,
+)
+from qexplorer.core.planner import hardware_from_snapshot
+from qexplorer.core.units import MIB, format_bytes
+from qexplorer.ui.widgets.plots import theme_rgb
+
+FAMILIES = ("all", "torch", "gguf")
+
+
+def _pm(mean: float | None, sd: float | None, fmt: str = "{:.1f}") -> str:
+    if mean is None:
+        return "n/a"
+    return f"{fmt.format(mean)}±{fmt.format(sd or 0.0)}"
+
+
+class CompareScreen(Screen):
+    """Measured results of the current model (latest run per precision)."""
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("s", "sort", "Sort"),
+        Binding("f", "family", "Family"),
+        Binding("o", "priority", "Priority"),
+        Binding("e", "export_results", "Export"),
+        Binding("x", "export_model", "Export model"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sort_key = "precision"
+        self.family = "all"
+        self.priority = "quality"
+        self._rows: list[CompareRow] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("", id="compare-summary")
+        table: DataTable = DataTable(id="compare-table", cursor_type="row", zebra_stripes=True)
+        table.add_columns("precision", "weights", "decode tok/s", "KLD", "top-1", "PPL", "prefill tok/s", "TTFT",
+                          "roof %")
+        yield table
+        with Horizontal(id="compare-plots"):
+            yield PlotextPlot(id="plot-speed")
+            yield PlotextPlot(id="plot-quality")
+            yield PlotextPlot(id="plot-pareto")
+        with Vertical(id="recommendation"):
+            yield Static("", id="recommendation-text")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for name in ("results_version", "snapshot"):
+            self.watch(self.app, name, lambda _: self._refresh(), init=False)
+        self.app.load_results()
+        self._refresh()
+        self.query_one("#compare-table", DataTable).focus()
+
+    # ------------------------------------------------------------------ data
+    def _visible(self) -> list[CompareRow]:
+        return sort_rows(filter_rows(self.app.compare_rows, self.family), self.sort_key)
+
+    def _refresh(self) -> None:
+        self._rows = self._visible()
+        table = self.query_one("#compare-table", DataTable)
+        row = table.cursor_row
+        table.clear()
+        front = {r.precision for r in pareto_front(self._rows)}
+        for r in self._rows:
+            label = r.label + ("*" if r.mode == "emulated" else "") + (" ◆" if r.precision in front else "")
+            table.add_row(
+                label, format_bytes(r.memory_bytes), _pm(r.decode_tok_s, r.decode_sd),
+                f"{r.kld:.4f}" if r.kld is not None else "n/a",
+                f"{r.top1_pct:.1f} %" if r.top1_pct is not None else "n/a",
+                f"{r.ppl:.2f}" if r.ppl is not None else "n/a",
+                _pm(r.prefill_tok_s, r.prefill_sd, "{:.0f}"),
+                f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "n/a",
+                f"{r.roofline_pct:.0f}" if r.roofline_pct is not None else "n/a",
+                key=r.precision,
+            )
+        if table.row_count:
+            table.move_cursor(row=min(max(row, 0), table.row_count - 1))
+        model = self.app.model.name if self.app.model else "no model"
+        notes = ["* emulated", "◆ Pareto (weights vs KLD)", "mean±sd"]
+        if any(r.reference_quantized for r in self._rows):
+            notes.append("reference itself quantized")
+        sim = f"[reverse] SIMULATED {self.app.snapshot.simulated} [/reverse] " if (
+            self.app.snapshot and self.app.snapshot.simulated) else ""
+        error = f"\n{self.app.results_error}" if self.app.results_error else ""
+        self.query_one("#compare-summary", Static).update(
+            f"[b]{model}[/b] · {len(self._rows)} measured · sort {self.sort_key} · {self.family}\n"
+            f"{sim}{' · '.join(notes)}{error}"
+        )
+        self._plots()
+        self._recommend()
+
+    def _selected(self) -> CompareRow | None:
+        row = self.query_one("#compare-table", DataTable).cursor_row
+        return self._rows[row] if 0 <= row < len(self._rows) else None
+
+    def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
+        self._plots()
+
+    # ------------------------------------------------------------------ plots
+    def _plots(self) -> None:
+        selected = self._selected()
+        accent, muted = theme_rgb(self.app, "accent"), theme_rgb(self.app, "primary")
+        self._bars("#plot-speed", "decode tok/s", [r.decode_tok_s or 0.0 for r in self._rows], selected)
+        self._bars("#plot-quality", "KLD vs reference", [r.kld or 0.0 for r in self._rows], selected)
+
+        pareto = self.query_one("#plot-pareto", PlotextPlot)
+        plt = pareto.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title("KLD vs weights (MiB)")
+        points = [r for r in self._rows if r.kld is not None and r.memory_bytes is not None]
+        if points:
+            front = pareto_front(points)
+            plt.plot([r.memory_bytes / MIB for r in front], [r.kld for r in front],
+                     color=theme_rgb(self.app, "success"), marker="braille", label="Pareto front")
+            plt.scatter([r.memory_bytes / MIB for r in points], [r.kld for r in points], color=muted, marker="●")
+            if selected is not None and selected in points:
+                plt.scatter([selected.memory_bytes / MIB], [selected.kld], color=accent, marker="◆")
+        pareto.refresh()
+
+    def _bars(self, selector: str, title: str, values: list[float], selected: CompareRow | None) -> None:
+        """Horizontal bars at numeric positions (labels as ticks), the selected row redrawn in the accent."""
+        widget = self.query_one(selector, PlotextPlot)
+        plt = widget.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title(title)
+        if self._rows:
+            positions = list(range(1, len(self._rows) + 1))
+            plt.bar(positions, values, orientation="h", width=0.6, color=theme_rgb(self.app, "primary"))
+            if selected is not None and selected in self._rows:
+                index = self._rows.index(selected)
+                plt.bar([positions[index]], [values[index]], orientation="h", width=0.6,
+                        color=theme_rgb(self.app, "accent"))
+            plt.yticks(positions, [r.precision.upper().replace("_RTN", "") for r in self._rows])
+        widget.refresh()
+
+    # ------------------------------------------------------------------ recommendation
+    def _recommend(self) -> None:
+        snapshot = self.app.snapshot
+        hardware = hardware_from_snapshot(snapshot)
+        headroom = snapshot.headroom_for(hardware.cuda).value if snapshot else None
+        result = recommend(self.app.compare_rows, hardware, None if headroom is None else int(headroom),
+                           self.priority)
+        text = Text()
+        text.append(f"Recommendation ({self.priority} first): ", style="bold")
+        text.append(result.label, style=f"bold {self.app.theme_variables.get('text-success', '')}")
+        text.append("\n" + result.text)
+        self.query_one("#recommendation-text", Static).update(text)
+        self.recommendation = result
+
+    # ------------------------------------------------------------------ actions
+    def action_sort(self) -> None:
+        self.sort_key = SORT_KEYS[(SORT_KEYS.index(self.sort_key) + 1) % len(SORT_KEYS)]
+        self._refresh()
+
+    def action_family(self) -> None:
+        self.family = FAMILIES[(FAMILIES.index(self.family) + 1) % len(FAMILIES)]
+        self._refresh()
+
+    def action_priority(self) -> None:
+        self.priority = PRIORITIES[(PRIORITIES.index(self.priority) + 1) % len(PRIORITIES)]
+        self._recommend()
+
+    def action_export_results(self) -> None:
+        self.app.export_results()
+
+    def action_export_model(self) -> None:
+        row = self._selected()
+        if row is not None:
+            self.app.export_model(row.precision)

@@ -1,0 +1,186 @@
+"""Compare: the recommendation rules, the Pareto frontier, snapshots, and exports a server loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from apps import feed_samples, settle, sim_app
+
+from qexplorer.cli import main
+from qexplorer.core.catalog import bundled_model_path
+from qexplorer.core.compare import CompareRow, pareto_front, recommend
+from qexplorer.core.precisions import Hardware
+from qexplorer.core.results import ResultsStore
+from qexplorer.core.units import GIB, MIB
+
+H100 = Hardware(cuda=True, compute_capability=(9, 0), name="NVIDIA H100")
+CPU = Hardware(cuda=False)
+
+
+def row(key: str, family: str, weight_gib: float, kld: float, decode: float, plan_gib: float | None = None,
+        mode: str = "native") -> CompareRow:
+    return CompareRow(precision=key, label=key.upper(), family=family, mode=mode, weight_bytes=int(weight_gib * GIB),
+                      peak_bytes=None, plan_bytes=int((plan_gib or weight_gib * 1.1) * GIB), prefill_tok_s=1000.0,
+                      prefill_sd=10.0, decode_tok_s=decode, decode_sd=1.0, ttft_s=0.1, roofline_pct=50.0, kld=kld,
+                      top1_pct=100 - 100 * kld, ppl=6.0 + kld, ppl_ref=6.0, reference_quantized=False)
+
+
+SEED = [
+    row("bf16", "torch", 60, 0.0, 20),
+    row("fp8", "torch", 30, 0.002, 35, plan_gib=34),
+    row("awq", "torch", 15, 0.03, 45, plan_gib=18),
+    row("gptq", "torch", 15, 0.035, 44, plan_gib=18),
+    row("int4_rtn", "torch", 15, 0.08, 46, plan_gib=18),
+    row("q8_0", "gguf", 32, 0.0015, 30),
+    row("q5_k_m", "gguf", 21, 0.011, 38),
+    row("q4_k_m", "gguf", 18, 0.031, 42),
+    row("q2_k", "gguf", 11, 0.44, 50),
+]
+
+
+def test_quality_first_with_plenty_of_memory_is_fp8():
+    result = recommend(SEED, H100, headroom_bytes=100 * GIB, priority="quality")
+    assert result.precision == "fp8"
+    assert "KLD 0.0020" in result.text and "Runner-up AWQ" in result.text
+    assert "saves 15.0 GiB" in result.text  # what the runner-up would save
+
+
+def test_quality_first_when_fp8_does_not_fit_is_awq_or_gptq():
+    result = recommend(SEED, H100, headroom_bytes=20 * GIB, priority="quality")
+    assert result.precision in ("awq", "gptq")
+    assert "do not fit" in result.text and "FP8 (34.0 GiB)" in result.text
+
+
+def test_cpu_only_is_a_gguf_k_quant():
+    for priority in ("quality", "memory", "speed", "cpu"):
+        assert recommend(SEED, CPU, headroom_bytes=100 * GIB, priority=priority).precision in (
+            "q6_k", "q5_k_m", "q4_k_m")
+
+
+def test_memory_first_keeps_quality_acceptable():
+    result = recommend(SEED, H100, headroom_bytes=100 * GIB, priority="memory")
+    assert result.precision in ("awq", "gptq", "int4_rtn")
+    assert recommend(SEED, CPU, 100 * GIB, "memory").precision == "q4_k_m"  # not Q2_K (KLD 0.44)
+
+
+def test_fp8_without_fp8_tensor_cores_is_not_preferred():
+    a100 = Hardware(cuda=True, compute_capability=(8, 0), name="NVIDIA A100")
+    assert recommend(SEED, a100, 100 * GIB, "quality").precision == "awq"
+
+
+def test_nothing_fits_and_nothing_measured():
+    assert recommend(SEED, H100, 1 * GIB, "quality").precision is None
+    assert "Run some precisions first" in recommend([], H100, None).text
+
+
+def test_pareto_front():
+    front = [r.precision for r in pareto_front(SEED)]
+    assert front == ["q2_k", "awq", "q5_k_m", "fp8", "q8_0", "bf16"]
+
+
+def store_fixed_results(data_dir: Path) -> None:
+    store = ResultsStore.in_dir(data_dir)
+    path = str(bundled_model_path())
+    fixed = {
+        "bf16": ("torch", "native", 257, 49.1, 0.0, 100.0, 14.61),
+        "int8": ("torch", "native", 156, 21.4, 0.0012, 98.9, 14.63),
+        "fp8": ("torch", "emulated", 156, 3.0, 0.0031, 97.4, 14.66),
+        "gptq": ("torch", "emulated", 108, 39.1, 0.052, 88.3, 15.40),
+        "int4_rtn": ("torch", "emulated", 108, 41.2, 0.071, 86.1, 15.90),
+        "q8_0": ("gguf", "native", 136, 156.1, 0.0047, 95.3, 14.62),
+        "q6_k": ("gguf", "native", 130, 160.2, 0.0091, 94.1, 14.75),
+        "q4_k_m": ("gguf", "native", 99, 159.0, 0.055, 86.9, 15.60),
+        "q2_k": ("gguf", "native", 82, 194.3, 0.39, 65.9, 21.78),
+    }
+    for key, (family, mode, weight_mib, decode, kld, top1, ppl) in fixed.items():
+        store.add({"model_name": "SmolLM2-135M-Instruct (Q4_1)", "model_path": path, "precision": key,
+                   "precision_label": key, "family": family, "mode": mode, "backend": "fixed",
+                   "weight_bytes": weight_mib * MIB, "peak_rss_bytes": 3 * weight_mib * MIB,
+                   "planned_total_bytes": 3 * weight_mib * MIB, "reference_quantized": True,
+                   "decode_tok_s": {"mean": decode, "sd": decode / 50, "n": 5},
+                   "prefill_tok_s": {"mean": 10 * decode, "sd": decode / 5, "n": 5},
+                   "ttft_s": {"mean": 0.35, "sd": 0.01, "n": 5}, "roofline_pct": 40.0,
+                   "quality": {"kld_mean": kld, "same_top1_pct": top1, "ppl": ppl, "ppl_ref": 14.61}})
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("profile", ["none", "h100"])
+def test_compare_screen_snapshot(snap_compare, size, profile, isolated_user_dirs):
+    store_fixed_results(isolated_user_dirs / "data")
+    app = sim_app(profile)
+
+    async def run_before(pilot):
+        await feed_samples(app, pilot, 2)
+        await settle(app, pilot)
+        await pilot.press("c")
+        await settle(app, pilot)
+        await pilot.press("down", "down")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+async def test_compare_keys_and_damaged_store(isolated_user_dirs):
+    store_fixed_results(isolated_user_dirs / "data")
+    app = sim_app("none")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("c")
+        await settle(app, pilot)
+        screen = app.screen
+        assert screen.query_one("#compare-table").row_count == 9
+        assert screen.recommendation.precision in ("q6_k", "q4_k_m")
+        await pilot.press("f")  # torch only
+        assert screen.query_one("#compare-table").row_count == 5
+        await pilot.press("s", "s")  # sort by decode
+        assert screen._rows[0].precision == "bf16"
+        await pilot.press("o")
+        assert screen.priority == "memory"
+        (isolated_user_dirs / "data" / "results.sqlite3").write_bytes(b"garbage" * 1000)
+        app.load_results()
+        await settle(app, pilot)
+        assert "damaged" in app.results_error
+        assert screen.query_one("#compare-table").row_count == 5  # what was shown stays
+
+
+def test_results_md_prints_the_seed_table(capsys, isolated_user_dirs):
+    store_fixed_results(isolated_user_dirs / "data")
+    assert main(["results", "--format", "md", "--model", "default"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| Quantization | Memory | Throughput | Quality |")
+    assert "| q8_0 | 136.0 MiB weights, 408.0 MiB peak | 156.1 ± 3.1 tok/s decode" in out
+    assert main(["results", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert {"tg_avg_ts", "tg_stddev_ts", "pp_avg_ts", "model_size", "kld_mean"} <= set(rows[0])
+
+
+@pytest.mark.e2e
+def test_exported_gguf_loads_in_bare_llama_cpp_and_generates(tmp_path: Path, capsys):
+    out = tmp_path / "smol-q4_k_m.gguf"
+    assert main(["export", "default", "--precision", "q4_k_m", "--out", str(out)]) == 0
+    assert f"llama-server -m {out}" in capsys.readouterr().out
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=256, verbose=False)
+    text = llm("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    assert len(llm.tokenize(text.encode(), add_bos=False)) >= 1
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.e2e
+def test_exported_compressed_tensors_folder_loads_in_transformers_and_generates(tmp_path: Path, capsys):
+    out = tmp_path / "smol-w8a16"
+    assert main(["export", "default", "--precision", "int8", "--out", str(out)]) == 0
+    assert f"vllm serve {out}" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
