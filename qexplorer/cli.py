@@ -35,6 +35,8 @@ def _common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
     parser.add_argument("--theme", default=default, help="theme name (qexplorer-dark, qexplorer-light, ...)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if sub else False,
                         help="show tracebacks")
+    parser.add_argument("--allow-download", action="store_true", default=argparse.SUPPRESS if sub else False,
+                        help="allow model hubs to be contacted (off by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="quantize and benchmark precisions in worker processes")
     _common(run)
     run.add_argument("model", metavar="MODEL", help="'default', a Hugging Face cache id, a folder or a .gguf file")
+    run.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a checkpoint's own Python code to run (off by default)")
+    run.add_argument("--allow-pickle", action="store_true", help="allow pickle-only checkpoints (off by default)")
     run.add_argument("--precision", required=True, help="comma-separated precisions, e.g. bf16,int8,q4_k_m")
     run.add_argument("--quick", action="store_true", help="pp64/tg16 × 2 repetitions instead of pp512/tg128 × 5")
     run.add_argument("--repetitions", type=int, help="timed repetitions (default 5, quick 2)")
@@ -87,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a quantized model a server loads (GGUF or a vLLM folder)")
     _common(export)
     export.add_argument("model", metavar="MODEL", help="'default', a Hugging Face cache id, a folder or a .gguf file")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a checkpoint's own Python code to run (off by default)")
+    export.add_argument("--allow-pickle", action="store_true", help="allow pickle-only checkpoints (off by default)")
     export.add_argument("--precision", required=True, help="one precision, e.g. q4_k_m or fp8")
     export.add_argument("--out", required=True, help="the GGUF file or folder to write")
 
@@ -201,12 +209,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     spec = Catalog(extra_paths=settings.models).resolve(args.model)
     from pathlib import Path
 
+    from qexplorer.core.safety import check_loadable
+
+    check_loadable(spec, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     out = Path(args.out).expanduser()
     if not out.resolve().parent.exists():
         raise UserError(f"The folder {out.resolve().parent} does not exist; create it or choose another --out.")
     job = JobSpec(model_ref=args.model, precision=precision.key, data_dir=str(settings.results_path),
                   model_paths=tuple(settings.models), model_name=spec.name, model_path=spec.path,
-                  action="export", export_path=str(out.resolve()))
+                  action="export", export_path=str(out.resolve()), trust_remote_code=args.trust_remote_code)
     progress = StderrProgress(sys.stderr, f"export {precision.key}")
     outcome = JobRunner(interval_s=settings.refresh_s).run(job, on_event=progress)
     if not outcome.ok or outcome.record is None:
@@ -245,6 +256,9 @@ COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from qexplorer.core.safety import go_offline
+
+    go_offline(getattr(args, "allow_download", False))
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

@@ -10,6 +10,7 @@ parent keeps in the job's log file.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -27,6 +28,7 @@ def main() -> int:
     from qexplorer.core.errors import UserError
     from qexplorer.core.pipeline import JobSpec, run_job
 
+    os.umask(0o077)  # everything the worker writes (checkpoints, GGUF files, caches) is the user's alone
     cancel = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
     try:

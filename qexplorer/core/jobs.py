@@ -108,8 +108,10 @@ class JobRunner:
         self.current_pid: int | None = None
 
     def _spawn(self, job: JobSpec, log_path: Path) -> subprocess.Popen[str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               **self.extra_env}
+        from qexplorer.core.safety import OFFLINE_ENV
+
+        # workers never download: an --allow-download parent has already fetched what it needs
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **self.extra_env}
         log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed when the job ends
         os.chmod(log_path, 0o600)

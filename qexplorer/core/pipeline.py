@@ -53,6 +53,7 @@ class JobSpec:
     model_name: str = ""  # filled by the parent for failure records
     model_path: str = ""
     action: str = "run"  # "run" (quantize + benchmark [+ quality]) or "export"
+    trust_remote_code: bool = False
     export_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -116,6 +117,12 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Iterator[eve
     """The whole job for one precision, as events; ends with ``result`` or raises."""
     precision = get(job.precision)
     spec = Catalog(extra_paths=job.model_paths, include_hf_cache=True, include_app_dirs=False).resolve(job.model_ref)
+    from qexplorer.core.quantize import torch_quant
+    from qexplorer.core.safety import check_loadable
+
+    # the parent checked already; the worker checks again because it is the one that loads
+    check_loadable(spec, trust_remote_code=job.trust_remote_code, allow_pickle=True)
+    torch_quant.TRUST_REMOTE_CODE = job.trust_remote_code
     work_dir = Path(job.data_dir) / "artifacts" / model_key(spec)
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     yield events.log(f"{spec.name} → {precision.label}; artifacts in {work_dir}")
@@ -363,6 +370,7 @@ def _quality(reference: Any, logits_fn: Any, cancel: threading.Event | None) -> 
 
     meta = reference[0]
     stats: dict[str, Any] = {}
+    started = time.perf_counter()
     for item in quality.candidate_pass(reference, logits_fn):
         if isinstance(item, dict):
             stats = item
@@ -374,7 +382,8 @@ def _quality(reference: Any, logits_fn: Any, cancel: threading.Event | None) -> 
                  ctx=meta.ctx, n_chunks=meta.n_chunks, top_k=meta.top_k,
                  chunking=f"{meta.n_chunks} chunks of {meta.ctx} tokens, BOS first, second half scored",
                  reference_precision=meta.reference_precision, reference_quantized=meta.reference_quantized,
-                 reference_cache_bytes=int(folder_bytes))
+                 reference_cache_bytes=int(folder_bytes), quality_s=time.perf_counter() - started,
+                 quality_peak_rss_bytes=peak_rss_bytes())
     return stats
 
 

@@ -17,6 +17,7 @@ from qexplorer.core.jobs import JobOutcome, JobRunner, store_outcome
 from qexplorer.core.pipeline import JobSpec
 from qexplorer.core.planner import PlanRequest, plan_job_peak, plan_precision
 from qexplorer.core.results import ResultsStore, flat_row
+from qexplorer.core.safety import check_loadable
 from qexplorer.core.settings import Settings
 from qexplorer.core.telemetry import make_sampler
 from qexplorer.core.units import format_bytes
@@ -72,6 +73,7 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
         load_corpus(Path(args.corpus))
     catalog = Catalog(extra_paths=settings.models)
     spec = catalog.resolve(args.model)
+    check_loadable(spec, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     bench = BenchConfig.quick() if args.quick else BenchConfig()
     if args.repetitions:
         bench = BenchConfig(bench.prompt_tokens, bench.gen_tokens, args.repetitions, bench.threads)
@@ -94,6 +96,7 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
             planned_peak_bytes=plan_job_peak(spec, precision, bench, on_gpu=plan.runs_on == "GPU"),
             planned_total_bytes=plan.total_bytes, quality=args.quality, quality_corpus=args.corpus,
             quality_tokens=args.quality_tokens, quality_ctx=args.quality_ctx, reference_precision=args.reference,
+            trust_remote_code=args.trust_remote_code,
         ))
     store = ResultsStore.in_dir(settings.results_path)
     runner = JobRunner(sampler=sampler, interval_s=settings.refresh_s)

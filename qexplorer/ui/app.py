@@ -22,6 +22,7 @@ from qexplorer.core.pipeline import JobSpec
 from qexplorer.core.planner import PlanRequest, plan_job_peak, plan_precision
 from qexplorer.core.precisions import get as get_precision
 from qexplorer.core.results import ResultsStore
+from qexplorer.core.safety import check_loadable
 from qexplorer.core.settings import Settings
 from qexplorer.core.telemetry import TelemetrySnapshot
 from qexplorer.core.units import format_bytes
@@ -287,6 +288,11 @@ class QExplorerApp(App[int]):
         """Queue one job per chosen precision that the plan says fits; then show the run screen."""
         if self.model is None:
             self.notify("Pick a model first (m).", severity="warning")
+            return
+        try:
+            check_loadable(self.model)
+        except UserError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
             return
         bench = self.bench_config()
         request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)

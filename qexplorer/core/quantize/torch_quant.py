@@ -30,6 +30,7 @@ from qexplorer.core.catalog import ModelSpec
 from qexplorer.core.precisions import Precision
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TRUST_REMOTE_CODE = False  # set per job from JobSpec.trust_remote_code; never on by default
 CALIBRATION_FILE = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
 
 
@@ -103,9 +104,10 @@ def load_model(folder: Path, dtype_name: str = "bf16", device: str = "cpu") -> t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, DTYPES.get(dtype_name, "bfloat16"))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
+                                                 trust_remote_code=TRUST_REMOTE_CODE).to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=TRUST_REMOTE_CODE)
     return model, tokenizer
 
 
@@ -183,8 +185,9 @@ def llmcompressor_quantize(folder: Path, out_dir: Path, precision: Precision, sp
 
         recipe = QuantizationModifier(config_groups=config_groups, ignore=ignore)
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16,
+                                                 trust_remote_code=TRUST_REMOTE_CODE)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=TRUST_REMOTE_CODE)
     kwargs: dict[str, Any] = {}
     if precision.needs_calibration:
         from datasets import Dataset
@@ -215,8 +218,9 @@ def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str) -> Iterator[e
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16,
+                                                 trust_remote_code=TRUST_REMOTE_CODE)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=TRUST_REMOTE_CODE)
     started = time.perf_counter()
     oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
     yield events.metric("oneshot_s", time.perf_counter() - started, "s")

@@ -88,6 +88,8 @@ class DashboardScreen(Screen):
             device = snapshot.devices[0]
             kind = {True: "unified memory", False: "discrete", None: "memory unknown"}[device.unified]
             parts.append(f"{device.name.removeprefix('NVIDIA ')} · {kind}")
+        elif snapshot.nvml_status.startswith("telemetry lost"):
+            parts.append("[reverse b] TELEMETRY LOST [/reverse b] GPU figures unavailable")
         else:
             parts.append("no GPU")
         stamp = time.strftime("%H:%M:%S", time.gmtime(snapshot.timestamp_s))

@@ -1,0 +1,291 @@
+"""Hardening: bad inputs, faults and safe defaults - a test each (README "Reliability")."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from apps import feed_samples, settle, sim_app
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from models import LLAMA_31_8B, write_config
+
+from qexplorer.cli import main
+from qexplorer.core.bench import BenchConfig
+from qexplorer.core.catalog import bundled_model_path, spec_from_folder
+from qexplorer.core.errors import UserError
+from qexplorer.core.gguf_header import read_gguf_header
+from qexplorer.core.jobs import JobRunner
+from qexplorer.core.pipeline import JobSpec
+from qexplorer.core.results import ResultsStore
+
+QUICK = BenchConfig.quick()
+
+
+# ------------------------------------------------------------------ bad inputs
+def test_remote_code_checkpoint_is_refused(tmp_path: Path, capsys):
+    folder = write_config(tmp_path / "custom", {**LLAMA_31_8B, "auto_map": {"AutoModel": "modeling_x.X"}})
+    assert main(["run", str(folder), "--precision", "bf16", "--simulate", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "trust_remote_code" in err and "--trust-remote-code" in err and err.count("\n") == 1
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path: Path, capsys):
+    folder = write_config(tmp_path / "pickled", LLAMA_31_8B)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    assert main(["export", str(folder), "--precision", "bf16", "--out", str(tmp_path / "o")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+
+
+def test_model_that_does_not_fit_is_refused_unless_forced(capsys):
+    assert main(["run", "default", "--precision", "fp32", "--simulate", "none", "--reserve-gib", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "FP32 does not fit" in err and "--force" in err
+
+
+@pytest.mark.parametrize(("content", "message"), [(b"", "is empty"), ("caf\xe9".encode("latin-1"), "not UTF-8")])
+def test_bad_evaluation_text(tmp_path: Path, capsys, content, message):
+    corpus = tmp_path / "eval.txt"
+    corpus.write_bytes(content)
+    assert main(["run", "default", "--precision", "q8_0", "--quality", "--corpus", str(corpus)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_locked_store_is_one_sentence(tmp_path: Path):
+    store = ResultsStore.in_dir(tmp_path)
+    store.add({"model_name": "m", "model_path": "p", "precision": "q8_0", "family": "gguf"})
+    holder = sqlite3.connect(store.path)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(UserError, match="locked by another process"):
+            store.add({"model_name": "m", "model_path": "p", "precision": "q6_k", "family": "gguf"})
+    finally:
+        holder.rollback()
+        holder.close()
+    assert [r.precision for r in store.all()] == ["q8_0"]
+
+
+async def test_app_starts_with_a_damaged_store_and_says_so(isolated_user_dirs):
+    data = isolated_user_dirs / "data"
+    data.mkdir(parents=True)
+    (data / "results.sqlite3").write_bytes(b"not a database" * 100)
+    app = sim_app("none")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("c")
+        await settle(app, pilot)
+        assert "damaged" in app.results_error
+        assert any("damaged" in n.message for n in app._notifications)
+        await pilot.press("d")
+        assert type(app.screen).__name__ == "DashboardScreen"
+
+
+# ------------------------------------------------------------------ faults
+@pytest.mark.e2e
+@pytest.mark.parametrize(("precision", "phase"), [("int4_rtn", "quantize"), ("q8_0", "benchmark")])
+def test_worker_killed_mid_phase(tmp_path: Path, precision, phase):
+    runner = JobRunner(interval_s=0.2)
+
+    def kill(event):
+        if event.type == "phase" and event.phase == phase:
+            os.kill(runner.current_pid, signal.SIGKILL)
+
+    spec = JobSpec(model_ref="default", precision=precision, data_dir=str(tmp_path), bench=QUICK)
+    outcome = runner.run(spec, on_event=kill)
+    assert outcome.status == "failed" and "SIGKILL" in outcome.error
+
+
+@pytest.mark.e2e
+def test_worker_killed_mid_export_leaves_no_file_under_the_final_name(tmp_path: Path):
+    runner = JobRunner(interval_s=0.2)
+    out = tmp_path / "out.gguf"
+
+    def kill(event):
+        if event.type == "phase" and event.phase == "export":
+            os.kill(runner.current_pid, signal.SIGKILL)
+
+    spec = JobSpec(model_ref="default", precision="q8_0", data_dir=str(tmp_path / "data"), bench=QUICK,
+                   action="export", export_path=str(out))
+    outcome = runner.run(spec, on_event=kill)
+    assert outcome.status == "failed" and not out.exists()
+
+
+def test_disk_full_during_export_leaves_no_file_under_the_final_name(tmp_path: Path, monkeypatch):
+    from qexplorer.core import export
+    from qexplorer.core.catalog import Catalog
+    from qexplorer.core.precisions import get
+
+    spec = Catalog().resolve("default")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "q8_0.gguf").write_bytes(b"GGUF")  # the artifact exists; only the copy can fail
+
+    def full(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    out = tmp_path / "model.gguf"
+    with pytest.raises(UserError, match="No space left on device"):
+        list(export.export_model(spec, get("q8_0"), out, work))
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+async def test_gpu_telemetry_lost_mid_run_is_shown_and_sampling_goes_on():
+    app = sim_app("gb10")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await feed_samples(app, pilot, 2)
+        app.sources.sampler.host.machine.gpu_lost = True
+        await feed_samples(app, pilot, 2)
+        banner = str(app.screen.query_one("#banner").render())
+        assert "TELEMETRY LOST" in banner
+        assert app.snapshot.host.available_bytes.value is not None
+        assert len(app.history) == 4
+
+
+@pytest.mark.e2e
+def test_ctrl_c_in_the_cli_keeps_finished_results_and_ends_the_child(isolated_user_dirs):
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "qexplorer", "run", "default", "--precision", "q8_0,int8",
+                             "--quick", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    store = ResultsStore.in_dir(isolated_user_dirs / "data")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if store.path.exists() and store.all():
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)  # the second job's worker is starting
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "finished results are saved" in err
+    assert [r.precision for r in store.all()] == ["q8_0"]
+    assert json.loads(out)["jobs"][0]["status"] == "ok"
+    time.sleep(0.5)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+# ------------------------------------------------------------------ fuzzing
+def tiny_gguf_bytes(tmp_path: Path) -> bytes:
+    from gguf import GGUFWriter
+
+    path = tmp_path / "tiny.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_context_length(64)
+    writer.add_feed_forward_length(16)
+    writer.add_vocab_size(32)
+    writer.add_token_list([f"t{i}" for i in range(32)])
+    for name, shape in (("token_embd.weight", (32, 8)), ("blk.0.attn_q.weight", (8, 8)),
+                        ("blk.0.attn_norm.weight", (8,)), ("output_norm.weight", (8,))):
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def test_tiny_gguf_reads(tmp_path: Path):
+    path = tmp_path / "ok.gguf"
+    path.write_bytes(tiny_gguf_bytes(tmp_path))
+    header = read_gguf_header(path)
+    assert len(header.tensors) == 4 and header.metadata["llama.block_count"] == 1
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_gguf_reader(tmp_path_factory, data):
+    base = _fuzz_base(tmp_path_factory)
+    mode = data.draw(st.sampled_from(["flip", "truncate", "random"]))
+    if mode == "flip":
+        raw = bytearray(base)
+        for _ in range(data.draw(st.integers(1, 8))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        blob = bytes(raw)
+    elif mode == "truncate":
+        blob = base[: data.draw(st.integers(0, len(base)))]
+    else:
+        blob = b"GGUF" + data.draw(st.binary(max_size=512))
+    path = tmp_path_factory.getbasetemp() / "fuzz.gguf"
+    path.write_bytes(blob)
+    started = time.perf_counter()
+    try:
+        read_gguf_header(path)
+    except UserError:
+        pass
+    assert time.perf_counter() - started < 2.0
+
+
+_BASE: list[bytes] = []
+
+
+def _fuzz_base(factory) -> bytes:
+    if not _BASE:
+        _BASE.append(tiny_gguf_bytes(factory.mktemp("base")))
+    return _BASE[0]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+config_keys = st.sampled_from(["architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "num_key_value_heads", "head_dim", "vocab_size", "intermediate_size",
+                               "num_experts", "num_experts_per_tok", "moe_intermediate_size", "tie_word_embeddings",
+                               "max_position_embeddings", "torch_dtype", "quantization_config", "auto_map"])
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=st.dictionaries(config_keys, json_values | st.just(["LlamaForCausalLM"]) | st.integers(0, 4096),
+                              max_size=16))
+def test_fuzz_config_reader(tmp_path_factory, config):
+    folder = tmp_path_factory.getbasetemp() / "fuzzcfg"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    try:
+        spec_from_folder(folder)
+    except UserError:
+        pass
+
+
+# ------------------------------------------------------------------ safe defaults
+def test_cli_puts_the_hubs_offline(monkeypatch, capsys):
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["monitor", "--once", "--json", "--simulate", "none"]) == 0
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+
+
+def test_no_shell_strings_anywhere():
+    root = Path(__file__).resolve().parents[1] / "qexplorer"
+    for path in root.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "shell=True" not in text and "os.system(" not in text, path
+
+
+@pytest.mark.e2e
+def test_worker_files_are_user_only(tmp_path: Path):
+    outcome = JobRunner(interval_s=0.2).run(
+        JobSpec(model_ref="default", precision="q8_0", data_dir=str(tmp_path), bench=QUICK))
+    assert outcome.ok
+    for path in [outcome.log_path, Path(outcome.record["artifact_path"])]:
+        assert path.stat().st_mode & 0o077 == 0, path
+    assert bundled_model_path() is not None
