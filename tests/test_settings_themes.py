@@ -81,3 +81,33 @@ async def test_no_color_uses_ansi_theme(monkeypatch):
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
         assert app.theme == "ansi-dark"
+
+
+async def test_theme_switch_persists(isolated_user_dirs):
+    from qexplorer.core.settings import load_settings
+
+    app = sim_app("none")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        app.theme = "qexplorer-contrast"
+        await pilot.pause()
+    assert load_settings().theme == "qexplorer-contrast"
+
+
+def test_tokenizer_mismatch_after_conversion_is_one_sentence(tmp_path: Path):
+    import json
+
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from qexplorer.core.quantize.gguf_quant import tokenizer_mismatch
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}}))
+    writer = GGUFWriter(str(tmp_path / "x.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_tensor("output_norm.weight", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert "cannot tokenize" in tokenizer_mismatch(tmp_path, tmp_path / "x.gguf")

