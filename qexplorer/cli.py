@@ -191,7 +191,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
     from qexplorer.core.runplan import run_precisions
+
+    # Ctrl+C must stop the run cleanly even when started from a shell that ignores SIGINT (`cmd &`)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     settings = _settings(args)
     return run_precisions(args, settings)

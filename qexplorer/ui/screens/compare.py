@@ -154,8 +154,16 @@ class CompareScreen(Screen):
                 index = self._rows.index(selected)
                 plt.bar([positions[index]], [values[index]], orientation="h", width=0.6,
                         color=theme_rgb(self.app, "accent"))
-            plt.yticks(positions, [r.precision.upper().replace("_RTN", "") for r in self._rows])
+            # Label every bar or none: with fewer rows than bars plotext's choice of labels varies
+            # between renders; the table above names every row.
+            if widget.size.height - 4 >= len(positions):
+                plt.yticks(positions, [r.precision.upper().replace("_RTN", "") for r in self._rows])
+            else:
+                plt.yticks([])
         widget.refresh()
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._plots)
 
     # ------------------------------------------------------------------ recommendation
     def _recommend(self) -> None:
