@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--precision", required=True, help="one precision, e.g. q4_k_m or fp8")
     export.add_argument("--out", required=True, help="the GGUF file or folder to write")
 
+    server = sub.add_parser("bench-server", help="benchmark a running OpenAI-compatible server (vLLM, llama-server)")
+    _common(server)
+    server.add_argument("url", metavar="URL", help="base URL, e.g. http://127.0.0.1:8000")
+    server.add_argument("--concurrency", default="1,4,16", help="concurrency levels (default 1,4,16)")
+    server.add_argument("--repetitions", type=int, default=3, help="repetitions per level (default 3)")
+    server.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    server.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server (default 60)")
+    server.add_argument("--api-key-env", help="name of the environment variable that holds the API key")
+    server.add_argument("--quality", metavar="MODEL", help="also compare the server's log-probabilities with MODEL's "
+                        "local reference ('default', a cache id, a folder or a GGUF file)")
+    server.add_argument("--quality-tokens", type=int, default=1024, help="tokens of evaluation text (default 1024)")
+    server.add_argument("--json", action="store_true", help="print JSON")
+
     results = sub.add_parser("results", help="print stored results")
     _common(results)
     results.add_argument("--format", choices=("csv", "json", "md"), default="md")
@@ -233,6 +246,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_server(args: argparse.Namespace) -> int:
+    from qexplorer.core.serverbench import bench_server
+
+    return bench_server(args, _settings(args))
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from qexplorer.core import results as results_mod
     from qexplorer.core.catalog import Catalog
@@ -255,6 +274,7 @@ COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "results": cmd_results,
     "export": cmd_export,
+    "bench-server": cmd_bench_server,
 }
 
 

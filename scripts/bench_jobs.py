@@ -56,6 +56,44 @@ def backend(args: argparse.Namespace) -> None:
         print(f"  ratio ours / bare: {statistics.fmean(ours_tg) / statistics.fmean(bare_tg):.3f}")
 
 
+def served(args: argparse.Namespace) -> None:
+    """Decode tok/s at concurrency 1: llama-cpp-python's server vs the local llama.cpp backend, same file."""
+    import socket
+    import subprocess
+    import sys
+
+    from qexplorer.core.bench import server
+    from qexplorer.core.catalog import bundled_model_path
+
+    path = bundled_model_path()
+    config = BenchConfig(prompt_tokens=64, gen_tokens=128, repetitions=args.reps, threads=args.threads)
+    local = None
+    for item in llamacpp.run(llamacpp.load(path, config, n_gpu_layers=0), CALIBRATION_FILE.read_text(), config):
+        if isinstance(item, dict):
+            local = item["decode_tok_s"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port),
+                             "--n_threads", str(args.threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        target = server.ServerTarget(f"http://127.0.0.1:{port}", timeout_s=60)
+        for _ in range(100):
+            try:
+                server.discover_model(target)
+                break
+            except server.ServerError:
+                time.sleep(0.3)
+        result = [x for x in server.sweep(target, (1,), args.reps, 128) if isinstance(x, dict)][0]
+    finally:
+        proc.terminate()
+    served_tg = result["levels"][0]["decode_tok_s_per_stream"]
+    print(f"{path.name}, {args.threads} threads, 128 generated tokens, {args.reps} repetitions")
+    print(f"  local llama.cpp backend (tg128)      {local['mean']:7.1f} ± {local['sd']:5.1f} tok/s")
+    print(f"  llama-cpp-python server, conc. 1     {served_tg['mean']:7.1f} ± {served_tg['sd']:5.1f} tok/s per stream")
+    print(f"  ratio served / local: {served_tg['mean'] / local['mean']:.3f}")
+
+
 def peaks(args: argparse.Namespace, model_ref: str | None = None, extra_paths: tuple[str, ...] = ()) -> None:
     """Predicted vs measured job peak for each precision (fresh data dir, default benchmark, 1 repetition)."""
     model_ref = model_ref or args.model
@@ -109,11 +147,14 @@ def main() -> None:
     p = sub.add_parser("peaks")
     p.add_argument("--model", default="default")
     p.add_argument("--precision", default="all")
+    v = sub.add_parser("served")
+    v.add_argument("--reps", type=int, default=5)
+    v.add_argument("--threads", type=int, default=2)
     s = sub.add_parser("synthetic")
     s.add_argument("--precision", default="bf16,int8,gptq,q8_0,q4_k_m")
     s.add_argument("--data-dir", help="a qexplorer data dir that holds the bundled model's BF16 checkpoint")
     args = parser.parse_args()
-    {"backend": backend, "peaks": peaks, "synthetic": synthetic}[args.what](args)
+    {"backend": backend, "peaks": peaks, "synthetic": synthetic, "served": served}[args.what](args)
 
 
 if __name__ == "__main__":

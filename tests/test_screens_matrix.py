@@ -9,7 +9,7 @@ from test_run_screen import inject_jobs
 
 PROFILES = ["none", "h100", "gb10"]
 SIZES = [(80, 24), (120, 40)]
-SCREENS = ["help", "models", "plan", "jobs", "compare"]
+SCREENS = ["help", "models", "plan", "jobs", "compare", "server-dialog"]
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -25,6 +25,8 @@ def test_screen(snap_compare, isolated_user_dirs, screen, profile, size):
         await settle(app, pilot)
         if screen == "jobs":
             await inject_jobs(app, pilot)
+        elif screen == "server-dialog":
+            await pilot.press("j", "a")
         else:
             await pilot.press({"help": "question_mark", "models": "m", "plan": "p", "compare": "c"}[screen])
         await settle(app, pilot)

@@ -69,7 +69,8 @@ def row_from_result(result: StoredResult) -> CompareRow:
     q = r.get("quality") or {}
     precision = BY_KEY.get(result.precision)
     return CompareRow(
-        precision=result.precision, label=precision.label if precision else result.precision,
+        precision=result.precision if precision else f"{result.precision}:{result.id}",
+        label=precision.label if precision else str(r.get("precision_label") or result.precision),
         family=result.family, mode=r.get("mode") or "native", weight_bytes=r.get("weight_bytes"),
         peak_bytes=r.get("peak_rss_bytes"), plan_bytes=r.get("planned_total_bytes"),
         prefill_tok_s=_stat(r, "prefill_tok_s"), prefill_sd=_stat(r, "prefill_tok_s", "sd"),

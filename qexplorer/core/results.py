@@ -149,6 +149,14 @@ class ResultsStore:
             latest[(result.model_path, result.precision)] = result
         return sorted(latest.values(), key=lambda r: (r.model_name, r.family, r.precision))
 
+    def latest_servers(self) -> list[StoredResult]:
+        """The latest result of each served model (bench-server), whatever the local model."""
+        latest: dict[str, StoredResult] = {}
+        for result in self.all():
+            if result.family == "server":
+                latest[result.model_path] = result
+        return list(latest.values())
+
     def integrity_ok(self) -> bool:
         conn = self._connect()
         try:

@@ -240,7 +240,8 @@ class QExplorerApp(App[int]):
 
         model_path = self.model.path if self.model else None
         try:
-            results = ResultsStore.in_dir(self.settings.results_path).latest_per_precision(model_path)
+            store = ResultsStore.in_dir(self.settings.results_path)
+            results = store.latest_per_precision(model_path) + store.latest_servers()
             rows, error = [row_from_result(r) for r in results], None
         except UserError as exc:
             rows, error = None, str(exc)
@@ -286,6 +287,41 @@ class QExplorerApp(App[int]):
         if not self._queue_running:
             self._queue_running = True
             self._run_queue()
+
+    def add_server_target(self, url: str) -> None:
+        """Benchmark a running OpenAI-compatible server; it shows up as a job and then beside local results."""
+        from qexplorer.core.bench.server import ServerTarget
+
+        target = ServerTarget(url.strip())
+        job = JobState(id=len(self.jobs) + 1, spec=None, label=f"server {target.host}")
+        self.jobs.append(job)
+        self.jobs_version += 1
+        self._server_sweep(job.id, target)
+
+    @work(thread=True, group="server", exit_on_error=False)
+    def _server_sweep(self, job_id: int, target) -> None:
+        from qexplorer.core.bench import server
+        from qexplorer.core.jobs import JobOutcome
+
+        result: dict = {"levels": []}
+        error = None
+        try:
+            for item in server.sweep(target):
+                if isinstance(item, dict):
+                    result = item
+                else:
+                    self.post_message(JobEventMessage(job_id, item))
+            error = result.get("error")
+            if result["levels"]:
+                record = server.record_from_sweep(result)
+                ResultsStore.in_dir(self.settings.results_path).add(record)
+        except UserError as exc:
+            error = str(exc)
+            record = None
+        else:
+            record = server.record_from_sweep(result) if result["levels"] else None
+        outcome = JobOutcome(job=None, status="ok" if error is None else "failed", record=record, error=error)
+        self.post_message(JobFinished(job_id, outcome))
 
     def action_run_screen(self) -> None:
         from qexplorer.ui.screens.run import RunScreen
@@ -399,7 +435,13 @@ class QExplorerApp(App[int]):
             return
         job.outcome = message.outcome
         job.status = message.outcome.status
-        if message.outcome.ok and job.spec.action == "export" and message.outcome.record:
+        if job.spec is None:  # a server sweep
+            job.phase = "done" if message.outcome.ok else job.phase
+            job.message = message.outcome.error or "stored; it appears on the compare screen (c)"
+            if message.outcome.error:
+                self.notify(f"{job.label}: {message.outcome.error}", severity="error", timeout=10)
+            self.load_results()
+        elif message.outcome.ok and job.spec.action == "export" and message.outcome.record:
             job.phase = "done"
             job.message = f"serve it with: {message.outcome.record['serve_command']}"
             self.notify(job.message, timeout=15)
@@ -408,7 +450,7 @@ class QExplorerApp(App[int]):
             job.message = f"stored in {self.settings.results_path / 'results.sqlite3'}"
             self.notify(f"{job.label}: done.", timeout=4)
             self.load_results()
-        else:
+        if not message.outcome.ok and job.spec is not None:
             self.notify(f"{job.label}: {message.outcome.error}", severity="error", timeout=10)
         if message.store_error:
             self.notify(message.store_error, severity="error", timeout=10)

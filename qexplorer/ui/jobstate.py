@@ -12,7 +12,7 @@ from qexplorer.core.pipeline import JobSpec
 @dataclass
 class JobState:
     id: int
-    spec: JobSpec
+    spec: JobSpec | None  # None: a server sweep (no worker process)
     label: str
     status: str = "queued"  # queued, running, ok, failed, cancelled, stopped, timeout
     phase: str = ""

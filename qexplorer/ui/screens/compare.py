@@ -23,7 +23,7 @@ from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.units import MIB, format_bytes
 from qexplorer.ui.widgets.plots import theme_rgb
 
-FAMILIES = ("all", "torch", "gguf")
+FAMILIES = ("all", "torch", "gguf", "server")
 
 
 def _pm(mean: float | None, sd: float | None, fmt: str = "{:.1f}") -> str:

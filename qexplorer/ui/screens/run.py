@@ -24,6 +24,7 @@ class RunScreen(Screen):
         Binding("escape", "app.pop_screen", "Back"),
         Binding("k", "cancel", "Cancel job"),
         Binding("K", "cancel_all", "Cancel all", show=False),
+        Binding("a", "add_server", "Add server"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -106,7 +107,7 @@ class RunScreen(Screen):
             xs = [s.elapsed_s for s in job.memory]
             plt.plot(xs, [s.rss_bytes / GIB for s in job.memory], label="job RSS",
                      color=theme_rgb(self.app, "accent"), marker="braille")
-            if job.spec.planned_peak_bytes:
+            if job.spec is not None and job.spec.planned_peak_bytes:
                 plt.plot([xs[0], xs[-1]], [job.spec.planned_peak_bytes / GIB] * 2, label="predicted peak",
                          color=theme_rgb(self.app, "error"), marker="braille")
             # headroom is tens of GiB where a job is a few: it gets the right-hand axis
@@ -116,6 +117,15 @@ class RunScreen(Screen):
                          color=theme_rgb(self.app, "success"), marker="braille", yside="right")
             plt.ylim(0, None)
         widget.refresh()
+
+    def action_add_server(self) -> None:
+        from qexplorer.ui.screens.server import ServerTargetScreen
+
+        def add(url: str | None) -> None:
+            if url:
+                self.app.add_server_target(url)
+
+        self.app.push_screen(ServerTargetScreen(), add)
 
     def action_cancel(self) -> None:
         job = self._selected()

@@ -1,0 +1,188 @@
+"""bench-server against a real OpenAI-compatible server on loopback (llama-cpp-python's), and its faults."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from qexplorer.cli import main
+from qexplorer.core.bench import server
+from qexplorer.core.catalog import bundled_model_path
+from qexplorer.core.results import ResultsStore
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_model_path()), "--host", "127.0.0.1",
+         "--port", str(port), "--n_threads", "2", "--logits_all", "true", "--n_ctx", "2048"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    target = server.ServerTarget(f"http://127.0.0.1:{port}", timeout_s=2)
+    while time.monotonic() < deadline:
+        try:
+            server.discover_model(target)
+            return proc
+        except server.ServerError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("the loopback server did not start")
+
+
+@pytest.fixture(scope="module")
+def loopback():
+    port = free_port()
+    proc = start_server(port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.e2e
+def test_sweep_at_three_concurrency_levels_is_stored(loopback, capsys, isolated_user_dirs):
+    assert main(["bench-server", loopback, "--concurrency", "1,4,16", "--repetitions", "1", "--max-tokens", "8",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [lv["concurrency"] for lv in data["levels"]] == [1, 4, 16]
+    for level in data["levels"]:
+        assert level["aggregate_tok_s"]["mean"] > 0 and level["ttft_s"]["mean"] > 0
+        assert level["itl_ms"]["p99"] >= level["itl_ms"]["p50"] > 0
+    rows = ResultsStore.in_dir(isolated_user_dirs / "data").all()
+    assert rows[-1].family == "server" and rows[-1].model_path.startswith("server://127.0.0.1:")
+
+
+@pytest.mark.e2e
+def test_quality_through_the_server(loopback, capsys):
+    assert main(["bench-server", loopback, "--concurrency", "1", "--repetitions", "1", "--max-tokens", "8",
+                 "--quality", "default", "--quality-tokens", "1024", "--json"]) == 0
+    quality = json.loads(capsys.readouterr().out)["quality"]
+    # the server runs the very Q4_1 file the BF16 reference was dequantized from: close, not identical
+    assert quality["kld_mean"] < 0.05 and quality["same_top1_pct"] > 85
+    assert "lower bound" in quality["approximation"]
+
+
+@pytest.mark.e2e
+def test_server_killed_mid_sweep_keeps_finished_levels(capsys, isolated_user_dirs):
+    port = free_port()
+    proc = start_server(port)
+    url = f"http://127.0.0.1:{port}"
+
+    def kill_later():
+        # wait until the first level is done, then take the server away
+        while not (isolated_user_dirs / "progress").exists():
+            time.sleep(0.05)
+        proc.kill()
+
+    result: dict = {}
+    killer = threading.Thread(target=kill_later, daemon=True)
+    killer.start()
+    for item in server.sweep(server.ServerTarget(url, timeout_s=5), (1, 4), repetitions=1, max_tokens=8):
+        if isinstance(item, dict):
+            result = item
+        elif item.type == "progress" and item.done == 1:
+            (isolated_user_dirs / "progress").write_text("1")
+            killer.join(timeout=10)
+    proc.wait(timeout=10)
+    assert [lv["concurrency"] for lv in result["levels"]] == [1]
+    assert "Nothing answers" in result["error"] or "broke off" in result["error"]
+
+
+def test_refused_connection_is_one_sentence(capsys):
+    assert main(["bench-server", f"http://127.0.0.1:{free_port()}", "--repetitions", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Nothing answers at" in err and err.count("\n") == 1
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    mode = "malformed"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.mode == "http500":
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"internal error")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps({"data": [{"id": "fake"}]}).encode())
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.mode == "hang":
+            time.sleep(3)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b"data: {not json at all\n\n")
+        except BrokenPipeError:  # the client gave up first (the timeout case)
+            pass
+
+
+@pytest.mark.parametrize(("mode", "message"), [("malformed", "malformed stream chunk"),
+                                               ("http500", "answered HTTP 500"),
+                                               ("hang", "did not answer within 1 s")])
+def test_bad_servers(mode, message, capsys):
+    handler = type("H", (_Handler,), {"mode": mode})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code = main(["bench-server", f"http://127.0.0.1:{httpd.server_address[1]}", "--repetitions", "1",
+                     "--concurrency", "1", "--timeout", "1"])
+        err = capsys.readouterr().err
+        assert code in (1, 2) and message in err
+    finally:
+        httpd.shutdown()
+
+
+def test_api_key_comes_from_the_environment_only(monkeypatch):
+    target = server.ServerTarget("http://x", api_key_env="QX_TEST_KEY")
+    monkeypatch.setenv("QX_TEST_KEY", "sekret")
+    assert target.headers()["Authorization"] == "Bearer sekret"
+    assert "sekret" not in repr(target)
+    monkeypatch.delenv("QX_TEST_KEY")
+    with pytest.raises(server.ServerError, match="QX_TEST_KEY is empty"):
+        target.headers()
+
+
+def test_record_tags_host_and_model():
+    record = server.record_from_sweep({"model_id": "m", "host": "h:1", "max_tokens": 8, "repetitions": 1,
+                                       "levels": [{"concurrency": 1, "decode_tok_s_per_stream": {"mean": 9.0},
+                                                   "ttft_s": {"mean": 0.1}}]})
+    assert record["model_path"] == "server://h:1/m" and record["decode_tok_s"]["mean"] == 9.0
+
+
+@pytest.mark.e2e
+async def test_add_a_server_target_from_the_run_screen(loopback, isolated_user_dirs):
+    from apps import settle, sim_app
+
+    app = sim_app("none")
+    async with app.run_test(size=(110, 34)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("j", "a")
+        await pilot.press(*loopback, "enter")
+        deadline = time.monotonic() + 240
+        while not (app.jobs and app.jobs[0].finished) and time.monotonic() < deadline:
+            await pilot.pause(0.25)
+        await settle(app, pilot)
+        assert app.jobs[0].status == "ok", app.jobs[0].message
+        await pilot.press("c")
+        await settle(app, pilot)
+        assert any(row.family == "server" for row in app.compare_rows)
