@@ -126,6 +126,25 @@ def _settings(args: argparse.Namespace):
     )
 
 
+def _emit(as_json: bool, payload: object, text: Callable[[], str]) -> None:
+    """Results on stdout: JSON when asked, the human table otherwise."""
+    if as_json:
+        json.dump(payload, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(text())
+
+
+def _sample_once(args: argparse.Namespace, reserve_bytes: int):
+    from qexplorer.core.telemetry import make_sampler
+
+    sampler = make_sampler(args.simulate, reserve_bytes=reserve_bytes)
+    try:
+        return sampler.sample()
+    finally:
+        sampler.close()
+
+
 def cmd_app(args: argparse.Namespace, *, dashboard_only: bool = False) -> int:
     from qexplorer.ui.app import make_app
     from qexplorer.ui.sources import Sources
@@ -140,20 +159,10 @@ def cmd_app(args: argparse.Namespace, *, dashboard_only: bool = False) -> int:
 def cmd_monitor(args: argparse.Namespace) -> int:
     if not args.once:
         return cmd_app(args, dashboard_only=True)
-    from qexplorer.core.telemetry import make_sampler
     from qexplorer.core.textreport import snapshot_text
 
-    settings = _settings(args)
-    sampler = make_sampler(args.simulate, reserve_bytes=settings.reserve_bytes)
-    try:
-        snapshot = sampler.sample()
-    finally:
-        sampler.close()
-    if args.json:
-        json.dump(snapshot.to_json(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(snapshot_text(snapshot))
+    snapshot = _sample_once(args, _settings(args).reserve_bytes)
+    _emit(args.json, snapshot.to_json(), lambda: snapshot_text(snapshot))
     return 0
 
 
@@ -163,16 +172,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     entries = Catalog(extra_paths=tuple(settings.models) + tuple(args.paths)).scan()
-    if args.json:
-        payload = {
-            "schema": "qexplorer.models/1",
-            "models": [{"ref": e.ref, "source": e.source, "error": e.error,
-                        "model": e.spec.to_json() if e.spec else None} for e in entries],
-        }
-        json.dump(payload, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(models_text(entries))
+    payload = {
+        "schema": "qexplorer.models/1",
+        "models": [{"ref": e.ref, "source": e.source, "error": e.error,
+                    "model": e.spec.to_json() if e.spec else None} for e in entries],
+    }
+    _emit(args.json, payload, lambda: models_text(entries))
     return 0
 
 
@@ -180,7 +185,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qexplorer.core import precisions
     from qexplorer.core.catalog import Catalog
     from qexplorer.core.planner import PlanRequest, plan_json, plan_model
-    from qexplorer.core.telemetry import make_sampler
     from qexplorer.core.textreport import plan_text
 
     settings = _settings(args)
@@ -188,18 +192,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           kv_dtype=args.kv_dtype)
     chosen = precisions.parse_list(args.precision)
     spec = Catalog(extra_paths=settings.models).resolve(args.model)
-    sampler = make_sampler(args.simulate, reserve_bytes=settings.reserve_bytes)
-    try:
-        snapshot = sampler.sample()
-    finally:
-        sampler.close()
+    snapshot = _sample_once(args, settings.reserve_bytes)
     plans = plan_model(spec, request, snapshot, chosen)
     document = plan_json(spec, request, snapshot, plans)
-    if args.json:
-        json.dump(document, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(plan_text(document))
+    _emit(args.json, document, lambda: plan_text(document))
     return 0
 
 
