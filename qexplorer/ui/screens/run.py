@@ -80,7 +80,7 @@ class RunScreen(Screen):
         message = self.query_one("#job-message", Static)
         if job is None:
             message.update("No jobs yet: on the plan screen (p), select precisions with space and press r.")
-            bar.update(total=None, progress=0)
+            bar.update(total=1, progress=0)  # not the pulsing indeterminate bar: nothing is running
             self._plot(None)
             return
         if job.finished:
