@@ -248,7 +248,7 @@ def _torch_job(spec: ModelSpec, precision: Precision, job: JobSpec, work_dir: Pa
     artifact = None
     if uses_llmcompressor:
         artifact = work_dir / f"{precision.key}-compressed-tensors"
-        yield events.phase("quantize", f"llm-compressor {precision.method}")
+        yield events.phase("quantize", precision.method)
         yield from torch_quant.llmcompressor_quantize(source, artifact, precision, spec)
         record["quantize_s"] = time.perf_counter() - started
         _check(cancel)
@@ -268,7 +268,7 @@ def _torch_job(spec: ModelSpec, precision: Precision, job: JobSpec, work_dir: Pa
         mode = "native"
         if precision.quantized:
             _check(cancel)
-            yield events.phase("quantize", f"torchao {precision.method}")
+            yield events.phase("quantize", precision.method)
             started = time.perf_counter()
             mode = torch_quant.torchao_quantize(model, precision, spec, cc)
             record["quantize_s"] = time.perf_counter() - started
