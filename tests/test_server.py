@@ -88,13 +88,16 @@ def test_server_killed_mid_sweep_keeps_finished_levels(capsys, isolated_user_dir
     result: dict = {}
     killer = threading.Thread(target=kill_later, daemon=True)
     killer.start()
-    for item in server.sweep(server.ServerTarget(url, timeout_s=5), (1, 4), repetitions=1, max_tokens=8):
-        if isinstance(item, dict):
-            result = item
-        elif item.type == "progress" and item.done == 1:
-            (isolated_user_dirs / "progress").write_text("1")
-            killer.join(timeout=10)
-    proc.wait(timeout=10)
+    try:
+        for item in server.sweep(server.ServerTarget(url, timeout_s=60), (1, 4), repetitions=1, max_tokens=8):
+            if isinstance(item, dict):
+                result = item
+            elif item.type == "progress" and item.done == 1:
+                (isolated_user_dirs / "progress").write_text("1")
+                killer.join(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
     assert [lv["concurrency"] for lv in result["levels"]] == [1]
     assert "Nothing answers" in result["error"] or "broke off" in result["error"]
 
