@@ -14,15 +14,8 @@ from textual.reactive import reactive
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
-from qexplorer.core.bench import BenchConfig
 from qexplorer.core.catalog import DEFAULT_ALIAS, CatalogEntry, ModelSpec
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs import JobRunner, store_outcome
-from qexplorer.core.pipeline import JobSpec
-from qexplorer.core.planner import PlanRequest, plan_job_peak, plan_precision
-from qexplorer.core.precisions import get as get_precision
-from qexplorer.core.results import ResultsStore
-from qexplorer.core.safety import check_loadable
 from qexplorer.core.settings import Settings
 from qexplorer.core.telemetry import TelemetrySnapshot
 from qexplorer.core.units import format_bytes
@@ -112,7 +105,8 @@ class QExplorerApp(App[int]):
         for problem in self._theme_problems:
             self.notify(problem, severity="warning", timeout=8)
         if not self.dashboard_only:
-            self.call_after_refresh(self._scan_catalog)
+            # Model discovery imports gguf/numpy in its thread; it waits until the first frame is out.
+            self.call_after_refresh(lambda: self.set_timer(0.3, self._scan_catalog))
         if self.live:
             # The first sample waits for the first frame: NVML start-up and the
             # process walk would otherwise compete with it for the GIL.
@@ -237,6 +231,7 @@ class QExplorerApp(App[int]):
     @work(thread=True, group="results", exclusive=True, exit_on_error=False)
     def _load_results(self) -> None:
         from qexplorer.core.compare import row_from_result
+        from qexplorer.core.results import ResultsStore
 
         model_path = self.model.path if self.model else None
         try:
@@ -261,7 +256,7 @@ class QExplorerApp(App[int]):
 
     @work(thread=True, group="results", exit_on_error=False)
     def _export_results(self) -> None:
-        from qexplorer.core.results import write_exports
+        from qexplorer.core.results import ResultsStore, write_exports
 
         try:
             store = ResultsStore.in_dir(self.settings.results_path)
@@ -273,6 +268,9 @@ class QExplorerApp(App[int]):
 
     def export_model(self, precision_key: str) -> None:
         """Export the selected precision as a servable artifact, in a worker process."""
+        from qexplorer.core.pipeline import JobSpec
+        from qexplorer.core.precisions import get as get_precision
+
         if self.model is None:
             return
         out = self.settings.results_path / "exports" / _export_name(self.model.name, precision_key)
@@ -302,6 +300,7 @@ class QExplorerApp(App[int]):
     def _server_sweep(self, job_id: int, target) -> None:
         from qexplorer.core.bench import server
         from qexplorer.core.jobs import JobOutcome
+        from qexplorer.core.results import ResultsStore
 
         result: dict = {"levels": []}
         error = None
@@ -329,11 +328,18 @@ class QExplorerApp(App[int]):
         self._show(RunScreen)
 
     # ------------------------------------------------------------------ jobs
-    def bench_config(self) -> BenchConfig:
+    def bench_config(self):
+        from qexplorer.core.bench import BenchConfig
+
         return BenchConfig.quick() if self.quick_bench else BenchConfig()
 
     def queue_chosen(self) -> None:
         """Queue one job per chosen precision that the plan says fits; then show the run screen."""
+        from qexplorer.core.pipeline import JobSpec
+        from qexplorer.core.planner import PlanRequest, plan_job_peak, plan_precision
+        from qexplorer.core.precisions import get as get_precision
+        from qexplorer.core.safety import check_loadable
+
         if self.model is None:
             self.notify("Pick a model first (m).", severity="warning")
             return
@@ -384,6 +390,9 @@ class QExplorerApp(App[int]):
 
     @work(thread=True, group="jobs", exit_on_error=False)
     def _run_queue(self) -> None:
+        from qexplorer.core.jobs import JobRunner, store_outcome
+        from qexplorer.core.results import ResultsStore
+
         runner = JobRunner(sampler=self.sources.sampler, interval_s=self.refresh_s)
         store = ResultsStore.in_dir(self.settings.results_path)
         try:
@@ -458,6 +467,8 @@ class QExplorerApp(App[int]):
 
 
 def _export_name(model_name: str, precision_key: str) -> str:
+    from qexplorer.core.precisions import get as get_precision
+
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)[:60]
     return f"{safe}-{precision_key}.gguf" if get_precision(precision_key).is_gguf else f"{safe}-{precision_key}"
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from qexplorer.core.events import Event
-from qexplorer.core.jobs import JobOutcome, MemorySample
-from qexplorer.core.pipeline import JobSpec
+if TYPE_CHECKING:
+    from qexplorer.core.events import Event
+    from qexplorer.core.jobs import JobOutcome, MemorySample
+    from qexplorer.core.pipeline import JobSpec
 
 
 @dataclass

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.message import Message
 
-from qexplorer.core.catalog import CatalogEntry
-from qexplorer.core.events import Event
-from qexplorer.core.jobs import JobOutcome, MemorySample
-from qexplorer.core.telemetry import TelemetrySnapshot
+if TYPE_CHECKING:  # type hints only: the job machinery loads when the first job starts
+    from qexplorer.core.catalog import CatalogEntry
+    from qexplorer.core.events import Event
+    from qexplorer.core.jobs import JobOutcome, MemorySample
+    from qexplorer.core.telemetry import TelemetrySnapshot
 
 
 class TelemetrySampled(Message):
