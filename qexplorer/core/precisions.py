@@ -162,7 +162,7 @@ PRECISIONS: tuple[Precision, ...] = (
               "activation-aware INT4: half of FP8's memory, better than RTN", ("vLLM",),
               min_cc=(8, 0), gpu_fallback_note=_TORCH_INT4_GPU, scale_bits_per_group=20,
               needs_calibration=True, cpu="emulated",
-              cpu_note="emulated on CPU; calibration is slow there (48 s for 135M parameters on 2 cores)"),
+              cpu_note="emulated on CPU; calibration is slow there (about 2 min for 135M parameters on 2 cores)"),
     Precision("gptq", "GPTQ INT4", "torch", "llm-compressor GPTQ W4A16", 4.0,
               "second-order INT4: calibrated, better than RTN", ("vLLM",),
               min_cc=(8, 0), gpu_fallback_note=_TORCH_INT4_GPU, scale_bits_per_group=16,
