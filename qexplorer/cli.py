@@ -39,6 +39,15 @@ def _common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
                         help="allow model hubs to be contacted (off by default)")
 
 
+def _loading(parser: argparse.ArgumentParser) -> None:
+    """The options of commands that load a model's weights."""
+    _common(parser)
+    parser.add_argument("model", metavar="MODEL", help="'default', a Hugging Face cache id, a folder or a .gguf file")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a checkpoint's own Python code to run (off by default)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle-only checkpoints (off by default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qexplorer",
@@ -72,11 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON")
 
     run = sub.add_parser("run", help="quantize and benchmark precisions in worker processes")
-    _common(run)
-    run.add_argument("model", metavar="MODEL", help="'default', a Hugging Face cache id, a folder or a .gguf file")
-    run.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a checkpoint's own Python code to run (off by default)")
-    run.add_argument("--allow-pickle", action="store_true", help="allow pickle-only checkpoints (off by default)")
+    _loading(run)
     run.add_argument("--precision", required=True, help="comma-separated precisions, e.g. bf16,int8,q4_k_m")
     run.add_argument("--quick", action="store_true", help="pp64/tg16 × 2 repetitions instead of pp512/tg128 × 5")
     run.add_argument("--repetitions", type=int, help="timed repetitions (default 5, quick 2)")
@@ -90,11 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quality-ctx", type=int, default=512, help="chunk length for quality (default 512)")
 
     export = sub.add_parser("export", help="write a quantized model a server loads (GGUF or a vLLM folder)")
-    _common(export)
-    export.add_argument("model", metavar="MODEL", help="'default', a Hugging Face cache id, a folder or a .gguf file")
-    export.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a checkpoint's own Python code to run (off by default)")
-    export.add_argument("--allow-pickle", action="store_true", help="allow pickle-only checkpoints (off by default)")
+    _loading(export)
     export.add_argument("--precision", required=True, help="one precision, e.g. q4_k_m or fp8")
     export.add_argument("--out", required=True, help="the GGUF file or folder to write")
 
