@@ -32,7 +32,7 @@ def build(tmp_path: Path, logits_fn, top_k: int = VOCAB, n_tokens: int = 200, ct
     chunks = quality.make_chunks(ids, ctx, bos_id=1)
     meta = quality.ReferenceMeta(format=quality.REFERENCE_FORMAT, model_path="tiny", reference_precision="fp32",
                                  corpus_name="random", corpus_sha256="x", n_tokens=len(chunks) * ctx, ctx=ctx,
-                                 n_chunks=len(chunks), top_k=top_k, bos_id=1, vocab_size=VOCAB, probe_ids=ids[:10],
+                                 n_chunks=len(chunks), top_k=top_k, bos_id=1, vocab_size=VOCAB, probe_text="", probe_ids=ids[:10],
                                  reference_quantized=False)
     folder = tmp_path / f"ref-k{top_k}"
     for _ in quality.build_reference(folder, logits_fn, chunks, meta):
@@ -95,7 +95,7 @@ def test_top_k_is_a_lower_bound_of_the_full_vocabulary_kld(tmp_path: Path, tiny_
 def test_alignment_check():
     meta = quality.ReferenceMeta(format=2, model_path="m", reference_precision="bf16", corpus_name="c",
                                  corpus_sha256="h", n_tokens=0, ctx=8, n_chunks=0, top_k=4, bos_id=None,
-                                 vocab_size=10, probe_ids=[1, 2, 3], reference_quantized=False)
+                                 vocab_size=10, probe_text="", probe_ids=[1, 2, 3], reference_quantized=False)
     quality.check_alignment(meta, [1, 2, 3], 10)
     with pytest.raises(UserError, match="first difference at token 1"):
         quality.check_alignment(meta, [1, 5, 3], 10)

@@ -221,7 +221,7 @@ def _gguf_job(spec: ModelSpec, precision: Precision, job: JobSpec, work_dir: Pat
         from qexplorer.core import quality
 
         meta = reference[0]
-        probe = qllm.tokenize(meta_probe_text(job).encode(), add_bos=False, special=False)
+        probe = qllm.tokenize(meta.probe_text.encode(), add_bos=False, special=False)
         quality.check_alignment(meta, probe, qllm.n_vocab())
         record["quality"] = yield from _quality(reference, quality.llamacpp_logits_fn(qllm), cancel)
 
@@ -290,7 +290,7 @@ def _torch_job(spec: ModelSpec, precision: Precision, job: JobSpec, work_dir: Pa
         from qexplorer.core import quality
 
         yield events.phase("quality", "KLD, top-1 and perplexity against the reference")
-        probe = tokenizer(meta_probe_text(job), add_special_tokens=False)["input_ids"]
+        probe = tokenizer(reference[0].probe_text, add_special_tokens=False)["input_ids"]
         quality.check_alignment(reference[0], probe, int(model.config.vocab_size))
         record["quality"] = yield from _quality(reference, quality.torch_logits_fn(model), cancel)
 
@@ -305,12 +305,6 @@ def job_corpus(job: JobSpec):
         return quality.load_corpus(Path(job.quality_corpus))
     # ~6 characters per token leaves room for prose and code alike; the tokens are cut to size after
     return quality.default_corpus(chars=job.quality_tokens * 6)
-
-
-def meta_probe_text(job: JobSpec) -> str:
-    from qexplorer.core import quality
-
-    return quality.probe_text(job_corpus(job))
 
 
 def _ensure_reference(spec: ModelSpec, job: JobSpec, work_dir: Path,
@@ -339,6 +333,7 @@ def _ensure_reference(spec: ModelSpec, job: JobSpec, work_dir: Path,
         corpus_name=corpus.name, corpus_sha256=corpus.sha256, n_tokens=len(chunks) * job.quality_ctx,
         ctx=job.quality_ctx, n_chunks=len(chunks), top_k=job.top_k, bos_id=bos,
         vocab_size=int(model.config.vocab_size),
+        probe_text=quality.probe_text(corpus),
         probe_ids=tokenizer(quality.probe_text(corpus), add_special_tokens=False)["input_ids"],
         reference_quantized=spec.stored_quantized,
     )

@@ -45,7 +45,7 @@ STDLIB_FILES = ("textwrap.py", "heapq.py", "bisect.py", "colorsys.py", "fnmatch.
 DEFAULT_TOKENS = 4096
 DEFAULT_CTX = 512
 DEFAULT_TOP_K = 256
-REFERENCE_FORMAT = 2
+REFERENCE_FORMAT = 3
 
 LogitsFn = Callable[[list[int]], Any]  # chunk token ids -> float32 array [len(ids), vocab]
 
@@ -173,6 +173,7 @@ class ReferenceMeta:
     top_k: int
     bos_id: int | None
     vocab_size: int
+    probe_text: str  # what probe_ids tokenize: candidates tokenize the same text
     probe_ids: list[int]
     reference_quantized: bool
 

@@ -325,10 +325,6 @@ class Reading:
         return Reading(None, "unavailable", note)
 
 
-def _unavailable(note: str) -> Reading:
-    return Reading.missing(note)
-
-
 @dataclass(frozen=True)
 class HostMemory:
     total_bytes: Reading
@@ -486,7 +482,7 @@ class TelemetrySampler:
             Reading(headroom_bytes(mem_available, self.reserve_bytes), "derived",
                     "MemAvailable − reserve")
             if mem_available is not None
-            else _unavailable("MemAvailable unknown")
+            else Reading.missing("MemAvailable unknown")
         )
         devices: list[DeviceTelemetry] = []
         gpu_usage: dict[int, int | None] = {}
@@ -518,9 +514,9 @@ class TelemetrySampler:
         try:
             return Reading(fn(index), source)
         except NvmlNotSupported:
-            return _unavailable("not supported by this device")
+            return Reading.missing("not supported by this device")
         except NvmlQueryError as exc:
-            return _unavailable(str(exc))
+            return Reading.missing(str(exc))
 
     def _device(
         self, index: int, meminfo: dict[str, int]
@@ -551,7 +547,7 @@ class TelemetrySampler:
             capability = None
         unified = is_unified(name, memory_supported, mode)
 
-        missing_unified = _unavailable("unified memory only")
+        missing_unified = Reading.missing("unified memory only")
         optimistic = other = missing_unified
         note = ""
         if unified:
@@ -560,7 +556,7 @@ class TelemetrySampler:
             gpu_used = (
                 Reading(unified_gpu_used_bytes(usage), "nvml processes", "Σ per-process usedGpuMemory")
                 if usage_ok
-                else _unavailable("per-process query failed")
+                else Reading.missing("per-process query failed")
             )
             total_r = Reading(mem_total, "/proc/meminfo", "shared pool: MemTotal")
             if mem_available is not None and mem_total is not None:
@@ -577,14 +573,14 @@ class TelemetrySampler:
                     other = Reading(other_host_bytes(mem_total, mem_available, int(gpu_used.value)),
                                     "derived", "(MemTotal − MemAvailable) − GPU used")
             else:
-                headroom = _unavailable("MemAvailable unknown")
+                headroom = Reading.missing("MemAvailable unknown")
             note = "unified memory: GPU used is the sum of process allocations"
         elif memory_supported:
             total_r = Reading(total, "nvml")
             gpu_used = Reading(used, "nvml")
             headroom = Reading(free, "nvml", "free device memory")
         else:
-            total_r = gpu_used = headroom = _unavailable("memory query NOT_SUPPORTED on a discrete card")
+            total_r = gpu_used = headroom = Reading.missing("memory query NOT_SUPPORTED on a discrete card")
             note = "memory unknown: NOT_SUPPORTED on a discrete card (MIG slice or lost GPU?)"
 
         device = DeviceTelemetry(
@@ -621,22 +617,22 @@ class TelemetrySampler:
 def _host_memory(meminfo: dict[str, int], psi: PressureStall | None) -> HostMemory:
     def pick(key: str, source: str) -> Reading:
         value = meminfo.get(key)
-        return Reading(value, source) if value is not None else _unavailable(f"{key} not reported")
+        return Reading(value, source) if value is not None else Reading.missing(f"{key} not reported")
 
     total = meminfo.get("MemTotal")
     available = meminfo.get("MemAvailable")
     used = (
         Reading(total - available, "derived", "MemTotal − MemAvailable")
         if total is not None and available is not None
-        else _unavailable("MemTotal or MemAvailable unknown")
+        else Reading.missing("MemTotal or MemAvailable unknown")
     )
     if "Cached" in meminfo:
         cache = Reading(meminfo["Cached"] + meminfo.get("SReclaimable", 0), "/proc/meminfo",
                         "Cached + SReclaimable")
     else:
-        cache = _unavailable("no /proc/meminfo")
+        cache = Reading.missing("no /proc/meminfo")
     if psi is None:
-        some = full = _unavailable("no /proc/pressure/memory (PSI off)")
+        some = full = Reading.missing("no /proc/pressure/memory (PSI off)")
     else:
         some = Reading(psi.some_avg10, "/proc/pressure/memory")
         full = Reading(psi.full_avg10, "/proc/pressure/memory")

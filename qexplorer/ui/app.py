@@ -337,7 +337,7 @@ class QExplorerApp(App[int]):
         """Queue one job per chosen precision that the plan says fits; then show the run screen."""
         from qexplorer.core.pipeline import JobSpec
         from qexplorer.core.planner import PlanRequest, plan_job_peak, plan_precision
-        from qexplorer.core.precisions import get as get_precision
+        from qexplorer.core.precisions import PRECISIONS
         from qexplorer.core.safety import check_loadable
 
         if self.model is None:
@@ -351,8 +351,8 @@ class QExplorerApp(App[int]):
         bench = self.bench_config()
         request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)
         queued, refused = [], []
-        for key in sorted(self.chosen, key=lambda k: [p.key for p in _all_precisions()].index(k)):
-            precision = get_precision(key)
+        for precision in (p for p in PRECISIONS if p.key in self.chosen):  # registry order
+            key = precision.key
             plan = plan_precision(self.model, precision, request, self.snapshot)
             if plan.verdict == "does not fit":
                 refused.append(f"{precision.label} ({format_bytes(plan.total_bytes)} > "
@@ -471,12 +471,6 @@ def _export_name(model_name: str, precision_key: str) -> str:
 
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)[:60]
     return f"{safe}-{precision_key}.gguf" if get_precision(precision_key).is_gguf else f"{safe}-{precision_key}"
-
-
-def _all_precisions():
-    from qexplorer.core.precisions import PRECISIONS
-
-    return PRECISIONS
 
 
 def make_app(settings: Settings, sources: Sources, *, dashboard_only: bool = False,

@@ -318,6 +318,10 @@ def server_quality(target: ServerTarget, model_id: str, reference: Any, tokenize
 
 def _score(tops: list[Any], piece_to_id: dict[str, int], ref_ids: Any, ref_logp: Any, ref_top1: Any, first: int,
            per: int, offset: int) -> tuple[list[float], list[bool]]:
+    import numpy as np
+
+    from qexplorer.core.quality import coarse_kld
+
     klds: list[float] = []
     agree: list[bool] = []
     for j in range(per):
@@ -328,11 +332,7 @@ def _score(tops: list[Any], piece_to_id: dict[str, int], ref_ids: Any, ref_logp:
             continue
         p = dict(zip(ref_ids[j].tolist(), ref_logp[j].tolist(), strict=True))
         shared = [i for i in q if i in p]
-        p_in = sum(math.exp(p[i]) for i in shared)
-        q_in = sum(math.exp(q[i]) for i in shared)
-        head = sum(math.exp(p[i]) * (p[i] - q[i]) for i in shared)
-        p_rest, q_rest = max(0.0, 1 - p_in), max(1e-12, 1 - q_in)
-        tail = p_rest * (math.log(max(p_rest, 1e-12)) - math.log(q_rest)) if p_rest > 1e-12 else 0.0
-        klds.append(max(0.0, head + tail))
+        # the same coarsened KL as local candidates: shared outcomes plus one lumped bucket
+        klds.append(float(coarse_kld(np.array([[p[i] for i in shared]]), np.array([[q[i] for i in shared]]))[0]))
         agree.append(max(q, key=q.get) == int(ref_top1[j]))
     return klds, agree
