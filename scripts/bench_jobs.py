@@ -19,8 +19,9 @@ from pathlib import Path
 from qexplorer.core import precisions
 from qexplorer.core.bench import BenchConfig, llamacpp
 from qexplorer.core.catalog import Catalog
-from qexplorer.core.jobs import JobRunner
-from qexplorer.core.pipeline import JobSpec
+from qexplorer.core.jobs.events import drive
+from qexplorer.core.jobs.runner import JobRunner
+from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.planner import plan_job_peak
 from qexplorer.core.quantize.torch_quant import CALIBRATION_FILE
 
@@ -33,18 +34,14 @@ def backend(args: argparse.Namespace) -> None:
         runner = JobRunner(interval_s=0.5)
         outcome = runner.run(JobSpec(model_ref="default", precision="q8_0", data_dir=tmp,
                                      bench=BenchConfig(repetitions=1)))
-        path = Path(outcome.record["artifact_path"])
+        path = Path(outcome.record.engine.artifact_path)
         text = CALIBRATION_FILE.read_text(encoding="utf-8")
         config = BenchConfig(prompt_tokens=512, gen_tokens=128, repetitions=1, threads=args.threads)
         llm = llamacpp.load(path, config, n_gpu_layers=0)
         bare = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=args.threads, verbose=False)
         ours_tg, bare_tg = [], []
         for _ in range(args.reps):  # interleaved so that drift hits both alike
-            result = None
-            for item in llamacpp.run(llm, text, config):
-                if isinstance(item, dict):
-                    result = item
-            ours_tg.append(result["decode_tok_s"]["mean"])
+            ours_tg.append(drive(llamacpp.run(llm, text, config)).decode_tok_s.mean)
             stamps = []
             for _chunk in bare.create_completion("The harbour town", max_tokens=129, temperature=0.0,
                                                  stream=True):
@@ -67,10 +64,8 @@ def served(args: argparse.Namespace) -> None:
 
     path = bundled_model_path()
     config = BenchConfig(prompt_tokens=64, gen_tokens=128, repetitions=args.reps, threads=args.threads)
-    local = None
-    for item in llamacpp.run(llamacpp.load(path, config, n_gpu_layers=0), CALIBRATION_FILE.read_text(), config):
-        if isinstance(item, dict):
-            local = item["decode_tok_s"]
+    local = drive(llamacpp.run(llamacpp.load(path, config, n_gpu_layers=0), CALIBRATION_FILE.read_text(),
+                               config)).decode_tok_s
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -84,14 +79,14 @@ def served(args: argparse.Namespace) -> None:
                 break
             except server.ServerError:
                 time.sleep(0.3)
-        result = [x for x in server.sweep(target, (1,), args.reps, 128) if isinstance(x, dict)][0]
+        result = drive(server.sweep(target, (1,), args.reps, 128))
     finally:
         proc.terminate()
-    served_tg = result["levels"][0]["decode_tok_s_per_stream"]
+    served_tg = result.levels[0].decode_tok_s_per_stream
     print(f"{path.name}, {args.threads} threads, 128 generated tokens, {args.reps} repetitions")
-    print(f"  local llama.cpp backend (tg128)      {local['mean']:7.1f} ± {local['sd']:5.1f} tok/s")
-    print(f"  llama-cpp-python server, conc. 1     {served_tg['mean']:7.1f} ± {served_tg['sd']:5.1f} tok/s per stream")
-    print(f"  ratio served / local: {served_tg['mean'] / local['mean']:.3f}")
+    print(f"  local llama.cpp backend (tg128)      {local.mean:7.1f} ± {local.sd:5.1f} tok/s")
+    print(f"  llama-cpp-python server, conc. 1     {served_tg.mean:7.1f} ± {served_tg.sd:5.1f} tok/s per stream")
+    print(f"  ratio served / local: {served_tg.mean / local.mean:.3f}")
 
 
 def peaks(args: argparse.Namespace, model_ref: str | None = None, extra_paths: tuple[str, ...] = ()) -> None:

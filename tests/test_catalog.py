@@ -12,8 +12,9 @@ import pytest
 from models import LLAMA_31_8B, QWEN3_CODER_30B_A3B, write_config
 
 from qexplorer.cli import main
-from qexplorer.core.catalog import Catalog, bundled_model_path, spec_from_path
+from qexplorer.core.catalog import Catalog, bundled_model_path
 from qexplorer.core.errors import ModelReadError, UserError
+from qexplorer.core.readers import spec_from_path
 
 
 def test_bundled_model_spec():
@@ -162,3 +163,37 @@ def test_models_json_lists_bundled(capsys, monkeypatch, tmp_path):
     default = data["models"][0]
     assert default["ref"] == "default" and default["source"] == "bundled"
     assert default["model"]["total_params"] == 134_515_008
+
+
+def test_cli_and_app_share_one_artifact_folder_for_the_bundled_model():
+    """The CLI resolves 'default', the app passes the file's path: both must land in the same cache folder."""
+    from qexplorer.core.artifacts import model_key
+
+    path = bundled_model_path()
+    by_alias = Catalog().resolve("default")
+    by_path = Catalog().resolve(str(path))
+    assert by_alias.name != by_path.name  # the display names differ ...
+    assert model_key(by_alias) == model_key(by_path) == model_key(spec_from_path(path))  # ... the folder does not
+    assert model_key(by_alias).startswith(path.stem)
+
+
+def test_file_lock_serialises_builders(tmp_path):
+    import threading
+    import time
+
+    from qexplorer.core.artifacts import file_lock
+
+    order: list[str] = []
+
+    def builder(name: str) -> None:
+        with file_lock(tmp_path / "x.lock"):
+            order.append(f"{name} in")
+            time.sleep(0.1)
+            order.append(f"{name} out")
+
+    threads = [threading.Thread(target=builder, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])

@@ -11,6 +11,7 @@ from apps import feed_samples, settle, sim_app
 from qexplorer.cli import main
 from qexplorer.core.catalog import bundled_model_path
 from qexplorer.core.compare import CompareRow, pareto_front, recommend
+from qexplorer.core.jobs.record import record_from_legacy as legacy
 from qexplorer.core.precisions import Hardware
 from qexplorer.core.results import ResultsStore
 from qexplorer.core.units import GIB, MIB
@@ -95,14 +96,14 @@ def store_fixed_results(data_dir: Path) -> None:
         "q2_k": ("gguf", "native", 82, 194.3, 0.39, 65.9, 21.78),
     }
     for key, (family, mode, weight_mib, decode, kld, top1, ppl) in fixed.items():
-        store.add({"model_name": "SmolLM2-135M-Instruct (Q4_1)", "model_path": path, "precision": key,
+        store.add(legacy({"model_name": "SmolLM2-135M-Instruct (Q4_1)", "model_path": path, "precision": key,
                    "precision_label": key, "family": family, "mode": mode, "backend": "fixed",
                    "weight_bytes": weight_mib * MIB, "peak_rss_bytes": 3 * weight_mib * MIB,
                    "planned_total_bytes": 3 * weight_mib * MIB, "reference_quantized": True,
                    "decode_tok_s": {"mean": decode, "sd": decode / 50, "n": 5},
                    "prefill_tok_s": {"mean": 10 * decode, "sd": decode / 5, "n": 5},
                    "ttft_s": {"mean": 0.35, "sd": 0.01, "n": 5}, "roofline_pct": 40.0,
-                   "quality": {"kld_mean": kld, "same_top1_pct": top1, "ppl": ppl, "ppl_ref": 14.61}})
+                   "quality": {"kld_mean": kld, "same_top1_pct": top1, "ppl": ppl, "ppl_ref": 14.61}}))
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=lambda s: f"{s[0]}x{s[1]}")

@@ -22,11 +22,14 @@ from models import LLAMA_31_8B, write_config
 
 from qexplorer.cli import main
 from qexplorer.core.bench import BenchConfig
-from qexplorer.core.catalog import bundled_model_path, spec_from_folder
+from qexplorer.core.catalog import bundled_model_path
 from qexplorer.core.errors import UserError
 from qexplorer.core.gguf_header import read_gguf_header
-from qexplorer.core.jobs import JobRunner
-from qexplorer.core.pipeline import JobSpec
+from qexplorer.core.jobs.events import Phase
+from qexplorer.core.jobs.record import record_from_legacy as legacy
+from qexplorer.core.jobs.runner import JobRunner
+from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.readers import spec_from_folder
 from qexplorer.core.results import ResultsStore
 
 QUICK = BenchConfig.quick()
@@ -63,12 +66,12 @@ def test_bad_evaluation_text(tmp_path: Path, capsys, content, message):
 
 def test_locked_store_is_one_sentence(tmp_path: Path):
     store = ResultsStore.in_dir(tmp_path)
-    store.add({"model_name": "m", "model_path": "p", "precision": "q8_0", "family": "gguf"})
+    store.add(legacy({"model_name": "m", "model_path": "p", "precision": "q8_0", "family": "gguf"}))
     holder = sqlite3.connect(store.path)
     holder.execute("BEGIN EXCLUSIVE")
     try:
         with pytest.raises(UserError, match="locked by another process"):
-            store.add({"model_name": "m", "model_path": "p", "precision": "q6_k", "family": "gguf"})
+            store.add(legacy({"model_name": "m", "model_path": "p", "precision": "q6_k", "family": "gguf"}))
     finally:
         holder.rollback()
         holder.close()
@@ -97,7 +100,7 @@ def test_worker_killed_mid_phase(tmp_path: Path, precision, phase):
     runner = JobRunner(interval_s=0.2)
 
     def kill(event):
-        if event.type == "phase" and event.phase == phase:
+        if isinstance(event, Phase) and event.name == phase:
             os.kill(runner.current_pid, signal.SIGKILL)
 
     spec = JobSpec(model_ref="default", precision=precision, data_dir=str(tmp_path), bench=QUICK)
@@ -111,7 +114,7 @@ def test_worker_killed_mid_export_leaves_no_file_under_the_final_name(tmp_path: 
     out = tmp_path / "out.gguf"
 
     def kill(event):
-        if event.type == "phase" and event.phase == "export":
+        if isinstance(event, Phase) and event.name == "export":
             os.kill(runner.current_pid, signal.SIGKILL)
 
     spec = JobSpec(model_ref="default", precision="q8_0", data_dir=str(tmp_path / "data"), bench=QUICK,
@@ -286,6 +289,6 @@ def test_worker_files_are_user_only(tmp_path: Path):
     outcome = JobRunner(interval_s=0.2).run(
         JobSpec(model_ref="default", precision="q8_0", data_dir=str(tmp_path), bench=QUICK))
     assert outcome.ok
-    for path in [outcome.log_path, Path(outcome.record["artifact_path"])]:
+    for path in [outcome.log_path, Path(outcome.record.engine.artifact_path)]:
         assert path.stat().st_mode & 0o077 == 0, path
     assert bundled_model_path() is not None

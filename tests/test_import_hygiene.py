@@ -45,3 +45,28 @@ def test_ui_has_no_torch_at_first_frame():
         print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'llama_cpp')))
     """)
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_core_has_no_command_line_code():
+    """Commands live in qexplorer/cli: core neither parses arguments nor writes to the terminal."""
+    import re
+    from pathlib import Path
+
+    offenders = []
+    for path in sorted(Path(qexplorer.core.__file__).parent.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for pattern in (r"^\s*(import|from) argparse", r"\bprint\(", r"sys\.(stdout|stderr)\.write"):
+            if re.search(pattern, text, re.M):
+                offenders.append(f"{path.name}: {pattern}")
+    assert offenders == []
+
+
+def test_listed_packages_match_the_tree():
+    """pyproject lists its packages (themes/ is mapped in): a new package folder must be added there."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(qexplorer.core.__file__).parents[2]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "qexplorer").rglob("__init__.py")}
+    assert on_disk | {"qexplorer.themes", "qexplorer.data"} == listed

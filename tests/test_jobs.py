@@ -15,8 +15,11 @@ import pytest
 
 from qexplorer.cli import main
 from qexplorer.core.bench import BenchConfig
-from qexplorer.core.jobs import JobRunner, store_outcome
-from qexplorer.core.pipeline import JobSpec
+from qexplorer.core.jobs.events import Phase
+from qexplorer.core.jobs.queue import store_outcome
+from qexplorer.core.jobs.record import record_from_legacy as legacy
+from qexplorer.core.jobs.runner import JobRunner
+from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.results import ResultsStore, to_markdown
 from qexplorer.core.simulate import simulated_sampler
 from qexplorer.core.units import GIB
@@ -52,11 +55,11 @@ def test_cli_run_q8_0_and_int8_quick_json(capsys, isolated_user_dirs):
 
 def test_sigkill_mid_run_marks_failed_and_keeps_the_store(tmp_path: Path):
     store = ResultsStore.in_dir(tmp_path / "data")
-    earlier = store.add({"model_name": "m", "model_path": "p", "precision": "bf16", "family": "torch"})
+    earlier = store.add(legacy({"model_name": "m", "model_path": "p", "precision": "bf16", "family": "torch"}))
     runner = JobRunner(interval_s=0.2)
 
     def kill_on_load(event):
-        if event.type == "phase" and event.phase == "load":
+        if isinstance(event, Phase) and event.name == "load":
             os.kill(runner.current_pid, signal.SIGKILL)
 
     outcome = runner.run(job(tmp_path, "q8_0"), on_event=kill_on_load)
@@ -121,10 +124,10 @@ def test_worker_reports_bad_input_in_one_sentence(tmp_path: Path):
 
 def test_store_schema_version_and_damage(tmp_path: Path):
     store = ResultsStore.in_dir(tmp_path)
-    store.add({"model_name": "m", "model_path": "p", "precision": "q8_0", "family": "gguf",
-               "decode_tok_s": {"mean": 10.0, "sd": 1.0, "n": 2}, "weight_bytes": 100})
+    store.add(legacy({"model_name": "m", "model_path": "p", "precision": "q8_0", "family": "gguf",
+               "decode_tok_s": {"mean": 10.0, "sd": 1.0, "n": 2}, "weight_bytes": 100}))
     with sqlite3.connect(store.path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     assert (store.path.stat().st_mode & 0o777) == 0o600
     assert "| q8_0 | 100 B weights" in to_markdown(store.all())
     store.path.write_bytes(b"this is not a database" * 100)
@@ -132,3 +135,30 @@ def test_store_schema_version_and_damage(tmp_path: Path):
 
     with pytest.raises(UserError, match="damaged"):
         store.all()
+
+
+@pytest.mark.e2e
+def test_cli_json_after_a_failed_job_reports_only_this_runs_rows(capsys, isolated_user_dirs):
+    """int8 fails (its cached BF16 checkpoint is damaged; q8_0 does not use it): the JSON holds exactly this
+    run's rows - not the older result already in the store - the failure with its reason, and exit code 1."""
+    from qexplorer.core.artifacts import model_work_dir
+    from qexplorer.core.catalog import Catalog
+
+    data = isolated_user_dirs / "data"
+    store = ResultsStore.in_dir(data)
+    older = store.add(legacy({"model_name": "SmolLM2", "model_path": str(Catalog().resolve("default").path),
+                              "precision": "q4_k_m", "family": "gguf",
+                              "decode_tok_s": {"mean": 99.0, "sd": 1.0, "n": 2}}))
+    damaged = model_work_dir(data, Catalog().resolve("default")) / "bf16-checkpoint"
+    damaged.mkdir(parents=True)
+    (damaged / "config.json").write_text("{ not json", encoding="utf-8")
+    (damaged / "model.safetensors").write_bytes(b"\0" * 64)
+    code = main(["run", "default", "--precision", "q8_0,int8", "--quick", "--json"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    out = json.loads(captured.out)
+    assert [(j["precision"], j["status"]) for j in out["jobs"]] == [("q8_0", "ok"), ("int8", "failed")]
+    assert out["jobs"][1]["error"] and out["jobs"][1]["result"] is None
+    assert [r["precision"] for r in out["results"]] == ["q8_0"]
+    assert older not in [r["id"] for r in out["results"]]
+    assert "int8 failed:" in captured.err

@@ -9,7 +9,7 @@ from apps import feed_samples, settle, sim_app
 from models import LLAMA_31_8B, QWEN3_CODER_30B_A3B, write_config
 
 from qexplorer.ui.screens.models import ModelPickerScreen
-from qexplorer.ui.screens.precisions import PrecisionPickerScreen
+from qexplorer.ui.screens.plan import PlanScreen
 
 SIZES = [(80, 24), (120, 40)]
 
@@ -78,7 +78,7 @@ async def test_filter_as_you_type_and_pick(fixture_models):
         await pilot.press("enter")
         await pilot.pause()
         assert app.model.name == "Llama-3.1-8B"
-        assert isinstance(app.screen, PrecisionPickerScreen)
+        assert isinstance(app.screen, PlanScreen)
 
 
 async def test_precision_picker_keys():
@@ -101,7 +101,7 @@ async def test_precision_picker_keys():
         await pilot.press("space")  # first row: fp32
         assert set(app.chosen) ^ before == {"fp32"}
         await pilot.press("escape")
-        assert not isinstance(app.screen, PrecisionPickerScreen)
+        assert not isinstance(app.screen, PlanScreen)
 
 
 async def test_unreadable_model_is_listed_with_its_error(tmp_path: Path):

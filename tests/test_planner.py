@@ -10,11 +10,12 @@ import pytest
 from models import LLAMA_31_8B, QWEN3_CODER_30B_A3B, write_config
 
 from qexplorer.cli import main
-from qexplorer.core.catalog import Catalog, bundled_model_path, spec_from_path
+from qexplorer.core.catalog import Catalog, bundled_model_path
 from qexplorer.core.errors import UserError
 from qexplorer.core.gguf_header import read_gguf_header
 from qexplorer.core.planner import PlanRequest, kv_bytes_per_token, plan_model, verdict, weight_bytes
 from qexplorer.core.precisions import BY_KEY, Hardware, get, parse_list
+from qexplorer.core.readers import spec_from_path
 from qexplorer.core.simulate import simulated_sampler
 from qexplorer.core.units import GIB, KIB
 

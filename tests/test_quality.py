@@ -11,6 +11,7 @@ import pytest
 
 from qexplorer.core import quality
 from qexplorer.core.errors import UserError
+from qexplorer.core.jobs.events import drive
 
 VOCAB = 64
 
@@ -40,18 +41,18 @@ def build(tmp_path: Path, logits_fn, top_k: int = VOCAB, n_tokens: int = 200, ct
     return quality.load_reference(folder)
 
 
-def stats_of(reference, logits_fn) -> dict:
-    return [item for item in quality.candidate_pass(reference, logits_fn) if isinstance(item, dict)][0]
+def stats_of(reference, logits_fn) -> quality.QualityStats:
+    return drive(quality.candidate_pass(reference, logits_fn))
 
 
 def test_reference_against_itself(tmp_path: Path, tiny_model):
     fn = quality.torch_logits_fn(tiny_model)
     reference = build(tmp_path, fn)
     stats = stats_of(reference, fn)
-    assert stats["kld_mean"] == pytest.approx(0.0, abs=1e-6) and stats["kld_max"] < 1e-5
-    assert stats["same_top1_pct"] == 100.0
-    assert stats["ppl"] == pytest.approx(stats["ppl_ref"], rel=1e-6)
-    assert stats["n_positions"] == 6 * (32 - 1 - 16)  # 201 tokens → 6 chunks, second half scored
+    assert stats.kld_mean == pytest.approx(0.0, abs=1e-6) and stats.kld_max < 1e-5
+    assert stats.same_top1_pct == 100.0
+    assert stats.ppl == pytest.approx(stats.ppl_ref, rel=1e-6)
+    assert stats.n_positions == 6 * (32 - 1 - 16)  # 201 tokens → 6 chunks, second half scored
 
 
 def test_bf16_against_fp32_is_small_and_positive(tmp_path: Path, tiny_model):
@@ -60,9 +61,9 @@ def test_bf16_against_fp32_is_small_and_positive(tmp_path: Path, tiny_model):
     reference = build(tmp_path, quality.torch_logits_fn(tiny_model))
     bf16 = copy.deepcopy(tiny_model).to(torch.bfloat16)
     stats = stats_of(reference, quality.torch_logits_fn(bf16))
-    assert 0 < stats["kld_mean"] < 0.01
-    assert stats["same_top1_pct"] > 80
-    assert stats["kld_p99"] >= stats["kld_median"] >= 0
+    assert 0 < stats.kld_mean < 0.01
+    assert stats.same_top1_pct > 80
+    assert stats.kld_p99 >= stats.kld_median >= 0
 
 
 def test_hand_computed_kld_on_a_tiny_vocabulary():
@@ -85,8 +86,8 @@ def test_top_k_is_a_lower_bound_of_the_full_vocabulary_kld(tmp_path: Path, tiny_
 
     bf16 = quality.torch_logits_fn(copy.deepcopy(tiny_model).to(torch.bfloat16))
     fn = quality.torch_logits_fn(tiny_model)
-    full = stats_of(build(tmp_path, fn, top_k=VOCAB), bf16)["kld_mean"]
-    top16 = stats_of(build(tmp_path, fn, top_k=16), bf16)["kld_mean"]
+    full = stats_of(build(tmp_path, fn, top_k=VOCAB), bf16).kld_mean
+    top16 = stats_of(build(tmp_path, fn, top_k=16), bf16).kld_mean
     # A random model's flat distribution is the worst case for lumping; the gap on a real model is
     # measured by scripts/bench_quality.py (README "Quality").
     assert 0 < top16 <= full * (1 + 1e-9)

@@ -9,35 +9,44 @@ import time
 import pytest
 from apps import feed_samples, settle, sim_app
 
-from qexplorer.core import events
-from qexplorer.core.bench import BenchConfig
-from qexplorer.core.jobs import JobOutcome, MemorySample
-from qexplorer.core.pipeline import JobSpec
+from qexplorer.core.bench import Stat
+from qexplorer.core.jobs.events import Phase, Progress
+from qexplorer.core.jobs.queue import JobView
+from qexplorer.core.jobs.record import ModelIdentity, RunRecord, Speed
+from qexplorer.core.jobs.runner import MemorySample
+from qexplorer.core.kinds import Family, JobAction, JobStatus
 from qexplorer.core.results import ResultsStore
 from qexplorer.core.units import GIB, MIB
-from qexplorer.ui.jobstate import JobState
-from qexplorer.ui.messages import JobEventMessage, JobFinished, JobMemoryMessage
-from qexplorer.ui.screens.run import RunScreen
+from qexplorer.ui.messages import JobChanged
+from qexplorer.ui.screens.jobs import JobsScreen
 
 
 async def inject_jobs(app, pilot) -> None:
-    """Two jobs: one finished, one mid-benchmark, fed through the production messages."""
-    bench = BenchConfig.quick()
-    for job_id, key, label in ((1, "q8_0", "GGUF Q8_0"), (2, "int8", "INT8 w-only")):
-        spec = JobSpec(model_ref="default", precision=key, data_dir="/nonexistent", bench=bench,
-                       planned_peak_bytes=int(1.1 * GIB))
-        app.jobs.append(JobState(id=job_id, spec=spec, label=label))
+    """Two jobs: one finished, one mid-benchmark, fed as the queue's views through the production message."""
+    revision = 0
+
+    def post(view: JobView) -> JobView:
+        nonlocal revision
+        revision += 1
+        view = JobView(**{**view.__dict__, "revision": revision})
+        app.post_message(JobChanged(view))
+        return view
+
+    done = post(JobView(id=1, label="GGUF Q8_0", action=JobAction.RUN, planned_peak_bytes=int(1.1 * GIB)))
+    running = post(JobView(id=2, label="INT8 w-only", action=JobAction.RUN, planned_peak_bytes=int(1.1 * GIB)))
+    running = post(running.applied(Phase("load", "loading")))
     for second in range(12):
         rss = int((0.1 + 0.08 * second) * GIB)
-        app.post_message(JobMemoryMessage(2, MemorySample(float(second), rss, None,
-                                                          int(72 * GIB - rss), "load")))
-    app.post_message(JobEventMessage(2, events.phase("benchmark", "pp64 / tg16 × 2")))
-    app.post_message(JobEventMessage(2, events.progress("benchmark", 1, 2, "repetition 1")))
-    record = {"decode_tok_s": {"mean": 141.7, "sd": 3.9, "n": 2}, "peak_rss_bytes": 247 * MIB}
-    outcome = JobOutcome(job=app.jobs[0].spec, status="ok", record=record, error=None, peak_rss_bytes=247 * MIB)
-    app.post_message(JobFinished(1, outcome))
+        running = post(running.sampled(MemorySample(float(second), rss, None, int(72 * GIB - rss), "load")))
+    running = post(running.applied(Phase("benchmark", "pp64 / tg16 × 2")))
+    running = post(running.applied(Progress("benchmark", 1, 2, "repetition 1")))
+    speed = Speed(prefill_tok_s=Stat(900.0, 10.0, 2), decode_tok_s=Stat(141.7, 3.9, 2), ttft_s=Stat(0.08, 0.0, 2),
+                  prompt_tokens=64, gen_tokens=16, repetitions=2, threads=2)
+    record = RunRecord(model=ModelIdentity("SmolLM2", "/m.gguf"), precision="q8_0", precision_label="GGUF Q8_0",
+                       family=Family.GGUF, speed=speed).with_memory(peak_rss_bytes=247 * MIB)
+    post(JobView(**{**done.__dict__, "status": JobStatus.OK, "phase": "done", "record": record,
+                    "peak_rss_bytes": 247 * MIB, "message": "stored; it appears on the compare screen (c)"}))
     await pilot.pause()
-    app.jobs_version += 1
     await pilot.press("j")
     await pilot.pause()
     await pilot.press("down")
@@ -67,7 +76,8 @@ async def wait_jobs(app, pilot, timeout_s: float = 240) -> None:
 @pytest.mark.e2e
 async def test_sigkill_mid_run_leaves_the_app_alive_and_the_next_job_runs(isolated_user_dirs):
     store = ResultsStore.in_dir(isolated_user_dirs / "data")
-    earlier = store.add({"model_name": "earlier", "model_path": "x", "precision": "bf16", "family": "torch"})
+    earlier = store.add(RunRecord(model=ModelIdentity("earlier", "x"), precision="bf16", precision_label="BF16",
+                                  family=Family.TORCH))
     app = sim_app("none")
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(app, pilot)
@@ -75,7 +85,7 @@ async def test_sigkill_mid_run_leaves_the_app_alive_and_the_next_job_runs(isolat
         app.quick_bench = True
         await pilot.press("p")
         await pilot.press("r")
-        assert isinstance(app.screen, RunScreen)
+        assert isinstance(app.screen, JobsScreen)
         started = time.monotonic()
         while app.jobs[0].phase != "load" and time.monotonic() - started < 60:
             await pilot.pause(0.05)
@@ -83,7 +93,7 @@ async def test_sigkill_mid_run_leaves_the_app_alive_and_the_next_job_runs(isolat
         os.kill(pid, signal.SIGKILL)
         await wait_jobs(app, pilot)
         assert [j.status for j in app.jobs] == ["failed", "ok"]
-        assert "SIGKILL" in app.jobs[0].outcome.error
+        assert "SIGKILL" in app.jobs[0].error
         await pilot.press("d")  # the app still answers
         assert type(app.screen).__name__ == "DashboardScreen"
     assert store.integrity_ok()

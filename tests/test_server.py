@@ -13,8 +13,10 @@ import time
 import pytest
 
 from qexplorer.cli import main
-from qexplorer.core.bench import server
+from qexplorer.core.bench import Stat, server
 from qexplorer.core.catalog import bundled_model_path
+from qexplorer.core.jobs.events import Progress
+from qexplorer.core.jobs.record import RunRecord, ServerLevel, ServerSweep
 from qexplorer.core.results import ResultsStore
 
 
@@ -58,7 +60,7 @@ def test_sweep_at_three_concurrency_levels_is_stored(loopback, capsys, isolated_
     assert [lv["concurrency"] for lv in data["levels"]] == [1, 4, 16]
     for level in data["levels"]:
         assert level["aggregate_tok_s"]["mean"] > 0 and level["ttft_s"]["mean"] > 0
-        assert level["itl_ms"]["p99"] >= level["itl_ms"]["p50"] > 0
+        assert level["itl"]["p99_ms"] >= level["itl"]["p50_ms"] > 0
     rows = ResultsStore.in_dir(isolated_user_dirs / "data").all()
     assert rows[-1].family == "server" and rows[-1].model_path.startswith("server://127.0.0.1:")
 
@@ -85,21 +87,24 @@ def test_server_killed_mid_sweep_keeps_finished_levels(capsys, isolated_user_dir
             time.sleep(0.05)
         proc.kill()
 
-    result: dict = {}
     killer = threading.Thread(target=kill_later, daemon=True)
     killer.start()
+    steps = server.sweep(server.ServerTarget(url, timeout_s=60), (1, 4), repetitions=1, max_tokens=8)
     try:
-        for item in server.sweep(server.ServerTarget(url, timeout_s=60), (1, 4), repetitions=1, max_tokens=8):
-            if isinstance(item, dict):
-                result = item
-            elif item.type == "progress" and item.done == 1:
+        while True:
+            try:
+                event = next(steps)
+            except StopIteration as done:
+                result = done.value
+                break
+            if isinstance(event, Progress) and event.done == 1:
                 (isolated_user_dirs / "progress").write_text("1")
                 killer.join(timeout=10)
     finally:
         proc.kill()
         proc.wait(timeout=10)
-    assert [lv["concurrency"] for lv in result["levels"]] == [1]
-    assert "Nothing answers" in result["error"] or "broke off" in result["error"]
+    assert [lv.concurrency for lv in result.levels] == [1]
+    assert "Nothing answers" in result.error or "broke off" in result.error
 
 
 def test_refused_connection_is_one_sentence(capsys):
@@ -166,10 +171,12 @@ def test_api_key_comes_from_the_environment_only(monkeypatch):
 
 
 def test_record_tags_host_and_model():
-    record = server.record_from_sweep({"model_id": "m", "host": "h:1", "max_tokens": 8, "repetitions": 1,
-                                       "levels": [{"concurrency": 1, "decode_tok_s_per_stream": {"mean": 9.0},
-                                                   "ttft_s": {"mean": 0.1}}]})
-    assert record["model_path"] == "server://h:1/m" and record["decode_tok_s"]["mean"] == 9.0
+    level = ServerLevel(concurrency=1, aggregate_tok_s=Stat(9.0, 0.0, 1), decode_tok_s_per_stream=Stat(9.0, 0.0, 1),
+                        ttft_s=Stat(0.1, 0.0, 1), itl=None, tokens=8)
+    record = server.record_from_sweep(ServerSweep(model_id="m", host="h:1", max_tokens=8, repetitions=1,
+                                                  token_count="chunks", levels=(level,)))
+    assert record.model.path == "server://h:1/m" and record.speed.decode_tok_s.mean == 9.0
+    assert RunRecord.from_json(json.loads(record.dumps())) == record
 
 
 @pytest.mark.e2e

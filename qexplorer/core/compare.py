@@ -19,14 +19,14 @@ the numbers, and what the runner-up would cost or save.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from qexplorer.core.kinds import Family, Priority, SupportMode
 from qexplorer.core.precisions import BY_KEY, Hardware, Precision
 from qexplorer.core.results import StoredResult
 from qexplorer.core.units import format_bytes
 
 ACCEPTABLE_KLD = 0.1
-PRIORITIES = ("quality", "memory", "speed", "cpu")
+PRIORITIES = tuple(Priority)
 CPU_POOL = ("q6_k", "q5_k_m", "q4_k_m")
 SORT_KEYS = ("precision", "memory", "decode", "kld", "top1", "ppl")
 
@@ -37,8 +37,8 @@ class CompareRow:
 
     precision: str
     label: str
-    family: str
-    mode: str
+    family: Family
+    mode: SupportMode
     weight_bytes: int | None
     peak_bytes: int | None
     plan_bytes: int | None
@@ -59,25 +59,22 @@ class CompareRow:
         return self.weight_bytes
 
 
-def _stat(record: dict[str, Any], key: str, field: str = "mean") -> float | None:
-    value = record.get(key)
-    return value.get(field) if isinstance(value, dict) else None
-
-
 def row_from_result(result: StoredResult) -> CompareRow:
     r = result.record
-    q = r.get("quality") or {}
+    q, speed = r.quality, r.speed
     precision = BY_KEY.get(result.precision)
     return CompareRow(
         precision=result.precision if precision else f"{result.precision}:{result.id}",
-        label=precision.label if precision else str(r.get("precision_label") or result.precision),
-        family=result.family, mode=r.get("mode") or "native", weight_bytes=r.get("weight_bytes"),
-        peak_bytes=r.get("peak_rss_bytes"), plan_bytes=r.get("planned_total_bytes"),
-        prefill_tok_s=_stat(r, "prefill_tok_s"), prefill_sd=_stat(r, "prefill_tok_s", "sd"),
-        decode_tok_s=_stat(r, "decode_tok_s"), decode_sd=_stat(r, "decode_tok_s", "sd"),
-        ttft_s=_stat(r, "ttft_s"), roofline_pct=r.get("roofline_pct"),
-        kld=q.get("kld_mean"), top1_pct=q.get("same_top1_pct"), ppl=q.get("ppl"), ppl_ref=q.get("ppl_ref"),
-        reference_quantized=bool(r.get("reference_quantized")),
+        label=precision.label if precision else r.precision_label,
+        family=r.family, mode=r.engine.mode, weight_bytes=r.memory.weight_bytes,
+        peak_bytes=r.memory.peak_rss_bytes, plan_bytes=r.memory.planned_total_bytes,
+        prefill_tok_s=speed.prefill_tok_s.mean if speed and speed.prefill_tok_s.n else None,
+        prefill_sd=speed.prefill_tok_s.sd if speed and speed.prefill_tok_s.n else None,
+        decode_tok_s=speed.decode_tok_s.mean if speed else None, decode_sd=speed.decode_tok_s.sd if speed else None,
+        ttft_s=speed.ttft_s.mean if speed and speed.ttft_s.n else None, roofline_pct=r.roofline_pct,
+        kld=q.kld_mean if q else None, top1_pct=q.same_top1_pct if q else None,
+        ppl=q.ppl if q else None, ppl_ref=q.ppl_ref if q else None,
+        reference_quantized=r.model.stored_quantized,
     )
 
 
@@ -119,11 +116,11 @@ class Recommendation:
     label: str
     text: str
     runner_up: str | None
-    priority: str
+    priority: Priority
 
 
 def _native(row: CompareRow, precision: Precision, hardware: Hardware) -> bool:
-    return precision.support(hardware).mode == "native"
+    return precision.support(hardware).mode == SupportMode.NATIVE
 
 
 def _need(row: CompareRow) -> int | None:
@@ -131,9 +128,8 @@ def _need(row: CompareRow) -> int | None:
 
 
 def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | None,
-              priority: str = "quality") -> Recommendation:
-    if priority not in PRIORITIES:
-        raise ValueError(f"priority must be one of {PRIORITIES}")
+              priority: Priority = Priority.QUALITY) -> Recommendation:
+    priority = Priority(priority)
     measured = [r for r in rows if r.precision in BY_KEY]
     if not measured:
         return Recommendation(None, "nothing measured", "Run some precisions first (p, select, r).", None, priority)
@@ -142,19 +138,19 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
         need = _need(row)
         return headroom_bytes is None or need is None or need <= headroom_bytes
 
-    cpu_pool = not hardware.cuda or priority == "cpu"
+    cpu_pool = not hardware.cuda or priority == Priority.CPU
     if cpu_pool:
         pool = [r for r in measured if r.precision in CPU_POOL]
         why_pool = ("no GPU here, so llama.cpp with a GGUF K-quant of 4 bits or more"
                     if not hardware.cuda else "for CPU or hybrid serving, llama.cpp with a GGUF K-quant")
         if not pool:
-            pool = [r for r in measured if r.family == "gguf"] or measured
+            pool = [r for r in measured if r.family == Family.GGUF] or measured
     else:
-        pool = [r for r in measured if BY_KEY[r.precision].quantized and r.family == "torch"
+        pool = [r for r in measured if BY_KEY[r.precision].quantized and r.family == Family.TORCH
                 and _native(r, BY_KEY[r.precision], hardware)]
         why_pool = f"on {hardware.label}, a vLLM-servable precision with native kernels"
         if not pool:
-            pool = [r for r in measured if r.family == "torch"] or measured
+            pool = [r for r in measured if r.family == Family.TORCH] or measured
     fitting = [r for r in pool if fits(r)]
     excluded = [r for r in pool if not fits(r)]
     if not fitting:
@@ -168,9 +164,9 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
         return row.kld if row.kld is not None else float("inf")
 
     acceptable = [r for r in fitting if kld(r) <= ACCEPTABLE_KLD] or fitting
-    if priority in ("quality", "cpu"):
+    if priority in (Priority.QUALITY, Priority.CPU):
         ranked = sorted(fitting, key=lambda r: (kld(r), r.memory_bytes or 0))
-    elif priority == "memory":
+    elif priority == Priority.MEMORY:
         ranked = sorted(acceptable, key=lambda r: (r.memory_bytes or 0, kld(r)))
     else:
         ranked = sorted(acceptable, key=lambda r: (-(r.decode_tok_s or 0.0), kld(r)))
@@ -198,7 +194,7 @@ def _facts(row: CompareRow) -> str:
         parts.append(f"top-1 {row.top1_pct:.1f} %")
     if row.decode_tok_s is not None:
         parts.append(f"{row.decode_tok_s:.1f} tok/s decode")
-    if row.mode == "emulated":
+    if row.mode == SupportMode.EMULATED:
         parts.append("emulated here")
     return ", ".join(parts)
 

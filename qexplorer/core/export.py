@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any
 
-from qexplorer.core import events
-from qexplorer.core.catalog import ModelSpec
 from qexplorer.core.errors import UserError
+from qexplorer.core.jobs.events import JobEvent, Phase
+from qexplorer.core.jobs.record import ExportRecord
+from qexplorer.core.kinds import ModelFormat, Producer
+from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
 
 
@@ -54,61 +55,55 @@ def _copy_file(source: Path, out: Path) -> None:
 
 
 def export_model(spec: ModelSpec, precision: Precision, out: Path, work_dir: Path,
-                 threads: int = 0) -> Iterator[events.Event | dict[str, Any]]:
-    """Yields events, then ``{"export_path", "format", "bytes", "serve_command"}``."""
+                 threads: int = 0) -> Generator[JobEvent, None, ExportRecord]:
+    """Yields events; returns what was written and how to serve it."""
     out = out.expanduser().resolve()
     if not out.parent.exists():
         raise UserError(f"The folder {out.parent} does not exist; create it or choose another --out.")
     if precision.is_gguf:
-        from qexplorer.core.pipeline import _take_path
         from qexplorer.core.quantize.gguf_quant import gguf_for
 
         bf16_folder = None
-        if spec.format == "hf":
+        if spec.format == ModelFormat.HF:
             from qexplorer.core.quantize.torch_quant import bf16_checkpoint
 
-            folders: list[Path] = []
-            yield from _take_path(bf16_checkpoint(spec, work_dir), folders)
-            bf16_folder = folders[0]
+            bf16_folder = yield from bf16_checkpoint(spec, work_dir)
         artifact = work_dir / f"{precision.key}.gguf"
         if not artifact.exists():
-            made: list[Path] = []
-            yield from _take_path(gguf_for(spec, precision, work_dir, bf16_folder, threads), made)
-        yield events.phase("export", f"writing {out.name}")
+            artifact = yield from gguf_for(spec, precision, work_dir, bf16_folder, threads)
+        yield Phase("export", f"writing {out.name}")
         _copy_file(artifact, out)
         fmt = "gguf"
     else:
         yield from _export_torch(spec, precision, out, work_dir)
         fmt = "hf" if not precision.quantized else "compressed-tensors"
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    yield {"export_path": str(out), "format": fmt, "bytes": size, "serve_command": serve_command(precision, out)}
+    return ExportRecord(export_path=str(out), format=fmt, bytes=size, serve_command=serve_command(precision, out))
 
 
-def _export_torch(spec: ModelSpec, precision: Precision, out: Path, work_dir: Path) -> Iterator[events.Event]:
-    from qexplorer.core.pipeline import _take_path
+def _export_torch(spec: ModelSpec, precision: Precision, out: Path, work_dir: Path) -> Generator[JobEvent, None, None]:
     from qexplorer.core.quantize import torch_quant
 
     torch_quant.quiet_libraries()
-    folders: list[Path] = []
-    yield from _take_path(torch_quant.bf16_checkpoint(spec, work_dir), folders)
-    source = folders[0]
+    source = yield from torch_quant.bf16_checkpoint(spec, work_dir)
     partial = _partial(out)
     shutil.rmtree(partial, ignore_errors=True)
-    yield events.phase("export", f"writing {precision.label} to {out.name}")
+    yield Phase("export", f"writing {precision.label} to {out.name}")
     try:
         if not precision.quantized:
             model, tokenizer = torch_quant.load_model(source, precision.key)
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
-        elif precision.key in ("int4_rtn", "gptq", "awq"):
+        elif precision.export_scheme is not None:
+            yield from torch_quant.llmcompressor_scheme(source, partial, precision.export_scheme)
+        elif Producer.LLMCOMPRESSOR in (precision.producer, precision.cpu_producer):
             cached = work_dir / f"{precision.key}-compressed-tensors"
             if cached.exists():
                 shutil.copytree(cached, partial)
             else:
                 yield from torch_quant.llmcompressor_quantize(source, partial, precision, spec)
         else:
-            yield from torch_quant.llmcompressor_scheme(source, partial, "FP8_DYNAMIC" if precision.key == "fp8"
-                                                        else "W8A16")
+            raise UserError(f"{precision.label} has no servable export format.")
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise UserError(f"Could not write {out} ({exc.strerror or exc}); nothing was left under that name.") from None

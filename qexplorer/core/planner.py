@@ -34,8 +34,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from qexplorer.core.catalog import ModelSpec
 from qexplorer.core.errors import UserError
+from qexplorer.core.kinds import Family, Producer, RunsOn, SupportMode, TensorRole, Verdict
+from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import BY_KEY, PRECISIONS, Hardware, Precision, Support
 from qexplorer.core.telemetry import TelemetrySnapshot
 from qexplorer.core.units import GIB, MIB
@@ -72,8 +73,8 @@ class PlanRequest:
 class PrecisionPlan:
     precision: str
     label: str
-    family: str
-    runs_on: str  # "GPU" or "CPU"
+    family: Family
+    runs_on: RunsOn
     bits_per_weight: float  # weight_bytes × 8 / params
     group_size: int | None
     weight_bytes: int
@@ -83,8 +84,8 @@ class PrecisionPlan:
     total_bytes: int
     headroom_bytes: int | None
     margin_bytes: int | None
-    verdict: str  # "fits", "tight", "does not fit", "unknown"
-    support: str  # "native", "emulated", "unavailable"
+    verdict: Verdict
+    support: SupportMode
     support_note: str
     servers: tuple[str, ...]
 
@@ -111,10 +112,9 @@ def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str) -> int:
 
 
 def overhead_bytes(spec: ModelSpec, precision: Precision, request: PlanRequest, on_gpu: bool) -> int:
-    family = "gguf" if precision.is_gguf else "torch"
     base = LLAMA_CPP_RUNTIME_BYTES if precision.is_gguf else TORCH_RUNTIME_BYTES
     if on_gpu:
-        base += CUDA_CONTEXT_BYTES[family]
+        base += CUDA_CONTEXT_BYTES[precision.family]
     chunk = min(request.context, PREFILL_CHUNK_TOKENS)
     if precision.is_gguf:  # llama.cpp computes logits for the last position only
         activations = request.batch * (chunk * spec.hidden_size * 4 * 8 + spec.vocab_size * 4)
@@ -123,15 +123,15 @@ def overhead_bytes(spec: ModelSpec, precision: Precision, request: PlanRequest, 
     return base + activations
 
 
-def verdict(total: int, headroom: int | None) -> tuple[str, int | None]:
+def verdict(total: int, headroom: int | None) -> tuple[Verdict, int | None]:
     if headroom is None:
-        return "unknown", None
+        return Verdict.UNKNOWN, None
     margin = headroom - total
     if margin < 0:
-        return "does not fit", margin
+        return Verdict.DOES_NOT_FIT, margin
     if margin < max(TIGHT_FRACTION * total, TIGHT_MIN_BYTES):
-        return "tight", margin
-    return "fits", margin
+        return Verdict.TIGHT, margin
+    return Verdict.FITS, margin
 
 
 def plan_precision(spec: ModelSpec, precision: Precision, request: PlanRequest,
@@ -153,7 +153,7 @@ def plan_precision(spec: ModelSpec, precision: Precision, request: PlanRequest,
         precision=precision.key,
         label=precision.label,
         family=precision.family,
-        runs_on="GPU" if on_gpu else "CPU",
+        runs_on=RunsOn.GPU if on_gpu else RunsOn.CPU,
         bits_per_weight=round(weights * 8 / max(1, spec.total_params), 3),
         group_size=precision.group_size(spec),
         weight_bytes=weights,
@@ -197,17 +197,6 @@ def plan_json(spec: ModelSpec, request: PlanRequest, snapshot: TelemetrySnapshot
     }
 
 
-def quantize_path(precision: Precision, on_gpu: bool) -> str:
-    """How a job produces this precision: "cast", "torchao", "llm-compressor" or "llama.cpp"."""
-    if precision.is_gguf:
-        return "llama.cpp"
-    if not precision.quantized:
-        return "cast"
-    if precision.key in ("gptq", "awq") or (precision.key == "int4_rtn" and not on_gpu):
-        return "llm-compressor"
-    return "torchao"
-
-
 def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: bool) -> int:
     """Predicted peak memory of one quantize-and-benchmark job (what the guard compares against).
 
@@ -221,16 +210,16 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     serving = (weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context
                + overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu))
     bf16 = weight_bytes(spec, BY_KEY["bf16"])
-    path = quantize_path(precision, on_gpu)
-    if path == "cast":
+    producer = precision.producer_on(on_gpu)
+    if producer == Producer.CAST:
         extra = 0 if precision.key == "bf16" else bf16 // 2
-    elif path == "torchao":
+    elif producer == Producer.TORCHAO:
         extra = TORCHAO_IMPORT_BYTES + bf16
-        if precision.key == "fp8" and precision.support(hardware_for(on_gpu)).mode == "emulated":
-            extra += bf16
-    elif path == "llm-compressor":
+        if precision.support(hardware_for(on_gpu)).mode == SupportMode.EMULATED:
+            extra += bf16  # an emulated torchao scheme (FP8 weight-only) keeps an upcast copy
+    elif producer == Producer.LLMCOMPRESSOR:
         extra = LLMCOMPRESSOR_IMPORT_BYTES + bf16
-        if precision.key == "gptq":  # AWQ's scale search measured no extra here
+        if precision.needs_calibration and precision.key == "gptq":  # AWQ's scale search measured no extra here
             extra += CALIBRATION_BYTES + layer_hessian_bytes(spec)
     else:
         extra = 0
@@ -239,7 +228,7 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
 
 def layer_hessian_bytes(spec: ModelSpec) -> int:
     """GPTQ keeps an fp32 cols × cols Hessian per linear module of the layer being calibrated."""
-    per_layer = [g for g in spec.groups if g.role in ("linear", "expert")]
+    per_layer = [g for g in spec.groups if g.role in (TensorRole.LINEAR, TensorRole.EXPERT)]
     return sum(4 * g.cols * g.cols * max(1, g.count // max(1, spec.n_layers)) for g in per_layer)
 
 

@@ -28,13 +28,14 @@ import math
 import os
 import shutil
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qexplorer.core import events
 from qexplorer.core.errors import UserError
+from qexplorer.core.jobs.events import JobEvent, Progress
+from qexplorer.core.jobs.record import QualityStats
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 PROSE_FILE = DATA_DIR / "prose.txt"
@@ -202,7 +203,7 @@ def load_reference(folder: Path) -> tuple[ReferenceMeta, dict[str, Any]] | None:
 
 
 def build_reference(folder: Path, logits_fn: LogitsFn, chunks: list[list[int]], meta: ReferenceMeta,
-                    ) -> Iterator[events.Event]:
+                    ) -> Generator[JobEvent, None, None]:
     """Run the reference over every chunk; store top-k log-probs chunk by chunk (memory-mapped)."""
     import numpy as np
 
@@ -234,7 +235,7 @@ def build_reference(folder: Path, logits_fn: LogitsFn, chunks: list[list[int]], 
         topk_logp[rows] = np.take_along_axis(logp, top, axis=-1)
         target_logp[rows] = logp[np.arange(per), targets]
         top1[rows] = logp.argmax(axis=-1)
-        yield events.progress("reference", index + 1, len(chunks), f"reference chunk {index + 1}/{len(chunks)}")
+        yield Progress("reference", index + 1, len(chunks), f"reference chunk {index + 1}/{len(chunks)}")
     for array in (chunk_arr, topk_ids, topk_logp, target_logp, top1):
         array.flush()
     del chunk_arr, topk_ids, topk_logp, target_logp, top1
@@ -258,8 +259,8 @@ def check_alignment(meta: ReferenceMeta, candidate_probe_ids: list[int], candida
 
 # ----------------------------------------------------------------- candidate
 def candidate_pass(reference: tuple[ReferenceMeta, dict[str, Any]], logits_fn: LogitsFn,
-                   ) -> Iterator[events.Event | dict[str, Any]]:
-    """Per-position KLD / NLL / Δp / agreement for the candidate; yields progress, then the stats dict."""
+                   ) -> Generator[JobEvent, None, QualityStats]:
+    """Per-position KLD / NLL / Δp / agreement for the candidate; yields progress, returns the statistics."""
     import numpy as np
 
     meta, arrays = reference
@@ -283,9 +284,9 @@ def candidate_pass(reference: tuple[ReferenceMeta, dict[str, Any]], logits_fn: L
         nll_q[rows] = -q_target
         delta_p[rows] = np.exp(q_target) - np.exp(target_logp)
         same_top1[rows] = logq.argmax(axis=-1) == np.asarray(arrays["top1"][rows])
-        yield events.progress("quality", index + 1, meta.n_chunks, f"candidate chunk {index + 1}/{meta.n_chunks}")
+        yield Progress("quality", index + 1, meta.n_chunks, f"candidate chunk {index + 1}/{meta.n_chunks}")
     nll_ref = -np.asarray(arrays["target_logp"], dtype=np.float64)
-    yield summarize(kld, nll_q, nll_ref, delta_p, same_top1)
+    return QualityStats(**summarize(kld, nll_q, nll_ref, delta_p, same_top1))
 
 
 def coarse_kld(top_logp: Any, top_logq: Any) -> Any:

@@ -1,9 +1,13 @@
 """The results store: SQLite in the user's data dir, one row per job.
 
 Identity columns (model, precision, backend, status, time) are real columns;
-every measured figure lives in the ``record`` JSON so that new metrics need no
-migration. ``schema_version`` in ``PRAGMA user_version`` - bump it and add a
-step to ``MIGRATIONS`` when the table changes.
+every measured figure lives in the ``record`` column as a
+:class:`~qexplorer.core.jobs.record.RunRecord` in JSON, so a new metric is a
+new field of that record and needs no table change. ``PRAGMA user_version``
+holds the schema: bump ``SCHEMA_VERSION`` and add a step to ``MIGRATIONS``
+(SQL) or ``REWRITES`` (a Python rewrite of each record) when either changes.
+Schema 1 stored flat dictionaries; opening such a store rewrites each row as a
+schema-2 record once.
 
 Only the parent process writes here (the worker never opens the store), so a
 worker killed mid-run cannot damage it. A locked or damaged store is reported
@@ -18,14 +22,18 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qexplorer.core.bench import Stat
 from qexplorer.core.errors import UserError
+from qexplorer.core.jobs.record import RunRecord, record_from_legacy
+from qexplorer.core.kinds import JobStatus, SupportMode
 from qexplorer.core.units import format_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = {
     1: """
     CREATE TABLE IF NOT EXISTS results (
@@ -42,29 +50,40 @@ MIGRATIONS = {
     );
     CREATE INDEX IF NOT EXISTS results_model ON results(model_path, precision);
     """,
+    2: "",
 }
+
+
+def _rewrite_v2(record: dict[str, Any]) -> dict[str, Any]:
+    return record_from_legacy(record).to_json()
+
+
+REWRITES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {2: _rewrite_v2}
 
 
 @dataclass(frozen=True)
 class StoredResult:
     id: int
     created_at: float
-    model_name: str
-    model_path: str
-    precision: str
-    family: str
-    backend: str | None
-    status: str  # "ok", "failed", "cancelled", "stopped", "timeout"
+    status: JobStatus
     error: str | None
-    record: dict[str, Any]
+    record: RunRecord
 
-    def metric(self, *path: str) -> Any:
-        value: Any = self.record
-        for key in path:
-            if not isinstance(value, dict):
-                return None
-            value = value.get(key)
-        return value
+    @property
+    def model_name(self) -> str:
+        return self.record.model.name
+
+    @property
+    def model_path(self) -> str:
+        return self.record.model.path
+
+    @property
+    def precision(self) -> str:
+        return self.record.precision
+
+    @property
+    def family(self) -> str:
+        return self.record.family
 
 
 class ResultsStore:
@@ -84,7 +103,10 @@ class ResultsStore:
                 os.chmod(self.path, 0o600)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for step in range(version + 1, SCHEMA_VERSION + 1):
-                conn.executescript(MIGRATIONS[step])
+                if MIGRATIONS[step]:
+                    conn.executescript(MIGRATIONS[step])
+                if step in REWRITES and version > 0:
+                    _rewrite_rows(conn, REWRITES[step])
                 conn.execute(f"PRAGMA user_version = {step}")
             if version > SCHEMA_VERSION:
                 raise UserError(f"The results store {self.path} was written by a newer qexplorer "
@@ -100,32 +122,41 @@ class ResultsStore:
             raise UserError(f"The results store {self.path} is damaged ({exc}); move it aside to start "
                             "a fresh one.") from None
 
-    def add(self, record: dict[str, Any], status: str = "ok", error: str | None = None) -> int:
+    def add(self, record: RunRecord, status: JobStatus = JobStatus.OK, error: str | None = None) -> int:
         conn = self._connect()
         try:
             with conn:
                 cursor = conn.execute(
                     "INSERT INTO results (created_at, model_name, model_path, precision, family, backend, status,"
                     " error, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (time.time(), record.get("model_name", "?"), record.get("model_path", "?"),
-                     record.get("precision", "?"), record.get("family", "?"), record.get("backend"),
-                     status, error, json.dumps(record, default=str)),
+                    (time.time(), record.model.name, record.model.path, record.precision, str(record.family),
+                     None if record.engine.name is None else str(record.engine.name), str(status), error,
+                     record.dumps()),
                 )
                 return int(cursor.lastrowid or 0)
         finally:
             conn.close()
 
-    def all(self, model_path: str | None = None, include_failed: bool = False) -> list[StoredResult]:
+    def by_ids(self, ids: list[int]) -> list[StoredResult]:
+        """Exactly these rows (failed ones included), in the order asked."""
+        found = {r.id: r for r in self.all(include_failed=True, ids=ids)}
+        return [found[i] for i in ids if i in found]
+
+    def all(self, model_path: str | None = None, include_failed: bool = False,
+            ids: list[int] | None = None) -> list[StoredResult]:
         conn = self._connect()
         try:
-            query = "SELECT id, created_at, model_name, model_path, precision, family, backend, status, error, record" \
-                    " FROM results"
-            clauses, args = [], []
+            query = "SELECT id, created_at, status, error, record FROM results"
+            clauses: list[str] = []
+            args: list[Any] = []
             if model_path:
                 clauses.append("model_path = ?")
                 args.append(model_path)
             if not include_failed:
                 clauses.append("status = 'ok'")
+            if ids is not None:
+                clauses.append(f"id IN ({','.join('?' * len(ids))})")
+                args.extend(ids)
             if clauses:
                 query += " WHERE " + " AND ".join(clauses)
             rows = conn.execute(query + " ORDER BY id", args).fetchall()
@@ -135,12 +166,13 @@ class ResultsStore:
         finally:
             conn.close()
         results = []
-        for row in rows:
+        for row_id, created_at, status, error, text in rows:
             try:
-                record = json.loads(row[9])
-            except json.JSONDecodeError:
+                record = RunRecord.from_json(json.loads(text))
+                state = JobStatus(status)
+            except (ValueError, TypeError):
                 continue  # one damaged row does not hide the others
-            results.append(StoredResult(*row[:9], record=record))
+            results.append(StoredResult(row_id, created_at, state, error, record))
         return results
 
     def latest_per_precision(self, model_path: str | None = None) -> list[StoredResult]:
@@ -165,31 +197,43 @@ class ResultsStore:
             conn.close()
 
 
+def _rewrite_rows(conn: sqlite3.Connection, rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Rewrite every record once (inside the migration's transaction); a row that cannot be read is left as is."""
+    for row_id, text in conn.execute("SELECT id, record FROM results").fetchall():
+        try:
+            new = rewrite(json.loads(text))
+        except (ValueError, TypeError, KeyError):
+            continue
+        conn.execute("UPDATE results SET record = ? WHERE id = ?", (json.dumps(new, separators=(",", ":")), row_id))
+
+
 # --------------------------------------------------------------------- exports
 def flat_row(result: StoredResult) -> dict[str, Any]:
     """One flat dict per result; names follow llama-bench's CSV where one exists."""
     r = result.record
-    hw = r.get("hardware", {}) or {}
-    pp, tg, ttft = r.get("prefill_tok_s") or {}, r.get("decode_tok_s") or {}, r.get("ttft_s") or {}
-    quality = r.get("quality") or {}
+    hw = r.hardware
+    speed, quality, memory = r.speed, r.quality, r.memory
     return {
         "id": result.id, "model_name": result.model_name, "model_filename": result.model_path,
-        "model_n_params": r.get("model_params"), "precision": result.precision, "family": result.family,
-        "backend": result.backend, "mode": r.get("mode"), "status": result.status,
-        "cpu_info": hw.get("cpu"), "gpu_info": hw.get("gpu"), "n_threads": r.get("threads"),
-        "n_prompt": r.get("prompt_tokens"), "n_gen": r.get("gen_tokens"), "repetitions": r.get("repetitions"),
-        "pp_avg_ts": pp.get("mean"), "pp_stddev_ts": pp.get("sd"),
-        "tg_avg_ts": tg.get("mean"), "tg_stddev_ts": tg.get("sd"),
-        "ttft_avg_s": ttft.get("mean"), "ttft_stddev_s": ttft.get("sd"),
-        "roofline_pct": r.get("roofline_pct"), "bandwidth_bytes_s": hw.get("bandwidth_bytes_s"),
-        "bandwidth_source": hw.get("bandwidth_source"),
-        "model_size": r.get("weight_bytes"), "resident_weight_bytes": r.get("resident_weight_bytes"),
-        "peak_rss_bytes": r.get("peak_rss_bytes"), "peak_gpu_bytes": r.get("peak_gpu_bytes"),
-        "planned_peak_bytes": r.get("planned_peak_bytes"),
-        "load_s": r.get("load_s"), "quantize_s": r.get("quantize_s"),
-        "kld_mean": quality.get("kld_mean"), "same_top1_pct": quality.get("same_top1_pct"),
-        "ppl": quality.get("ppl"), "ppl_ref": quality.get("ppl_ref"),
-        "versions": json.dumps(r.get("versions", {}), sort_keys=True),
+        "model_n_params": r.model.params, "precision": result.precision, "family": str(result.family),
+        "backend": None if r.engine.name is None else str(r.engine.name), "mode": str(r.engine.mode),
+        "status": str(result.status), "error": result.error,
+        "cpu_info": hw.cpu if hw else None, "gpu_info": hw.gpu if hw else None,
+        "n_threads": speed.threads if speed else None,
+        "n_prompt": speed.prompt_tokens if speed else None, "n_gen": speed.gen_tokens if speed else None,
+        "repetitions": speed.repetitions if speed else None,
+        "pp_avg_ts": speed.prefill_tok_s.mean if speed else None, "pp_stddev_ts": speed.prefill_tok_s.sd if speed else None,
+        "tg_avg_ts": speed.decode_tok_s.mean if speed else None, "tg_stddev_ts": speed.decode_tok_s.sd if speed else None,
+        "ttft_avg_s": speed.ttft_s.mean if speed else None, "ttft_stddev_s": speed.ttft_s.sd if speed else None,
+        "roofline_pct": r.roofline_pct, "bandwidth_bytes_s": hw.bandwidth_bytes_s if hw else None,
+        "bandwidth_source": hw.bandwidth_source if hw else None,
+        "model_size": memory.weight_bytes, "resident_weight_bytes": memory.resident_weight_bytes,
+        "peak_rss_bytes": memory.peak_rss_bytes, "peak_gpu_bytes": memory.peak_gpu_bytes,
+        "planned_peak_bytes": memory.planned_peak_bytes,
+        "load_s": r.timings.load_s, "quantize_s": r.timings.quantize_s,
+        "kld_mean": quality.kld_mean if quality else None, "same_top1_pct": quality.same_top1_pct if quality else None,
+        "ppl": quality.ppl if quality else None, "ppl_ref": quality.ppl_ref if quality else None,
+        "versions": json.dumps(r.versions, sort_keys=True),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result.created_at)),
     }
 
@@ -208,10 +252,10 @@ def to_json(results: list[StoredResult]) -> str:
     return json.dumps({"schema": "qexplorer.results/1", "results": [flat_row(r) for r in results]}, indent=2)
 
 
-def _pm(stat: dict[str, Any] | None, fmt: str = "{:.1f}") -> str:
-    if not stat or stat.get("mean") is None:
+def _pm(stat: Stat | None, fmt: str = "{:.1f}") -> str:
+    if stat is None:
         return "n/a"
-    return f"{fmt.format(stat['mean'])} ± {fmt.format(stat.get('sd', 0.0))}"
+    return f"{fmt.format(stat.mean)} ± {fmt.format(stat.sd)}"
 
 
 def to_markdown(results: list[StoredResult]) -> str:
@@ -219,26 +263,28 @@ def to_markdown(results: list[StoredResult]) -> str:
     lines = ["| Quantization | Memory | Throughput | Quality |", "|---|---|---|---|"]
     for result in results:
         r = result.record
-        label = r.get("precision_label", result.precision)
-        if r.get("mode") == "emulated":
+        label = r.precision_label
+        if r.engine.mode == SupportMode.EMULATED:
             label += " (emulated)"
-        memory = f"{format_bytes(r.get('weight_bytes'))} weights, {format_bytes(r.get('peak_rss_bytes'))} peak"
-        roof = f", {r['roofline_pct']:.0f} % of roofline" if r.get("roofline_pct") else ""
-        throughput = f"{_pm(r.get('decode_tok_s'))} tok/s decode, {_pm(r.get('prefill_tok_s'), '{:.0f}')} tok/s prefill{roof}"
-        quality = r.get("quality") or {}
-        if quality.get("kld_mean") is not None:
-            qtext = (f"KLD {quality['kld_mean']:.4f}, top-1 {quality['same_top1_pct']:.1f} %, "
-                     f"PPL {quality['ppl']:.2f} (ref {quality['ppl_ref']:.2f})")
+        memory = f"{format_bytes(r.memory.weight_bytes)} weights, {format_bytes(r.memory.peak_rss_bytes)} peak"
+        roof = f", {r.roofline_pct:.0f} % of roofline" if r.roofline_pct else ""
+        speed = r.speed
+        throughput = (f"{_pm(speed.decode_tok_s if speed else None)} tok/s decode, "
+                      f"{_pm(speed.prefill_tok_s if speed else None, '{:.0f}')} tok/s prefill{roof}")
+        q = r.quality
+        if q is not None:
+            qtext = f"KLD {q.kld_mean:.4f}, top-1 {q.same_top1_pct:.1f} %, PPL {q.ppl:.2f} (ref {q.ppl_ref:.2f})"
         else:
             qtext = "not measured"
         lines.append(f"| {label} | {memory} | {throughput} | {qtext} |")
     if results:
         first = results[0].record
-        hw = first.get("hardware", {})
+        hw = first.hardware
+        where = (hw.gpu or hw.cpu) if hw else "?"
+        shape = (f"pp{first.speed.prompt_tokens}/tg{first.speed.gen_tokens} × {first.speed.repetitions}"
+                 if first.speed else "not benchmarked")
         lines.append("")
-        lines.append(f"Measured on {hw.get('gpu') or hw.get('cpu', '?')}; {first.get('backend')}, "
-                     f"pp{first.get('prompt_tokens')}/tg{first.get('gen_tokens')} × {first.get('repetitions')}, "
-                     "mean ± sd.")
+        lines.append(f"Measured on {where}; {first.engine.name}, {shape}, mean ± sd.")
     return "\n".join(lines) + "\n"
 
 

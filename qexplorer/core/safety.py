@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-from qexplorer.core.catalog import ModelSpec
 from qexplorer.core.errors import UserError
+from qexplorer.core.model import ModelSpec
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 

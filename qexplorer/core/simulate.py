@@ -24,6 +24,7 @@ from qexplorer.core.telemetry import (
     NvmlUnavailable,
     PressureStall,
     TelemetrySampler,
+    local_sampler,
 )
 from qexplorer.core.units import GIB, MIB
 
@@ -292,3 +293,10 @@ def simulated_sampler(profile: str, reserve_bytes: int = DEFAULT_RESERVE_BYTES) 
         simulated=profile,
         clock=clock,
     )
+
+
+def make_sampler(simulate: str | None, reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> TelemetrySampler:
+    """Real telemetry, or the named simulated profile (see ``PROFILES``)."""
+    if simulate is None:
+        return local_sampler(reserve_bytes)
+    return simulated_sampler(simulate, reserve_bytes=reserve_bytes)

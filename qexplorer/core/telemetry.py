@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from qexplorer.core.units import GIB
+from qexplorer.core.kinds import NvmlState, ProcessKind
+from qexplorer.core.units import GIB, format_gib
 
 DEFAULT_RESERVE_BYTES = 8 * GIB
 """A reserve of ~8 GiB ended load failures on GB10 in the field (FACTS §1)."""
@@ -64,7 +65,7 @@ class NvmlQueryError(Exception):
 class GpuProcessUsage:
     pid: int
     used_bytes: int | None  # None: the driver did not say
-    kind: str  # "compute" or "graphics"
+    kind: ProcessKind
 
 
 class NvmlBackend(Protocol):
@@ -164,8 +165,8 @@ class PynvmlBackend:
     def processes(self, index: int) -> list[GpuProcessUsage]:
         found: list[GpuProcessUsage] = []
         for fn_name, kind in (
-            ("nvmlDeviceGetComputeRunningProcesses", "compute"),
-            ("nvmlDeviceGetGraphicsRunningProcesses", "graphics"),
+            ("nvmlDeviceGetComputeRunningProcesses", ProcessKind.COMPUTE),
+            ("nvmlDeviceGetGraphicsRunningProcesses", ProcessKind.GRAPHICS),
         ):
             try:
                 rows = self._call(fn_name, index)
@@ -324,6 +325,16 @@ class Reading:
     def missing(note: str) -> Reading:
         return Reading(None, "unavailable", note)
 
+    def text(self, unit: str = "bytes") -> str:
+        """The figure with its unit, or why it is missing."""
+        if self.value is None:
+            return f"unavailable ({self.note})" if self.note else "unavailable"
+        if unit == "bytes":
+            return format_gib(self.value, precision=2)
+        if unit == "%":
+            return f"{self.value:.0f} %"
+        return f"{self.value:g} {unit}"
+
 
 @dataclass(frozen=True)
 class HostMemory:
@@ -374,12 +385,13 @@ class ProcessInfo:
 class TelemetrySnapshot:
     timestamp_s: float
     simulated: str | None  # profile name, or None on real hardware
-    nvml_status: str  # "ok", or why there is no GPU telemetry
+    nvml_status: str  # "ok", or the sentence that says why there is no GPU telemetry
     reserve_bytes: int
     host: HostMemory
     host_headroom_bytes: Reading  # MemAvailable - reserve
     devices: tuple[DeviceTelemetry, ...]
     processes: tuple[ProcessInfo, ...]
+    nvml_state: NvmlState = NvmlState.OK  # the machine-readable half of nvml_status
 
     @property
     def unified(self) -> bool:
@@ -451,6 +463,7 @@ class TelemetrySampler:
     clock: Callable[[], float] = time.time
     own_pids: frozenset[int] = field(default_factory=frozenset)
     _nvml_status: str | None = field(default=None, init=False)
+    _nvml_state: NvmlState = field(default=NvmlState.OK, init=False)
     # The UI's sampling thread and a job's guard share one sampler.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -460,8 +473,10 @@ class TelemetrySampler:
                 self.nvml.init()
                 count = self.nvml.device_count()
                 self._nvml_status = "ok" if count else "no NVIDIA GPU found"
+                self._nvml_state = NvmlState.OK if count else NvmlState.NO_GPU
             except NvmlUnavailable as exc:
                 self._nvml_status = str(exc)
+                self._nvml_state = NvmlState.NO_DRIVER
         return self._nvml_status
 
     def close(self) -> None:
@@ -475,6 +490,7 @@ class TelemetrySampler:
 
     def _sample(self) -> TelemetrySnapshot:
         status = self._ensure_nvml()
+        state = self._nvml_state
         meminfo = self.host.meminfo()
         host = _host_memory(meminfo, self.host.pressure())
         mem_available = meminfo.get("MemAvailable")
@@ -497,6 +513,7 @@ class TelemetrySampler:
                         gpu_usage[proc.pid] = previous + (proc.used_bytes or 0)
             except NvmlUnavailable as exc:  # the GPU went away mid-run
                 status = f"telemetry lost: {exc}"
+                state = NvmlState.LOST
                 devices = []
         processes = self._processes(gpu_usage)
         return TelemetrySnapshot(
@@ -508,6 +525,7 @@ class TelemetrySampler:
             host_headroom_bytes=host_headroom,
             devices=tuple(devices),
             processes=processes,
+            nvml_state=state,
         )
 
     def _query(self, fn: Callable[[int], Any], index: int, source: str = "nvml") -> Reading:
@@ -653,12 +671,3 @@ def _host_memory(meminfo: dict[str, int], psi: PressureStall | None) -> HostMemo
 def local_sampler(reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> TelemetrySampler:
     """The sampler for this machine's real hardware."""
     return TelemetrySampler(PynvmlBackend(), LocalHostProbe(), reserve_bytes=reserve_bytes)
-
-
-def make_sampler(simulate: str | None, reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> TelemetrySampler:
-    """Real telemetry, or the named simulated profile (see ``simulate.PROFILES``)."""
-    if simulate is None:
-        return local_sampler(reserve_bytes)
-    from qexplorer.core.simulate import simulated_sampler
-
-    return simulated_sampler(simulate, reserve_bytes=reserve_bytes)

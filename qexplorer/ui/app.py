@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from textual import on, work
 from textual.app import App
@@ -14,23 +14,21 @@ from textual.reactive import reactive
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
-from qexplorer.core.catalog import DEFAULT_ALIAS, CatalogEntry, ModelSpec
+from qexplorer.core.catalog import DEFAULT_ALIAS, CatalogEntry
 from qexplorer.core.errors import UserError
+from qexplorer.core.kinds import JobStatus
+from qexplorer.core.model import ModelSpec
 from qexplorer.core.settings import Settings
 from qexplorer.core.telemetry import TelemetrySnapshot
 from qexplorer.core.units import format_bytes
-from qexplorer.ui.jobstate import JobState
-from qexplorer.ui.messages import (
-    CatalogScanned,
-    JobEventMessage,
-    JobFinished,
-    JobMemoryMessage,
-    ResultsLoaded,
-    TelemetrySampled,
-)
+from qexplorer.ui.messages import CatalogScanned, JobChanged, ResultsLoaded, TelemetrySampled
 from qexplorer.ui.screens.dashboard import DashboardScreen
 from qexplorer.ui.sources import Sources
 from qexplorer.ui.themes import DEFAULT_THEME, load_themes
+
+if TYPE_CHECKING:  # the job machinery and compare rows load with the first job / the compare screen
+    from qexplorer.core.compare import CompareRow
+    from qexplorer.core.jobs.queue import JobView
 
 HISTORY_SAMPLES = 600  # 10 minutes at the default 1 s
 
@@ -60,8 +58,8 @@ class QExplorerApp(App[int]):
     chosen: reactive[frozenset[str]] = reactive(DEFAULT_PRECISIONS)
     quick_bench: reactive[bool] = reactive(False)
     measure_quality: reactive[bool] = reactive(True)
-    jobs_version: reactive[int] = reactive(0)
-    results_version: reactive[int] = reactive(0)
+    jobs: reactive[tuple[JobView, ...]] = reactive(())  # the queue's latest view of each job, oldest first
+    compare_rows: reactive[tuple[CompareRow, ...]] = reactive(())  # measured results for the compare screen
 
     def __init__(self, settings: Settings, sources: Sources, *, dashboard_only: bool = False,
                  live: bool = True, model_ref: str = DEFAULT_ALIAS) -> None:
@@ -73,10 +71,7 @@ class QExplorerApp(App[int]):
         self.live = live
         self.history: deque[TelemetrySnapshot] = deque(maxlen=HISTORY_SAMPLES)
         self._timer: Timer | None = None
-        self.jobs: list[JobState] = []
-        self._job_cancels: dict[int, threading.Event] = {}
-        self._queue_running = False
-        self.compare_rows: list = []
+        self._job_queue = None  # created with the first job: the job machinery stays out of start-up
         self.results_error: str | None = None
         self._theme_problems: tuple[str, ...] = ()
         self.set_reactive(QExplorerApp.refresh_s, settings.refresh_s)
@@ -114,6 +109,8 @@ class QExplorerApp(App[int]):
             self._timer = self.set_interval(self.refresh_s, self.request_sample)
 
     def on_unmount(self) -> None:
+        if self._job_queue is not None:
+            self._job_queue.cancel_all()
         self.sources.sampler.close()
 
     def _persist_theme(self, theme_name: str) -> None:
@@ -214,9 +211,9 @@ class QExplorerApp(App[int]):
         self._show(ModelPickerScreen)
 
     def action_plan(self) -> None:
-        from qexplorer.ui.screens.precisions import PrecisionPickerScreen
+        from qexplorer.ui.screens.plan import PlanScreen
 
-        self._show(PrecisionPickerScreen)
+        self._show(PlanScreen)
 
     def action_compare(self) -> None:
         from qexplorer.ui.screens.compare import CompareScreen
@@ -237,19 +234,20 @@ class QExplorerApp(App[int]):
         try:
             store = ResultsStore.in_dir(self.settings.results_path)
             results = store.latest_per_precision(model_path) + store.latest_servers()
-            rows, error = [row_from_result(r) for r in results], None
+            rows, error = tuple(row_from_result(r) for r in results), None
         except UserError as exc:
             rows, error = None, str(exc)
         self.post_message(ResultsLoaded(rows, error))
 
     @on(ResultsLoaded)
     def _on_results(self, message: ResultsLoaded) -> None:
-        if message.rows is not None:
-            self.compare_rows = message.rows  # on error the rows already shown stay
         self.results_error = message.error
         if message.error:
             self.notify(message.error, severity="error", timeout=10)
-        self.results_version += 1
+        if message.rows is not None:
+            self.compare_rows = message.rows  # on error the rows already shown stay
+        else:
+            self.mutate_reactive(QExplorerApp.compare_rows)  # screens re-read results_error
 
     def export_results(self) -> None:
         self._export_results()
@@ -266,9 +264,62 @@ class QExplorerApp(App[int]):
         except (UserError, OSError) as exc:
             self.call_from_thread(self.notify, f"Export failed: {exc}", severity="error", timeout=10)
 
+    # ------------------------------------------------------------------ jobs
+    @property
+    def job_queue(self):
+        """The session's headless job queue (core); created, with its one consumer thread, on first use."""
+        if self._job_queue is None:
+            from qexplorer.core.bench.server import run_server_spec
+            from qexplorer.core.jobs.queue import JobQueue
+            from qexplorer.core.jobs.runner import JobRunner
+            from qexplorer.core.results import ResultsStore
+
+            self._job_queue = JobQueue(
+                JobRunner(sampler=self.sources.sampler, interval_s=self.refresh_s),
+                ResultsStore.in_dir(self.settings.results_path),
+                on_change=lambda view: self.post_message(JobChanged(view)),
+                server_runner=run_server_spec,
+                start_consumer=self._consume_jobs,
+            )
+        return self._job_queue
+
+    @work(thread=True, group="jobs", exit_on_error=False)
+    def _consume_jobs(self) -> None:
+        """The one consumer: the queue starts it when a job arrives and none runs; it ends when the queue is empty."""
+        self.job_queue.drain()
+
+    @on(JobChanged)
+    def _on_job_changed(self, message: JobChanged) -> None:
+        view = message.view
+        jobs = list(self.jobs)
+        index = next((i for i, j in enumerate(jobs) if j.id == view.id), None)
+        if index is None:
+            jobs.append(view)
+        elif jobs[index].revision < view.revision:
+            before = jobs[index]
+            jobs[index] = view
+            if view.finished and not before.finished:
+                self._announce(view)
+        else:
+            return  # an older view arrived late
+        self.jobs = tuple(jobs)
+
+    def _announce(self, view) -> None:
+        if view.status == JobStatus.OK:
+            if view.export is not None:
+                self.notify(view.message, timeout=15)
+            else:
+                self.notify(f"{view.label}: done.", timeout=4)
+                self.load_results()
+        elif view.status != JobStatus.CANCELLED:
+            self.notify(f"{view.label}: {view.error}", severity="error", timeout=10)
+        if view.store_error:
+            self.notify(view.store_error, severity="error", timeout=10)
+
     def export_model(self, precision_key: str) -> None:
         """Export the selected precision as a servable artifact, in a worker process."""
-        from qexplorer.core.pipeline import JobSpec
+        from qexplorer.core.jobs.spec import JobSpec
+        from qexplorer.core.kinds import JobAction
         from qexplorer.core.precisions import get as get_precision
 
         if self.model is None:
@@ -277,66 +328,29 @@ class QExplorerApp(App[int]):
         out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         spec = JobSpec(model_ref=self.model.path, precision=precision_key, data_dir=str(self.settings.results_path),
                        model_paths=tuple(self.settings.models), model_name=self.model.name,
-                       model_path=self.model.path, action="export", export_path=str(out))
-        job = JobState(id=len(self.jobs) + 1, spec=spec, label=f"export {get_precision(precision_key).label}")
-        self.jobs.append(job)
-        self.jobs_version += 1
+                       model_path=self.model.path, action=JobAction.EXPORT, export_path=str(out))
+        self.job_queue.submit([spec])
         self.notify(f"Exporting {get_precision(precision_key).label} to {out} (see jobs, j).", timeout=6)
-        if not self._queue_running:
-            self._queue_running = True
-            self._run_queue()
 
     def add_server_target(self, url: str) -> None:
         """Benchmark a running OpenAI-compatible server; it shows up as a job and then beside local results."""
-        from qexplorer.core.bench.server import ServerTarget
+        from qexplorer.core.jobs.spec import ServerSpec
 
-        target = ServerTarget(url.strip())
-        job = JobState(id=len(self.jobs) + 1, spec=None, label=f"server {target.host}")
-        self.jobs.append(job)
-        self.jobs_version += 1
-        self._server_sweep(job.id, target)
-
-    @work(thread=True, group="server", exit_on_error=False)
-    def _server_sweep(self, job_id: int, target) -> None:
-        from qexplorer.core.bench import server
-        from qexplorer.core.jobs import JobOutcome
-        from qexplorer.core.results import ResultsStore
-
-        result: dict = {"levels": []}
-        error = None
-        try:
-            for item in server.sweep(target):
-                if isinstance(item, dict):
-                    result = item
-                else:
-                    self.post_message(JobEventMessage(job_id, item))
-            error = result.get("error")
-            if result["levels"]:
-                record = server.record_from_sweep(result)
-                ResultsStore.in_dir(self.settings.results_path).add(record)
-        except UserError as exc:
-            error = str(exc)
-            record = None
-        else:
-            record = server.record_from_sweep(result) if result["levels"] else None
-        outcome = JobOutcome(job=None, status="ok" if error is None else "failed", record=record, error=error)
-        self.post_message(JobFinished(job_id, outcome))
+        self.job_queue.submit([ServerSpec(url.strip())])
 
     def action_run_screen(self) -> None:
-        from qexplorer.ui.screens.run import RunScreen
+        from qexplorer.ui.screens.jobs import JobsScreen
 
-        self._show(RunScreen)
+        self._show(JobsScreen)
 
-    # ------------------------------------------------------------------ jobs
     def bench_config(self):
         from qexplorer.core.bench import BenchConfig
 
         return BenchConfig.quick() if self.quick_bench else BenchConfig()
 
     def queue_chosen(self) -> None:
-        """Queue one job per chosen precision that the plan says fits; then show the run screen."""
-        from qexplorer.core.pipeline import JobSpec
-        from qexplorer.core.planner import PlanRequest, plan_job_peak, plan_precision
+        """Queue one job per chosen precision that the plan says fits; then show the jobs screen."""
+        from qexplorer.core.jobs.spec import JobSpec, plan_jobs
         from qexplorer.core.precisions import PRECISIONS
         from qexplorer.core.safety import check_loadable
 
@@ -348,122 +362,24 @@ class QExplorerApp(App[int]):
         except UserError as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return
-        bench = self.bench_config()
-        request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)
-        queued, refused = [], []
-        for precision in (p for p in PRECISIONS if p.key in self.chosen):  # registry order
-            key = precision.key
-            plan = plan_precision(self.model, precision, request, self.snapshot)
-            if plan.verdict == "does not fit":
-                refused.append(f"{precision.label} ({format_bytes(plan.total_bytes)} > "
-                               f"{format_bytes(plan.headroom_bytes)} headroom)")
-                continue
-            spec = JobSpec(
-                model_ref=self.model.path, precision=key, data_dir=str(self.settings.results_path), bench=bench,
-                model_paths=tuple(self.settings.models), model_name=self.model.name, model_path=self.model.path,
-                planned_peak_bytes=plan_job_peak(self.model, precision, bench, on_gpu=plan.runs_on == "GPU"),
-                planned_total_bytes=plan.total_bytes, quality=self.measure_quality,
-            )
-            job = JobState(id=len(self.jobs) + 1, spec=spec, label=precision.label)
-            self.jobs.append(job)
-            queued.append(job)
-        if refused:
-            self.notify("Not queued, does not fit: " + "; ".join(refused), severity="warning", timeout=10)
-        if not queued and not refused:
+        template = JobSpec(model_ref=self.model.path, precision="", data_dir=str(self.settings.results_path),
+                           bench=self.bench_config(), model_paths=tuple(self.settings.models),
+                           quality=self.measure_quality)
+        chosen = [p for p in PRECISIONS if p.key in self.chosen]  # registry order
+        planned = plan_jobs(self.model, chosen, self.snapshot, template)
+        if planned.refused:
+            self.notify("Not queued, does not fit: " + "; ".join(
+                f"{r.label} ({format_bytes(r.need_bytes)} > {format_bytes(r.headroom_bytes)} headroom)"
+                for r in planned.refused), severity="warning", timeout=10)
+        if not planned.specs and not planned.refused:
             self.notify("Select precisions with space first.", severity="warning")
-        self.jobs_version += 1
         self.action_run_screen()
-        if queued and not self._queue_running:
-            self._queue_running = True
-            self._run_queue()
+        if planned.specs:
+            self.job_queue.submit(planned.specs)
 
     def cancel_job(self, job_id: int) -> None:
-        job = next((j for j in self.jobs if j.id == job_id), None)
-        if job is None or job.finished:
-            return
-        if job.status == "queued":
-            job.status = "cancelled"
-            job.message = "Cancelled before it started."
-        else:
-            self._job_cancels.setdefault(job_id, threading.Event()).set()
-        self.jobs_version += 1
-
-    @work(thread=True, group="jobs", exit_on_error=False)
-    def _run_queue(self) -> None:
-        from qexplorer.core.jobs import JobRunner, store_outcome
-        from qexplorer.core.results import ResultsStore
-
-        runner = JobRunner(sampler=self.sources.sampler, interval_s=self.refresh_s)
-        store = ResultsStore.in_dir(self.settings.results_path)
-        try:
-            while True:
-                job = next((j for j in self.jobs if j.status == "queued"), None)
-                if job is None:
-                    return
-                job.status = "running"
-                cancel = self._job_cancels.setdefault(job.id, threading.Event())
-                outcome = runner.run(
-                    job.spec,
-                    on_event=lambda event, jid=job.id: self.post_message(JobEventMessage(jid, event)),
-                    on_memory=lambda sample, jid=job.id: self.post_message(JobMemoryMessage(jid, sample)),
-                    cancel=cancel,
-                )
-                store_error = None
-                if job.spec.action == "run":
-                    try:
-                        store_outcome(store, outcome)
-                    except UserError as exc:
-                        store_error = str(exc)
-                self.post_message(JobFinished(job.id, outcome, store_error))
-        finally:
-            self._queue_running = False
-        self.compare_rows: list = []
-        self.results_error: str | None = None
-
-    def _job(self, job_id: int) -> JobState | None:
-        return next((j for j in self.jobs if j.id == job_id), None)
-
-    @on(JobEventMessage)
-    def _on_job_event(self, message: JobEventMessage) -> None:
-        job = self._job(message.job_id)
-        if job is not None:
-            job.apply(message.event)
-            self.jobs_version += 1
-
-    @on(JobMemoryMessage)
-    def _on_job_memory(self, message: JobMemoryMessage) -> None:
-        job = self._job(message.job_id)
-        if job is not None:
-            job.memory.append(message.sample)
-            self.jobs_version += 1
-
-    @on(JobFinished)
-    def _on_job_finished(self, message: JobFinished) -> None:
-        job = self._job(message.job_id)
-        if job is None:
-            return
-        job.outcome = message.outcome
-        job.status = message.outcome.status
-        if job.spec is None:  # a server sweep
-            job.phase = "done" if message.outcome.ok else job.phase
-            job.message = message.outcome.error or "stored; it appears on the compare screen (c)"
-            if message.outcome.error:
-                self.notify(f"{job.label}: {message.outcome.error}", severity="error", timeout=10)
-            self.load_results()
-        elif message.outcome.ok and job.spec.action == "export" and message.outcome.record:
-            job.phase = "done"
-            job.message = f"serve it with: {message.outcome.record['serve_command']}"
-            self.notify(job.message, timeout=15)
-        elif message.outcome.ok:
-            job.phase = "done"
-            job.message = f"stored in {self.settings.results_path / 'results.sqlite3'}"
-            self.notify(f"{job.label}: done.", timeout=4)
-            self.load_results()
-        if not message.outcome.ok and job.spec is not None:
-            self.notify(f"{job.label}: {message.outcome.error}", severity="error", timeout=10)
-        if message.store_error:
-            self.notify(message.store_error, severity="error", timeout=10)
-        self.jobs_version += 1
+        if self._job_queue is not None:
+            self._job_queue.cancel(job_id)
 
 
 def _export_name(model_name: str, precision_key: str) -> str:

@@ -8,8 +8,8 @@ from textual.message import Message
 
 if TYPE_CHECKING:  # type hints only: the job machinery loads when the first job starts
     from qexplorer.core.catalog import CatalogEntry
-    from qexplorer.core.events import Event
-    from qexplorer.core.jobs import JobOutcome, MemorySample
+    from qexplorer.core.compare import CompareRow
+    from qexplorer.core.jobs.queue import JobView
     from qexplorer.core.telemetry import TelemetrySnapshot
 
 
@@ -36,38 +36,18 @@ class CatalogScanned(Message):
         self.entries = entries
 
 
-class JobEventMessage(Message):
-    """One event from a running job's worker."""
+class JobChanged(Message):
+    """A job's new state, as the core job queue saw it (a frozen view; the newest revision wins)."""
 
-    def __init__(self, job_id: int, event: Event) -> None:
+    def __init__(self, view: JobView) -> None:
         super().__init__()
-        self.job_id = job_id
-        self.event = event
-
-
-class JobMemoryMessage(Message):
-    """One memory sample of a running job, taken by the parent from outside."""
-
-    def __init__(self, job_id: int, sample: MemorySample) -> None:
-        super().__init__()
-        self.job_id = job_id
-        self.sample = sample
-
-
-class JobFinished(Message):
-    """A job ended (ok, failed, cancelled, stopped by the guard or timed out) and was stored."""
-
-    def __init__(self, job_id: int, outcome: JobOutcome, store_error: str | None = None) -> None:
-        super().__init__()
-        self.job_id = job_id
-        self.outcome = outcome
-        self.store_error = store_error
+        self.view = view
 
 
 class ResultsLoaded(Message):
     """Rows for the compare screen, read from the results store in a thread (None: could not read)."""
 
-    def __init__(self, rows: list | None, error: str | None) -> None:
+    def __init__(self, rows: tuple[CompareRow, ...] | None, error: str | None) -> None:
         super().__init__()
         self.rows = rows
         self.error = error

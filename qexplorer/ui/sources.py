@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.settings import Settings
-from qexplorer.core.telemetry import TelemetrySampler, make_sampler
+from qexplorer.core.simulate import make_sampler
+from qexplorer.core.telemetry import TelemetrySampler
 
 
 @dataclass

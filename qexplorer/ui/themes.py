@@ -15,7 +15,18 @@ from textual.theme import Theme
 
 from qexplorer.core.settings import config_dir
 
-SHIPPED_THEMES_DIR = Path(__file__).resolve().parents[2] / "themes"
+
+def _shipped_themes_dir() -> Path:
+    """``themes/`` of the source tree, or the installed ``qexplorer.themes`` package of a wheel."""
+    source_tree = Path(__file__).resolve().parents[2] / "themes"
+    if source_tree.is_dir():
+        return source_tree
+    from importlib.resources import files
+
+    return Path(str(files("qexplorer.themes")))
+
+
+SHIPPED_THEMES_DIR = _shipped_themes_dir()
 DEFAULT_THEME = "qexplorer-dark"
 COLOUR_KEYS = ("primary", "secondary", "accent", "warning", "error", "success",
                "foreground", "background", "surface", "panel")

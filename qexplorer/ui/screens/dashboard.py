@@ -11,8 +11,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Sparkline, Static
 
 from qexplorer.core.breakdown import breakdowns
+from qexplorer.core.kinds import NvmlState
 from qexplorer.core.telemetry import Reading, TelemetrySnapshot
-from qexplorer.core.textreport import reading_text
 from qexplorer.core.units import format_bytes, format_gib
 from qexplorer.ui.widgets.memory_bar import MemoryBar
 
@@ -88,7 +88,7 @@ class DashboardScreen(Screen):
             device = snapshot.devices[0]
             kind = {True: "unified memory", False: "discrete", None: "memory unknown"}[device.unified]
             parts.append(f"{device.name.removeprefix('NVIDIA ')} · {kind}")
-        elif snapshot.nvml_status.startswith("telemetry lost"):
+        elif snapshot.nvml_state == NvmlState.LOST:
             parts.append("[reverse b] TELEMETRY LOST [/reverse b] GPU figures unavailable")
         else:
             parts.append("no GPU")
@@ -113,7 +113,7 @@ class DashboardScreen(Screen):
         host = snapshot.host
         cache = format_gib(host.reclaimable_cache_bytes.value) if host.reclaimable_cache_bytes.available else "n/a"
         psi = _fmt_reading(host.psi_some_avg10_pct, "%", "{:.1f}")
-        host_line = f"page cache {cache} reclaimable · swap free {reading_text(host.swap_free_bytes)} · PSI {psi}"
+        host_line = f"page cache {cache} reclaimable · swap free {host.swap_free_bytes.text()} · PSI {psi}"
         lines = []
         for device in snapshot.devices:
             cc = ".".join(map(str, device.compute_capability)) if device.compute_capability else "n/a"

@@ -1,4 +1,4 @@
-"""Jobs: each one a child process, watched from outside.
+"""One job = one child process, watched from outside.
 
 :class:`JobRunner` starts ``python -m qexplorer.worker`` with the job on stdin
 (an argument list, never a shell string), reads its JSON-line events on a
@@ -27,16 +27,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from qexplorer.core import events
-from qexplorer.core.pipeline import CALIBRATE_PHASE, JobSpec
-from qexplorer.core.precisions import get as get_precision
-from qexplorer.core.results import ResultsStore
+from qexplorer.core.jobs.events import Completed, Failed, JobEvent, Phase, event_from_line
+from qexplorer.core.jobs.record import ExportRecord, ModelIdentity, RunRecord
+from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.kinds import Family, JobStatus
 from qexplorer.core.telemetry import TelemetrySampler
 from qexplorer.core.units import format_gib
+
+CALIBRATE_PHASE = "calibrate"  # the roofline's bandwidth test: its buffers are not the job's memory
 
 TERMINATE_GRACE_S = 3.0
 
@@ -50,22 +51,24 @@ class MemorySample:
     phase: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobOutcome:
+    """How a job ended. ``record`` is set for a finished run, ``export`` for a finished export."""
+
     job: JobSpec
-    status: str  # "ok", "failed", "cancelled", "stopped" (guard), "timeout"
-    record: dict[str, Any] | None
+    status: JobStatus
     error: str | None
+    record: RunRecord | None = None
+    export: ExportRecord | None = None
     peak_rss_bytes: int = 0
     peak_gpu_bytes: int | None = None
     exit_code: int | None = None
     log_path: Path | None = None
-    memory: list[MemorySample] = field(default_factory=list)
-    events: list[events.Event] = field(default_factory=list)
+    memory: tuple[MemorySample, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == JobStatus.OK
 
 
 def _tree_rss(pid: int) -> int:
@@ -127,7 +130,7 @@ class JobRunner:
         proc.stdin.close()
         return proc
 
-    def run(self, job: JobSpec, on_event: Callable[[events.Event], None] | None = None,
+    def run(self, job: JobSpec, on_event: Callable[[JobEvent], None] | None = None,
             cancel: threading.Event | None = None,
             on_memory: Callable[[MemorySample], None] | None = None) -> JobOutcome:
         log_dir = self.log_dir or Path(job.data_dir) / "logs"
@@ -146,11 +149,14 @@ class JobRunner:
 
         reader = threading.Thread(target=read, name=f"job-{proc.pid}-reader", daemon=True)
         reader.start()
-        outcome = JobOutcome(job=job, status="running", record=None, error=None, log_path=log_path)
+        memory: list[MemorySample] = []
+        completed: Completed | None = None
+        error: str | None = None
+        peak_rss, peak_gpu = 0, None
         started = last_activity = time.monotonic()
         next_sample = started
         phase = "start"
-        stop_reason: tuple[str, str] | None = None
+        stop_reason: tuple[JobStatus, str] | None = None
         stream_done = False
         try:
             while not stream_done or proc.poll() is None:
@@ -158,22 +164,22 @@ class JobRunner:
                 if now >= next_sample:
                     next_sample = now + self.interval_s
                     sample = self._measure(proc.pid, now - started, phase)
-                    outcome.memory.append(sample)
-                    if phase != CALIBRATE_PHASE:  # bandwidth buffers are not the job's memory
-                        outcome.peak_rss_bytes = max(outcome.peak_rss_bytes, sample.rss_bytes)
+                    memory.append(sample)
+                    if phase != CALIBRATE_PHASE:
+                        peak_rss = max(peak_rss, sample.rss_bytes)
                     if sample.gpu_bytes is not None:
-                        outcome.peak_gpu_bytes = max(outcome.peak_gpu_bytes or 0, sample.gpu_bytes)
+                        peak_gpu = max(peak_gpu or 0, sample.gpu_bytes)
                     if on_memory:
                         on_memory(sample)
                     if stop_reason is None and sample.headroom_bytes is not None and sample.headroom_bytes < 0:
-                        stop_reason = ("stopped", self._guard_message(job, sample))
+                        stop_reason = (JobStatus.STOPPED, self._guard_message(job, sample))
                         self._stop(proc)
                 if stop_reason is None and cancel is not None and cancel.is_set():
-                    stop_reason = ("cancelled", "Cancelled by the user.")
+                    stop_reason = (JobStatus.CANCELLED, "Cancelled by the user.")
                     self._stop(proc)
                 if stop_reason is None and now - last_activity > job.phase_timeout_s:
-                    stop_reason = ("timeout", f"The {phase} phase made no progress for "
-                                              f"{job.phase_timeout_s:g} s; the worker was stopped.")
+                    stop_reason = (JobStatus.TIMEOUT, f"The {phase} phase made no progress for "
+                                                      f"{job.phase_timeout_s:g} s; the worker was stopped.")
                     self._stop(proc)
                 if stream_done:
                     try:
@@ -189,17 +195,17 @@ class JobRunner:
                     stream_done = True
                     continue
                 try:
-                    event = events.Event.from_line(line)
+                    event = event_from_line(line)
                 except ValueError:
                     continue  # a stray print from a library; the log has stderr
                 last_activity = time.monotonic()
-                if event.type == "phase":
-                    phase = event.phase
-                outcome.events.append(event)
-                if event.type == "result":
-                    outcome.record = dict(event.data)
-                elif event.type == "error" and outcome.error is None:
-                    outcome.error = event.message
+                if isinstance(event, Completed):
+                    completed = event
+                    continue
+                if isinstance(event, Phase):
+                    phase = event.name
+                elif isinstance(event, Failed) and error is None:
+                    error = event.message
                 if on_event:
                     on_event(event)
         finally:
@@ -209,21 +215,25 @@ class JobRunner:
             self.current_pid = None
             if self.sampler is not None:
                 self.sampler.own_pids = self.sampler.own_pids - {proc.pid}
-        outcome.exit_code = proc.returncode
         if stop_reason is not None:
-            outcome.status, outcome.error = stop_reason
-            outcome.record = None
-        elif outcome.record is not None and proc.returncode == 0:
-            outcome.status = "ok"
+            status, error = stop_reason
+            completed = None
+        elif completed is not None and proc.returncode == 0:
+            status = JobStatus.OK
         else:
-            outcome.status = "failed"
-            outcome.error = outcome.error or describe_exit(proc.returncode)
-        if outcome.record is not None:
+            status = JobStatus.FAILED
+            error = error or describe_exit(proc.returncode)
+            completed = None
+        record = export = None
+        if completed is not None and isinstance(completed.record, RunRecord):
             # the child's own high-water mark catches peaks between samples
-            outcome.peak_rss_bytes = max(outcome.record.get("peak_rss_bytes") or 0, outcome.peak_rss_bytes)
-            outcome.record["peak_rss_bytes"] = outcome.peak_rss_bytes
-            outcome.record["peak_gpu_bytes"] = outcome.peak_gpu_bytes
-        return outcome
+            peak_rss = max(completed.record.memory.peak_rss_bytes or 0, peak_rss)
+            record = completed.record.with_memory(peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu)
+        elif completed is not None:
+            export = completed.record
+        return JobOutcome(job=job, status=status, error=error, record=record, export=export,
+                          peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu, exit_code=proc.returncode,
+                          log_path=log_path, memory=tuple(memory))
 
     def _measure(self, pid: int, elapsed_s: float, phase: str) -> MemorySample:
         rss = _tree_rss(pid)
@@ -259,13 +269,16 @@ class JobRunner:
             pass
 
 
-def store_outcome(store: ResultsStore, outcome: JobOutcome) -> int:
-    """Keep every finished job: results with their metrics, failures with their reason."""
-    if outcome.record is not None and outcome.ok:
-        return store.add(outcome.record, status="ok")
+def failure_record(outcome: JobOutcome) -> RunRecord:
+    """What is kept of a job that did not finish: who it was, what the plan said, the memory it reached."""
+    from qexplorer.core.precisions import BY_KEY
+
     job = outcome.job
-    record = {"model_ref": job.model_ref, "model_name": job.model_name or job.model_ref,
-              "model_path": job.model_path or job.model_ref, "precision": job.precision,
-              "family": get_precision(job.precision).family,
-              "peak_rss_bytes": outcome.peak_rss_bytes, "planned_peak_bytes": outcome.job.planned_peak_bytes}
-    return store.add(record, status=outcome.status, error=outcome.error)
+    precision = BY_KEY.get(job.precision)
+    return RunRecord(
+        model=ModelIdentity(name=job.model_name or job.model_ref, path=job.model_path or job.model_ref,
+                            ref=job.model_ref),
+        precision=job.precision, precision_label=precision.label if precision else job.precision,
+        family=precision.family if precision else Family.TORCH, bench=job.bench,
+    ).with_memory(peak_rss_bytes=outcome.peak_rss_bytes, peak_gpu_bytes=outcome.peak_gpu_bytes,
+                  planned_peak_bytes=job.planned_peak_bytes, planned_total_bytes=job.planned_total_bytes)

@@ -137,7 +137,7 @@ def _emit(as_json: bool, payload: object, text: Callable[[], str]) -> None:
 
 
 def _sample_once(args: argparse.Namespace, reserve_bytes: int):
-    from qexplorer.core.telemetry import make_sampler
+    from qexplorer.core.simulate import make_sampler
 
     sampler = make_sampler(args.simulate, reserve_bytes=reserve_bytes)
     try:
@@ -160,7 +160,7 @@ def cmd_app(args: argparse.Namespace, *, dashboard_only: bool = False) -> int:
 def cmd_monitor(args: argparse.Namespace) -> int:
     if not args.once:
         return cmd_app(args, dashboard_only=True)
-    from qexplorer.core.textreport import snapshot_text
+    from qexplorer.cli.text import snapshot_text
 
     snapshot = _sample_once(args, _settings(args).reserve_bytes)
     _emit(args.json, snapshot.to_json(), lambda: snapshot_text(snapshot))
@@ -168,8 +168,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from qexplorer.cli.text import models_text
     from qexplorer.core.catalog import Catalog
-    from qexplorer.core.textreport import models_text
 
     settings = _settings(args)
     entries = Catalog(extra_paths=tuple(settings.models) + tuple(args.paths)).scan()
@@ -183,10 +183,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from qexplorer.cli.text import plan_text
     from qexplorer.core import precisions
     from qexplorer.core.catalog import Catalog
     from qexplorer.core.planner import PlanRequest, plan_json, plan_model
-    from qexplorer.core.textreport import plan_text
 
     settings = _settings(args)
     request = PlanRequest(context=args.context or settings.default_context, batch=args.batch,
@@ -203,7 +203,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
-    from qexplorer.core.runplan import run_precisions
+    from qexplorer.cli.run import run_precisions
 
     # Ctrl+C must stop the run cleanly even when started from a shell that ignores SIGINT (`cmd &`)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -213,38 +213,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from qexplorer.core import precisions
-    from qexplorer.core.catalog import Catalog
-    from qexplorer.core.jobs import JobRunner
-    from qexplorer.core.pipeline import JobSpec
-    from qexplorer.core.runplan import StderrProgress
+    from qexplorer.cli.run import export_precision
 
-    settings = _settings(args)
-    precision = precisions.get(args.precision)
-    spec = Catalog(extra_paths=settings.models).resolve(args.model)
-    from pathlib import Path
-
-    from qexplorer.core.safety import check_loadable
-
-    check_loadable(spec, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    out = Path(args.out).expanduser()
-    if not out.resolve().parent.exists():
-        raise UserError(f"The folder {out.resolve().parent} does not exist; create it or choose another --out.")
-    job = JobSpec(model_ref=args.model, precision=precision.key, data_dir=str(settings.results_path),
-                  model_paths=tuple(settings.models), model_name=spec.name, model_path=spec.path,
-                  action="export", export_path=str(out.resolve()), trust_remote_code=args.trust_remote_code)
-    progress = StderrProgress(sys.stderr, f"export {precision.key}")
-    outcome = JobRunner(interval_s=settings.refresh_s).run(job, on_event=progress)
-    if not outcome.ok or outcome.record is None:
-        raise UserError(f"Export failed: {outcome.error}")
-    record = outcome.record
-    print(f"wrote {record['export_path']} ({record['format']}, {record['bytes']:,} bytes)")
-    print(f"serve it with:\n  {record['serve_command']}")
-    return 0
+    return export_precision(args, _settings(args))
 
 
 def cmd_bench_server(args: argparse.Namespace) -> int:
-    from qexplorer.core.serverbench import bench_server
+    from qexplorer.cli.server import bench_server
 
     return bench_server(args, _settings(args))
 

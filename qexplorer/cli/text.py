@@ -1,4 +1,4 @@
-"""Plain-text renderings of core data for the terminal (no Textual, no Rich)."""
+"""Plain-text renderings of core data for the terminal (no Textual, no Rich): what the CLI prints."""
 
 from __future__ import annotations
 
@@ -10,14 +10,7 @@ from qexplorer.core.units import format_bytes, format_count, format_gib
 
 
 def reading_text(reading: Reading, unit: str = "bytes") -> str:
-    """A reading with its unit, or why it is missing."""
-    if reading.value is None:
-        return f"unavailable ({reading.note})" if reading.note else "unavailable"
-    if unit == "bytes":
-        return format_gib(reading.value, precision=2)
-    if unit == "%":
-        return f"{reading.value:.0f} %"
-    return f"{reading.value:g} {unit}"
+    return reading.text(unit)
 
 
 def snapshot_text(snapshot: TelemetrySnapshot) -> str:

@@ -15,7 +15,7 @@ CONTEXT_MIN, CONTEXT_MAX = 256, 1 << 20
 VERDICT_STYLE = {"fits": "text-success", "tight": "text-warning", "does not fit": "text-error", "unknown": "text-muted"}
 
 
-class PrecisionPickerScreen(Screen):
+class PlanScreen(Screen):
     """Plans for every precision against live headroom; choose the ones to run."""
 
     BINDINGS = [

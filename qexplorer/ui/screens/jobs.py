@@ -1,6 +1,8 @@
-"""The run screen: the job queue, each job's phase and progress, and its memory as it climbs."""
+"""The jobs screen: the job queue, each job's phase and progress, and its memory as it climbs."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -9,15 +11,16 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 from textual_plotext import PlotextPlot
 
+from qexplorer.core.jobs.queue import JobView
+from qexplorer.core.kinds import JobStatus
 from qexplorer.core.units import GIB, format_bytes
-from qexplorer.ui.jobstate import JobState
 from qexplorer.ui.widgets.plots import theme_rgb
 
 STATUS_STYLE = {"ok": "text-success", "failed": "text-error", "stopped": "text-error", "timeout": "text-error",
                 "cancelled": "text-warning", "running": "text-accent", "queued": "text-muted"}
 
 
-class RunScreen(Screen):
+class JobsScreen(Screen):
     """Jobs started from the plan screen (`r`), newest last."""
 
     BINDINGS = [
@@ -38,12 +41,12 @@ class RunScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.watch(self.app, "jobs_version", lambda _: self._refresh(), init=False)
+        self.watch(self.app, "jobs", lambda _: self._refresh(), init=False)
         self.query_one("#job-memory", PlotextPlot).border_title = "job memory (GiB, measured from outside)"
         self._refresh()
         self.query_one("#job-table", DataTable).focus()
 
-    def _selected(self) -> JobState | None:
+    def _selected(self) -> JobView | None:
         jobs = self.app.jobs
         row = self.query_one("#job-table", DataTable).cursor_row
         if 0 <= row < len(jobs):
@@ -57,25 +60,25 @@ class RunScreen(Screen):
         colours = self.app.theme_variables
         for job in self.app.jobs:
             decode = kld = top1 = ""
-            if job.outcome is not None and job.outcome.record:
-                tg = job.outcome.record.get("decode_tok_s") or {}
-                decode = f"{tg.get('mean', 0):.1f} ± {tg.get('sd', 0):.1f} tok/s"
-                q = job.outcome.record.get("quality") or {}
-                if q:
-                    kld = f"{q['kld_mean']:.4f}"
-                    top1 = f"{q['same_top1_pct']:.1f} %"
+            record = job.record
+            if record is not None and record.speed is not None:
+                tg = record.speed.decode_tok_s
+                decode = f"{tg.mean:.1f} ± {tg.sd:.1f} tok/s"
+            if record is not None and record.quality is not None:
+                kld = f"{record.quality.kld_mean:.4f}"
+                top1 = f"{record.quality.same_top1_pct:.1f} %"
             status = Text(job.status, style=colours.get(STATUS_STYLE.get(job.status, ""), ""))
             table.add_row(job.label, status, job.phase or "-", format_bytes(job.peak_rss_bytes or None),
                           decode, kld, top1, key=str(job.id))
         if table.row_count:
-            running = next((i for i, j in enumerate(self.app.jobs) if j.status == "running"), None)
+            running = next((i for i, j in enumerate(self.app.jobs) if j.status == JobStatus.RUNNING), None)
             table.move_cursor(row=min(row if row > 0 or running is None else running, table.row_count - 1))
         self._show_job(self._selected())
 
     def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
         self._show_job(self._selected())
 
-    def _show_job(self, job: JobState | None) -> None:
+    def _show_job(self, job: JobView | None) -> None:
         bar = self.query_one("#job-progress", ProgressBar)
         message = self.query_one("#job-message", Static)
         if job is None:
@@ -89,15 +92,13 @@ class RunScreen(Screen):
             bar.update(total=job.total, progress=job.done)
         else:
             bar.update(total=None)
-        text = job.message
-        if job.outcome is not None and job.outcome.error:
-            text = job.outcome.error
+        text = job.error or job.message
         warnings = f"  ⚠ {job.warnings[-1]}" if job.warnings else ""
-        log = f"  (log: {job.outcome.log_path.name})" if job.outcome and job.outcome.log_path else ""
+        log = f"  (log: {Path(job.log_path).name})" if job.log_path else ""
         message.update(f"[b]{job.label}[/b] · {job.phase or job.status}: {text}{warnings}{log}")
         self._plot(job)
 
-    def _plot(self, job: JobState | None) -> None:
+    def _plot(self, job: JobView | None) -> None:
         widget = self.query_one("#job-memory", PlotextPlot)
         plt = widget.plt
         plt.clear_data()
@@ -107,8 +108,8 @@ class RunScreen(Screen):
             xs = [s.elapsed_s for s in job.memory]
             plt.plot(xs, [s.rss_bytes / GIB for s in job.memory], label="job RSS",
                      color=theme_rgb(self.app, "accent"), marker="braille")
-            if job.spec is not None and job.spec.planned_peak_bytes:
-                plt.plot([xs[0], xs[-1]], [job.spec.planned_peak_bytes / GIB] * 2, label="predicted peak",
+            if job.planned_peak_bytes:
+                plt.plot([xs[0], xs[-1]], [job.planned_peak_bytes / GIB] * 2, label="predicted peak",
                          color=theme_rgb(self.app, "error"), marker="braille")
             # headroom is tens of GiB where a job is a few: it gets the right-hand axis
             headroom = [(s.elapsed_s, s.headroom_bytes / GIB) for s in job.memory if s.headroom_bytes is not None]

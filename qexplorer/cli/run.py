@@ -1,0 +1,174 @@
+"""`qexplorer run` and `qexplorer export`: plan, queue, one worker per job; progress on stderr, results on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from qexplorer.core import precisions
+from qexplorer.core.bench import BenchConfig
+from qexplorer.core.catalog import Catalog
+from qexplorer.core.errors import UserError
+from qexplorer.core.jobs.events import JobEvent, Log, Phase, Progress
+from qexplorer.core.jobs.queue import JobQueue, JobView
+from qexplorer.core.jobs.runner import JobRunner
+from qexplorer.core.jobs.spec import JobSpec, plan_jobs
+from qexplorer.core.kinds import JobAction
+from qexplorer.core.results import ResultsStore, flat_row, to_markdown
+from qexplorer.core.safety import check_loadable
+from qexplorer.core.settings import Settings
+from qexplorer.core.simulate import make_sampler
+from qexplorer.core.units import format_bytes
+
+
+class StderrProgress:
+    """A one-line progress bar on a terminal; plain lines when stderr is a file."""
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        self.stream = stream
+        self.label = label
+        self.tty = stream.isatty()
+        self.phase = ""
+
+    def __call__(self, event: JobEvent) -> None:
+        if isinstance(event, Phase):
+            self.phase = event.name
+            self._line(event.message)
+        elif isinstance(event, Progress) and event.total:
+            width = 20
+            filled = int(width * event.done / event.total)
+            self._line(f"{self.phase} [{'█' * filled}{'░' * (width - filled)}] {event.done:g}/{event.total:g}")
+        elif isinstance(event, Log) and event.is_warning:
+            self._line(f"warning: {event.message}", keep=True)
+
+    def _line(self, text: str, keep: bool = False) -> None:
+        line = f"{self.label} {text}"
+        if self.tty and not keep:
+            self.stream.write("\r\033[K" + line[:200])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def done(self, view: JobView) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        speed = view.record.speed if view.record else None
+        if view.finished and view.status == "ok" and speed is not None:
+            tg = speed.decode_tok_s
+            self.stream.write(f"{self.label} done: decode {tg.mean:.1f} ± {tg.sd:.1f} tok/s, "
+                              f"peak {format_bytes(view.peak_rss_bytes)}\n")
+        else:
+            self.stream.write(f"{self.label} {view.status}: {view.error}\n")
+        self.stream.flush()
+
+
+class _Reporter:
+    """Routes the queue's views to one progress line per job (the CLI's consumer of JobView)."""
+
+    def __init__(self, labels: dict[int, str]) -> None:
+        self.bars = {job_id: StderrProgress(sys.stderr, label) for job_id, label in labels.items()}
+        self.seen: dict[int, JobView] = {}
+
+    def __call__(self, view: JobView) -> None:
+        before = self.seen.get(view.id)
+        self.seen[view.id] = view
+        bar = self.bars.get(view.id)
+        if bar is None:
+            return
+        if view.finished:
+            if before is None or not before.finished:
+                bar.done(view)
+            return
+        if before is None:
+            return
+        if view.phase != before.phase and view.phase:
+            bar(Phase(view.phase, view.message))
+        elif view.total and (view.done, view.total) != (before.done, before.total):
+            bar(Progress(view.phase, view.done, view.total))
+        if len(view.warnings) > len(before.warnings):
+            bar(Log(view.warnings[-1], level="warning"))
+
+
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    bench = BenchConfig.quick() if args.quick else BenchConfig()
+    return BenchConfig(bench.prompt_tokens, bench.gen_tokens, args.repetitions or bench.repetitions,
+                       args.threads or bench.threads)
+
+
+def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
+    chosen = precisions.parse_list(args.precision)
+    if args.corpus:  # a bad evaluation file is caught before any worker starts
+        from qexplorer.core.quality import load_corpus
+
+        load_corpus(Path(args.corpus))
+    spec = Catalog(extra_paths=settings.models).resolve(args.model)
+    check_loadable(spec, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    sampler = make_sampler(args.simulate, reserve_bytes=settings.reserve_bytes)
+    template = JobSpec(
+        model_ref=args.model, precision="", data_dir=str(settings.results_path), bench=bench_config(args),
+        model_paths=tuple(settings.models), quality=args.quality, quality_corpus=args.corpus,
+        quality_tokens=args.quality_tokens, quality_ctx=args.quality_ctx, reference_precision=args.reference,
+        trust_remote_code=args.trust_remote_code,
+    )
+    planned = plan_jobs(spec, chosen, sampler.sample(), template, force=args.force)
+    if planned.refused:
+        first = planned.refused[0]
+        sampler.close()
+        raise UserError(
+            f"{first.label} does not fit: it needs about {format_bytes(first.need_bytes)} and the headroom "
+            f"is {format_bytes(first.headroom_bytes)}; free memory, choose a smaller precision, or pass --force."
+        )
+    store = ResultsStore.in_dir(settings.results_path)
+    count = len(planned.specs)
+    labels = [f"[{i}/{count}] {s.precision}" for i, s in enumerate(planned.specs, start=1)]
+    reporter = _Reporter({})
+    queue = JobQueue(JobRunner(sampler=sampler, interval_s=settings.refresh_s), store, on_change=reporter)
+    ids = queue.submit(planned.specs, labels)
+    reporter.bars.update({job_id: StderrProgress(sys.stderr, label) for job_id, label in zip(ids, labels,
+                                                                                              strict=True)})
+    interrupted = False
+    try:
+        queue.drain()
+    except KeyboardInterrupt:
+        # The runner's finally has already ended the child; keep what finished.
+        interrupted = True
+        sys.stderr.write("\ninterrupted: the running job was stopped; finished results are saved.\n")
+    finally:
+        sampler.close()
+    views = [v for v in queue.views() if v.finished]
+    stored = store.by_ids([v.stored_id for v in views if v.stored_id is not None])
+    if args.json:
+        json.dump({"schema": "qexplorer.run/2", "model": spec.name,
+                   "jobs": [{"precision": s.precision, "status": str(v.status), "error": v.error, "log": v.log_path,
+                             "stored_id": v.stored_id, "result": v.record.to_json() if v.record else None}
+                            for v, s in zip(queue.views(), planned.specs, strict=True)],
+                   "results": [flat_row(r) for r in stored if r.status == "ok"]}, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(to_markdown([r for r in stored if r.status == "ok"]))
+    if interrupted:
+        return 130
+    return 0 if len(views) == count and all(v.status == "ok" for v in views) else 1
+
+
+def export_precision(args: argparse.Namespace, settings: Settings) -> int:
+    precision = precisions.get(args.precision)
+    spec = Catalog(extra_paths=settings.models).resolve(args.model)
+    check_loadable(spec, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    out = Path(args.out).expanduser()
+    if not out.resolve().parent.exists():
+        raise UserError(f"The folder {out.resolve().parent} does not exist; create it or choose another --out.")
+    job = JobSpec(model_ref=args.model, precision=precision.key, data_dir=str(settings.results_path),
+                  model_paths=tuple(settings.models), model_name=spec.name, model_path=spec.path,
+                  action=JobAction.EXPORT, export_path=str(out.resolve()), trust_remote_code=args.trust_remote_code)
+    outcome = JobRunner(interval_s=settings.refresh_s).run(job, on_event=StderrProgress(sys.stderr,
+                                                                                        f"export {precision.key}"))
+    if not outcome.ok or outcome.export is None:
+        raise UserError(f"Export failed: {outcome.error}")
+    export = outcome.export
+    print(f"wrote {export.export_path} ({export.format}, {export.bytes:,} bytes)")
+    print(f"serve it with:\n  {export.serve_command}")
+    return 0

@@ -1,0 +1,49 @@
+"""Where a model's artifacts and references live, and how jobs share them.
+
+Everything qexplorer makes for a model (the dequantized BF16 checkpoint, each
+precision's GGUF or compressed-tensors folder, the reference log-probs) sits
+under one folder per model *file*, so the CLI (``default``), the app (a path)
+and a later session find the same artifacts whatever the model was called.
+Builders take :func:`file_lock` around a build, so two processes never write
+one ``.partial`` folder at once; the second finds the finished result.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from qexplorer.core.model import ModelSpec
+
+
+def model_key(spec: ModelSpec) -> str:
+    """A folder name for a model's artifacts, from the file alone: readable, and unique per file version."""
+    path = Path(spec.path).resolve()
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+    stem = path.stem if path.is_file() else path.name
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in stem)[:60]
+    return f"{safe}-{digest}"
+
+
+def model_work_dir(data_dir: Path, spec: ModelSpec) -> Path:
+    folder = data_dir / "artifacts" / model_key(spec)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock held for the block (released by the kernel if the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -1,0 +1,269 @@
+"""The job queue: headless, owned by core, consumed by one thread.
+
+:class:`JobQueue` holds every job of a session (queued, running, finished),
+runs them one at a time through a :class:`~qexplorer.core.jobs.runner.JobRunner`
+(which owns the memory guard), stores what they produce, and reports every
+change as a frozen :class:`JobView` through ``on_change``. It is the only
+object that mutates job state; the app and the CLI read views.
+
+One consumer at a time, without a missed wake-up: the consumer's last look at
+the queue ("nothing queued") and its "I am done" happen in one locked step in
+:meth:`_take`, and :meth:`submit` checks "is a consumer active?" under the same
+lock, starting one (``start_consumer``: the app's thread worker) if not. A job
+submitted while the consumer finishes is therefore either seen by its last
+look or starts a new consumer. (The app's queue used to clear its "running"
+flag after its last look, outside any lock: a job queued in between stayed
+queued forever.) The CLI calls :meth:`drain` itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from qexplorer.core.errors import UserError
+from qexplorer.core.jobs.events import Failed, JobEvent, Log, Metric, Phase, Progress
+from qexplorer.core.jobs.record import ExportRecord, RunRecord
+from qexplorer.core.jobs.runner import JobOutcome, JobRunner, MemorySample, failure_record
+from qexplorer.core.jobs.spec import JobSpec, ServerSpec
+from qexplorer.core.kinds import JobAction, JobStatus
+from qexplorer.core.results import ResultsStore
+
+MAX_MEMORY_SAMPLES = 3600  # an hour at 1 Hz per job; older samples drop off the front
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as the UI and the CLI see it at one moment."""
+
+    id: int
+    label: str
+    action: JobAction
+    status: JobStatus = JobStatus.QUEUED
+    phase: str = ""
+    message: str = ""
+    done: float = 0.0
+    total: float = 0.0
+    warnings: tuple[str, ...] = ()
+    metrics: tuple[Metric, ...] = ()
+    memory: tuple[MemorySample, ...] = ()
+    planned_peak_bytes: int | None = None
+    error: str | None = None
+    record: RunRecord | None = None
+    export: ExportRecord | None = None
+    stored_id: int | None = None  # the results-store row this job wrote
+    store_error: str | None = None
+    log_path: str | None = None
+    peak_rss_bytes: int = 0
+    peak_gpu_bytes: int | None = None
+    revision: int = 0  # queue-wide and increasing: a reader keeps the newest view of each job
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+    def applied(self, event: JobEvent) -> JobView:
+        """This view after one worker event."""
+        if isinstance(event, Phase):
+            return replace(self, status=JobStatus.RUNNING, phase=event.name, message=event.message or event.name,
+                           done=0.0, total=0.0)
+        if isinstance(event, Progress):
+            return replace(self, done=event.done, total=event.total, message=event.message or self.message)
+        if isinstance(event, Log):
+            warnings = self.warnings + (event.message,) if event.is_warning else self.warnings
+            return replace(self, message=event.message, warnings=warnings)
+        if isinstance(event, Metric):
+            kept = tuple(m for m in self.metrics if m.name != event.name)
+            return replace(self, metrics=kept + (event,))
+        if isinstance(event, Failed):
+            return replace(self, message=event.message)
+        return self
+
+    def sampled(self, sample: MemorySample) -> JobView:
+        return replace(self, memory=(self.memory + (sample,))[-MAX_MEMORY_SAMPLES:],
+                       peak_rss_bytes=max(self.peak_rss_bytes, sample.rss_bytes),
+                       peak_gpu_bytes=self.peak_gpu_bytes if sample.gpu_bytes is None
+                       else max(self.peak_gpu_bytes or 0, sample.gpu_bytes))
+
+
+class JobQueue:
+    def __init__(self, runner: JobRunner, store: ResultsStore | None,
+                 on_change: Callable[[JobView], None] | None = None,
+                 server_runner: Callable[[ServerSpec, Callable[[JobEvent], None]], RunRecord] | None = None,
+                 start_consumer: Callable[[], None] | None = None) -> None:
+        self.runner = runner
+        self.store = store
+        self.on_change = on_change or (lambda view: None)
+        self.server_runner = server_runner
+        self.start_consumer = start_consumer
+        self._lock = threading.Lock()
+        self._consuming = False
+        self._views: dict[int, JobView] = {}
+        self._specs: dict[int, JobSpec | ServerSpec] = {}
+        self._cancels: dict[int, threading.Event] = {}
+        self._next_id = 1
+        self._revision = 0
+
+    # ---------------------------------------------------------------- producers
+    def submit(self, specs: Iterable[JobSpec | ServerSpec], labels: Iterable[str] | None = None) -> tuple[int, ...]:
+        specs = list(specs)
+        names = list(labels) if labels is not None else [_label(s) for s in specs]
+        added = []
+        with self._lock:
+            for spec, label in zip(specs, names, strict=True):
+                job_id = self._next_id
+                self._next_id += 1
+                action = JobAction.SERVER if isinstance(spec, ServerSpec) else spec.action
+                view = JobView(id=job_id, label=label, action=action,
+                               planned_peak_bytes=getattr(spec, "planned_peak_bytes", None))
+                view = self._set(view)
+                self._specs[job_id] = spec
+                self._cancels[job_id] = threading.Event()
+                added.append(view)
+            start = self.start_consumer is not None and bool(added) and not self._consuming
+            if start:
+                self._consuming = True
+        for view in added:
+            self.on_change(view)
+        if start:
+            assert self.start_consumer is not None
+            self.start_consumer()
+        return tuple(v.id for v in added)
+
+    def cancel(self, job_id: int) -> None:
+        with self._lock:
+            view = self._views.get(job_id)
+            if view is None or view.finished:
+                return
+            self._cancels[job_id].set()
+            if view.status == JobStatus.QUEUED:
+                view = self._set(replace(view, status=JobStatus.CANCELLED, message="Cancelled before it started."))
+            else:
+                view = None
+        if view is not None:
+            self.on_change(view)
+
+    def cancel_all(self) -> None:
+        for job_id in list(self._views):
+            self.cancel(job_id)
+
+    # ---------------------------------------------------------------- readers
+    def views(self) -> tuple[JobView, ...]:
+        with self._lock:
+            return tuple(self._views.values())
+
+    def view(self, job_id: int) -> JobView | None:
+        with self._lock:
+            return self._views.get(job_id)
+
+    # ---------------------------------------------------------------- consumers
+    def drain(self) -> None:
+        """Run queued jobs until none is left: the consumer (the app's thread worker, or the CLI itself)."""
+        try:
+            while (taken := self._take()) is not None:
+                self._run(*taken)
+        finally:
+            with self._lock:
+                self._consuming = False
+
+    def _take(self) -> tuple[int, JobSpec | ServerSpec] | None:
+        """The oldest queued job, marked running; or None - and this consumer is done - in one locked step."""
+        with self._lock:
+            job_id = self._first_queued()
+            if job_id is None:
+                self._consuming = False
+                return None
+            self._consuming = True
+            view = self._set(replace(self._views[job_id], status=JobStatus.RUNNING, message="starting"))
+            spec = self._specs[job_id]
+        self.on_change(view)
+        return job_id, spec
+
+    def _first_queued(self) -> int | None:
+        return next((v.id for v in self._views.values() if v.status == JobStatus.QUEUED), None)
+
+    def _set(self, view: JobView) -> JobView:
+        self._revision += 1
+        view = replace(view, revision=self._revision)
+        self._views[view.id] = view
+        return view
+
+    def _update(self, job_id: int, change: Callable[[JobView], JobView]) -> None:
+        with self._lock:
+            view = self._set(change(self._views[job_id]))
+        self.on_change(view)
+
+    def _run(self, job_id: int, spec: JobSpec | ServerSpec) -> None:
+        try:
+            if isinstance(spec, ServerSpec):
+                self._run_server(job_id, spec)
+            else:
+                self._run_job(job_id, spec)
+        except Exception as exc:  # a bug here must not leave the job "running" or stop the queue
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            self._update(job_id, lambda v: replace(v, status=JobStatus.FAILED, error=message, message=message))
+
+    def _run_job(self, job_id: int, spec: JobSpec) -> None:
+        outcome = self.runner.run(
+            spec, cancel=self._cancels[job_id],
+            on_event=lambda event: self._update(job_id, lambda v: v.applied(event)),
+            on_memory=lambda sample: self._update(job_id, lambda v: v.sampled(sample)),
+        )
+        stored_id, store_error = None, None
+        if spec.action == JobAction.RUN and self.store is not None:
+            try:
+                stored_id = store_outcome(self.store, outcome)
+            except UserError as exc:
+                store_error = str(exc)
+        self._update(job_id, lambda v: _finished(v, outcome, stored_id, store_error))
+
+    def _run_server(self, job_id: int, spec: ServerSpec) -> None:
+        if self.server_runner is None:
+            raise RuntimeError("this queue has no server runner")
+        record, error, stored_id = None, None, None
+        try:
+            record = self.server_runner(spec, lambda event: self._update(job_id, lambda v: v.applied(event)))
+            error = record.server.error if record.server else None
+            if self.store is not None and record.server and record.server.levels:
+                stored_id = self.store.add(record)
+        except UserError as exc:
+            error = str(exc)
+        status = JobStatus.OK if error is None else JobStatus.FAILED
+        message = error or "stored; it appears on the compare screen (c)"
+        self._update(job_id, lambda v: replace(v, status=status, error=error, record=record, stored_id=stored_id,
+                                               phase="done" if error is None else v.phase, message=message))
+
+
+def _finished(view: JobView, outcome: JobOutcome, stored_id: int | None, store_error: str | None) -> JobView:
+    if outcome.ok and outcome.export is not None:
+        message = f"serve it with: {outcome.export.serve_command}"
+    elif outcome.ok:
+        message = "stored; it appears on the compare screen (c)"
+    else:
+        message = outcome.error or outcome.status
+    return replace(view, status=outcome.status, phase="done" if outcome.ok else view.phase, message=message,
+                   error=outcome.error, record=outcome.record, export=outcome.export, stored_id=stored_id,
+                   store_error=store_error, log_path=str(outcome.log_path) if outcome.log_path else None,
+                   peak_rss_bytes=max(view.peak_rss_bytes, outcome.peak_rss_bytes),
+                   peak_gpu_bytes=outcome.peak_gpu_bytes if outcome.peak_gpu_bytes is not None else view.peak_gpu_bytes,
+                   done=1.0 if outcome.ok else view.done, total=1.0 if outcome.ok else view.total)
+
+
+def store_outcome(store: ResultsStore, outcome: JobOutcome) -> int:
+    """Keep every finished job: results with their metrics, failures with their reason."""
+    if outcome.ok and outcome.record is not None:
+        return store.add(outcome.record, status=JobStatus.OK)
+    return store.add(failure_record(outcome), status=outcome.status, error=outcome.error)
+
+
+def _label(spec: JobSpec | ServerSpec) -> str:
+    if isinstance(spec, ServerSpec):
+        from urllib.parse import urlparse
+
+        return f"server {urlparse(spec.url).netloc or spec.url}"
+    from qexplorer.core.precisions import BY_KEY
+
+    precision = BY_KEY.get(spec.precision)
+    label = precision.label if precision else spec.precision
+    return f"export {label}" if spec.action == JobAction.EXPORT else label

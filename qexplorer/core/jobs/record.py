@@ -1,0 +1,301 @@
+"""The result of one job as a frozen, versioned record.
+
+:class:`RunRecord` is what a worker returns, what the results store keeps (as
+JSON), and what the compare screen, the exports and the CLI read - by
+attribute, never by string key. A new metric is one field here (in the
+sub-record it belongs to); the type checker then leads to every reader.
+
+``RECORD_VERSION`` is written into each record. :func:`record_from_legacy`
+reads the flat dictionaries that qexplorer 0.1 stored (schema 1), so old
+stores open and are migrated in place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from qexplorer.core.bench import BenchConfig, Stat
+from qexplorer.core.kinds import Engine, Family, SupportMode
+from qexplorer.core.serial import from_jsonable, to_jsonable
+
+RECORD_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    path: str
+    ref: str = ""
+    params: int | None = None
+    stored_dtype: str = ""
+    stored_quantized: bool = False
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What ran the artifact and how: the engine, native or emulated, where, and the artifact itself."""
+
+    name: Engine | None = None
+    mode: SupportMode = SupportMode.NATIVE
+    device: str = "cpu"
+    artifact_path: str | None = None
+    artifact_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class HardwareFacts:
+    cpu: str = ""
+    cores: int | None = None
+    gpu: str | None = None
+    machine: str = ""
+    bandwidth_bytes_s: float | None = None
+    bandwidth_source: str | None = None  # "published" or how the host copy test ran
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    planned_peak_bytes: int | None = None  # the planner's job peak
+    planned_total_bytes: int | None = None  # the planner's serving total (weights + KV + overhead)
+    baseline_rss_bytes: int | None = None  # the worker before it loaded anything
+    loaded_rss_bytes: int | None = None  # right after the model loaded
+    peak_rss_bytes: int | None = None  # the job's process tree, sampled from outside and the child's own maximum
+    peak_gpu_bytes: int | None = None  # NVML per-process, when a GPU exists
+    weight_bytes: int | None = None  # the artifact's weights (what is served)
+    resident_weight_bytes: int | None = None  # what the engine holds in memory while it runs
+    bytes_per_token: int | None = None  # bytes read per decoded token (the roofline's denominator)
+
+
+@dataclass(frozen=True)
+class Timings:
+    quantize_s: float | None = None
+    load_s: float | None = None
+    quality_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Speed:
+    """llama-bench's figures: pp and tg as tokens/s over repetitions, TTFT in seconds."""
+
+    prefill_tok_s: Stat
+    decode_tok_s: Stat
+    ttft_s: Stat
+    prompt_tokens: int
+    gen_tokens: int
+    repetitions: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class ReferenceInfo:
+    """The reference a quality figure was measured against, and how the text was cut."""
+
+    precision: str
+    quantized: bool
+    corpus: str
+    corpus_sha256: str
+    n_tokens: int
+    ctx: int
+    n_chunks: int
+    top_k: int
+    chunking: str
+    cache_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class QualityStats:
+    """llama-perplexity --kl-divergence's report (FACTS §4)."""
+
+    n_positions: int
+    ppl: float
+    ppl_ref: float
+    ln_ppl_ratio: float
+    ln_ppl_ratio_se: float
+    kld_mean: float
+    kld_sd: float
+    kld_se: float
+    kld_median: float
+    kld_p90: float
+    kld_p95: float
+    kld_p99: float
+    kld_p999: float
+    kld_max: float
+    same_top1_pct: float
+    same_top1_se_pct: float
+    delta_p_mean_pct: float
+    delta_p_rms_pct: float
+    reference: ReferenceInfo | None = None
+    quality_peak_rss_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class InterTokenLatency:
+    mean_ms: float
+    p50_ms: float
+    p99_ms: float
+    n: int
+
+
+@dataclass(frozen=True)
+class ServerLevel:
+    concurrency: int
+    aggregate_tok_s: Stat
+    decode_tok_s_per_stream: Stat | None
+    ttft_s: Stat | None
+    itl: InterTokenLatency | None
+    tokens: int
+
+
+@dataclass(frozen=True)
+class ServerQuality:
+    """KLD and top-1 from a server's echoed log-probabilities: approximate, a lower bound."""
+
+    kld_mean: float | None
+    n_positions: int
+    top_k: int
+    same_top1_pct: float | None
+    same_top1_se_pct: float | None
+    approximation: str
+    logprob_alignment: str
+
+
+@dataclass(frozen=True)
+class ServerSweep:
+    model_id: str
+    host: str
+    max_tokens: int
+    repetitions: int
+    token_count: str
+    levels: tuple[ServerLevel, ...] = ()
+    error: str | None = None  # why the sweep stopped early; the finished levels stay
+    quality: ServerQuality | None = None
+    quality_error: str | None = None
+
+    @property
+    def single_stream(self) -> ServerLevel | None:
+        return next((level for level in self.levels if level.concurrency == 1), None)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One job's result. Failed jobs keep a record too: identity, plan and the memory seen before the end."""
+
+    model: ModelIdentity
+    precision: str
+    precision_label: str
+    family: Family
+    engine: EngineInfo = field(default_factory=EngineInfo)
+    hardware: HardwareFacts | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    bench: BenchConfig | None = None
+    memory: MemoryFigures = field(default_factory=MemoryFigures)
+    timings: Timings = field(default_factory=Timings)
+    speed: Speed | None = None
+    roofline_pct: float | None = None
+    quality: QualityStats | None = None
+    server: ServerSweep | None = None
+    version: int = RECORD_VERSION
+
+    def with_memory(self, **changes: Any) -> RunRecord:
+        return replace(self, memory=replace(self.memory, **changes))
+
+    def to_json(self) -> dict[str, Any]:
+        return to_jsonable(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> RunRecord:
+        """Reads this version and every earlier one; raises ValueError on a damaged record."""
+        if "version" not in data:
+            return record_from_legacy(data)
+        return from_jsonable(RunRecord, data)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What an export job wrote, and the command that serves it."""
+
+    export_path: str
+    format: str  # "gguf", "hf" or "compressed-tensors"
+    bytes: int
+    serve_command: str
+
+    def to_json(self) -> dict[str, Any]:
+        return to_jsonable(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ExportRecord:
+        return from_jsonable(ExportRecord, data)
+
+
+# ------------------------------------------------------------------ schema 1
+def _stat(value: Any) -> Stat | None:
+    if not isinstance(value, dict) or value.get("mean") is None:
+        return None
+    return Stat(float(value["mean"]), float(value.get("sd") or 0.0), int(value.get("n") or 0))
+
+
+def record_from_legacy(r: dict[str, Any]) -> RunRecord:
+    """A schema-1 flat dictionary (qexplorer 0.1) as a :class:`RunRecord`."""
+    hw = r.get("hardware") or {}
+    q = r.get("quality") or {}
+    speed = None
+    if _stat(r.get("decode_tok_s")) is not None:
+        speed = Speed(prefill_tok_s=_stat(r.get("prefill_tok_s")) or Stat(0.0, 0.0, 0),
+                      decode_tok_s=_stat(r["decode_tok_s"]) or Stat(0.0, 0.0, 0),
+                      ttft_s=_stat(r.get("ttft_s")) or Stat(0.0, 0.0, 0),
+                      prompt_tokens=int(r.get("prompt_tokens") or 0), gen_tokens=int(r.get("gen_tokens") or 0),
+                      repetitions=int(r.get("repetitions") or 0), threads=int(r.get("threads") or 0))
+    quality = None
+    if q.get("kld_mean") is not None:
+        names = [n for n in QualityStats.__dataclass_fields__ if n not in ("reference", "quality_peak_rss_bytes")]
+        reference = None
+        if q.get("corpus") is not None:
+            reference = ReferenceInfo(precision=str(q.get("reference_precision") or "bf16"),
+                                      quantized=bool(q.get("reference_quantized")), corpus=str(q["corpus"]),
+                                      corpus_sha256=str(q.get("corpus_sha256") or ""),
+                                      n_tokens=int(q.get("n_tokens") or 0), ctx=int(q.get("ctx") or 0),
+                                      n_chunks=int(q.get("n_chunks") or 0), top_k=int(q.get("top_k") or 0),
+                                      chunking=str(q.get("chunking") or ""),
+                                      cache_bytes=int(q.get("reference_cache_bytes") or 0))
+        values = {n: float(q.get(n) or 0.0) for n in names}
+        values["n_positions"] = int(q.get("n_positions") or 0)
+        quality = QualityStats(**values, reference=reference,
+                               quality_peak_rss_bytes=q.get("quality_peak_rss_bytes"))
+    server = None
+    if isinstance(r.get("server"), dict):
+        s = r["server"]
+        levels = tuple(ServerLevel(
+            concurrency=int(lv["concurrency"]), aggregate_tok_s=_stat(lv.get("aggregate_tok_s")) or Stat(0, 0, 0),
+            decode_tok_s_per_stream=_stat(lv.get("decode_tok_s_per_stream")), ttft_s=_stat(lv.get("ttft_s")),
+            itl=InterTokenLatency(lv["itl_ms"]["mean"], lv["itl_ms"]["p50"], lv["itl_ms"]["p99"],
+                                  int(lv["itl_ms"]["n"])) if lv.get("itl_ms") else None,
+            tokens=int(lv.get("tokens") or 0)) for lv in s.get("levels", []))
+        server = ServerSweep(model_id=str(s.get("model_id", "?")), host=str(s.get("host", "?")),
+                             max_tokens=int(s.get("max_tokens") or 0), repetitions=int(s.get("repetitions") or 0),
+                             token_count=str(s.get("token_count", "")), levels=levels, error=s.get("error"))
+    bench = BenchConfig(**r["bench_config"]) if isinstance(r.get("bench_config"), dict) else None
+    family = r.get("family") or "torch"
+    return RunRecord(
+        model=ModelIdentity(name=str(r.get("model_name", "?")), path=str(r.get("model_path", "?")),
+                            ref=str(r.get("model_ref") or ""), params=r.get("model_params"),
+                            stored_dtype=str(r.get("model_stored_dtype") or ""),
+                            stored_quantized=bool(r.get("reference_quantized"))),
+        precision=str(r.get("precision", "?")), precision_label=str(r.get("precision_label") or r.get("precision", "?")),
+        family=Family(family) if family in Family._value2member_map_ else Family.TORCH,
+        engine=EngineInfo(name=Engine(r["backend"]) if r.get("backend") in Engine._value2member_map_ else None,
+                          mode=SupportMode(r["mode"]) if r.get("mode") in SupportMode._value2member_map_
+                          else SupportMode.NATIVE,
+                          device=str(r.get("device") or "cpu"), artifact_path=r.get("artifact_path"),
+                          artifact_bytes=r.get("artifact_bytes")),
+        hardware=HardwareFacts(cpu=str(hw.get("cpu") or ""), cores=hw.get("cores"), gpu=hw.get("gpu"),
+                               machine=str(hw.get("machine") or ""), bandwidth_bytes_s=hw.get("bandwidth_bytes_s"),
+                               bandwidth_source=hw.get("bandwidth_source")) if hw else None,
+        versions=dict(r.get("versions") or {}), bench=bench,
+        memory=MemoryFigures(**{k: r.get(k) for k in MemoryFigures.__dataclass_fields__}),
+        timings=Timings(quantize_s=r.get("quantize_s"), load_s=r.get("load_s"), quality_s=q.get("quality_s")),
+        speed=speed, roofline_pct=r.get("roofline_pct"), quality=quality, server=server,
+    )

