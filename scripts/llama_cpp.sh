@@ -48,17 +48,29 @@ elif [[ "$(uname -m)" == "x86_64" ]]; then
 else
     flags=""
 fi
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/qexplorer/llama-cpp-python"
+sdist="$cache/llama_cpp_python-$VERSION.tar.gz"
+if [[ ! -f "$sdist" ]]; then
+    mkdir -p "$cache"
+    python -m pip download --quiet --no-binary :all: --no-deps -d "$cache" "llama-cpp-python==$VERSION"
+fi
+# llama.cpp's own Hugging Face → GGUF converter, from the same llama.cpp this llama-cpp-python vendors
+converter="$(python -c 'import sys; print(sys.prefix)')/share/qexplorer/llama.cpp"
+if [[ ! -f "$converter/convert_hf_to_gguf.py" ]]; then
+    mkdir -p "$converter"
+    tar xzf "$sdist" -C "$converter" --strip-components=3 "llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.py" \
+        "llama_cpp_python-$VERSION/vendor/llama.cpp/conversion" "llama_cpp_python-$VERSION/vendor/llama.cpp/gguf-py"
+fi
 installed="$(python -c 'from importlib.metadata import version; print(version("llama-cpp-python"))' 2>/dev/null || true)"
 if [[ "$installed" == "$VERSION" && -z "${QEXPLORER_LLAMA_CMAKE_ARGS:-}" ]] && smoke 2>/dev/null; then
     exit 0  # installed and decoding: keep it (a CUDA build you made yourself stays)
 fi
-wheels="${XDG_CACHE_HOME:-$HOME/.cache}/qexplorer/llama-cpp-python/$(printf '%s|%s' "$VERSION" "$flags" | sha256sum | cut -c1-12)"
+wheels="$cache/$(printf '%s|%s' "$VERSION" "$flags" | sha256sum | cut -c1-12)"
 if ! compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
     echo "setup: compiling llama-cpp-python $VERSION (${flags:-default flags}): about 7 minutes on 2 cores," \
          "once per machine" >&2
     mkdir -p "$wheels"
-    CMAKE_ARGS="$flags" FORCE_CMAKE=1 python -m pip wheel --quiet --no-deps --no-cache-dir -w "$wheels" \
-        "llama-cpp-python==$VERSION"
+    CMAKE_ARGS="$flags" FORCE_CMAKE=1 python -m pip wheel --quiet --no-deps --no-cache-dir -w "$wheels" "$sdist"
 fi
 wheel="$(compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" | head -1)"
 python -m pip install --quiet --force-reinstall --no-deps "$wheel"

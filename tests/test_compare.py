@@ -88,8 +88,8 @@ def store_fixed_results(data_dir: Path) -> None:
         "bf16": ("torch", "native", 257, 49.1, 0.0, 100.0, 14.61),
         "int8": ("torch", "native", 156, 21.4, 0.0012, 98.9, 14.63),
         "fp8": ("torch", "emulated", 156, 3.0, 0.0031, 97.4, 14.66),
-        "gptq": ("torch", "emulated", 108, 39.1, 0.052, 88.3, 15.40),
-        "int4_rtn": ("torch", "emulated", 108, 41.2, 0.071, 86.1, 15.90),
+        "gptq": ("torch", "dequantized", 108, 39.1, 0.052, 88.3, 15.40),
+        "int4_rtn": ("torch", "dequantized", 108, 41.2, 0.071, 86.1, 15.90),
         "q8_0": ("gguf", "native", 136, 156.1, 0.0047, 95.3, 14.62),
         "q6_k": ("gguf", "native", 130, 160.2, 0.0091, 94.1, 14.75),
         "q4_k_m": ("gguf", "native", 99, 159.0, 0.055, 86.9, 15.60),
@@ -97,7 +97,9 @@ def store_fixed_results(data_dir: Path) -> None:
     }
     for key, (family, mode, weight_mib, decode, kld, top1, ppl) in fixed.items():
         store.add(legacy({"model_name": "SmolLM2-135M-Instruct (Q4_1)", "model_path": path, "precision": key,
-                   "precision_label": key, "family": family, "mode": mode, "backend": "fixed",
+                   "precision_label": key, "family": family, "mode": mode,
+                          "backend": "llama.cpp" if family == "gguf" else "transformers" if mode == "dequantized"
+                          else "vllm",
                    "weight_bytes": weight_mib * MIB, "peak_rss_bytes": 3 * weight_mib * MIB,
                    "planned_total_bytes": 3 * weight_mib * MIB, "reference_quantized": True,
                    "decode_tok_s": {"mean": decode, "sd": decode / 50, "n": 5},
@@ -151,7 +153,7 @@ def test_results_md_prints_the_seed_table(capsys, isolated_user_dirs):
     assert main(["results", "--format", "md", "--model", "default"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| Quantization | Memory | Throughput | Quality |")
-    assert "| q8_0 | 136.0 MiB weights, 408.0 MiB peak | 156.1 ± 3.1 tok/s decode" in out
+    assert "| q8_0 (llama.cpp) | 136.0 MiB weights, 408.0 MiB peak | 156.1 ± 3.1 tok/s decode" in out
     assert main(["results", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)["results"]
     assert {"tg_avg_ts", "tg_stddev_ts", "pp_avg_ts", "model_size", "kld_mean"} <= set(rows[0])

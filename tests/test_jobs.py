@@ -39,7 +39,7 @@ def test_cli_run_q8_0_and_int8_quick_json(capsys, isolated_user_dirs):
     data = json.loads(captured.out)
     assert [j["status"] for j in data["jobs"]] == ["ok", "ok"]
     by = {r["precision"]: r for r in data["results"]}
-    for key, backend in (("q8_0", "llama.cpp"), ("int8", "transformers")):
+    for key, backend in (("q8_0", "llama.cpp"), ("int8", "vllm")):
         row = by[key]
         assert row["backend"] == backend
         assert row["tg_avg_ts"] > 0 and row["pp_avg_ts"] > 0 and row["ttft_avg_s"] > 0
@@ -50,7 +50,7 @@ def test_cli_run_q8_0_and_int8_quick_json(capsys, isolated_user_dirs):
     store = ResultsStore.in_dir(isolated_user_dirs / "data")
     assert {r.precision for r in store.all()} == {"q8_0", "int8"}
     assert main(["results", "--format", "md"]) == 0
-    assert "| GGUF Q8_0 |" in capsys.readouterr().out
+    assert "| GGUF Q8_0 (llama.cpp) |" in capsys.readouterr().out
 
 
 def test_sigkill_mid_run_marks_failed_and_keeps_the_store(tmp_path: Path):

@@ -89,7 +89,7 @@ async def test_precision_picker_keys():
         await pilot.press("p")
         await pilot.pause()
         table = app.screen.query_one("#plan-table")
-        assert table.row_count == 14
+        assert table.row_count == 16  # 10 Hugging Face precisions (NVFP4A16 and NVFP4 included) + 6 GGUF
         assert app.context == 4096
         await pilot.press("right_square_bracket")
         assert app.context == 8192

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reference", choices=("bf16", "fp32"), default="bf16", help="reference precision")
     run.add_argument("--quality-tokens", type=int, default=4096, help="tokens of evaluation text (default 4096)")
     run.add_argument("--quality-ctx", type=int, default=512, help="chunk length for quality (default 512)")
+    run.add_argument("--engine-args", default="", metavar="ARGS",
+                     help="extra arguments for the serving engine, recorded with the result "
+                          "(vLLM: \"--tensor-parallel-size 2\")")
 
     export = sub.add_parser("export", help="write a quantized model a server loads (GGUF or a vLLM folder)")
     _loading(export)

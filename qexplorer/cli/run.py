@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -111,7 +112,7 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
         model_ref=args.model, precision="", data_dir=str(settings.results_path), bench=bench_config(args),
         model_paths=tuple(settings.models), quality=args.quality, quality_corpus=args.corpus,
         quality_tokens=args.quality_tokens, quality_ctx=args.quality_ctx, reference_precision=args.reference,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, engine_args=tuple(shlex.split(args.engine_args or "")),
     )
     planned = plan_jobs(spec, chosen, sampler.sample(), template, force=args.force)
     if planned.refused:
@@ -169,6 +170,6 @@ def export_precision(args: argparse.Namespace, settings: Settings) -> int:
     if not outcome.ok or outcome.export is None:
         raise UserError(f"Export failed: {outcome.error}")
     export = outcome.export
-    print(f"wrote {export.export_path} ({export.format}, {export.bytes:,} bytes)")
+    print(f"wrote {export.export_path} ({export.format}, {export.bytes:,} bytes, sha256 {export.sha256})")
     print(f"serve it with:\n  {export.serve_command}")
     return 0

@@ -53,6 +53,8 @@ class CompareRow:
     ppl: float | None
     ppl_ref: float | None
     reference_quantized: bool
+    engine: str = ""  # vllm, llama.cpp, transformers, openai-api
+    fallback: bool = False  # transformers fallback: weights dequantized, not serving speed
 
     @property
     def memory_bytes(self) -> int | None:
@@ -75,6 +77,7 @@ def row_from_result(result: StoredResult) -> CompareRow:
         kld=q.kld_mean if q else None, top1_pct=q.same_top1_pct if q else None,
         ppl=q.ppl if q else None, ppl_ref=q.ppl_ref if q else None,
         reference_quantized=r.model.stored_quantized,
+        engine=str(r.engine.name) if r.engine.name else "", fallback=r.engine.is_fallback,
     )
 
 
@@ -168,8 +171,8 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
         ranked = sorted(fitting, key=lambda r: (kld(r), r.memory_bytes or 0))
     elif priority == Priority.MEMORY:
         ranked = sorted(acceptable, key=lambda r: (r.memory_bytes or 0, kld(r)))
-    else:
-        ranked = sorted(acceptable, key=lambda r: (-(r.decode_tok_s or 0.0), kld(r)))
+    else:  # a fallback's tokens/s is not serving speed: serving engines rank first
+        ranked = sorted(acceptable, key=lambda r: (r.fallback, -(r.decode_tok_s or 0.0), kld(r)))
     best = ranked[0]
     runner = ranked[1] if len(ranked) > 1 else None
     sentences = [f"{best.label}: {_facts(best)}; chosen for {priority} ({why_pool})."]
@@ -193,7 +196,9 @@ def _facts(row: CompareRow) -> str:
     if row.top1_pct is not None:
         parts.append(f"top-1 {row.top1_pct:.1f} %")
     if row.decode_tok_s is not None:
-        parts.append(f"{row.decode_tok_s:.1f} tok/s decode")
+        parts.append(f"{row.decode_tok_s:.1f} tok/s decode" + (f" ({row.engine})" if row.engine else ""))
+    if row.fallback:
+        parts.append("speed from the transformers fallback, not serving speed")
     if row.mode == SupportMode.EMULATED:
         parts.append("emulated here")
     return ", ".join(parts)

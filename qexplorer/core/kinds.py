@@ -40,21 +40,22 @@ class Family(StrEnum):
 class Producer(StrEnum):
     """What makes a precision's artifact: the one place pipeline, planner and export ask."""
 
-    CAST = "cast"  # a dtype cast of the BF16 checkpoint
-    TORCHAO = "torchao"  # torchao quantize_ in memory
+    CAST = "cast"  # a plain checkpoint in that dtype (the BF16 checkpoint, or a cast of it)
     LLMCOMPRESSOR = "llm-compressor"  # a compressed-tensors folder (data-free or calibrated)
     LLAMA_QUANTIZE = "llama.cpp quantize"  # a .gguf file
 
 
 class Engine(StrEnum):
-    TRANSFORMERS = "transformers"
-    LLAMA_CPP = "llama.cpp"
-    OPENAI_API = "openai-api"
+    VLLM = "vllm"  # serves the Hugging Face precisions
+    LLAMA_CPP = "llama.cpp"  # serves GGUF
+    TRANSFORMERS = "transformers"  # the fallback where vLLM is absent or has no kernel: not serving speed
+    OPENAI_API = "openai-api"  # a server the user runs
 
 
 class SupportMode(StrEnum):
     NATIVE = "native"
     EMULATED = "emulated"
+    DEQUANTIZED = "dequantized"  # transformers fallback: weights decompressed to BF16, dense matmuls
     UNAVAILABLE = "unavailable"
     SERVED = "served"  # measured through a server; how it runs there is the server's business
 

@@ -17,51 +17,30 @@ import platform
 import resource
 import threading
 import time
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Generator
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
 from qexplorer import __version__
-from qexplorer.core.artifacts import file_lock, model_work_dir
+from qexplorer.core.artifacts import content_sha256, model_work_dir
 from qexplorer.core.bench import roofline_pct
 from qexplorer.core.catalog import Catalog
+from qexplorer.core.engines.base import EngineContext, Measured
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import Cancelled, JobEvent, Log, Metric, Phase
-from qexplorer.core.jobs.record import (
-    EngineInfo,
-    ExportRecord,
-    HardwareFacts,
-    MemoryFigures,
-    ModelIdentity,
-    QualityStats,
-    ReferenceInfo,
-    RunRecord,
-    Speed,
-    Timings,
-)
+from qexplorer.core.jobs.events import Cancelled, JobEvent, Log, Phase
+from qexplorer.core.jobs.record import ExportRecord, HardwareFacts, ModelIdentity, RunRecord
 from qexplorer.core.jobs.runner import CALIBRATE_PHASE
 from qexplorer.core.jobs.spec import JobSpec
-from qexplorer.core.kinds import Engine, JobAction, ModelFormat, Producer, SupportMode
+from qexplorer.core.kinds import Engine, JobAction
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Hardware, Precision, get
+from qexplorer.core.quantize.artifact import produce
 
-LIBRARIES = ("torch", "transformers", "torchao", "llmcompressor", "llama_cpp_python", "textual")
+LIBRARIES = ("torch", "transformers", "compressed_tensors", "llmcompressor", "llama_cpp_python", "textual")
 T = TypeVar("T")
 Step = Generator[JobEvent, None, T]
-
-
-@dataclass(frozen=True)
-class Measured:
-    """What the engine-specific half of a job hands back to :func:`run_job`."""
-
-    engine: EngineInfo
-    memory: MemoryFigures
-    timings: Timings
-    speed: Speed
-    quality: QualityStats | None
-    gpu_name: str | None
 
 
 def library_versions() -> dict[str, str]:
@@ -133,17 +112,22 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
         if not job.export_path:
             raise UserError("An export needs an output path (--out).")
         return (yield from checked(export_model(spec, precision, Path(job.export_path), work_dir,
-                                                job.bench.threads), cancel))
+                                                job.bench.threads, job.trust_remote_code), cancel))
     baseline_rss = current_rss_bytes()
     reference = None
     if job.quality:
         from qexplorer.core.reference import ensure_reference
 
         reference = yield from checked(ensure_reference(spec, job, work_dir), cancel)
-    if precision.is_gguf:
-        measured = yield from _gguf_job(spec, precision, job, work_dir, cancel, reference)
-    else:
-        measured = yield from _torch_job(spec, precision, job, work_dir, cancel, reference)
+    started = time.perf_counter()
+    artifact = yield from checked(produce(spec, precision, work_dir, job.bench.threads, job.trust_remote_code), cancel)
+    quantize_s = time.perf_counter() - started
+    yield Log(f"artifact {artifact.name}: hashing it, so the export can be checked against what was measured")
+    sha256 = content_sha256(artifact)
+    ctx = _context(spec, precision, job, artifact, reference, cancel)
+    measured = yield from checked(_measure(ctx), cancel)
+    measured = replace(measured, engine=replace(measured.engine, artifact_path=str(artifact),
+                                                artifact_bytes=_size(artifact), artifact_sha256=sha256))
     memory = replace(measured.memory, baseline_rss_bytes=baseline_rss, peak_rss_bytes=peak_rss_bytes(),
                      planned_peak_bytes=job.planned_peak_bytes, planned_total_bytes=job.planned_total_bytes)
     # Bandwidth for the roofline is measured after the peak is recorded (its buffers
@@ -158,154 +142,50 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
                             stored_dtype=spec.stored_dtype, stored_quantized=spec.stored_quantized),
         precision=precision.key, precision_label=precision.label, family=precision.family,
         engine=measured.engine, hardware=hardware, versions=library_versions(), bench=job.bench,
-        memory=memory, timings=measured.timings, speed=measured.speed, roofline_pct=roofline,
-        quality=measured.quality,
+        memory=memory, timings=replace(measured.timings, quantize_s=quantize_s, quality_s=measured.quality_s),
+        speed=measured.speed, roofline_pct=roofline, quality=measured.quality, engine_quality=measured.engine_quality,
     )
 
 
-def _speed_metrics(speed: Speed) -> Iterator[JobEvent]:
-    yield Metric("decode_tok_s", speed.decode_tok_s.mean, "tok/s", speed.decode_tok_s.sd)
-    yield Metric("prefill_tok_s", speed.prefill_tok_s.mean, "tok/s", speed.prefill_tok_s.sd)
+def _context(spec: ModelSpec, precision: Precision, job: JobSpec, artifact: Path, reference: Any,
+             cancel: threading.Event | None) -> EngineContext:
+    cuda, cc, gpu_name = False, None, None
+    if not precision.is_gguf:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        cc = torch.cuda.get_device_capability(0) if cuda else None
+        gpu_name = torch.cuda.get_device_name(0) if cuda else None
+    support = precision.support(Hardware(cuda=cuda, compute_capability=cc))
+    weights = (artifact.stat().st_size if artifact.is_file()
+               else sum(p.stat().st_size for p in artifact.glob("*.safetensors")))
+    return EngineContext(spec=spec, precision=precision, job=job, artifact=artifact, artifact_weight_bytes=weights,
+                         reference=reference, support_mode=support.mode, device="cuda" if cuda else "cpu",
+                         gpu_name=gpu_name, bench_text=_bench_text(), cancel=cancel)
 
 
-def _gguf_job(spec: ModelSpec, precision: Precision, job: JobSpec, work_dir: Path,
-              cancel: threading.Event | None, reference: Any = None) -> Step[Measured]:
-    import llama_cpp
+def _measure(ctx: EngineContext) -> Step[Measured]:
+    """The engine that serves the artifact; for Hugging Face formats the transformers fallback, labelled, where
+    vLLM is absent or cannot run the format here (its reason in one sentence)."""
+    from qexplorer.core.engines import llamacpp, transformers, vllm
 
-    from qexplorer.core.bench import llamacpp
-    from qexplorer.core.gguf_header import read_gguf_header
-    from qexplorer.core.quantize.gguf_quant import gguf_for
-
-    bf16_folder = None
-    if spec.format == ModelFormat.HF:
-        from qexplorer.core.quantize.torch_quant import bf16_checkpoint
-
-        bf16_folder = yield from checked(bf16_checkpoint(spec, work_dir), cancel)
-    started = time.perf_counter()
-    gguf_path = yield from checked(gguf_for(spec, precision, work_dir, bf16_folder, job.bench.threads), cancel)
-    quantize_s = time.perf_counter() - started
-    yield Phase("load", f"loading {gguf_path.name} with llama.cpp")
-    gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    started = time.perf_counter()
-    llm = llamacpp.load(gguf_path, job.bench, n_gpu_layers=-1 if gpu else 0)
-    load_s = time.perf_counter() - started
-    loaded_rss = current_rss_bytes()
-    weight_bytes = sum(t.n_bytes for t in read_gguf_header(gguf_path).tensors)
-    _check(cancel)
-    yield Phase("benchmark", f"pp{job.bench.prompt_tokens} / tg{job.bench.gen_tokens} × {job.bench.repetitions}")
-    speed = yield from checked(llamacpp.run(llm, _bench_text(), job.bench), cancel)
-    yield from _speed_metrics(speed)
-    quality, quality_s = None, None
-    if reference is not None:
-        del llm  # the quality pass needs every position's logits: a second context
-        yield Phase("quality", "KLD, top-1 and perplexity against the reference")
-        qllm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=job.quality_ctx, n_batch=job.quality_ctx,
-                               n_ubatch=job.quality_ctx, n_threads=job.bench.threads or (os.cpu_count() or 1),
-                               n_gpu_layers=-1 if gpu else 0, logits_all=True, verbose=False)
-        from qexplorer.core import quality as quality_mod
-
-        probe = qllm.tokenize(reference[0].probe_text.encode(), add_bos=False, special=False)
-        quality_mod.check_alignment(reference[0], probe, qllm.n_vocab())
-        quality, quality_s = yield from _quality(reference, quality_mod.llamacpp_logits_fn(qllm), cancel)
-    return Measured(
-        engine=EngineInfo(name=Engine.LLAMA_CPP, mode=SupportMode.NATIVE, device="cuda" if gpu else "cpu",
-                          artifact_path=str(gguf_path), artifact_bytes=gguf_path.stat().st_size),
-        memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=weight_bytes,
-                             resident_weight_bytes=weight_bytes, bytes_per_token=weight_bytes),
-        timings=Timings(quantize_s=quantize_s, load_s=load_s, quality_s=quality_s),
-        speed=speed, quality=quality, gpu_name="CUDA (llama.cpp offload)" if gpu else None,
-    )
+    if ctx.precision.engine == Engine.LLAMA_CPP:
+        return (yield from llamacpp.measure(ctx))
+    try:
+        measured = yield from vllm.measure(ctx)
+    except vllm.VllmCannotRun as exc:
+        reason = str(exc)
+        yield Log(f"{ctx.precision.label}: {reason}; measuring it with {transformers.FALLBACK_LABEL} instead",
+                  level="warning")
+        return (yield from transformers.measure(ctx, fallback_reason=reason))
+    if ctx.reference is not None:
+        quality, quality_s = yield from transformers.artifact_quality(ctx)
+        measured = replace(measured, quality=quality, quality_s=quality_s)
+    return measured
 
 
-def _torch_job(spec: ModelSpec, precision: Precision, job: JobSpec, work_dir: Path,
-               cancel: threading.Event | None, reference: Any = None) -> Step[Measured]:
-    from qexplorer.core.quantize.torch_quant import quiet_libraries
-
-    quiet_libraries()
-    import torch
-
-    from qexplorer.core.bench import torch_backend
-    from qexplorer.core.quantize import torch_quant
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    cc = torch.cuda.get_device_capability(0) if cuda else None
-    source = yield from checked(torch_quant.bf16_checkpoint(spec, work_dir), cancel)
-    producer = precision.producer_on(cuda)
-    quantize_s = None
-    artifact = None
-    started = time.perf_counter()
-    if producer == Producer.LLMCOMPRESSOR:
-        artifact = work_dir / f"{precision.key}-compressed-tensors"
-        yield Phase("quantize", precision.method)
-        with file_lock(artifact.with_name(artifact.name + ".lock")):
-            yield from checked(torch_quant.llmcompressor_quantize(source, artifact, precision, spec), cancel)
-        quantize_s = time.perf_counter() - started
-        yield Phase("load", "loading the compressed-tensors checkpoint")
-        started = time.perf_counter()
-        model, tokenizer = torch_quant.load_model(artifact, "bf16", device)
-        load_s = time.perf_counter() - started
-        mode = SupportMode.NATIVE if cuda else SupportMode.EMULATED
-        artifact_bytes = sum(p.stat().st_size for p in artifact.glob("*.safetensors"))
-        weight_bytes = artifact_bytes
-    else:
-        dtype = precision.key if producer == Producer.CAST else "bf16"
-        yield Phase("load", f"loading {source.name} as {dtype}")
-        model, tokenizer = torch_quant.load_model(source, dtype, device)
-        load_s = time.perf_counter() - started
-        mode = SupportMode.NATIVE
-        if producer == Producer.TORCHAO:
-            _check(cancel)
-            yield Phase("quantize", precision.method)
-            started = time.perf_counter()
-            mode = SupportMode(torch_quant.torchao_quantize(model, precision, spec, cc))
-            quantize_s = time.perf_counter() - started
-        artifact_bytes = None
-        weight_bytes = torch_quant.model_weight_bytes(model)
-    resident = torch_quant.model_weight_bytes(model)
-    loaded_rss = current_rss_bytes()
-    if mode == SupportMode.EMULATED:
-        yield Log(f"{precision.label} runs emulated here: "
-                  f"{precision.support(Hardware(cuda=cuda, compute_capability=cc)).note}", level="warning")
-    _check(cancel)
-    yield Phase("benchmark", f"pp{job.bench.prompt_tokens} / tg{job.bench.gen_tokens} × {job.bench.repetitions}")
-    speed = yield from checked(torch_backend.run(model, tokenizer, _bench_text(), job.bench), cancel)
-    yield from _speed_metrics(speed)
-    quality, quality_s = None, None
-    if reference is not None:
-        from qexplorer.core import quality as quality_mod
-
-        yield Phase("quality", "KLD, top-1 and perplexity against the reference")
-        probe = tokenizer(reference[0].probe_text, add_special_tokens=False)["input_ids"]
-        quality_mod.check_alignment(reference[0], probe, int(model.config.vocab_size))
-        quality, quality_s = yield from _quality(reference, quality_mod.torch_logits_fn(model), cancel)
-    return Measured(
-        engine=EngineInfo(name=Engine.TRANSFORMERS, mode=mode, device=device,
-                          artifact_path=str(artifact) if artifact else None, artifact_bytes=artifact_bytes),
-        memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=weight_bytes,
-                             resident_weight_bytes=resident, bytes_per_token=resident),
-        timings=Timings(quantize_s=quantize_s, load_s=load_s, quality_s=quality_s),
-        speed=speed, quality=quality, gpu_name=torch.cuda.get_device_name(0) if cuda else None,
-    )
-
-
-def _quality(reference: Any, logits_fn: Any, cancel: threading.Event | None) -> Step[tuple[QualityStats, float]]:
-    """The candidate pass against the reference; returns the statistics and the seconds it took."""
-    from qexplorer.core import quality
-
-    meta = reference[0]
-    started = time.perf_counter()
-    stats = yield from checked(quality.candidate_pass(reference, logits_fn), cancel)
-    elapsed = time.perf_counter() - started
-    folder_bytes = sum(arr.nbytes for arr in reference[1].values())
-    stats = replace(stats, quality_peak_rss_bytes=peak_rss_bytes(), reference=ReferenceInfo(
-        precision=meta.reference_precision, quantized=meta.reference_quantized, corpus=meta.corpus_name,
-        corpus_sha256=meta.corpus_sha256, n_tokens=meta.n_tokens, ctx=meta.ctx, n_chunks=meta.n_chunks,
-        top_k=meta.top_k, chunking=f"{meta.n_chunks} chunks of {meta.ctx} tokens, BOS first, second half scored",
-        cache_bytes=int(folder_bytes)))
-    yield Metric("kld_mean", stats.kld_mean, "", stats.kld_sd)
-    yield Metric("same_top1_pct", stats.same_top1_pct, "%", stats.same_top1_se_pct)
-    return stats, elapsed
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _bench_text() -> str:

@@ -14,9 +14,11 @@ For a model, a precision and a request (context length, batch, KV dtype):
 (embeddings, lm_head and norms stay at higher precision in torch schemes;
 llama.cpp falls back for rows that are not a multiple of 256).
 
-The runtime base is stated, not guessed per run: a PyTorch + transformers
-worker holds about 370 MiB besides its weights, a llama.cpp worker about
-110 MiB (KV and compute buffers of a 512-token batch included) - measured on a
+The runtime base is stated, not guessed per run: vLLM's CPU server tree (API
+server, engine core, worker) holds about 2.3 GiB besides its weights and KV
+cache; on a GPU its device side is counted like a PyTorch process, about
+370 MiB; a llama.cpp worker about 110 MiB (KV and compute buffers of a
+512-token batch included) - measured on a
 2-core x86 CPU with the bundled model (README "Planner vs measured") - plus a
 CUDA context on a GPU (~0.5 / 0.3 GiB, NVIDIA's usual figure). llama.cpp keeps
 only the last position's logits; transformers computes them for the whole
@@ -35,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from qexplorer.core.errors import UserError
-from qexplorer.core.kinds import Family, Producer, RunsOn, SupportMode, TensorRole, Verdict
+from qexplorer.core.kinds import Engine, Family, Producer, RunsOn, SupportMode, TensorRole, Verdict
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import BY_KEY, PRECISIONS, Hardware, Precision, Support
 from qexplorer.core.telemetry import TelemetrySnapshot
@@ -46,7 +48,7 @@ PREFILL_CHUNK_TOKENS = 512
 TORCH_RUNTIME_BYTES = 370 * MIB
 LLAMA_CPP_RUNTIME_BYTES = 110 * MIB
 # Extra memory of a quantize-and-benchmark job (plan_job_peak), measured like the bases above.
-TORCHAO_IMPORT_BYTES = 190 * MIB
+VLLM_RUNTIME_BYTES = 2300 * MIB  # vLLM 0.32 CPU server tree (API server, engine core, worker) without weights / KV
 LLMCOMPRESSOR_IMPORT_BYTES = 510 * MIB
 CALIBRATION_BYTES = 180 * MIB
 CUDA_CONTEXT_BYTES = {"torch": 512 * MIB, "gguf": 300 * MIB}
@@ -88,6 +90,7 @@ class PrecisionPlan:
     support: SupportMode
     support_note: str
     servers: tuple[str, ...]
+    engine: Engine  # the engine that serves it (vLLM for Hugging Face formats, llama.cpp for GGUF)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,7 +115,10 @@ def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str) -> int:
 
 
 def overhead_bytes(spec: ModelSpec, precision: Precision, request: PlanRequest, on_gpu: bool) -> int:
-    base = LLAMA_CPP_RUNTIME_BYTES if precision.is_gguf else TORCH_RUNTIME_BYTES
+    if precision.is_gguf:
+        base = LLAMA_CPP_RUNTIME_BYTES
+    else:  # vLLM: on a GPU its device-side runtime is the torch one; on a CPU its whole server tree is host memory
+        base = TORCH_RUNTIME_BYTES if on_gpu or precision.vllm_cpu_gap else VLLM_RUNTIME_BYTES
     if on_gpu:
         base += CUDA_CONTEXT_BYTES[precision.family]
     chunk = min(request.context, PREFILL_CHUNK_TOKENS)
@@ -165,8 +171,10 @@ def plan_precision(spec: ModelSpec, precision: Precision, request: PlanRequest,
         margin_bytes=margin,
         verdict=fit,
         support=support.mode,
-        support_note=support.note,
+        support_note=support.note if on_gpu or not precision.vllm_cpu_gap else
+        f"{precision.vllm_cpu_gap}; measured with transformers, weights dequantized - not serving speed",
         servers=precision.servers,
+        engine=Engine.TRANSFORMERS if not on_gpu and precision.vllm_cpu_gap else precision.engine,
     )
 
 
@@ -197,33 +205,36 @@ def plan_json(spec: ModelSpec, request: PlanRequest, snapshot: TelemetrySnapshot
     }
 
 
-def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: bool) -> int:
-    """Predicted peak memory of one quantize-and-benchmark job (what the guard compares against).
+def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: bool, vllm: bool | None = None) -> int:
+    """Predicted peak memory of one job's process tree (what the guard compares against).
 
-    serving plan for pp + tg tokens, plus what producing the precision holds on top:
-      cast           half a BF16 copy while converting from the BF16 source (none for bf16 itself)
-      torchao        the library + the BF16 source (the allocator keeps it) [+ a BF16 copy: FP8 emulated]
-      llm-compressor the library + the BF16 model being quantized [GPTQ: + calibration and one layer's Hessians]
-      llama.cpp      nothing: the quantizer streams tensors
+    GGUF (llama.cpp in the worker): the serving plan for pp + tg tokens; the quantizer streams tensors.
+    Hugging Face precisions: the worker (PyTorch + transformers) plus what producing the artifact holds
+      cast            half a BF16 copy while converting from the BF16 source (none for bf16 itself)
+      llm-compressor  the library + the BF16 model being quantized [GPTQ: + calibration and one layer's Hessians]
+    plus, while it runs, the vLLM server it starts (runtime + weights + the KV cache it is given); or, in the
+    transformers fallback (``vllm=False``), the serving plan inside the worker.
     """
     request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)
-    serving = (weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context
-               + overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu))
+    if precision.is_gguf:
+        return (weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context
+                + overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu))
     bf16 = weight_bytes(spec, BY_KEY["bf16"])
-    producer = precision.producer_on(on_gpu)
-    if producer == Producer.CAST:
-        extra = 0 if precision.key == "bf16" else bf16 // 2
-    elif producer == Producer.TORCHAO:
-        extra = TORCHAO_IMPORT_BYTES + bf16
-        if precision.support(hardware_for(on_gpu)).mode == SupportMode.EMULATED:
-            extra += bf16  # an emulated torchao scheme (FP8 weight-only) keeps an upcast copy
-    elif producer == Producer.LLMCOMPRESSOR:
-        extra = LLMCOMPRESSOR_IMPORT_BYTES + bf16
-        if precision.needs_calibration and precision.key == "gptq":  # AWQ's scale search measured no extra here
-            extra += CALIBRATION_BYTES + layer_hessian_bytes(spec)
+    if precision.producer == Producer.CAST:
+        production = 0 if precision.key == "bf16" else bf16 // 2
     else:
-        extra = 0
-    return serving + extra
+        production = LLMCOMPRESSOR_IMPORT_BYTES + bf16
+        if precision.needs_calibration:
+            production += CALIBRATION_BYTES + (layer_hessian_bytes(spec) if precision.key == "gptq" else 0)
+    worker = TORCH_RUNTIME_BYTES + production
+    if vllm is None:
+        vllm = on_gpu or not precision.vllm_cpu_gap
+    if vllm:
+        server = (VLLM_RUNTIME_BYTES + weight_bytes(spec, precision)
+                  + kv_bytes_per_token(spec, "bf16") * (request.context + 16))
+        return worker + server
+    return worker + weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context + \
+        overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu) - TORCH_RUNTIME_BYTES
 
 
 def layer_hessian_bytes(spec: ModelSpec) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qexplorer.core.kinds import Family, Producer, SupportMode, TensorRole
+from qexplorer.core.kinds import Engine, Family, Producer, SupportMode, TensorRole
 from qexplorer.core.model import ModelSpec, TensorGroup
 
 QK_K = 256  # K-quant super-block: rows must be a multiple of this
@@ -72,21 +72,25 @@ class Precision:
     scale_bits_per_group: int = 0  # torch int4: bf16 scale (+ zero) per group
     gguf_type: str | None = None  # llama.cpp ftype name
     gguf_fallback_bits: float | None = None
-    cpu_producer: Producer | None = None  # a different producer without CUDA (torchao has no CPU INT4)
-    export_scheme: str | None = None  # the llm-compressor preset its vLLM export is written with
+    scheme: str | None = None  # llm-compressor preset scheme (FP8_DYNAMIC, W8A8, NVFP4A16, NVFP4); None: W4A16 groups
+    fixed_group_size: int | None = None  # NVFP4: one FP8 scale per 16 weights, whatever the row length
+    vllm_cpu_gap: str | None = None  # why vLLM's CPU build cannot serve it usefully (then: transformers fallback)
 
     @property
     def is_gguf(self) -> bool:
         return self.family == Family.GGUF
 
-    def producer_on(self, cuda: bool) -> Producer:
-        """What makes this precision's artifact on a machine with (or without) CUDA."""
-        return self.producer if cuda or self.cpu_producer is None else self.cpu_producer
+    @property
+    def engine(self) -> Engine:
+        """The engine that serves this precision's artifact (vLLM for Hugging Face formats, llama.cpp for GGUF)."""
+        return Engine.LLAMA_CPP if self.is_gguf else Engine.VLLM
 
     def group_size(self, spec: ModelSpec) -> int | None:
         """Largest standard group size that divides every quantized row (576 → 64)."""
         if not self.scale_bits_per_group:
             return None
+        if self.fixed_group_size:
+            return self.fixed_group_size
         cols = {g.cols for g in spec.groups if g.role in (TensorRole.LINEAR, TensorRole.EXPERT)}
         for size in INT4_GROUP_SIZES:
             if all(c % size == 0 for c in cols):
@@ -145,7 +149,10 @@ def _gguf(key: str, mix_bits: float, fallback_bits: float, description: str) -> 
     )
 
 
-_TORCH_INT4_GPU = "Marlin / tinygemm INT4 kernels need CC ≥ 8.0; older GPUs dequantize in PyTorch"
+_TORCH_INT4_GPU = "vLLM's Marlin / Machete INT4 kernels need CC ≥ 8.0; older GPUs have none"
+_W4A16_CPU = ("vLLM-CPU's AVX-512 build serves W4A16 (30 tok/s measured on the bundled model); its AVX2 build "
+              "has no W4A16 kernel and fails at the first forward (then: the transformers fallback)")
+_CT = "a compressed-tensors folder (llm-compressor) that `vllm serve` loads"
 PRECISIONS: tuple[Precision, ...] = (
     Precision("fp32", "FP32", Family.TORCH, Producer.CAST, "cast", 32.0, "full precision; the slowest reference",
               ("vLLM", "transformers"), quantized=False, native_note="CUDA"),
@@ -154,28 +161,44 @@ PRECISIONS: tuple[Precision, ...] = (
               gpu_fallback_note="no BF16 tensor cores below CC 8.0"),
     Precision("fp16", "FP16", Family.TORCH, Producer.CAST, "cast", 16.0, "half precision", ("vLLM", "transformers"),
               quantized=False, native_note="FP16 tensor cores"),
-    Precision("fp8", "FP8", Family.TORCH, Producer.TORCHAO, "torchao / llm-compressor FP8_DYNAMIC", 8.0,
-              "near-lossless; no throughput penalty on FP8 tensor cores", ("vLLM",),
-              min_cc=(8, 9), native_note="FP8 tensor cores (CC ≥ 8.9)", export_scheme="FP8_DYNAMIC",
-              gpu_fallback_note="no FP8 tensor cores below CC 8.9: weights upcast for each matmul",
-              cpu=SupportMode.EMULATED, cpu_note="emulated on CPU: FP8 weights upcast to BF16 for each matmul"),
-    Precision("int8", "INT8 w-only", Family.TORCH, Producer.TORCHAO, "torchao Int8WeightOnly", 8.0,
-              "half of BF16's memory, small quality loss", ("vLLM",),
-              cpu=SupportMode.NATIVE, cpu_note="torchao's INT8 weight-only path runs on CPU", export_scheme="W8A16"),
-    Precision("int4_rtn", "INT4 RTN", Family.TORCH, Producer.TORCHAO, "round-to-nearest W4A16", 4.0,
-              "quarter of BF16's memory; no calibration, largest INT4 error", ("vLLM",),
-              min_cc=(8, 0), gpu_fallback_note=_TORCH_INT4_GPU, scale_bits_per_group=32,
-              cpu_producer=Producer.LLMCOMPRESSOR, cpu=SupportMode.EMULATED, cpu_note="emulated on CPU: no INT4 kernel, weights dequantized to BF16"),
+    Precision("fp8", "FP8", Family.TORCH, Producer.LLMCOMPRESSOR, "llm-compressor FP8_DYNAMIC", 8.0,
+              f"FP8 weights and dynamic per-token FP8 activations; {_CT}", ("vLLM",), scheme="FP8_DYNAMIC",
+              min_cc=(8, 9), native_note="FP8 tensor cores (CC ≥ 8.9)",
+              gpu_fallback_note="no FP8 tensor cores below CC 8.9: vLLM runs FP8 weights through Marlin (W8A16)",
+              cpu=SupportMode.EMULATED, cpu_note="emulated on CPU: vLLM upcasts FP8 for each matmul (slow)",
+              vllm_cpu_gap="vLLM only emulates FP8 on a CPU (ChannelWiseTorchFP8ScaledMMLinearKernel: 0.1 tok/s "
+                           "decode measured on 2 cores), which is no serving speed"),
+    Precision("int8", "INT8 W8A8", Family.TORCH, Producer.LLMCOMPRESSOR, "llm-compressor W8A8", 8.0,
+              f"int8 weights per channel and dynamic per-token int8 activations; {_CT}", ("vLLM",), scheme="W8A8",
+              native_note="int8 tensor cores", cpu=SupportMode.NATIVE,
+              cpu_note="vLLM's CPU build has int8 W8A8 kernels (oneDNN)"),
+    Precision("int4_rtn", "INT4 RTN", Family.TORCH, Producer.LLMCOMPRESSOR, "llm-compressor W4A16 round-to-nearest",
+              4.0, f"quarter of BF16's memory; no calibration, largest INT4 error; {_CT}", ("vLLM",),
+              min_cc=(8, 0), gpu_fallback_note=_TORCH_INT4_GPU, scale_bits_per_group=16,
+              cpu=SupportMode.EMULATED, cpu_note=_W4A16_CPU),
     Precision("awq", "AWQ INT4", Family.TORCH, Producer.LLMCOMPRESSOR, "llm-compressor AWQ W4A16", 4.0,
-              "activation-aware INT4: half of FP8's memory, better than RTN", ("vLLM",),
+              f"activation-aware INT4: half of FP8's memory, better than RTN; {_CT}", ("vLLM",),
               min_cc=(8, 0), gpu_fallback_note=_TORCH_INT4_GPU, scale_bits_per_group=20,
               needs_calibration=True, cpu=SupportMode.EMULATED,
-              cpu_note="emulated on CPU; calibration is slow there (about 2 min for 135M parameters on 2 cores)"),
+              cpu_note=f"{_W4A16_CPU}; calibration is slow on CPU (about 2 min for 135M parameters on 2 cores)"),
     Precision("gptq", "GPTQ INT4", Family.TORCH, Producer.LLMCOMPRESSOR, "llm-compressor GPTQ W4A16", 4.0,
-              "second-order INT4: calibrated, better than RTN", ("vLLM",),
+              f"second-order INT4: calibrated, better than RTN; {_CT}", ("vLLM",),
               min_cc=(8, 0), gpu_fallback_note=_TORCH_INT4_GPU, scale_bits_per_group=16,
-              needs_calibration=True, cpu=SupportMode.EMULATED,
-              cpu_note="emulated on CPU: no INT4 kernel, weights dequantized to BF16"),
+              needs_calibration=True, cpu=SupportMode.EMULATED, cpu_note=_W4A16_CPU),
+    Precision("nvfp4a16", "NVFP4A16", Family.TORCH, Producer.LLMCOMPRESSOR, "llm-compressor NVFP4A16", 4.0,
+              "FP4 (E2M1) weights with an FP8 scale per 16 and a global scale, BF16 activations; Blackwell's "
+              f"format (GB10's FP4 tensor cores); {_CT}", ("vLLM",), scheme="NVFP4A16",
+              scale_bits_per_group=8, fixed_group_size=16, min_cc=(10, 0), native_note="FP4 tensor cores (CC ≥ 10)",
+              gpu_fallback_note="no FP4 tensor cores below CC 10: vLLM dequantizes FP4 weights (emulated)",
+              cpu=SupportMode.EMULATED, cpu_note="no FP4 kernel on CPU: weights dequantized",
+              vllm_cpu_gap="vLLM has no NVFP4 kernel on a CPU (FP4 needs a GPU; native on CC ≥ 10)"),
+    Precision("nvfp4", "NVFP4 W4A4", Family.TORCH, Producer.LLMCOMPRESSOR, "llm-compressor NVFP4 (calibrated)", 4.0,
+              "FP4 weights and FP4 activations (global activation scales from calibration); "
+              f"{_CT}", ("vLLM",), scheme="NVFP4", scale_bits_per_group=8, fixed_group_size=16, min_cc=(10, 0),
+              native_note="FP4 tensor cores (CC ≥ 10)", needs_calibration=True,
+              gpu_fallback_note="no FP4 tensor cores below CC 10: emulated",
+              cpu=SupportMode.EMULATED, cpu_note="no FP4 kernel on CPU: emulated",
+              vllm_cpu_gap="vLLM has no NVFP4 kernel on a CPU (FP4 needs a GPU; native on CC ≥ 10)"),
     _gguf("q8_0", 8.5, 8.5, "8-bit blocks: near-lossless GGUF"),
     _gguf("q6_k", 6.5625, 8.5, "6-bit K-quant"),
     _gguf("q5_k_m", 5.70, 6.0, "5-bit K-quant mix: CPU / hybrid sweet spot"),

@@ -217,6 +217,9 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "id": result.id, "model_name": result.model_name, "model_filename": result.model_path,
         "model_n_params": r.model.params, "precision": result.precision, "family": str(result.family),
         "backend": None if r.engine.name is None else str(r.engine.name), "mode": str(r.engine.mode),
+        "engine_version": r.engine.version or None, "kernel": r.engine.kernel or None,
+        "serve_command": r.engine.serve_command or None, "fallback_reason": r.engine.fallback_reason,
+        "artifact_sha256": r.engine.artifact_sha256,
         "status": str(result.status), "error": result.error,
         "cpu_info": hw.cpu if hw else None, "gpu_info": hw.gpu if hw else None,
         "n_threads": speed.threads if speed else None,
@@ -233,6 +236,8 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "load_s": r.timings.load_s, "quantize_s": r.timings.quantize_s,
         "kld_mean": quality.kld_mean if quality else None, "same_top1_pct": quality.same_top1_pct if quality else None,
         "ppl": quality.ppl if quality else None, "ppl_ref": quality.ppl_ref if quality else None,
+        "engine_kld_mean": r.engine_quality.kld_mean if r.engine_quality else None,
+        "engine_same_top1_pct": r.engine_quality.same_top1_pct if r.engine_quality else None,
         "versions": json.dumps(r.versions, sort_keys=True),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result.created_at)),
     }
@@ -266,6 +271,10 @@ def to_markdown(results: list[StoredResult]) -> str:
         label = r.precision_label
         if r.engine.mode == SupportMode.EMULATED:
             label += " (emulated)"
+        if r.engine.is_fallback and r.engine.mode == SupportMode.DEQUANTIZED:
+            label += " (transformers fallback, weights dequantized - not serving speed)"
+        elif r.engine.name is not None:
+            label += f" ({r.engine.name})"
         memory = f"{format_bytes(r.memory.weight_bytes)} weights, {format_bytes(r.memory.peak_rss_bytes)} peak"
         roof = f", {r.roofline_pct:.0f} % of roofline" if r.roofline_pct else ""
         speed = r.speed
@@ -284,7 +293,7 @@ def to_markdown(results: list[StoredResult]) -> str:
         shape = (f"pp{first.speed.prompt_tokens}/tg{first.speed.gen_tokens} × {first.speed.repetitions}"
                  if first.speed else "not benchmarked")
         lines.append("")
-        lines.append(f"Measured on {where}; {first.engine.name}, {shape}, mean ± sd.")
+        lines.append(f"Measured on {where}; {shape}, mean ± sd; engine per row.")
     return "\n".join(lines) + "\n"
 
 

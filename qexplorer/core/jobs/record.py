@@ -42,6 +42,16 @@ class EngineInfo:
     device: str = "cpu"
     artifact_path: str | None = None
     artifact_bytes: int | None = None
+    artifact_sha256: str | None = None  # of the file or folder measured: the export carries the same hash
+    version: str = ""  # the engine's own version (vLLM 0.32.0, llama.cpp via llama-cpp-python 0.3.36, ...)
+    kernel: str = ""  # what the engine says it chose (vLLM: "CPUInt8ScaledMMLinearKernel for ...")
+    serve_command: str = ""  # the command that serves this artifact the way it was measured
+    fallback_reason: str | None = None  # why the serving engine could not run it (then: transformers)
+
+    @property
+    def is_fallback(self) -> bool:
+        """A figure from the transformers fallback: weights dequantized, not serving speed."""
+        return self.name == Engine.TRANSFORMERS
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,8 @@ class RunRecord:
     timings: Timings = field(default_factory=Timings)
     speed: Speed | None = None
     roofline_pct: float | None = None
-    quality: QualityStats | None = None
+    quality: QualityStats | None = None  # of the artifact itself (activation quantization included)
+    engine_quality: ServerQuality | None = None  # the serving engine's own log-probs (vLLM: top-20, a lower bound)
     server: ServerSweep | None = None
     version: int = RECORD_VERSION
 
@@ -222,6 +233,7 @@ class ExportRecord:
     format: str  # "gguf", "hf" or "compressed-tensors"
     bytes: int
     serve_command: str
+    sha256: str = ""  # equals the artifact_sha256 of the runs that measured this artifact
 
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)

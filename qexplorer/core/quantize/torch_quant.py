@@ -1,16 +1,17 @@
-"""Torch precisions: a BF16 Hugging Face checkpoint, then a cast or a quantizer.
+"""Hugging Face precisions: one artifact each, the folder the user will serve.
 
-* fp32 / bf16 / fp16 - a cast at load time.
-* int8 (weight-only) and fp8 - ``torchao.quantize_`` in memory. FP8 uses FP8
-  tensor cores with dynamic activation scaling on CUDA CC ≥ 8.9, and
-  weight-only FP8 (upcast per matmul: "emulated") elsewhere.
-* int4 RTN - ``torchao`` ``Int4WeightOnlyConfig`` on CUDA; torchao 0.18 has no
-  CPU INT4 path, so on CPU the same round-to-nearest W4A16 scheme comes from
-  llm-compressor's data-free ``QuantizationModifier`` ("emulated": the
-  compressed-tensors checkpoint is decompressed to BF16 to run).
-* gptq / awq - llm-compressor ``oneshot`` with the calibration text shipped in
-  ``qexplorer/data/calibration.txt``; saved as a compressed-tensors folder that
-  ``vllm serve`` loads.
+* bf16 - the model's BF16 checkpoint (for a GGUF model: dequantized once, cached);
+  fp16 / fp32 - that checkpoint saved in the other dtype.
+* fp8 (FP8_DYNAMIC), int8 (W8A8), nvfp4a16 (NVFP4A16) - llm-compressor preset
+  schemes, data-free; nvfp4 (W4A4) - the NVFP4 preset, calibrated for its
+  activation scales.
+* int4_rtn / gptq / awq - W4A16 with a group size that divides every row:
+  round-to-nearest (data-free), GPTQ or AWQ (calibrated on the text shipped in
+  ``qexplorer/data/calibration.txt`` and standard-library code).
+
+Every quantized artifact is a compressed-tensors folder that ``vllm serve``
+loads as it is; benchmark, quality and export all use that one folder
+(:func:`produce_artifact`), made once per model file and reused.
 
 Every function that takes a while is a generator of job events (and returns
 what it made) so that the worker can report progress.
@@ -27,7 +28,7 @@ from typing import Any
 
 from qexplorer.core.artifacts import file_lock
 from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
-from qexplorer.core.kinds import ModelFormat
+from qexplorer.core.kinds import ModelFormat, Producer
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
 
@@ -94,6 +95,7 @@ def _dequantize(spec: ModelSpec, target: Path) -> None:
     gguf = Path(spec.path)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = gpt2_tokenizer_from_gguf(gguf, tokenizer) or tokenizer
     # Saved as a plain checkpoint: the GGUF quantizer would otherwise be recorded in the config.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -105,6 +107,55 @@ def _dequantize(spec: ModelSpec, target: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial, target)
     del model
+
+
+def gpt2_tokenizer_from_gguf(gguf: Path, imported: Any) -> Any | None:
+    """For a GGUF whose vocabulary is byte-level BPE (``tokenizer.ggml.model = gpt2``): the tokenizer as the
+    original Hugging Face one was - byte-level BPE from the file's tokens and merges, digits split one by one.
+
+    transformers' GGUF import writes such a vocabulary as a SentencePiece-style BPE with byte fallback, which
+    llama.cpp's own converter then turns into a "llama" vocabulary that llama.cpp cannot tokenize with
+    (it aborts). Rebuilt this way, the tokenizer splits text exactly as llama.cpp does with the GGUF (checked on
+    prose and code of the bundled model) and converts back to the same vocabulary. None: not such a GGUF.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(str(gguf))
+
+    def strings(name: str) -> list[str]:
+        field = reader.fields[name]
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+    def number(name: str) -> int | None:
+        field = reader.fields.get(name)
+        return int(field.parts[-1][0]) if field is not None else None
+
+    if "tokenizer.ggml.model" not in reader.fields or strings("tokenizer.ggml.model") != ["gpt2"]:
+        return None
+    tokens, merges = strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges")
+    types = reader.fields["tokenizer.ggml.token_type"]
+    control = [tokens[i] for i, index in enumerate(types.data) if int(types.parts[index][0]) == 3]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
+                     fuse_unk=False, byte_fallback=False)
+    backend = Tokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+
+    def token(name: str) -> str | None:
+        index = number(name)
+        return tokens[index] if index is not None and index < len(tokens) else None
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=token("tokenizer.ggml.bos_token_id"),
+                                   eos_token=token("tokenizer.ggml.eos_token_id"),
+                                   unk_token=token("tokenizer.ggml.unknown_token_id"),
+                                   pad_token=token("tokenizer.ggml.padding_token_id"))
+    fast.chat_template = getattr(imported, "chat_template", None)
+    fast.add_bos_token = bool(getattr(imported, "add_bos_token", False))
+    return fast
 
 
 def load_model(folder: Path, dtype_name: str = "bf16", device: str = "cpu") -> tuple[Any, Any]:
@@ -119,31 +170,35 @@ def load_model(folder: Path, dtype_name: str = "bf16", device: str = "cpu") -> t
     return model, tokenizer
 
 
-def torchao_quantize(model: Any, precision: Precision, spec: ModelSpec, cuda_cc: tuple[int, int] | None) -> str:
-    """Quantize ``model`` in place with torchao; returns how it runs ("native" / "emulated")."""
-    from torchao.quantization import quantize_
+def produce_artifact(spec: ModelSpec, precision: Precision, work_dir: Path) -> Generator[JobEvent, None, Path]:
+    """The folder that serves ``precision``: made once (under a lock), then reused by every job and the export."""
+    source = yield from bf16_checkpoint(spec, work_dir)
+    if precision.producer == Producer.CAST and precision.key == "bf16":
+        return source
+    suffix = "checkpoint" if precision.producer == Producer.CAST else "compressed-tensors"
+    out = work_dir / f"{precision.key}-{suffix}"
+    with file_lock(out.with_name(out.name + ".lock")):
+        if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+            yield Log(f"reusing the {precision.label} artifact {out.name}")
+            return out
+        yield Phase("quantize", precision.method)
+        if precision.producer == Producer.CAST:
+            _save_cast(source, out, precision.key)
+        elif precision.scheme is not None:
+            yield from llmcompressor_scheme(source, out, precision.scheme, calibrate=precision.needs_calibration)
+        else:
+            yield from llmcompressor_quantize(source, out, precision, spec)
+    return out
 
-    if precision.key == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig
 
-        quantize_(model, Int8WeightOnlyConfig())
-        return "native"
-    if precision.key == "fp8":
-        if cuda_cc is not None and cuda_cc >= (8, 9):
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-
-            quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-            return "native"
-        from torchao.quantization import Float8WeightOnlyConfig
-
-        quantize_(model, Float8WeightOnlyConfig())
-        return "emulated"
-    if precision.key == "int4_rtn":
-        from torchao.quantization import Int4WeightOnlyConfig
-
-        quantize_(model, Int4WeightOnlyConfig(group_size=precision.group_size(spec) or 128))
-        return "native"
-    raise ValueError(f"{precision.key} is not a torchao precision")
+def _save_cast(source: Path, out: Path, dtype_name: str) -> None:
+    model, tokenizer = load_model(source, dtype_name)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
 
 
 # Standard-library modules for calibration: none of them is in the evaluation corpus (quality.STDLIB_FILES).
@@ -239,8 +294,9 @@ def llmcompressor_quantize(folder: Path, out_dir: Path, precision: Precision, sp
     del model
 
 
-def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str) -> Iterator[JobEvent]:
-    """A data-free preset scheme (FP8_DYNAMIC, W8A16) written as a compressed-tensors folder for vLLM."""
+def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str, calibrate: bool = False,
+                         samples: int = 32, max_seq_len: int = 256) -> Iterator[JobEvent]:
+    """A preset scheme (FP8_DYNAMIC, W8A8, NVFP4A16; NVFP4 calibrated) written as a compressed-tensors folder."""
     import torch
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -249,16 +305,26 @@ def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str) -> Iterator[J
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16,
                                                  trust_remote_code=TRUST_REMOTE_CODE)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=TRUST_REMOTE_CODE)
+    kwargs: dict[str, Any] = {}
+    if calibrate:
+        kwargs = _calibration_kwargs(tokenizer, samples, max_seq_len)
+        yield Log(f"calibrating {scheme} on {kwargs['num_calibration_samples']} samples (≤ {max_seq_len} tokens)")
     started = time.perf_counter()
-    if scheme == "W8A16":
-        # per-channel INT8 weights: the W8A16 preset groups by 128, which rows of 576 do not divide
-        weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
-        recipe = QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                                      ignore=["lm_head"])
-    else:
-        recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
-    oneshot(model=model, recipe=recipe)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]), **kwargs)
     yield Metric("oneshot_s", time.perf_counter() - started, "s")
-    model.save_pretrained(out_dir, save_compressed=True)
-    tokenizer.save_pretrained(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, save_compressed=True)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
     del model
+
+
+def _calibration_kwargs(tokenizer: Any, samples: int, max_seq_len: int) -> dict[str, Any]:
+    from datasets import Dataset
+
+    texts = calibration_texts(samples)
+    dataset = Dataset.from_dict({"text": texts}).map(
+        lambda row: tokenizer(row["text"], truncation=True, max_length=max_seq_len), remove_columns=["text"])
+    return {"dataset": dataset, "num_calibration_samples": len(texts), "max_seq_length": max_seq_len}

@@ -56,7 +56,7 @@ class CompareScreen(Screen):
         yield Header()
         yield Static("", id="compare-summary")
         table: DataTable = DataTable(id="compare-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("precision", "weights", "decode tok/s", "KLD", "top-1", "PPL", "prefill tok/s", "TTFT",
+        table.add_columns("precision", "engine", "weights", "decode tok/s", "KLD", "top-1", "PPL", "prefill tok/s", "TTFT",
                           "roof %")
         yield table
         with Horizontal(id="compare-plots"):
@@ -85,9 +85,10 @@ class CompareScreen(Screen):
         table.clear()
         front = {r.precision for r in pareto_front(self._rows)}
         for r in self._rows:
-            label = r.label + ("*" if r.mode == SupportMode.EMULATED else "") + (" ◆" if r.precision in front else "")
+            marks = "*" if r.mode == SupportMode.EMULATED else "†" if r.mode == SupportMode.DEQUANTIZED else ""
+            label = r.label + marks + (" ◆" if r.precision in front else "")
             table.add_row(
-                label, format_bytes(r.memory_bytes), _pm(r.decode_tok_s, r.decode_sd),
+                label, r.engine or "-", format_bytes(r.memory_bytes), _pm(r.decode_tok_s, r.decode_sd),
                 f"{r.kld:.4f}" if r.kld is not None else "n/a",
                 f"{r.top1_pct:.1f} %" if r.top1_pct is not None else "n/a",
                 f"{r.ppl:.2f}" if r.ppl is not None else "n/a",
@@ -100,6 +101,8 @@ class CompareScreen(Screen):
             table.move_cursor(row=min(max(row, 0), table.row_count - 1))
         model = self.app.model.name if self.app.model else "no model"
         notes = ["* emulated", "◆ Pareto (weights vs KLD)", "mean±sd"]
+        if any(r.fallback for r in self._rows):
+            notes.insert(1, "† transformers fallback: not serving speed")
         if any(r.reference_quantized for r in self._rows):
             notes.append("reference itself quantized")
         sim = f"[reverse] SIMULATED {self.app.snapshot.simulated} [/reverse] " if (

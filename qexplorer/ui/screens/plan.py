@@ -79,7 +79,9 @@ class PlanScreen(Screen):
             chosen = plan.precision in app.chosen
             label = Text(("✔ " if chosen else "  ") + plan.label, style="bold" if chosen else "")
             verdict = Text(plan.verdict, style=colours.get(VERDICT_STYLE[plan.verdict], ""))
-            runs = Text(plan.support, style=colours.get("text-warning", "") if plan.support != "native" else "")
+            engine = f"{plan.engine}†" if plan.engine == "transformers" else str(plan.engine)
+            runs = Text(f"{engine} {plan.support}",
+                        style=colours.get("text-warning", "") if plan.support != "native" else "")
             table.add_row(
                 label, f"{plan.bits_per_weight:.2f}", format_bytes(plan.weight_bytes), format_bytes(plan.total_bytes),
                 format_bytes(plan.margin_bytes) if plan.margin_bytes is not None else "n/a",
@@ -105,7 +107,7 @@ class PlanScreen(Screen):
             return
         group = f", group size {plan.group_size}" if plan.group_size else ""
         detail.update(
-            f"{plan.label}: {plan.support} on {plan.runs_on} ({plan.support_note}){group}; "
+            f"{plan.label}: {plan.engine}, {plan.support} on {plan.runs_on} ({plan.support_note}){group}; "
             f"serve with {' / '.join(plan.servers)}. KV {format_bytes(plan.kv_bytes_per_token)}/token; "
             f"overhead {format_bytes(plan.overhead_bytes)} (runtime + one 512-token prefill chunk)."
         )

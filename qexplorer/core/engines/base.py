@@ -1,0 +1,82 @@
+"""The one small interface every engine implements: start an artifact, measure it, say what ran it, stop.
+
+An engine module has ``measure(ctx: EngineContext) -> Step[Measured]``. It gets
+the artifact (the file or folder the user will serve), the job, the quality
+reference (or None) and the machine; it returns speed, memory, the engine's own
+description (name, version, kernel, the serve command) and, where it measures
+them, quality statistics. The pipeline does not know which engine it talks to.
+
+=============  =====================================  ========================
+engine         runs                                   how
+=============  =====================================  ========================
+llama.cpp      GGUF files                             in the worker, llama-cpp-python
+vLLM           compressed-tensors / plain folders     ``vllm serve`` child on loopback
+transformers   any Hugging Face folder (fallback)     in the worker, weights dequantized
+=============  =====================================  ========================
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qexplorer.core.jobs.events import Cancelled, JobEvent
+from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, QualityStats, ServerQuality, Speed, Timings
+from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.kinds import SupportMode
+from qexplorer.core.model import ModelSpec
+from qexplorer.core.precisions import Precision
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What an engine hands back to the pipeline."""
+
+    engine: EngineInfo
+    memory: MemoryFigures
+    timings: Timings
+    speed: Speed
+    quality: QualityStats | None
+    gpu_name: str | None
+    engine_quality: ServerQuality | None = None
+    quality_s: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    spec: ModelSpec
+    precision: Precision
+    job: JobSpec
+    artifact: Path
+    artifact_weight_bytes: int
+    reference: Any  # (ReferenceMeta, arrays) or None
+    support_mode: SupportMode  # how the precision runs on this hardware (native / emulated)
+    device: str  # "cpu" or "cuda"
+    gpu_name: str | None
+    bench_text: str
+    cancel: threading.Event | None = None
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def check(self) -> None:
+        if self.cancelled():
+            raise Cancelled()
+
+    def checked(self, gen: Generator[JobEvent, None, T]) -> Generator[JobEvent, None, T]:
+        """Pass ``gen``'s events through, checking for cancel after each; return its value."""
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            yield event
+            self.check()
+
+
+Measure = Callable[[EngineContext], Generator[JobEvent, None, Measured]]

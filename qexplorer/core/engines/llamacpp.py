@@ -1,0 +1,63 @@
+"""llama.cpp: GGUF files, in the worker through llama-cpp-python (speed with llama-bench's method, quality with
+llama-perplexity's)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Generator
+from importlib import metadata
+
+from qexplorer.core.engines.base import EngineContext, Measured
+from qexplorer.core.jobs.events import JobEvent, Phase
+from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, Timings
+from qexplorer.core.kinds import Engine, SupportMode
+
+
+def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
+    import llama_cpp
+
+    from qexplorer.core.bench import llamacpp
+    from qexplorer.core.gguf_header import read_gguf_header
+
+    job = ctx.job
+    yield Phase("load", f"loading {ctx.artifact.name} with llama.cpp")
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    started = time.perf_counter()
+    llm = llamacpp.load(ctx.artifact, job.bench, n_gpu_layers=-1 if gpu else 0)
+    load_s = time.perf_counter() - started
+    loaded_rss = _rss()
+    weight_bytes = sum(t.n_bytes for t in read_gguf_header(ctx.artifact).tensors)
+    ctx.check()
+    yield Phase("benchmark", f"pp{job.bench.prompt_tokens} / tg{job.bench.gen_tokens} × {job.bench.repetitions}")
+    speed = yield from ctx.checked(llamacpp.run(llm, ctx.bench_text, job.bench))
+    quality = quality_s = None
+    if ctx.reference is not None:
+        del llm  # the quality pass needs every position's logits: a second context
+        from qexplorer.core import quality as quality_mod
+        from qexplorer.core.engines.transformers import quality_pass
+
+        yield Phase("quality", "KLD, top-1 and perplexity against the reference")
+        qllm = llama_cpp.Llama(model_path=str(ctx.artifact), n_ctx=job.quality_ctx, n_batch=job.quality_ctx,
+                               n_ubatch=job.quality_ctx, n_threads=job.bench.threads or (os.cpu_count() or 1),
+                               n_gpu_layers=-1 if gpu else 0, logits_all=True, verbose=False)
+        probe = qllm.tokenize(ctx.reference[0].probe_text.encode(), add_bos=False, special=False)
+        quality_mod.check_alignment(ctx.reference[0], probe, qllm.n_vocab())
+        quality, quality_s = yield from quality_pass(ctx, quality_mod.llamacpp_logits_fn(qllm))
+    threads = job.bench.threads or (os.cpu_count() or 1)
+    return Measured(
+        engine=EngineInfo(name=Engine.LLAMA_CPP, mode=SupportMode.NATIVE, device="cuda" if gpu else "cpu",
+                          version=f"llama-cpp-python {metadata.version('llama-cpp-python')}",
+                          kernel="llama.cpp CUDA backend" if gpu else "llama.cpp CPU backend",
+                          serve_command=f"llama-server -m {ctx.artifact} -t {threads} -ngl {99 if gpu else 0}"),
+        memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=weight_bytes,
+                             resident_weight_bytes=weight_bytes, bytes_per_token=weight_bytes),
+        timings=Timings(load_s=load_s), speed=speed, quality=quality, quality_s=quality_s,
+        gpu_name="CUDA (llama.cpp offload)" if gpu else None,
+    )
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)

