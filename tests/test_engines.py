@@ -116,3 +116,19 @@ def test_vllm_reason_is_vllms_own_root_cause(tmp_path: Path):
         "layer.\nRuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
     assert server.failure_reason().startswith("ValueError: Failed to find a kernel")
     assert "--kv-cache-memory-bytes" in server.argv and "--enforce-eager" in server.argv
+
+
+def test_vllm_is_found_from_the_setting_then_the_path_then_the_set_up_environment(tmp_path: Path, monkeypatch):
+    from qexplorer.core.settings import engine_env, load_settings
+
+    settings = load_settings(config_file=tmp_path / "none.toml", environ={"QEXPLORER_VLLM": "/opt/vllm/bin/python"})
+    assert engine_env(settings) == {"QEXPLORER_VLLM": "/opt/vllm/bin/python"}
+    monkeypatch.setenv("QEXPLORER_VLLM", "/opt/vllm/bin/python")
+    command = find_vllm()
+    assert command.argv == ("/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server") and command.model_flag
+    monkeypatch.setenv("QEXPLORER_VLLM", "/usr/local/bin/vllm")
+    assert find_vllm().argv == ("/usr/local/bin/vllm", "serve")
+    monkeypatch.delenv("QEXPLORER_VLLM")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("QEXPLORER_VLLM_VENV", str(tmp_path / "no-venv"))
+    assert find_vllm(project_root=tmp_path) is None

@@ -20,7 +20,7 @@ from qexplorer.core.jobs.spec import JobSpec, plan_jobs
 from qexplorer.core.kinds import JobAction
 from qexplorer.core.results import ResultsStore, flat_row, to_markdown
 from qexplorer.core.safety import check_loadable
-from qexplorer.core.settings import Settings
+from qexplorer.core.settings import Settings, engine_env
 from qexplorer.core.simulate import make_sampler
 from qexplorer.core.units import format_bytes
 
@@ -126,7 +126,8 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     count = len(planned.specs)
     labels = [f"[{i}/{count}] {s.precision}" for i, s in enumerate(planned.specs, start=1)]
     reporter = _Reporter({})
-    queue = JobQueue(JobRunner(sampler=sampler, interval_s=settings.refresh_s), store, on_change=reporter)
+    queue = JobQueue(JobRunner(sampler=sampler, interval_s=settings.refresh_s, extra_env=engine_env(settings)), store,
+                     on_change=reporter)
     ids = queue.submit(planned.specs, labels)
     reporter.bars.update({job_id: StderrProgress(sys.stderr, label) for job_id, label in zip(ids, labels,
                                                                                               strict=True)})
@@ -165,7 +166,7 @@ def export_precision(args: argparse.Namespace, settings: Settings) -> int:
     job = JobSpec(model_ref=args.model, precision=precision.key, data_dir=str(settings.results_path),
                   model_paths=tuple(settings.models), model_name=spec.name, model_path=spec.path,
                   action=JobAction.EXPORT, export_path=str(out.resolve()), trust_remote_code=args.trust_remote_code)
-    outcome = JobRunner(interval_s=settings.refresh_s).run(job, on_event=StderrProgress(sys.stderr,
+    outcome = JobRunner(interval_s=settings.refresh_s, extra_env=engine_env(settings)).run(job, on_event=StderrProgress(sys.stderr,
                                                                                         f"export {precision.key}"))
     if not outcome.ok or outcome.export is None:
         raise UserError(f"Export failed: {outcome.error}")

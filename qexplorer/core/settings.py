@@ -40,6 +40,7 @@ class Settings:
     default_context: int = 4096
     results_dir: str = ""  # empty: the user data dir
     models: tuple[str, ...] = ()  # extra model folders / GGUF files for the catalog
+    vllm: str = ""  # the vLLM that serves Hugging Face precisions: its python or its `vllm` command; "": found
 
     @property
     def reserve_bytes(self) -> int:
@@ -61,6 +62,7 @@ ENV_VARS = {
     "theme": "QEXPLORER_THEME",
     "default_context": "QEXPLORER_CONTEXT",
     "results_dir": "QEXPLORER_RESULTS_DIR",
+    "vllm": "QEXPLORER_VLLM",
 }
 
 
@@ -148,3 +150,8 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
+
+
+def engine_env(settings: Settings) -> dict[str, str]:
+    """What a job's worker must know of the settings to find its engines (it reads no settings file itself)."""
+    return {"QEXPLORER_VLLM": settings.vllm} if settings.vllm else {}

@@ -273,9 +273,11 @@ class QExplorerApp(App[int]):
             from qexplorer.core.jobs.queue import JobQueue
             from qexplorer.core.jobs.runner import JobRunner
             from qexplorer.core.results import ResultsStore
+            from qexplorer.core.settings import engine_env
 
             self._job_queue = JobQueue(
-                JobRunner(sampler=self.sources.sampler, interval_s=self.refresh_s),
+                JobRunner(sampler=self.sources.sampler, interval_s=self.refresh_s,
+                          extra_env=engine_env(self.settings)),
                 ResultsStore.in_dir(self.settings.results_path),
                 on_change=lambda view: self.post_message(JobChanged(view)),
                 server_runner=run_server_spec,

@@ -188,7 +188,9 @@ class VllmServer:
         if chosen:
             return "; ".join(f"{kernel} for {scheme}" for kernel, scheme in chosen)
         method = re.search(r"quantization=([\w-]+)", self.log_text())
-        return f"quantization={method.group(1)}" if method else "unquantized (dense BF16/FP16 matmuls)"
+        if method is None or method.group(1) == "None":
+            return "unquantized (dense BF16/FP16 matmuls)"
+        return f"quantization={method.group(1)} (vLLM named no kernel)"
 
     def version(self) -> str:
         import httpx
