@@ -47,13 +47,13 @@ def _finish(partial: Path, out: Path) -> None:
     os.replace(partial, out)
 
 
-def export_model(spec: ModelSpec, precision: Precision, out: Path, work_dir: Path, threads: int = 0,
-                 trust_remote_code: bool = False) -> Generator[JobEvent, None, ExportRecord]:
+def export_model(spec: ModelSpec, precision: Precision, out: Path, work_dir: Path,
+                 threads: int = 0) -> Generator[JobEvent, None, ExportRecord]:
     """Yields events; returns what was written, its hash and how to serve it."""
     out = out.expanduser().resolve()
     if not out.parent.exists():
         raise UserError(f"The folder {out.parent} does not exist; create it or choose another --out.")
-    artifact = yield from produce(spec, precision, work_dir, threads, trust_remote_code)
+    artifact = yield from produce(spec, precision, work_dir, threads)
     yield Phase("export", f"writing {out.name}")
     partial = _partial(out)
     try:

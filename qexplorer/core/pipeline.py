@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import threading
 import time
 from collections.abc import Generator
@@ -27,9 +26,9 @@ from qexplorer import __version__
 from qexplorer.core.artifacts import content_sha256, model_work_dir
 from qexplorer.core.bench import roofline_pct
 from qexplorer.core.catalog import Catalog
-from qexplorer.core.engines.base import EngineContext, Measured
+from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import Cancelled, JobEvent, Log, Phase
+from qexplorer.core.jobs.events import JobEvent, Log, Phase, checked
 from qexplorer.core.jobs.record import ExportRecord, HardwareFacts, ModelIdentity, RunRecord
 from qexplorer.core.jobs.runner import CALIBRATE_PHASE
 from qexplorer.core.jobs.spec import JobSpec
@@ -64,36 +63,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def peak_rss_bytes() -> int:
-    """This process's high-water RSS (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def current_rss_bytes() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def checked(gen: Step[T], cancel: threading.Event | None) -> Step[T]:
-    """Pass ``gen``'s events through, checking ``cancel`` after each one; return its value."""
-    result: T
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        yield event
-        _check(cancel)
-    return result
-
-
-def _check(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled()
-
-
 def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunRecord | ExportRecord]:
     """The whole job for one precision, as events; returns its record or raises."""
     precision = get(job.precision)
@@ -112,7 +81,7 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
         if not job.export_path:
             raise UserError("An export needs an output path (--out).")
         return (yield from checked(export_model(spec, precision, Path(job.export_path), work_dir,
-                                                job.bench.threads, job.trust_remote_code), cancel))
+                                                job.bench.threads), cancel))
     baseline_rss = current_rss_bytes()
     reference = None
     if job.quality:
@@ -120,7 +89,7 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
 
         reference = yield from checked(ensure_reference(spec, job, work_dir), cancel)
     started = time.perf_counter()
-    artifact = yield from checked(produce(spec, precision, work_dir, job.bench.threads, job.trust_remote_code), cancel)
+    artifact = yield from checked(produce(spec, precision, work_dir, job.bench.threads), cancel)
     quantize_s = time.perf_counter() - started
     yield Log(f"artifact {artifact.name}: hashing it, so the export can be checked against what was measured")
     sha256 = content_sha256(artifact)

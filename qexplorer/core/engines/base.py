@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qexplorer.core.jobs.events import Cancelled, JobEvent
+from qexplorer.core.jobs.events import Cancelled, JobEvent, checked
 from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, QualityStats, ServerQuality, Speed, Timings
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import SupportMode
@@ -70,13 +70,21 @@ class EngineContext:
 
     def checked(self, gen: Generator[JobEvent, None, T]) -> Generator[JobEvent, None, T]:
         """Pass ``gen``'s events through, checking for cancel after each; return its value."""
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            yield event
-            self.check()
+        return checked(gen, self.cancel)
+
+
+def current_rss_bytes() -> int:
+    """This process's resident memory now."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss_bytes() -> int:
+    """This process's high-water RSS (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 Measure = Callable[[EngineContext], Generator[JobEvent, None, Measured]]

@@ -8,7 +8,7 @@ import time
 from collections.abc import Generator
 from importlib import metadata
 
-from qexplorer.core.engines.base import EngineContext, Measured
+from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes
 from qexplorer.core.jobs.events import JobEvent, Phase
 from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, Timings
 from qexplorer.core.kinds import Engine, SupportMode
@@ -26,7 +26,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     started = time.perf_counter()
     llm = llamacpp.load(ctx.artifact, job.bench, n_gpu_layers=-1 if gpu else 0)
     load_s = time.perf_counter() - started
-    loaded_rss = _rss()
+    loaded_rss = current_rss_bytes()
     weight_bytes = sum(t.n_bytes for t in read_gguf_header(ctx.artifact).tensors)
     ctx.check()
     yield Phase("benchmark", f"pp{job.bench.prompt_tokens} / tg{job.bench.gen_tokens} × {job.bench.repetitions}")
@@ -55,9 +55,3 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         timings=Timings(load_s=load_s), speed=speed, quality=quality, quality_s=quality_s,
         gpu_name="CUDA (llama.cpp offload)" if gpu else None,
     )
-
-
-def _rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)

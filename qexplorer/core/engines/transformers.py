@@ -19,7 +19,7 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from qexplorer.core.engines.base import EngineContext, Measured
+from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
 from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
 from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, QualityStats, ReferenceInfo, Timings
 from qexplorer.core.kinds import Engine, SupportMode
@@ -47,7 +47,7 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None) -> Generator
     yield Phase("load", f"loading {ctx.artifact.name} with transformers")
     model, tokenizer, load_s = _load(ctx)
     resident = torch_quant.model_weight_bytes(model)
-    loaded_rss = _rss()
+    loaded_rss = current_rss_bytes()
     mode = SupportMode.DEQUANTIZED if ctx.precision.quantized else SupportMode.NATIVE
     if ctx.precision.quantized:
         yield Log(f"{ctx.precision.label} measured with {FALLBACK_LABEL}", level="warning")
@@ -100,7 +100,7 @@ def quality_pass(ctx: EngineContext, logits_fn: Any) -> Generator[JobEvent, None
     stats = yield from ctx.checked(quality.candidate_pass(ctx.reference, logits_fn))
     elapsed = time.perf_counter() - started
     folder_bytes = sum(arr.nbytes for arr in ctx.reference[1].values())
-    stats = dataclasses.replace(stats, quality_peak_rss_bytes=_peak_rss(), reference=ReferenceInfo(
+    stats = dataclasses.replace(stats, quality_peak_rss_bytes=peak_rss_bytes(), reference=ReferenceInfo(
         precision=meta.reference_precision, quantized=meta.reference_quantized, corpus=meta.corpus_name,
         corpus_sha256=meta.corpus_sha256, n_tokens=meta.n_tokens, ctx=meta.ctx, n_chunks=meta.n_chunks,
         top_k=meta.top_k, chunking=f"{meta.n_chunks} chunks of {meta.ctx} tokens, BOS first, second half scored",
@@ -108,15 +108,3 @@ def quality_pass(ctx: EngineContext, logits_fn: Any) -> Generator[JobEvent, None
     yield Metric("kld_mean", stats.kld_mean, "", stats.kld_sd)
     yield Metric("same_top1_pct", stats.same_top1_pct, "%", stats.same_top1_se_pct)
     return stats, elapsed
-
-
-def _rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -20,6 +20,7 @@ back with :func:`event_from_line`.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -116,3 +117,15 @@ def drive(steps: Generator[JobEvent, None, T], on_event: Callable[[JobEvent], No
 
 class Cancelled(Exception):
     """Raised inside a pipeline when its cancel event is set."""
+
+
+def checked(steps: Generator[JobEvent, None, T], cancel: threading.Event | None) -> Generator[JobEvent, None, T]:
+    """Pass ``steps``' events through, raising :class:`Cancelled` after any event once ``cancel`` is set."""
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as done:
+            return done.value
+        yield event
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()

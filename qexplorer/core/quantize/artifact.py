@@ -19,8 +19,8 @@ from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
 
 
-def produce(spec: ModelSpec, precision: Precision, work_dir: Path, threads: int = 0,
-            trust_remote_code: bool = False) -> Generator[JobEvent, None, Path]:
+def produce(spec: ModelSpec, precision: Precision, work_dir: Path, threads: int = 0) -> Generator[JobEvent, None, Path]:
+    """The artifact (made now, or found); torch_quant.TRUST_REMOTE_CODE is set once per worker by run_job."""
     if precision.is_gguf:
         from qexplorer.core.quantize.gguf_quant import gguf_for
 
@@ -33,5 +33,4 @@ def produce(spec: ModelSpec, precision: Precision, work_dir: Path, threads: int 
     from qexplorer.core.quantize import torch_quant
 
     torch_quant.quiet_libraries()
-    torch_quant.TRUST_REMOTE_CODE = trust_remote_code
     return (yield from torch_quant.produce_artifact(spec, precision, work_dir))

@@ -100,13 +100,21 @@ def _dequantize(spec: ModelSpec, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(partial, target)
+    _save_folder(model, tokenizer, target)
     del model
+
+
+def _save_folder(model: Any, tokenizer: Any, out: Path, compressed: bool = False) -> None:
+    """Write model and tokenizer under a .partial name, then rename: never a half-written folder under ``out``."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if compressed:
+        model.save_pretrained(partial, save_compressed=True)
+    else:
+        model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
 
 
 def gpt2_tokenizer_from_gguf(gguf: Path, imported: Any) -> Any | None:
@@ -193,12 +201,7 @@ def produce_artifact(spec: ModelSpec, precision: Precision, work_dir: Path) -> G
 
 def _save_cast(source: Path, out: Path, dtype_name: str) -> None:
     model, tokenizer = load_model(source, dtype_name)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
+    _save_folder(model, tokenizer, out)
 
 
 # Standard-library modules for calibration: none of them is in the evaluation corpus (quality.STDLIB_FILES).
@@ -273,24 +276,13 @@ def llmcompressor_quantize(folder: Path, out_dir: Path, precision: Precision, sp
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=TRUST_REMOTE_CODE)
     kwargs: dict[str, Any] = {}
     if precision.needs_calibration:
-        from datasets import Dataset
-
-        texts = calibration_texts(samples)
-        dataset = Dataset.from_dict({"text": texts})
-        dataset = dataset.map(lambda row: tokenizer(row["text"], truncation=True, max_length=max_seq_len),
-                              remove_columns=["text"])
-        kwargs = {"dataset": dataset, "num_calibration_samples": len(texts), "max_seq_length": max_seq_len}
-        yield Log(f"calibrating on {len(texts)} samples of prose ({CALIBRATION_FILE.name}) and "
-                         f"standard-library code (≤ {max_seq_len} tokens each), group size {group}")
+        kwargs = _calibration_kwargs(tokenizer, samples, max_seq_len)
+        yield Log(f"calibrating on {kwargs['num_calibration_samples']} samples of prose ({CALIBRATION_FILE.name}) "
+                  f"and standard-library code (≤ {max_seq_len} tokens each), group size {group}")
     started = time.perf_counter()
     oneshot(model=model, recipe=recipe, **kwargs)
     yield Metric("oneshot_s", time.perf_counter() - started, "s")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, save_compressed=True)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(partial, out_dir)
+    _save_folder(model, tokenizer, out_dir, compressed=True)
     del model
 
 
@@ -312,12 +304,7 @@ def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str, calibrate: bo
     started = time.perf_counter()
     oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]), **kwargs)
     yield Metric("oneshot_s", time.perf_counter() - started, "s")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, save_compressed=True)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(partial, out_dir)
+    _save_folder(model, tokenizer, out_dir, compressed=True)
     del model
 
 
