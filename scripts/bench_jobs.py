@@ -2,8 +2,9 @@
 planner's predicted peak against the measured peak for every precision.
 
     python scripts/bench_jobs.py backend [--reps 5] [--threads 2]
-    python scripts/bench_jobs.py peaks [--model default] [--precision all]
-    python scripts/bench_jobs.py synthetic   # the same on a random-weight 185M model (HF source)
+    python scripts/bench_jobs.py peaks [--model default] [--precision all] [--quick] [--quality]
+    python scripts/bench_jobs.py shapes [--shapes dense-185m,moe-small] [--quick] [--quality]
+                                        # the same on random-weight models of other shapes
 
 Prints numbers; asserts nothing.
 """
@@ -22,7 +23,6 @@ from qexplorer.core.catalog import Catalog
 from qexplorer.core.jobs.events import drive
 from qexplorer.core.jobs.runner import JobRunner
 from qexplorer.core.jobs.spec import JobSpec
-from qexplorer.core.planner import plan_job_peak
 from qexplorer.core.quantize.torch_quant import CALIBRATION_FILE
 
 
@@ -89,48 +89,49 @@ def served(args: argparse.Namespace) -> None:
     print(f"  ratio served / local: {served_tg.mean / local.mean:.3f}")
 
 
+def phase_peaks(outcome) -> str:
+    """The highest sample of each phase, in MiB, in the order the phases ran."""
+    found: dict[str, int] = {}
+    for sample in outcome.memory:
+        found[sample.phase] = max(found.get(sample.phase, 0), sample.rss_bytes + (sample.gpu_bytes or 0))
+    return " ".join(f"{name}={value / 2**20:.0f}" for name, value in found.items())
+
+
 def peaks(args: argparse.Namespace, model_ref: str | None = None, extra_paths: tuple[str, ...] = ()) -> None:
-    """Predicted vs measured job peak for each precision (fresh data dir, default benchmark, 1 repetition)."""
+    """Planned vs measured job peak for each precision, as ``qexplorer run`` plans and runs them: one fresh data
+    dir, the jobs in the order given (so the first quality job builds the reference and the rest reuse it)."""
+    from qexplorer.core.jobs.spec import plan_jobs
+    from qexplorer.core.telemetry import local_sampler
+
     model_ref = model_ref or args.model
     spec = Catalog(extra_paths=extra_paths).resolve(model_ref)
     chosen = precisions.parse_list(args.precision)
-    bench = BenchConfig(repetitions=1)
-    print(f"{spec.name}: {spec.total_params / 1e6:.1f} M parameters; pp{bench.prompt_tokens}/tg{bench.gen_tokens}")
-    print(f"{'precision':10} {'predicted':>10} {'measured':>10} {'error':>7}  status")
+    bench = BenchConfig.quick() if args.quick else BenchConfig(repetitions=1)
+    print(f"{spec.name}: {spec.total_params / 1e6:.1f} M parameters ({spec.active_params / 1e6:.1f} M active); "
+          f"pp{bench.prompt_tokens}/tg{bench.gen_tokens}; quality {'on' if args.quality else 'off'}")
+    print(f"{'precision':10} {'planned':>10} {'measured':>10} {'error':>7}  status  [peak per phase, MiB]")
     with tempfile.TemporaryDirectory() as tmp:
         runner = JobRunner(interval_s=0.25)
-        # one throw-away job fills the BF16 cache so the dequantization peak is not counted
-        if spec.format == "gguf":
-            runner.run(JobSpec(model_ref=model_ref, precision="bf16", data_dir=tmp, bench=BenchConfig.quick(),
-                               model_paths=extra_paths))
-        for precision in chosen:
-            predicted = plan_job_peak(spec, precision, bench, on_gpu=False)
-            outcome = runner.run(JobSpec(model_ref=model_ref, precision=precision.key, data_dir=tmp, bench=bench,
-                                         model_paths=extra_paths))
-            measured = outcome.peak_rss_bytes
+        template = JobSpec(model_ref=model_ref, precision="", data_dir=tmp, bench=bench, model_paths=extra_paths,
+                           quality=args.quality, quality_tokens=args.quality_tokens)
+        for job in plan_jobs(spec, chosen, local_sampler().sample(), template, force=True).specs:
+            outcome = runner.run(job)
+            check = (outcome.record.memory if outcome.record else None)
+            measured = check.plan_check(None).measured_bytes if check else outcome.peak_rss_bytes
+            predicted = job.planned_peak_bytes or 0
             error = 100 * (predicted / measured - 1) if measured else float("nan")
-            print(f"{precision.key:10} {predicted / 2**20:8.0f} MiB {measured / 2**20:8.0f} MiB {error:+6.1f} %  "
-                  f"{outcome.status} {outcome.error or ''}")
+            print(f"{job.precision:10} {predicted / 2**20:8.0f} MiB {measured / 2**20:8.0f} MiB {error:+6.1f} %  "
+                  f"{outcome.status} {outcome.error or ''} [{phase_peaks(outcome)}]", flush=True)
 
 
-def synthetic(args: argparse.Namespace) -> None:
-    """A random-weight Llama of another shape, saved as a BF16 HF folder, through the same check."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def shapes(args: argparse.Namespace) -> None:
+    """The same planned-vs-measured table on random-weight models of other shapes (scripts/synthetic.py)."""
+    from synthetic import build
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "synthetic-llama-185m"
-        config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
-                             num_attention_heads=16, num_key_value_heads=4, vocab_size=49152,
-                             max_position_embeddings=4096, tie_word_embeddings=True, torch_dtype="bfloat16")
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-        cached = next(Path(args.data_dir).glob("artifacts/*/bf16-checkpoint"), None) if args.data_dir else None
-        if cached is None:
-            raise SystemExit("run a torch job on the bundled model first (it caches the tokenizer) and pass "
-                             "--data-dir")
-        AutoTokenizer.from_pretrained(cached).save_pretrained(folder)
-        peaks(args, model_ref=str(folder), extra_paths=(str(folder),))
+        for shape in args.shapes.split(","):
+            folder = build(shape, Path(tmp) / shape, Path(tmp) / "data")
+            peaks(args, model_ref=str(folder), extra_paths=(str(folder),))
 
 
 def main() -> None:
@@ -145,11 +146,15 @@ def main() -> None:
     v = sub.add_parser("served")
     v.add_argument("--reps", type=int, default=5)
     v.add_argument("--threads", type=int, default=2)
-    s = sub.add_parser("synthetic")
-    s.add_argument("--precision", default="bf16,int8,gptq,q8_0,q4_k_m")
-    s.add_argument("--data-dir", help="a qexplorer data dir that holds the bundled model's BF16 checkpoint")
+    s = sub.add_parser("shapes")
+    s.add_argument("--shapes", default="dense-185m,moe-small")
+    s.add_argument("--precision", default="bf16,int8,int4_rtn,fp8,q8_0,q4_k_m")
+    for parser_ in (p, s):
+        parser_.add_argument("--quick", action="store_true")
+        parser_.add_argument("--quality", action="store_true")
+        parser_.add_argument("--quality-tokens", type=int, default=4096)
     args = parser.parse_args()
-    {"backend": backend, "peaks": peaks, "synthetic": synthetic, "served": served}[args.what](args)
+    {"backend": backend, "peaks": peaks, "shapes": shapes, "served": served}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 # smoke test decodes a few tokens of the bundled model before set-up succeeds.
 #
 #   x86_64 without nvcc: AVX2 + FMA + F16C (x86-64-v3), which every supported x86 machine has
-#   nvcc on PATH and a GPU that nvidia-smi lists (GB10, H100 boxes): CUDA on, for that card
+#   nvcc on PATH and a GPU that nvidia-smi lists (GB10, H100 boxes): CUDA on, for that card's compute
+#     capability (GB10: 12.1 → CMAKE_CUDA_ARCHITECTURES=121), said on stderr
 #   QEXPLORER_LLAMA_CMAKE_ARGS overrides both.
 set -euo pipefail
 VERSION="${QEXPLORER_LLAMA_CPP_VERSION:-0.3.36}"
@@ -42,8 +43,15 @@ fi
 if [[ -n "${QEXPLORER_LLAMA_CMAKE_ARGS:-}" ]]; then
     flags="$QEXPLORER_LLAMA_CMAKE_ARGS"
 elif command -v nvcc >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU "; then
-    flags="-DGGML_CUDA=on"  # a toolkit alone (no GPU, no cuBLAS) is not enough: seen on CPU build machines
+    # a toolkit alone (no GPU, no cuBLAS) is not enough: seen on CPU build machines
+    archs="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | tr -d ' .' | sort -u | paste -sd';')"
+    flags="-DGGML_CUDA=on${archs:+ -DCMAKE_CUDA_ARCHITECTURES=$archs}"
+    echo "setup: nvcc and $(nvidia-smi -L | head -1 | cut -d'(' -f1) found: llama-cpp-python with CUDA" \
+         "(compute capability ${archs:-as nvcc chooses})" >&2
 elif [[ "$(uname -m)" == "x86_64" ]]; then
+    if command -v nvcc >/dev/null 2>&1; then
+        echo "setup: nvcc found but nvidia-smi lists no GPU: llama-cpp-python for the CPU" >&2
+    fi
     flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 else
     flags=""

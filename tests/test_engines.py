@@ -15,6 +15,7 @@ import pytest
 from qexplorer.cli import main
 from qexplorer.core.artifacts import content_sha256
 from qexplorer.core.engines.vllm import VllmServer, find_vllm, kv_cache_bytes
+from qexplorer.core.kinds import SupportMode
 
 needs_vllm = pytest.mark.skipif(find_vllm() is None, reason="no vLLM here (scripts/setup.sh makes .venv-vllm)")
 
@@ -132,3 +133,15 @@ def test_vllm_is_found_from_the_setting_then_the_path_then_the_set_up_environmen
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("QEXPLORER_VLLM_VENV", str(tmp_path / "no-venv"))
     assert find_vllm(project_root=tmp_path) is None
+
+
+def test_the_label_follows_the_kernel_vllm_chose():
+    from qexplorer.core.engines.vllm import mode_from_kernel
+
+    cpu_w4 = "CPUWNA16LinearKernel for CompressedTensorsWNA16"
+    assert mode_from_kernel(cpu_w4, SupportMode.EMULATED, "cpu") == SupportMode.NATIVE  # vLLM's AVX-512 kernel
+    torch_fp8 = "ChannelWiseTorchFP8ScaledMMLinearKernel for CompressedTensorsW8A8Fp8"
+    assert mode_from_kernel(torch_fp8, SupportMode.NATIVE, "cuda") == SupportMode.EMULATED
+    assert mode_from_kernel("unquantized (dense BF16/FP16 matmuls)", SupportMode.NATIVE, "cpu") == SupportMode.NATIVE
+    assert mode_from_kernel("MarlinLinearKernel for CompressedTensorsWNA16", SupportMode.NATIVE, "cuda") == \
+        SupportMode.NATIVE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 from pathlib import Path
 
@@ -113,3 +114,76 @@ def test_gguf_plans_match_llama_cpp_quantizer(tmp_path: Path):
                                               ctypes.byref(params)) == 0
         actual = sum(t.n_bytes for t in read_gguf_header(out).tensors)
         assert weight_bytes(spec, BY_KEY[key]) == pytest.approx(actual, rel=0.05), key
+
+
+# ----------------------------------------------------------------------------- the roofline's denominator
+def test_qwen3_coder_roofline_reads_the_active_experts_not_all_of_them(tmp_path: Path):
+    """Qwen3-Coder-30B-A3B: 30.5 B parameters, 3.35 B active (8 of 128 experts + everything shared). One decoded
+    token reads the active weights less the embedding table (one row of it: a lookup) - 3.04 B parameters,
+    ≈ 6.1 GB in BF16 - not 61 GB, plus the KV cache at the mean decode depth."""
+    from qexplorer.core.planner import active_weight_fraction, decode_bytes_per_token
+
+    spec = spec_from_path(write_config(tmp_path / "qwen3", QWEN3_CODER_30B_A3B))
+    assert 3.3e9 < spec.active_params < 3.4e9 and 30e9 < spec.total_params < 31e9
+    bf16 = BY_KEY["bf16"]
+    weights = weight_bytes(spec, bf16)
+    read_params = weights * active_weight_fraction(spec, bf16) / 2
+    embedding = next(g.params for g in spec.groups if g.role == "embedding")
+    assert read_params == pytest.approx(spec.active_params - embedding, rel=1e-3)
+    assert 3.0e9 < read_params < 3.4e9  # ≈ 3.3 B active, not 30.5 B: the old figure was ≈ 9× too high
+    per_token = decode_bytes_per_token(spec, bf16, weights, gen_tokens=128, depth=4096)
+    kv = kv_bytes_per_token(spec, "f16") * (4096 + 64)
+    assert per_token == pytest.approx(weights * active_weight_fraction(spec, bf16) + kv, rel=1e-6)
+
+
+def test_a_roofline_above_100_percent_is_never_shown_as_a_fact():
+    from qexplorer.core.bench import roofline_pct
+    from qexplorer.core.bench.bandwidth import roofline_note
+    from qexplorer.core.compare import row_from_result
+    from qexplorer.core.jobs.record import ModelIdentity, RunRecord
+    from qexplorer.core.results import StoredResult
+
+    pct = roofline_pct(decode_tok_s=300.0, bytes_per_token=100e6, bandwidth_bytes_s=20e9)  # 30 GB/s > 20 GB/s
+    assert pct == pytest.approx(150.0)
+    note = roofline_note(pct, "measured (STREAM copy, 2 threads)")
+    assert note and "not a measured fact" in note and "150 %" in note
+    assert roofline_note(99.0, "published") is None
+    record = RunRecord(model=ModelIdentity("m", "/m"), precision="q8_0", precision_label="Q8_0", family="gguf",
+                       roofline_pct=pct, roofline_note=note)
+    stored = StoredResult(id=1, created_at=0.0, status="ok", error=None, record=record)
+    assert row_from_result(stored).roofline_suspect
+
+
+def test_host_bandwidth_is_measured_on_the_benchmarks_thread_count(tmp_path: Path, monkeypatch):
+    from qexplorer.core.bench import bandwidth
+
+    calls: list[int] = []
+    monkeypatch.setattr(bandwidth, "measure_host_bandwidth", lambda threads: calls.append(threads) or 1e10 * threads)
+    cache = tmp_path / "bw.json"
+    assert bandwidth.host_bandwidth(cache, "cpu X", 2) == (2e10, "measured (STREAM copy, 2 threads)")
+    assert bandwidth.host_bandwidth(cache, "cpu X", 2)[1].endswith("cached)")
+    assert bandwidth.host_bandwidth(cache, "cpu X", 1)[0] == 1e10
+    assert calls == [2, 1]
+    assert bandwidth.published_bandwidth("NVIDIA GB10") == 273e9
+
+
+def test_the_job_peak_covers_the_quality_pass_and_the_reference_only_where_it_is_built(tmp_path: Path):
+    """The first quality job of a model computes the reference (PyTorch + the BF16 model + logits); the jobs
+    after it reuse it. A llama.cpp candidate holds every position's logits; a vLLM one its prompt log-probs."""
+    from qexplorer.core.bench import BenchConfig
+    from qexplorer.core.jobs.spec import JobSpec, plan_jobs
+    from qexplorer.core.planner import logits_bytes, plan_job_peak, reference_peak
+
+    spec = Catalog().resolve("default")
+    bench = BenchConfig.quick()
+    template = JobSpec(model_ref="default", precision="", data_dir=str(tmp_path), bench=bench, quality=True)
+    jobs = plan_jobs(spec, [get("q8_0"), get("q4_k_m"), get("bf16")], None, template).specs
+    bare = {k: plan_job_peak(spec, get(k), bench, on_gpu=False) for k in ("q8_0", "q4_k_m", "bf16")}
+    logits = logits_bytes(spec, 512)
+    assert logits == 512 * 49152 * 4
+    first, second, third = (j.planned_peak_bytes for j in jobs)
+    assert first >= reference_peak(spec, 512) > second  # the reference pass is in the first job only
+    assert second > bare["q4_k_m"] + 6 * logits  # llama.cpp's candidate pass: every position's logits
+    assert third == bare["bf16"] + 3 * logits  # vLLM's prompt log-probs inside its server
+    without = dataclasses.replace(template, quality=False)
+    assert plan_jobs(spec, [get("q8_0")], None, without).specs[0].planned_peak_bytes == bare["q8_0"]

@@ -12,8 +12,8 @@ from apps import feed_samples, settle, sim_app
 from qexplorer.core.bench import Stat
 from qexplorer.core.jobs.events import Phase, Progress
 from qexplorer.core.jobs.queue import JobView
-from qexplorer.core.jobs.record import ModelIdentity, RunRecord, Speed
-from qexplorer.core.jobs.runner import MemorySample
+from qexplorer.core.jobs.record import HardwareFacts, ModelIdentity, RunRecord, Speed
+from qexplorer.core.jobs.runner import GPU_BY_PID, MemorySample
 from qexplorer.core.kinds import Family, JobAction, JobStatus
 from qexplorer.core.results import ResultsStore
 from qexplorer.core.units import GIB, MIB
@@ -37,15 +37,19 @@ async def inject_jobs(app, pilot) -> None:
     running = post(running.applied(Phase("load", "loading")))
     for second in range(12):
         rss = int((0.1 + 0.08 * second) * GIB)
-        running = post(running.sampled(MemorySample(float(second), rss, None, int(72 * GIB - rss), "load")))
+        gpu = int(0.15 * second * GIB)  # NVML's per-process figure on GB10: not part of RSS
+        running = post(running.sampled(MemorySample(float(second), rss, gpu, int(72 * GIB - rss - gpu), "load",
+                                                    GPU_BY_PID)))
     running = post(running.applied(Phase("benchmark", "pp64 / tg16 × 2")))
     running = post(running.applied(Progress("benchmark", 1, 2, "repetition 1")))
     speed = Speed(prefill_tok_s=Stat(900.0, 10.0, 2), decode_tok_s=Stat(141.7, 3.9, 2), ttft_s=Stat(0.08, 0.0, 2),
                   prompt_tokens=64, gen_tokens=16, repetitions=2, threads=2)
     record = RunRecord(model=ModelIdentity("SmolLM2", "/m.gguf"), precision="q8_0", precision_label="GGUF Q8_0",
-                       family=Family.GGUF, speed=speed).with_memory(peak_rss_bytes=247 * MIB)
+                       family=Family.GGUF, speed=speed, hardware=HardwareFacts(gpu_unified=True)).with_memory(
+        peak_rss_bytes=247 * MIB, peak_gpu_bytes=820 * MIB, planned_peak_bytes=int(1.1 * GIB))
     post(JobView(**{**done.__dict__, "status": JobStatus.OK, "phase": "done", "record": record,
-                    "peak_rss_bytes": 247 * MIB, "message": "stored; it appears on the compare screen (c)"}))
+                    "peak_rss_bytes": 247 * MIB, "peak_gpu_bytes": 820 * MIB,
+                    "message": "stored; it appears on the compare screen (c)"}))
     await pilot.pause()
     await pilot.press("j")
     await pilot.pause()
@@ -63,6 +67,21 @@ def test_run_screen_snapshot(snap_compare, size):
         await inject_jobs(app, pilot)
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+async def test_the_gpu_peak_and_the_plan_check_are_on_the_jobs_screen():
+    app = sim_app("gb10")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        await inject_jobs(app, pilot)
+        table = app.screen.query_one("#job-table")
+        done, running = ([str(c) for c in table.get_row_at(i)] for i in range(2))
+        assert "247.0 MiB" in done and "820.0 MiB" in done  # RSS and GPU side by side
+        assert "1.6 GiB" in running  # the running job's GPU peak so far (11 × 0.15 GiB)
+        await pilot.press("up")
+        await pilot.pause()
+        message = str(app.screen.query_one("#job-message").render())
+        assert "peak RSS + GPU 1.0 GiB measured vs 1.1 GiB planned (+6 %)" in message  # (1126 − 1067) / 1067
 
 
 async def wait_jobs(app, pilot, timeout_s: float = 240) -> None:

@@ -13,8 +13,7 @@ from collections.abc import Callable, Sequence
 
 from qexplorer import __version__
 from qexplorer.core.errors import UserError
-
-PROFILE_CHOICES = ("none", "h100", "gb10")
+from qexplorer.core.simulate import PROFILES as PROFILE_CHOICES
 
 
 def _common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
@@ -26,7 +25,8 @@ def _common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
         default=default,
         choices=PROFILE_CHOICES,
         metavar="PROFILE",
-        help="use a simulated machine instead of this one: none, h100 or gb10 (demo mode)",
+        help="draw a simulated machine instead of this one (demo mode): " + ", ".join(PROFILE_CHOICES)
+        + "; jobs still run, are planned and are guarded on this machine",
     )
     parser.add_argument("--reserve-gib", type=float, default=default,
                         help="safety reserve kept free, GiB (default 8)")

@@ -21,7 +21,7 @@ from qexplorer.core.kinds import JobAction
 from qexplorer.core.results import ResultsStore, flat_row, to_markdown
 from qexplorer.core.safety import check_loadable
 from qexplorer.core.settings import Settings, engine_env
-from qexplorer.core.simulate import make_sampler
+from qexplorer.core.telemetry import local_sampler
 from qexplorer.core.units import format_bytes
 
 
@@ -107,12 +107,14 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
         load_corpus(Path(args.corpus))
     spec = Catalog(extra_paths=settings.models).resolve(args.model)
     check_loadable(spec, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    sampler = make_sampler(args.simulate, reserve_bytes=settings.reserve_bytes)
+    # --simulate changes what is drawn, never what plans and guards real jobs: this machine does both
+    sampler = local_sampler(reserve_bytes=settings.reserve_bytes)
     template = JobSpec(
         model_ref=args.model, precision="", data_dir=str(settings.results_path), bench=bench_config(args),
         model_paths=tuple(settings.models), quality=args.quality, quality_corpus=args.corpus,
         quality_tokens=args.quality_tokens, quality_ctx=args.quality_ctx, reference_precision=args.reference,
         trust_remote_code=args.trust_remote_code, engine_args=tuple(shlex.split(args.engine_args or "")),
+        shown_profile=args.simulate,
     )
     planned = plan_jobs(spec, chosen, sampler.sample(), template, force=args.force)
     if planned.refused:

@@ -22,7 +22,9 @@ def snapshot_text(snapshot: TelemetrySnapshot) -> str:
     lines.append(f"  total        {reading_text(host.total_bytes)}")
     lines.append(f"  available    {reading_text(host.available_bytes)}")
     lines.append(f"  used         {reading_text(host.used_bytes)}  (MemTotal − MemAvailable)")
-    lines.append(f"  page cache   {reading_text(host.reclaimable_cache_bytes)}  (reclaimable)")
+    lines.append(f"  page cache   {reading_text(host.reclaimable_cache_bytes)}  (reclaimable: Cached − Shmem + SReclaimable)")
+    lines.append(f"  shmem        {reading_text(host.shmem_bytes)}  (not reclaimable)")
+    lines.append(f"  mlocked      {reading_text(host.mlocked_bytes)}  (not reclaimable)")
     lines.append(f"  swap free    {reading_text(host.swap_free_bytes)} of {reading_text(host.swap_total_bytes)}")
     lines.append(f"  pressure     {reading_text(host.psi_some_avg10_pct, '%')} (PSI some, avg10)")
     lines.append(

@@ -40,7 +40,7 @@ class CompareRow:
     family: Family
     mode: SupportMode
     weight_bytes: int | None
-    peak_bytes: int | None
+    peak_bytes: int | None  # the job's host RSS peak
     plan_bytes: int | None
     prefill_tok_s: float | None
     prefill_sd: float | None
@@ -55,6 +55,8 @@ class CompareRow:
     reference_quantized: bool
     engine: str = ""  # vllm, llama.cpp, transformers, openai-api
     fallback: bool = False  # transformers fallback: weights dequantized, not serving speed
+    peak_gpu_bytes: int | None = None  # NVML: the job's GPU memory (VRAM, or its share of the unified pool)
+    roofline_suspect: bool = False  # above 100 %: the bound or the bytes per token is wrong, not a fact
 
     @property
     def memory_bytes(self) -> int | None:
@@ -78,6 +80,7 @@ def row_from_result(result: StoredResult) -> CompareRow:
         ppl=q.ppl if q else None, ppl_ref=q.ppl_ref if q else None,
         reference_quantized=r.model.stored_quantized,
         engine=str(r.engine.name) if r.engine.name else "", fallback=r.engine.is_fallback,
+        peak_gpu_bytes=r.memory.peak_gpu_bytes, roofline_suspect=r.roofline_note is not None,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from qexplorer import __version__
 from qexplorer.core.artifacts import content_sha256, model_work_dir
 from qexplorer.core.bench import roofline_pct
+from qexplorer.core.bench.bandwidth import roofline_note
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
 from qexplorer.core.errors import UserError
@@ -34,6 +35,7 @@ from qexplorer.core.jobs.runner import CALIBRATE_PHASE
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import Engine, JobAction
 from qexplorer.core.model import ModelSpec
+from qexplorer.core.planner import decode_bytes_per_token
 from qexplorer.core.precisions import Hardware, Precision, get
 from qexplorer.core.quantize.artifact import produce
 
@@ -85,9 +87,9 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
     baseline_rss = current_rss_bytes()
     reference = None
     if job.quality:
-        from qexplorer.core.reference import ensure_reference
+        from qexplorer.core.reference import ensure_reference, job_device
 
-        reference = yield from checked(ensure_reference(spec, job, work_dir), cancel)
+        reference = yield from checked(ensure_reference(spec, job, work_dir, job_device()), cancel)
     started = time.perf_counter()
     artifact = yield from checked(produce(spec, precision, work_dir, job.bench.threads), cancel)
     quantize_s = time.perf_counter() - started
@@ -99,10 +101,13 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
                                                 artifact_bytes=_size(artifact), artifact_sha256=sha256))
     memory = replace(measured.memory, baseline_rss_bytes=baseline_rss, peak_rss_bytes=peak_rss_bytes(),
                      planned_peak_bytes=job.planned_peak_bytes, planned_total_bytes=job.planned_total_bytes)
+    if memory.bytes_per_token:  # the engine's weight bytes → what one decoded token reads (MoE, KV cache)
+        memory = replace(memory, bytes_per_token=decode_bytes_per_token(
+            spec, precision, memory.bytes_per_token, measured.speed.gen_tokens))
     # Bandwidth for the roofline is measured after the peak is recorded (its buffers
     # would count), in a phase the parent leaves out of its own peak.
     yield Phase(CALIBRATE_PHASE, "memory bandwidth for the roofline")
-    hardware = _hardware(measured.gpu_name, Path(job.data_dir))
+    hardware = _hardware(measured.gpu_name, Path(job.data_dir), measured.speed.threads)
     roofline = None
     if memory.bytes_per_token:
         roofline = roofline_pct(measured.speed.decode_tok_s.mean, memory.bytes_per_token, hardware.bandwidth_bytes_s)
@@ -112,7 +117,8 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
         precision=precision.key, precision_label=precision.label, family=precision.family,
         engine=measured.engine, hardware=hardware, versions=library_versions(), bench=job.bench,
         memory=memory, timings=replace(measured.timings, quantize_s=quantize_s, quality_s=measured.quality_s),
-        speed=measured.speed, roofline_pct=roofline, quality=measured.quality, engine_quality=measured.engine_quality,
+        speed=measured.speed, roofline_pct=roofline, roofline_note=roofline_note(roofline, hardware.bandwidth_source),
+        quality=measured.quality, engine_quality=measured.engine_quality,
     )
 
 
@@ -149,7 +155,9 @@ def _measure(ctx: EngineContext) -> Step[Measured]:
         return (yield from transformers.measure(ctx, fallback_reason=reason))
     if ctx.reference is not None:
         quality, quality_s = yield from transformers.artifact_quality(ctx)
-        measured = replace(measured, quality=quality, quality_s=quality_s)
+        # the worker's own GPU peak is the quality pass's (vLLM's memory is its server's, sampled from outside)
+        measured = replace(measured, quality=quality, quality_s=quality_s,
+                           memory=replace(measured.memory, **transformers.torch_cuda_peaks()))
     return measured
 
 
@@ -163,12 +171,14 @@ def _bench_text() -> str:
     return CALIBRATION_FILE.read_text(encoding="utf-8")
 
 
-def _hardware(gpu_name: str | None, data_dir: Path) -> HardwareFacts:
+def _hardware(gpu_name: str | None, data_dir: Path, threads: int) -> HardwareFacts:
+    """The machine, and the bandwidth bound of the device that decoded: a published figure for a known GPU
+    (GB10 273 GB/s), else this host's copy bandwidth on the benchmark's thread count."""
     from qexplorer.core.bench.bandwidth import host_bandwidth, published_bandwidth
 
     if gpu_name and published_bandwidth(gpu_name):
-        bandwidth, source = published_bandwidth(gpu_name), "published"
+        bandwidth, source = published_bandwidth(gpu_name), f"published ({gpu_name})"
     else:
-        bandwidth, source = host_bandwidth(data_dir / "host-bandwidth.json", cpu_name())
+        bandwidth, source = host_bandwidth(data_dir / "host-bandwidth.json", cpu_name(), threads)
     return HardwareFacts(cpu=cpu_name(), cores=os.cpu_count(), gpu=gpu_name, machine=platform.machine(),
                          bandwidth_bytes_s=bandwidth, bandwidth_source=source)

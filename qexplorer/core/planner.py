@@ -33,6 +33,7 @@ and CPU, free VRAM on a discrete card):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,6 +53,12 @@ VLLM_RUNTIME_BYTES = 2300 * MIB  # vLLM 0.32 CPU server tree (API server, engine
 LLMCOMPRESSOR_IMPORT_BYTES = 510 * MIB
 CALIBRATION_BYTES = 180 * MIB
 CUDA_CONTEXT_BYTES = {"torch": 512 * MIB, "gguf": 300 * MIB}
+# The quality pass, measured on the bundled model (ctx 512, vocabulary 49152: 96 MiB of float32 logits per chunk):
+# llama.cpp's candidate pass held 7.3 chunks of logits beyond its serving plan and a second mapping of the weights
+# (llama.cpp's logits buffer, llama-cpp-python's scores array, our copy, the log-softmax and its exp, ...); the
+# reference pass in PyTorch 7.7 beyond the BF16 model; vLLM's prompt log-probs 2.8 inside its server.
+QUALITY_LOGITS_COPIES = 7
+SERVER_LOGPROB_COPIES = 3
 TIGHT_FRACTION = 0.10
 TIGHT_MIN_BYTES = 1 * GIB
 
@@ -140,11 +147,28 @@ def verdict(total: int, headroom: int | None) -> tuple[Verdict, int | None]:
     return Verdict.FITS, margin
 
 
+@functools.lru_cache(maxsize=1)
+def llama_cpp_offloads() -> bool:
+    """Whether the installed llama.cpp was built with a GPU backend: a CPU-only build on a GPU box runs GGUF
+    on the CPU, and its plan must say so (host memory, no CUDA context)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def runs_on_gpu(precision: Precision, hardware: Hardware, simulated: bool = False) -> bool:
+    """The device a precision's job will actually use: the GPU if there is one - for GGUF only if this machine's
+    llama.cpp can offload to it (a simulated GPU box is assumed to have a CUDA build)."""
+    return hardware.cuda and (not precision.is_gguf or simulated or llama_cpp_offloads())
+
+
 def plan_precision(spec: ModelSpec, precision: Precision, request: PlanRequest,
                    snapshot: TelemetrySnapshot | None) -> PrecisionPlan:
     hardware = hardware_from_snapshot(snapshot)
     support: Support = precision.support(hardware)
-    on_gpu = hardware.cuda
+    on_gpu = runs_on_gpu(precision, hardware, simulated=bool(snapshot and snapshot.simulated))
     weights = weight_bytes(spec, precision)
     per_token = kv_bytes_per_token(spec, request.kv_dtype)
     kv_cache = per_token * request.context * request.batch
@@ -205,7 +229,27 @@ def plan_json(spec: ModelSpec, request: PlanRequest, snapshot: TelemetrySnapshot
     }
 
 
-def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: bool, vllm: bool | None = None) -> int:
+@dataclass(frozen=True)
+class QualityPlan:
+    """The quality pass a job runs: the candidate's logits over ``ctx``-token chunks, and - for the first job
+    of a model and corpus - the reference pass that computes and caches the reference's."""
+
+    ctx: int = 512
+    builds_reference: bool = False
+
+
+def logits_bytes(spec: ModelSpec, ctx: int) -> int:
+    """One chunk's logits as float32: every position × the vocabulary."""
+    return ctx * spec.vocab_size * 4
+
+
+def reference_peak(spec: ModelSpec, ctx: int) -> int:
+    """The reference pass: PyTorch + the BF16 model + its chunk's logits and their copies."""
+    return TORCH_RUNTIME_BYTES + weight_bytes(spec, BY_KEY["bf16"]) + QUALITY_LOGITS_COPIES * logits_bytes(spec, ctx)
+
+
+def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: bool, vllm: bool | None = None,
+                  quality: QualityPlan | None = None) -> int:
     """Predicted peak memory of one job's process tree (what the guard compares against).
 
     GGUF (llama.cpp in the worker): the serving plan for pp + tg tokens; the quantizer streams tensors.
@@ -214,11 +258,23 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
       llm-compressor  the library + the BF16 model being quantized [GPTQ: + calibration and one layer's Hessians]
     plus, while it runs, the vLLM server it starts (runtime + weights + the KV cache it is given); or, in the
     transformers fallback (``vllm=False``), the serving plan inside the worker.
+    With ``quality``: the candidate's pass (llama.cpp: a second context holding every position's logits; vLLM:
+    its prompt log-probs inside the server; the fallback: logits in the worker) and, where this job builds it,
+    the reference pass - phases that run one after another, so the peak is the largest of them.
     """
     request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)
+    logits = logits_bytes(spec, quality.ctx) if quality else 0
+    reference = reference_peak(spec, quality.ctx) if quality and quality.builds_reference else 0
     if precision.is_gguf:
-        return (weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context
-                + overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu))
+        weights = weight_bytes(spec, precision)
+        serving = (weights + kv_bytes_per_token(spec, "f16") * request.context
+                   + overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu))
+        if not quality:
+            return serving
+        # a second context maps the weights again; PyTorch stays imported after a reference pass
+        candidate = (serving + weights + QUALITY_LOGITS_COPIES * logits
+                     + (TORCH_RUNTIME_BYTES if quality.builds_reference else 0))
+        return max(serving, candidate, reference)
     bf16 = weight_bytes(spec, BY_KEY["bf16"])
     if precision.producer == Producer.CAST:
         production = 0 if precision.key == "bf16" else bf16 // 2
@@ -232,9 +288,36 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     if vllm:
         server = (VLLM_RUNTIME_BYTES + weight_bytes(spec, precision)
                   + kv_bytes_per_token(spec, "bf16") * (request.context + 16))
-        return worker + server
-    return worker + weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context + \
+        return max(worker + server + SERVER_LOGPROB_COPIES * logits, reference)
+    fallback = worker + weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context + \
         overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu) - TORCH_RUNTIME_BYTES
+    return max(fallback + QUALITY_LOGITS_COPIES * logits, reference)
+
+
+def active_weight_fraction(spec: ModelSpec, precision: Precision) -> float:
+    """The share of the weight bytes one decoded token reads: every dense tensor and the output projection,
+    the top-k of the experts (MoE), one row of an untied embedding table (a lookup, not a matmul)."""
+    total = active = 0.0
+    for group in spec.groups:
+        size = group.params * precision.bits_for(group, spec) / 8
+        total += size
+        if group.role == TensorRole.EXPERT and spec.n_experts:
+            active += size * spec.n_active_experts / spec.n_experts
+        elif group.role == TensorRole.EMBEDDING and not spec.tied_embeddings:
+            active += size / max(1, group.rows)
+        else:
+            active += size
+    return active / total if total else 1.0
+
+
+def decode_bytes_per_token(spec: ModelSpec, precision: Precision, weight_bytes: int, gen_tokens: int,
+                           depth: int = 0, kv_dtype: str = "f16") -> int:
+    """Bytes read from memory per decoded token, the roofline's denominator (FACTS §3): the active share of the
+    artifact's weights plus the KV cache read at the mean context of the timed decode (``depth`` + half of
+    ``gen_tokens``, as in llama-bench's tg at depth ``-d``)."""
+    mean_context = depth + gen_tokens / 2
+    return int(weight_bytes * active_weight_fraction(spec, precision)
+               + kv_bytes_per_token(spec, kv_dtype) * mean_context)
 
 
 def layer_hessian_bytes(spec: ModelSpec) -> int:

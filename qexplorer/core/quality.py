@@ -77,6 +77,24 @@ def default_corpus(chars: int = 24_000) -> Corpus:
     return Corpus("default (prose + Python stdlib)", "\n\n".join(parts)[:chars])
 
 
+def corpus_for(path: str | None, tokens: int) -> Corpus:
+    """The evaluation text of a job: the user's file or folder, or the default corpus cut to about ``tokens``."""
+    if path:
+        return load_corpus(Path(path))
+    # ~6 characters per token leaves room for prose and code alike; the tokens are cut to size after
+    return default_corpus(chars=tokens * 6)
+
+
+def reference_cached(data_dir: Path, model_key: str, corpus_path: str | None, precision: str, ctx: int,
+                     tokens: int, top_k: int) -> bool:
+    """Whether this model + corpus + settings already has its reference (then no job builds it again)."""
+    try:
+        corpus = corpus_for(corpus_path, tokens)
+    except UserError:  # a bad corpus fails the job with its own message; a plan assumes a build
+        return False
+    return (reference_dir(data_dir, model_key, corpus, precision, ctx, tokens, top_k) / "meta.json").is_file()
+
+
 def load_corpus(path: Path) -> Corpus:
     """A UTF-8 text file, or a folder of .txt / .md / .jsonl files read in name order."""
     if path.is_dir():
@@ -177,6 +195,7 @@ class ReferenceMeta:
     probe_text: str  # what probe_ids tokenize: candidates tokenize the same text
     probe_ids: list[int]
     reference_quantized: bool
+    device: str = "cpu"  # where the reference ran ("cuda" on a GPU job: the candidate's own device)
 
 
 def reference_dir(data_dir: Path, model_key: str, corpus: Corpus, precision: str, ctx: int, tokens: int,

@@ -11,27 +11,36 @@ from __future__ import annotations
 import gc
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qexplorer.core import quality
 from qexplorer.core.artifacts import file_lock, model_key
 from qexplorer.core.jobs.events import JobEvent, Log, Phase
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import ModelFormat
 from qexplorer.core.model import ModelSpec
+
+if TYPE_CHECKING:
+    from qexplorer.core.jobs.spec import JobSpec
 
 Reference = tuple[quality.ReferenceMeta, dict[str, Any]]
 
 
 def job_corpus(job: JobSpec) -> quality.Corpus:
-    if job.quality_corpus:
-        return quality.load_corpus(Path(job.quality_corpus))
-    # ~6 characters per token leaves room for prose and code alike; the tokens are cut to size after
-    return quality.default_corpus(chars=job.quality_tokens * 6)
+    return quality.corpus_for(job.quality_corpus, job.quality_tokens)
 
 
-def ensure_reference(spec: ModelSpec, job: JobSpec, work_dir: Path) -> Generator[JobEvent, None, Reference]:
-    """The reference log-probs for this model + corpus: from the cache, or computed now (once)."""
+def job_device() -> str:
+    """The device the job's engine runs on, and so the reference's: "cuda" where torch sees a GPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ensure_reference(spec: ModelSpec, job: JobSpec, work_dir: Path,
+                     device: str = "cpu") -> Generator[JobEvent, None, Reference]:
+    """The reference log-probs for this model + corpus: from the cache, or computed now (once) on ``device`` -
+    the job's own, so that KLD measures the format and not two devices' numerics. A cached reference made on
+    another device is reused and says where it ran (the quality figure is then labelled)."""
     from qexplorer.core.quantize import torch_quant
 
     corpus = job_corpus(job)
@@ -44,8 +53,8 @@ def ensure_reference(spec: ModelSpec, job: JobSpec, work_dir: Path) -> Generator
             return cached
         torch_quant.quiet_libraries()
         source = yield from torch_quant.bf16_checkpoint(spec, work_dir)
-        yield Phase("reference", f"{job.reference_precision} reference log-probs on {corpus.name} (once)")
-        model, tokenizer = torch_quant.load_model(source, job.reference_precision)
+        yield Phase("reference", f"{job.reference_precision} reference log-probs on {corpus.name} (once, {device})")
+        model, tokenizer = torch_quant.load_model(source, job.reference_precision, device)
         ids = tokenizer(corpus.text, add_special_tokens=False)["input_ids"][: job.quality_tokens]
         bos = tokenizer.bos_token_id if _adds_bos(spec, tokenizer) else None
         chunks = quality.make_chunks(ids, job.quality_ctx, bos)
@@ -56,7 +65,7 @@ def ensure_reference(spec: ModelSpec, job: JobSpec, work_dir: Path) -> Generator
             ctx=job.quality_ctx, n_chunks=len(chunks), top_k=job.top_k, bos_id=bos,
             vocab_size=int(model.config.vocab_size), probe_text=probe,
             probe_ids=tokenizer(probe, add_special_tokens=False)["input_ids"],
-            reference_quantized=spec.stored_quantized,
+            reference_quantized=spec.stored_quantized, device=device,
         )
         yield from quality.build_reference(folder, quality.torch_logits_fn(model), chunks, meta)
         del model

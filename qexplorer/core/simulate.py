@@ -1,7 +1,9 @@
 """Simulated hardware: a fake NVML and a fake host that the real formulas read.
 
-``--simulate none|h100|gb10`` is a documented demo mode and the seam the tests
-use. Nothing here computes a figure the user sees: the fakes answer the same
+``--simulate PROFILE`` (``PROFILES``) is a documented demo mode and the seam the
+tests use. It changes only what is drawn: real jobs are planned and guarded on
+the real machine (:class:`~qexplorer.ui.sources.Sources` keeps the two apart);
+tests hand a simulated sampler to a runner to drive its guard. Nothing here computes a figure the user sees: the fakes answer the same
 queries as NVML and psutil (raising the same NOT_SUPPORTED errors), and
 :class:`~qexplorer.core.telemetry.TelemetrySampler` applies the formulas.
 
@@ -13,7 +15,8 @@ and tests stay reproducible.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 from qexplorer.core.telemetry import (
     DEFAULT_RESERVE_BYTES,
@@ -28,7 +31,7 @@ from qexplorer.core.telemetry import (
 )
 from qexplorer.core.units import GIB, MIB
 
-PROFILES = ("none", "h100", "gb10")
+PROFILES = ("none", "h100", "gb10", "gb10-plunge", "gb10-container", "gb10-shim", "jetson", "thor")
 SIMULATED_EPOCH_S = 1_767_268_800.0  # 2026-01-01 12:00:00 UTC: a frozen clock
 
 
@@ -49,6 +52,8 @@ class SimulatedDevice:
     memory_total_bytes: int | None  # None: the memory query is NOT_SUPPORTED
     driver_reserved_bytes: int = 0
     addressing_mode: int | None = None  # None: NOT_SUPPORTED
+    # an LD_PRELOAD shim (nvml-unified-shim) answers the memory query on an integrated GPU: total = MemTotal
+    shim: bool = False
     utilization_pct: int = 0
     temperature_c: int = 40
     power_w: float = 50.0
@@ -72,7 +77,24 @@ class SimulatedMachine:
     sample_index: int = 0
     extra_used_bytes: int = 0  # tests and demos push memory pressure here
     gpu_lost: bool = False
+    shmem_bytes: int = 0
+    mlocked_bytes: int = 0
+    # a container: NVML lists host PIDs (the namespace's PID + this offset), which this namespace cannot see
+    container_pid_offset: int = 0
+    # a load that plunges (vLLM #54200): MemAvailable falls at this rate for plunge_s seconds after
+    # start_plunge() (wall clock: the guard measures time for real), then holds
+    plunge_bytes_s: float = 0.0
+    plunge_s: float = 0.0
+    plunge_started: float | None = None
     host_fallback: LocalHostProbe = field(default_factory=LocalHostProbe)
+
+    def start_plunge(self) -> None:
+        self.plunge_started = time.monotonic()
+
+    def plunged_bytes(self) -> int:
+        if self.plunge_started is None or not self.plunge_bytes_s:
+            return 0
+        return int(self.plunge_bytes_s * min(self.plunge_s, time.monotonic() - self.plunge_started))
 
     def wobble(self, amplitude: int, phase: float = 0.0) -> int:
         return int(amplitude * (0.5 + 0.5 * math.sin(self.sample_index / 6.0 + phase)))
@@ -84,10 +106,10 @@ class SimulatedMachine:
 
     @property
     def unified(self) -> bool:
-        return any(d.memory_total_bytes is None for d in self.devices)
+        return any(d.memory_total_bytes is None or d.shim for d in self.devices)
 
     def mem_available_bytes(self) -> int:
-        used = self.other_host_bytes + self.extra_used_bytes
+        used = self.other_host_bytes + self.extra_used_bytes + self.plunged_bytes()
         if self.unified:
             used += sum(self.gpu_bytes(p) for p in self.processes)
         return max(0, self.mem_total_bytes - used)
@@ -119,6 +141,10 @@ class SimulatedNvml:
 
     def memory_info(self, index: int) -> tuple[int, int, int]:
         device = self._device(index)
+        if device.shim:  # what nvml-unified-shim answers: the host's figures
+            available = self.machine.mem_available_bytes()
+            total = self.machine.mem_total_bytes
+            return total, total - available, available
         if device.memory_total_bytes is None:
             raise NvmlNotSupported("nvmlDeviceGetMemoryInfo")
         used = device.driver_reserved_bytes + sum(self.machine.gpu_bytes(p) for p in self.machine.processes)
@@ -128,7 +154,7 @@ class SimulatedNvml:
     def processes(self, index: int) -> list[GpuProcessUsage]:
         self._device(index)
         return [
-            GpuProcessUsage(p.pid, self.machine.gpu_bytes(p), p.gpu_kind)
+            GpuProcessUsage(p.pid + self.machine.container_pid_offset, self.machine.gpu_bytes(p), p.gpu_kind)
             for p in self.machine.processes
             if p.gpu_bytes
         ]
@@ -169,6 +195,8 @@ class SimulatedHost:
     def meminfo(self) -> dict[str, int]:
         m = self.machine
         m.sample_index += 1
+        if m.plunge_bytes_s and m.plunge_started is None:
+            m.start_plunge()
         available = m.mem_available_bytes()
         return {
             "MemTotal": m.mem_total_bytes,
@@ -179,6 +207,8 @@ class SimulatedHost:
             "SwapTotal": m.swap_total_bytes,
             "SwapFree": m.swap_total_bytes,
             "Hugetlb": 0,
+            "Shmem": m.shmem_bytes,
+            "Mlocked": m.mlocked_bytes,
         }
 
     def pressure(self) -> PressureStall | None:
@@ -189,7 +219,12 @@ class SimulatedHost:
         for proc in self.machine.processes:
             if proc.pid == pid:
                 return proc.name, proc.rss_bytes
+        if self.machine.container_pid_offset and pid > self.machine.container_pid_offset:
+            return None  # a host PID from NVML: not visible inside the container
         return self.machine.host_fallback.process(pid)
+
+    def in_container(self) -> bool:
+        return bool(self.machine.container_pid_offset)
 
     def top_processes(self, count: int) -> list[tuple[int, str, int]]:
         rows = [(p.pid, p.name, p.rss_bytes) for p in self.machine.processes]
@@ -198,7 +233,41 @@ class SimulatedHost:
 
 
 def machine_for(profile: str) -> SimulatedMachine:
-    """A fresh :class:`SimulatedMachine` for ``none``, ``h100`` or ``gb10``."""
+    """A fresh :class:`SimulatedMachine` for one of ``PROFILES``.
+
+    Besides the three machines (``none``, ``h100``, ``gb10``), the cases the guard and the
+    attribution must survive (FACTS §9): ``gb10-plunge`` (a load during which free memory falls from
+    29 to 2.5 GiB in 9 s; it starts with the first sample), ``gb10-container`` (NVML lists host PIDs),
+    ``gb10-shim`` (an LD_PRELOAD shim answers ``nvmlDeviceGetMemoryInfo`` with total = MemTotal),
+    ``jetson`` and ``thor`` (integrated GPUs known by name).
+    """
+    if profile == "gb10-plunge":
+        machine = machine_for("gb10")
+        machine.name = profile
+        # 29 GiB available when the plunge starts, 2.5 GiB nine seconds later (vLLM #54200)
+        machine.extra_used_bytes = machine.mem_available_bytes() - 29 * GIB
+        machine.plunge_bytes_s, machine.plunge_s = 26.5 * GIB / 9, 9.0
+        return machine
+    if profile == "gb10-container":
+        machine = machine_for("gb10")
+        machine.name, machine.container_pid_offset = profile, 400_000
+        return machine
+    if profile == "gb10-shim":
+        machine = machine_for("gb10")
+        machine.name = profile
+        machine.devices = [replace(machine.devices[0], shim=True)]
+        return machine
+    if profile in ("jetson", "thor"):
+        machine = machine_for("gb10")
+        machine.name = profile
+        if profile == "jetson":  # Jetson AGX Orin 64 GB: the driver names it "Orin (nvgpu)"
+            machine.mem_total_bytes = 62_800_000 * 1024
+            machine.devices = [replace(machine.devices[0], name="Orin (nvgpu)", compute_capability=(8, 7),
+                                       power_w=22.0, sm_clock_mhz=1300)]
+            machine.processes = [replace(p, gpu_bytes=p.gpu_bytes // 3) for p in machine.processes]
+        else:  # Jetson AGX Thor, 128 GB
+            machine.devices = [replace(machine.devices[0], name="NVIDIA Thor", compute_capability=(11, 0))]
+        return machine
     if profile == "gb10":
         # DGX Spark: 128 GB LPDDR5X, MemTotal 127,600,748 kB ≈ 121.7 GiB usable.
         return SimulatedMachine(
@@ -228,6 +297,8 @@ def machine_for(profile: str) -> SimulatedMachine:
                 SimulatedProcess(901, "dockerd", 160 * MIB),
             ],
             psi_some_avg10=0.4,
+            shmem_bytes=int(1.6 * GIB),
+            mlocked_bytes=64 * MIB,
         )
     if profile == "h100":
         return SimulatedMachine(

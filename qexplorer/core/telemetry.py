@@ -41,7 +41,7 @@ DEFAULT_RESERVE_BYTES = 8 * GIB
 
 # Device names that are integrated (share host memory). A NOT_SUPPORTED memory
 # query on one of these means unified memory; on anything else it means unknown.
-INTEGRATED_NAME_PATTERN = re.compile(r"GB10|Jetson|Thor|Orin|Xavier|Tegra", re.IGNORECASE)
+INTEGRATED_NAME_PATTERN = re.compile(r"GB10|Jetson|Thor|Orin|Xavier|Tegra|nvgpu", re.IGNORECASE)
 ADDRESSING_MODE_ATS = 2  # NVML_DEVICE_ADDRESSING_MODE_ATS
 
 TOP_HOST_PROCESSES = 8
@@ -101,13 +101,14 @@ class HostProbe(Protocol):
     """Host memory and processes; real (psutil + /proc) or simulated."""
 
     def meminfo(self) -> dict[str, int]:
-        """Bytes for MemTotal, MemAvailable, MemFree, Cached, SReclaimable,
-        SwapTotal, SwapFree, Hugetlb - whichever the platform has."""
+        """Bytes for MemTotal, MemAvailable, MemFree, Cached, SReclaimable, Shmem,
+        Mlocked, SwapTotal, SwapFree, Hugetlb - whichever the platform has."""
         ...
 
     def pressure(self) -> PressureStall | None: ...
     def process(self, pid: int) -> tuple[str, int] | None: ...  # name, rss bytes
     def top_processes(self, count: int) -> list[tuple[int, str, int]]: ...  # pid, name, rss
+    def in_container(self) -> bool: ...  # NVML then reports host PIDs that this namespace cannot see
 
 
 class PynvmlBackend:
@@ -206,7 +207,7 @@ def _nvml_unavailable_reason(exc: Exception) -> str:
     return f"NVML failed to start: {text}"
 
 
-_MEMINFO_KEYS = ("Cached", "SReclaimable", "Hugetlb", "MemFree")
+_MEMINFO_KEYS = ("Cached", "SReclaimable", "Hugetlb", "MemFree", "Shmem", "Mlocked")
 
 
 class LocalHostProbe:
@@ -244,6 +245,13 @@ class LocalHostProbe:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
 
+    def in_container(self) -> bool:
+        """A container (docker, podman) or a nested PID namespace: NVML's PIDs are not ours (FACTS §9)."""
+        if os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv") or os.environ.get("container"):
+            return True
+        status = read_meminfo_like(os.path.join(self._proc_root, "self", "status"), "NSpid")
+        return len(status.split()) > 1
+
     def top_processes(self, count: int) -> list[tuple[int, str, int]]:
         # Walking every process costs a few ms; the table does not need it at
         # the sampling rate, so it is refreshed at most every 5 s.
@@ -280,6 +288,19 @@ def read_meminfo(path: str, keys: Iterable[str]) -> dict[str, int]:
     except (OSError, ValueError):
         return {}
     return found
+
+
+def read_meminfo_like(path: str, key: str) -> str:
+    """The text after ``key:`` in a ``/proc`` key-value file, or "" (absent file or key)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                name, _, rest = line.partition(":")
+                if name == key:
+                    return rest.strip()
+    except OSError:
+        pass
+    return ""
 
 
 def read_pressure(path: str) -> PressureStall | None:
@@ -342,7 +363,9 @@ class HostMemory:
     available_bytes: Reading
     used_bytes: Reading  # total - available
     free_bytes: Reading
-    reclaimable_cache_bytes: Reading  # Cached + SReclaimable
+    reclaimable_cache_bytes: Reading  # Cached − Shmem + SReclaimable
+    shmem_bytes: Reading  # shared memory (tmpfs, CUDA IPC): counted in Cached, never reclaimable
+    mlocked_bytes: Reading  # pinned pages: never reclaimable
     swap_total_bytes: Reading
     swap_free_bytes: Reading
     hugetlb_bytes: Reading
@@ -392,6 +415,8 @@ class TelemetrySnapshot:
     devices: tuple[DeviceTelemetry, ...]
     processes: tuple[ProcessInfo, ...]
     nvml_state: NvmlState = NvmlState.OK  # the machine-readable half of nvml_status
+    # NVML's per-process PIDs are not this PID namespace's (a container): matching a job by PID finds nothing
+    foreign_gpu_pids: bool = False
 
     @property
     def unified(self) -> bool:
@@ -441,13 +466,16 @@ def other_host_bytes(mem_total: int, mem_available: int, gpu_used: int) -> int:
 
 
 def is_unified(name: str, memory_query_supported: bool, addressing_mode: int | None) -> bool | None:
-    """FACTS §1: unified if ATS addressing, or NOT_SUPPORTED on a known integrated name."""
-    if addressing_mode == ADDRESSING_MODE_ATS:
+    """FACTS §1, §9: unified if ATS addressing or a known integrated name (GB10, Jetson "... (nvgpu)", Thor).
+
+    The name wins over the memory query: an LD_PRELOAD shim (nvml-unified-shim) makes
+    ``nvmlDeviceGetMemoryInfo`` answer on GB10 with total = MemTotal, and that answer must not turn the
+    shared pool into a "discrete card" whose free memory is trusted.
+    """
+    if addressing_mode == ADDRESSING_MODE_ATS or INTEGRATED_NAME_PATTERN.search(name):
         return True
     if memory_query_supported:
         return False
-    if INTEGRATED_NAME_PATTERN.search(name):
-        return True
     return None  # a discrete card that does not answer: unknown
 
 
@@ -516,6 +544,8 @@ class TelemetrySampler:
                 state = NvmlState.LOST
                 devices = []
         processes = self._processes(gpu_usage)
+        visible = {p.pid for p in processes if p.rss_bytes is not None}
+        foreign = bool(gpu_usage) and (self.host.in_container() or not visible & set(gpu_usage))
         return TelemetrySnapshot(
             timestamp_s=self.clock(),
             simulated=self.simulated,
@@ -526,6 +556,7 @@ class TelemetrySampler:
             devices=tuple(devices),
             processes=processes,
             nvml_state=state,
+            foreign_gpu_pids=foreign,
         )
 
     def _query(self, fn: Callable[[int], Any], index: int, source: str = "nvml") -> Reading:
@@ -593,6 +624,8 @@ class TelemetrySampler:
             else:
                 headroom = Reading.missing("MemAvailable unknown")
             note = "unified memory: GPU used is the sum of process allocations"
+            if memory_supported:  # a shim answers the memory query; its "free" is not the pool's headroom
+                note += f" (nvmlDeviceGetMemoryInfo answered total {format_gib(total)}: a shim, not used)"
         elif memory_supported:
             total_r = Reading(total, "nvml")
             gpu_used = Reading(used, "nvml")
@@ -645,8 +678,9 @@ def _host_memory(meminfo: dict[str, int], psi: PressureStall | None) -> HostMemo
         else Reading.missing("MemTotal or MemAvailable unknown")
     )
     if "Cached" in meminfo:
-        cache = Reading(meminfo["Cached"] + meminfo.get("SReclaimable", 0), "/proc/meminfo",
-                        "Cached + SReclaimable")
+        # Shmem sits in Cached but cannot be dropped; GB10 users have seen tens of GiB of it (FACTS §9)
+        cache = Reading(max(0, meminfo["Cached"] - meminfo.get("Shmem", 0)) + meminfo.get("SReclaimable", 0),
+                        "/proc/meminfo", "Cached − Shmem + SReclaimable")
     else:
         cache = Reading.missing("no /proc/meminfo")
     if psi is None:
@@ -660,6 +694,8 @@ def _host_memory(meminfo: dict[str, int], psi: PressureStall | None) -> HostMemo
         used_bytes=used,
         free_bytes=pick("MemFree", "/proc/meminfo"),
         reclaimable_cache_bytes=cache,
+        shmem_bytes=pick("Shmem", "/proc/meminfo"),
+        mlocked_bytes=pick("Mlocked", "/proc/meminfo"),
         swap_total_bytes=pick("SwapTotal", "psutil"),
         swap_free_bytes=pick("SwapFree", "psutil"),
         hugetlb_bytes=pick("Hugetlb", "/proc/meminfo"),

@@ -112,6 +112,8 @@ class QExplorerApp(App[int]):
         if self._job_queue is not None:
             self._job_queue.cancel_all()
         self.sources.sampler.close()
+        if self.sources.guard is not self.sources.sampler:
+            self.sources.guard.close()
 
     def _persist_theme(self, theme_name: str) -> None:
         """A theme picked in the command palette is remembered in the settings file."""
@@ -276,7 +278,7 @@ class QExplorerApp(App[int]):
             from qexplorer.core.settings import engine_env
 
             self._job_queue = JobQueue(
-                JobRunner(sampler=self.sources.sampler, interval_s=self.refresh_s,
+                JobRunner(sampler=self.sources.guard, display=self.sources.sampler, interval_s=self.refresh_s,
                           extra_env=engine_env(self.settings)),
                 ResultsStore.in_dir(self.settings.results_path),
                 on_change=lambda view: self.post_message(JobChanged(view)),
@@ -366,9 +368,11 @@ class QExplorerApp(App[int]):
             return
         template = JobSpec(model_ref=self.model.path, precision="", data_dir=str(self.settings.results_path),
                            bench=self.bench_config(), model_paths=tuple(self.settings.models),
-                           quality=self.measure_quality)
+                           quality=self.measure_quality, shown_profile=self.sources.sampler.simulated)
         chosen = [p for p in PRECISIONS if p.key in self.chosen]  # registry order
-        planned = plan_jobs(self.model, chosen, self.snapshot, template)
+        # real jobs are planned against the real machine, whatever profile the screens show
+        real = self.snapshot if self.sources.guard is self.sources.sampler else self.sources.guard.sample()
+        planned = plan_jobs(self.model, chosen, real, template)
         if planned.refused:
             self.notify("Not queued, does not fit: " + "; ".join(
                 f"{r.label} ({format_bytes(r.need_bytes)} > {format_bytes(r.headroom_bytes)} headroom)"

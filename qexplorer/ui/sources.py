@@ -11,13 +11,21 @@ from dataclasses import dataclass, field
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.settings import Settings
 from qexplorer.core.simulate import make_sampler
-from qexplorer.core.telemetry import TelemetrySampler
+from qexplorer.core.telemetry import TelemetrySampler, local_sampler
 
 
 @dataclass
 class Sources:
+    """``sampler`` is what the screens draw (a simulated profile under ``--simulate``); ``guard`` is always this
+    machine: it plans and guards the real jobs the app starts."""
+
     sampler: TelemetrySampler
     catalog: Catalog = field(default_factory=Catalog)
+    guard: TelemetrySampler | None = None
+
+    def __post_init__(self) -> None:
+        if self.guard is None:
+            self.guard = self.sampler if self.sampler.simulated is None else local_sampler(self.sampler.reserve_bytes)
 
     @classmethod
     def for_profile(cls, profile: str | None, settings: Settings) -> Sources:

@@ -2,7 +2,9 @@
 
 Prompt processing evaluates ``prompt_tokens`` tokens in one batch; generation
 decodes ``gen_tokens`` tokens one at a time from a fresh context, feeding a
-fixed token so that no sampling is timed (llama-bench does the same).
+fixed token so that no sampling is timed (llama-bench does the same). On a GPU
+build ``llama_decode`` returns before the device has finished, so every timer
+stops after ``llama_synchronize`` (as llama-bench does).
 """
 
 from __future__ import annotations
@@ -40,20 +42,31 @@ def prompt_ids(llm: Any, text: str, count: int) -> list[int]:
     return ids[:count]
 
 
+def _sync(llm: Any) -> None:
+    """Wait for the device: a CUDA build's decode is asynchronous (a no-op on the CPU backend)."""
+    import llama_cpp
+
+    llama_cpp.llama_synchronize(llm.ctx)
+
+
 def _time_prompt(llm: Any, ids: list[int]) -> float:
     llm.reset()
+    _sync(llm)
     start = time.perf_counter()
     llm.eval(ids)
+    _sync(llm)
     return time.perf_counter() - start
 
 
 def _time_decode(llm: Any, token: int, steps: int) -> list[float]:
     llm.reset()
     llm.eval([token])
+    _sync(llm)
     step_s = []
     for _ in range(steps):
         start = time.perf_counter()
         llm.eval([token])
+        _sync(llm)
         step_s.append(time.perf_counter() - start)
     return step_s
 
@@ -70,6 +83,7 @@ def run(llm: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, S
         pp = _time_prompt(llm, ids)
         first_start = time.perf_counter()
         llm.eval([token])
+        _sync(llm)
         ttft_s.append(pp + time.perf_counter() - first_start)
         pp_s.append(pp)
         tg_s.append(sum(_time_decode(llm, token, config.gen_tokens)))

@@ -87,4 +87,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def nvml_gpu_name(index: int = 0) -> str | None:
+    """The GPU's name as NVML gives it (for the published-bandwidth table), or None without a GPU."""
+    from qexplorer.core.telemetry import NvmlNotSupported, NvmlQueryError, NvmlUnavailable, PynvmlBackend
+
+    backend = PynvmlBackend()
+    try:
+        backend.init()
+        return backend.name(index) if backend.device_count() > index else None
+    except (NvmlUnavailable, NvmlNotSupported, NvmlQueryError):
+        return None
+    finally:
+        backend.shutdown()
+
+
 Measure = Callable[[EngineContext], Generator[JobEvent, None, Measured]]

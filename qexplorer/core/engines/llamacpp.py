@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Generator
+from dataclasses import replace
 from importlib import metadata
 
-from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes
+from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, nvml_gpu_name
 from qexplorer.core.jobs.events import JobEvent, Phase
 from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, Timings
 from qexplorer.core.kinds import Engine, SupportMode
@@ -23,6 +24,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     job = ctx.job
     yield Phase("load", f"loading {ctx.artifact.name} with llama.cpp")
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    ctx = replace(ctx, device="cuda" if gpu else "cpu")  # this engine's device, not torch's
     started = time.perf_counter()
     llm = llamacpp.load(ctx.artifact, job.bench, n_gpu_layers=-1 if gpu else 0)
     load_s = time.perf_counter() - started
@@ -53,5 +55,5 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=weight_bytes,
                              resident_weight_bytes=weight_bytes, bytes_per_token=weight_bytes),
         timings=Timings(load_s=load_s), speed=speed, quality=quality, quality_s=quality_s,
-        gpu_name="CUDA (llama.cpp offload)" if gpu else None,
+        gpu_name=(nvml_gpu_name() or "CUDA (llama.cpp offload)") if gpu else None,
     )

@@ -66,9 +66,20 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None) -> Generator
                                         f"pipeline('text-generation', '{ctx.artifact}')\"",
                           fallback_reason=fallback_reason),
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=ctx.artifact_weight_bytes,
-                             resident_weight_bytes=resident, bytes_per_token=resident),
+                             resident_weight_bytes=resident, bytes_per_token=resident, **torch_cuda_peaks()),
         timings=Timings(load_s=load_s), speed=speed, quality=quality, quality_s=quality_s, gpu_name=ctx.gpu_name,
     )
+
+
+def torch_cuda_peaks() -> dict[str, int]:
+    """PyTorch's own GPU high-water marks in this worker (allocated by tensors, reserved by its caching
+    allocator); nothing on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"torch_peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+            "torch_peak_reserved_bytes": int(torch.cuda.max_memory_reserved())}
 
 
 def artifact_quality(ctx: EngineContext) -> Generator[JobEvent, None, tuple[QualityStats, float]]:
@@ -104,7 +115,10 @@ def quality_pass(ctx: EngineContext, logits_fn: Any) -> Generator[JobEvent, None
         precision=meta.reference_precision, quantized=meta.reference_quantized, corpus=meta.corpus_name,
         corpus_sha256=meta.corpus_sha256, n_tokens=meta.n_tokens, ctx=meta.ctx, n_chunks=meta.n_chunks,
         top_k=meta.top_k, chunking=f"{meta.n_chunks} chunks of {meta.ctx} tokens, BOS first, second half scored",
-        cache_bytes=int(folder_bytes)))
+        cache_bytes=int(folder_bytes), device=meta.device, candidate_device=ctx.device))
+    if meta.device != ctx.device:
+        yield Log(f"the reference ran on {meta.device} and this candidate on {ctx.device}: the KLD includes the two "
+                  f"devices' numerics", level="warning")
     yield Metric("kld_mean", stats.kld_mean, "", stats.kld_sd)
     yield Metric("same_top1_pct", stats.same_top1_pct, "%", stats.same_top1_se_pct)
     return stats, elapsed

@@ -45,7 +45,7 @@ from qexplorer.core.engines.base import EngineContext, Measured
 from qexplorer.core.errors import UserError
 from qexplorer.core.jobs.events import JobEvent, Phase, Progress
 from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, ServerQuality, Speed, Timings
-from qexplorer.core.kinds import Engine
+from qexplorer.core.kinds import Engine, SupportMode
 
 START_TIMEOUT_S = 900.0
 SERVED_NAME = "qexplorer"
@@ -306,6 +306,23 @@ class VllmServer:
             logprob_alignment="by token id (prompt sent as ids)")
 
 
+EMULATING_KERNELS = re.compile(r"Torch|Emulat|Dequant", re.IGNORECASE)
+
+
+def mode_from_kernel(kernel: str, planned: SupportMode, device: str) -> SupportMode:
+    """The label follows the kernel vLLM says it chose: a generic PyTorch path ("ChannelWiseTorchFP8ScaledMM...",
+    an emulation) is emulated whatever the plan said; a kernel vLLM built for this CPU ("CPUInt8ScaledMM...",
+    its AVX-512 W4A16) is native there. Without a named kernel the plan's label stands."""
+    chosen = re.findall(r"(\w+) for \w+", kernel)
+    if not chosen:
+        return planned
+    if any(EMULATING_KERNELS.search(name) for name in chosen):
+        return SupportMode.EMULATED
+    if device == "cpu" and all(name.startswith("CPU") for name in chosen):
+        return SupportMode.NATIVE
+    return planned
+
+
 def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     """Start vLLM on the artifact, benchmark it, read its log-probs and its kernel choice, stop it."""
     from transformers import AutoTokenizer
@@ -344,7 +361,8 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     finally:
         server.stop()
     return Measured(
-        engine=EngineInfo(name=Engine.VLLM, mode=ctx.support_mode, device=ctx.device, version=f"vLLM {version}",
+        engine=EngineInfo(name=Engine.VLLM, mode=mode_from_kernel(kernel, ctx.support_mode, ctx.device),
+                          device=ctx.device, version=f"vLLM {version}",
                           kernel=kernel, serve_command=server.serve_command),
         memory=MemoryFigures(weight_bytes=ctx.artifact_weight_bytes, resident_weight_bytes=ctx.artifact_weight_bytes,
                              bytes_per_token=ctx.artifact_weight_bytes),

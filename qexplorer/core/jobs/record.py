@@ -62,6 +62,8 @@ class HardwareFacts:
     machine: str = ""
     bandwidth_bytes_s: float | None = None
     bandwidth_source: str | None = None  # "published" or how the host copy test ran
+    gpu_unified: bool | None = None  # the GPU shares host memory (GB10, Jetson); None: no GPU or unknown
+    shown_profile: str | None = None  # the simulated profile on screen while it ran (the job itself was real)
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,38 @@ class MemoryFigures:
     baseline_rss_bytes: int | None = None  # the worker before it loaded anything
     loaded_rss_bytes: int | None = None  # right after the model loaded
     peak_rss_bytes: int | None = None  # the job's process tree, sampled from outside and the child's own maximum
-    peak_gpu_bytes: int | None = None  # NVML per-process, when a GPU exists
+    peak_gpu_bytes: int | None = None  # NVML, the job's process tree, when a GPU exists
+    peak_gpu_source: str | None = None  # how that GPU figure was attributed (per-process, or device growth)
+    torch_peak_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated in the worker
+    torch_peak_reserved_bytes: int | None = None  # torch.cuda.max_memory_reserved (the caching allocator)
     weight_bytes: int | None = None  # the artifact's weights (what is served)
     resident_weight_bytes: int | None = None  # what the engine holds in memory while it runs
     bytes_per_token: int | None = None  # bytes read per decoded token (the roofline's denominator)
+
+
+    def plan_check(self, gpu_unified: bool | None) -> PlanCheck:
+        """The measured peak against the plan's term that matches where the memory lives: VRAM against the
+        serving plan on a discrete card; RSS + GPU allocation against the job peak on unified memory and CPUs."""
+        if gpu_unified is False and self.peak_gpu_bytes:
+            return PlanCheck(self.peak_gpu_bytes, self.planned_total_bytes, "VRAM")
+        if self.peak_rss_bytes is None:
+            return PlanCheck(None, self.planned_peak_bytes, "RSS")
+        term = "RSS + GPU" if self.peak_gpu_bytes is not None else "RSS"
+        return PlanCheck(self.peak_rss_bytes + (self.peak_gpu_bytes or 0), self.planned_peak_bytes, term)
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    measured_bytes: int | None
+    planned_bytes: int | None
+    term: str  # "VRAM", "RSS + GPU" or "RSS"
+
+    @property
+    def error_pct(self) -> float | None:
+        """(planned − measured) / measured: negative when the plan was too low."""
+        if not self.measured_bytes or not self.planned_bytes:
+            return None
+        return 100.0 * (self.planned_bytes - self.measured_bytes) / self.measured_bytes
 
 
 @dataclass(frozen=True)
@@ -111,6 +141,8 @@ class ReferenceInfo:
     top_k: int
     chunking: str
     cache_bytes: int = 0
+    device: str = "cpu"  # where the reference ran
+    candidate_device: str = "cpu"  # where the artifact's quality pass ran; different: labelled on screen
 
 
 @dataclass(frozen=True)
@@ -203,6 +235,7 @@ class RunRecord:
     timings: Timings = field(default_factory=Timings)
     speed: Speed | None = None
     roofline_pct: float | None = None
+    roofline_note: str | None = None  # set when the figure is above 100 %: then it is a sign of an error, not a fact
     quality: QualityStats | None = None  # of the artifact itself (activation quantization included)
     engine_quality: ServerQuality | None = None  # the serving engine's own log-probs (vLLM: top-20, a lower bound)
     server: ServerSweep | None = None

@@ -5,11 +5,14 @@
 thread, and once per sample period:
 
 * measures the child's memory from outside (RSS of the child and its children;
-  its NVML per-process allocation when a GPU exists) and keeps the peak;
-* runs the **memory guard**: if headroom (MemAvailable − reserve, FACTS §1)
-  falls below zero, the child is stopped at once and the outcome says why and
-  what the plan had predicted. On unified memory this is what keeps the box
-  from freezing;
+  the GPU memory NVML attributes to that process tree - or, in a container where
+  NVML lists host PIDs, the device's growth since the job started) and keeps the
+  peaks;
+* runs the **memory guard** (:mod:`qexplorer.core.jobs.guard`: headroom level,
+  its trend, free VRAM) on **real** telemetry - ``--simulate`` changes what is
+  drawn, never what guards a real job - and stops the child at once when it
+  says so, with why and what the plan had predicted. On unified memory this is
+  what keeps the box from freezing. While the job loads it samples at 4 Hz;
 * enforces a per-phase timeout and honours cancellation.
 
 A crash, an OOM kill or a cancel ends the child only; memory goes back to the
@@ -27,14 +30,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qexplorer.core.jobs.events import Completed, Failed, JobEvent, Phase, event_from_line
+from qexplorer.core.jobs.guard import GuardSample, MemoryGuard
 from qexplorer.core.jobs.record import ExportRecord, ModelIdentity, RunRecord
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import Family, JobStatus
-from qexplorer.core.telemetry import TelemetrySampler
+from qexplorer.core.telemetry import TelemetrySampler, TelemetrySnapshot
 from qexplorer.core.units import format_gib
 
 CALIBRATE_PHASE = "calibrate"  # the roofline's bandwidth test: its buffers are not the job's memory
@@ -50,6 +54,36 @@ class MemorySample:
     gpu_bytes: int | None
     headroom_bytes: int | None
     phase: str
+    gpu_source: str = ""  # how gpu_bytes was attributed to the job
+
+
+GPU_BY_PID = "NVML per-process (the job's process tree)"
+GPU_BY_DELTA = "NVML device growth since the job started (container: NVML lists host PIDs)"
+
+
+def attribute_gpu(snapshot: TelemetrySnapshot, tree_pids: set[int], baseline_used: int | None) -> tuple[int | None, str]:
+    """The GPU memory that is the job's: NVML's per-process figures for its process tree; where NVML's PIDs are
+    another namespace's (a container), the growth of the devices' used memory since the job started."""
+    if not snapshot.devices:
+        return None, ""
+    matched = [p.gpu_bytes for p in snapshot.processes if p.pid in tree_pids and p.gpu_bytes is not None]
+    if matched or not snapshot.foreign_gpu_pids:
+        return sum(matched), GPU_BY_PID
+    used = devices_used_bytes(snapshot)
+    if used is None or baseline_used is None:
+        return None, GPU_BY_DELTA
+    return max(0, used - baseline_used), GPU_BY_DELTA
+
+
+def devices_used_bytes(snapshot: TelemetrySnapshot) -> int | None:
+    values = [d.gpu_used_bytes.value for d in snapshot.devices]
+    return None if any(v is None for v in values) else int(sum(values))
+
+
+def discrete_free_bytes(snapshot: TelemetrySnapshot) -> int | None:
+    """The smallest free memory of the discrete cards (the one a job runs out of first); None on unified memory."""
+    values = [d.headroom_bytes.value for d in snapshot.devices if d.unified is False and d.headroom_bytes.available]
+    return int(min(values)) if values else None
 
 
 @dataclass(frozen=True)
@@ -63,6 +97,7 @@ class JobOutcome:
     export: ExportRecord | None = None
     peak_rss_bytes: int = 0
     peak_gpu_bytes: int | None = None
+    gpu_source: str = ""
     exit_code: int | None = None
     log_path: Path | None = None
     memory: tuple[MemorySample, ...] = ()
@@ -72,20 +107,22 @@ class JobOutcome:
         return self.status == JobStatus.OK
 
 
-def _tree_rss(pid: int) -> int:
+def _tree(pid: int) -> tuple[int, set[int]]:
+    """RSS of a process and its descendants (a vLLM server the worker started), and their PIDs."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
-        total = proc.memory_info().rss
+        total, pids = proc.memory_info().rss, {pid}
         for child in proc.children(recursive=True):
             try:
                 total += child.memory_info().rss
+                pids.add(child.pid)
             except psutil.Error:
                 continue
-        return int(total)
+        return int(total), pids
     except psutil.Error:
-        return 0
+        return 0, {pid}
 
 
 def describe_exit(code: int | None) -> str:
@@ -99,10 +136,17 @@ def describe_exit(code: int | None) -> str:
 
 
 class JobRunner:
+    """Runs jobs in worker processes. ``sampler`` is the telemetry the guard reads: the real machine's (tests
+    pass a simulated one to drive the guard); ``display`` is the sampler the screens draw from, told which
+    PIDs are qexplorer's jobs."""
+
     def __init__(self, sampler: TelemetrySampler | None = None, interval_s: float = 1.0,
                  python: str = sys.executable, log_dir: Path | None = None,
-                 extra_env: dict[str, str] | None = None, worker_command: list[str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, worker_command: list[str] | None = None,
+                 display: TelemetrySampler | None = None, guard: type[MemoryGuard] = MemoryGuard) -> None:
         self.sampler = sampler
+        self.display = display
+        self.guard_factory = guard
         # The seam for fault tests: a different child (one that hangs, say) in place of the worker.
         self.worker_command = worker_command or [python, "-m", "qexplorer.worker"]
         self.interval_s = interval_s
@@ -110,6 +154,8 @@ class JobRunner:
         self.log_dir = log_dir
         self.extra_env = extra_env or {}
         self.current_pid: int | None = None
+        self._gpu_baseline: int | None = None
+        self._gpu_unified: bool | None = None
 
     def _spawn(self, job: JobSpec, log_path: Path) -> subprocess.Popen[str]:
         from qexplorer.core.safety import OFFLINE_ENV
@@ -138,8 +184,11 @@ class JobRunner:
         log_path = log_dir / f"job-{int(time.time() * 1000)}-{job.precision}.log"
         proc = self._spawn(job, log_path)
         self.current_pid = proc.pid
-        if self.sampler is not None:
-            self.sampler.own_pids = self.sampler.own_pids | {proc.pid}
+        watchers = {id(s): s for s in (self.sampler, self.display) if s is not None}.values()
+        for watcher in watchers:
+            watcher.own_pids = watcher.own_pids | {proc.pid}
+        guard = self.guard_factory()
+        self._gpu_baseline = None
         lines: queue.Queue[str | None] = queue.Queue()
 
         def read() -> None:
@@ -153,7 +202,7 @@ class JobRunner:
         memory: list[MemorySample] = []
         completed: Completed | None = None
         error: str | None = None
-        peak_rss, peak_gpu = 0, None
+        peak_rss, peak_gpu, gpu_source = 0, None, ""
         started = last_activity = time.monotonic()
         next_sample = started
         phase = "start"
@@ -163,17 +212,19 @@ class JobRunner:
             while not stream_done or proc.poll() is None:
                 now = time.monotonic()
                 if now >= next_sample:
-                    next_sample = now + self.interval_s
-                    sample = self._measure(proc.pid, now - started, phase)
+                    next_sample = now + guard.interval_s(phase, self.interval_s)
+                    sample, vram_free = self._measure(proc.pid, now - started, phase)
                     memory.append(sample)
                     if phase != CALIBRATE_PHASE:
                         peak_rss = max(peak_rss, sample.rss_bytes)
-                    if sample.gpu_bytes is not None:
-                        peak_gpu = max(peak_gpu or 0, sample.gpu_bytes)
+                        if sample.gpu_bytes is not None:
+                            peak_gpu, gpu_source = max(peak_gpu or 0, sample.gpu_bytes), sample.gpu_source
                     if on_memory:
                         on_memory(sample)
-                    if stop_reason is None and sample.headroom_bytes is not None and sample.headroom_bytes < 0:
-                        stop_reason = (JobStatus.STOPPED, self._guard_message(job, sample))
+                    stop = guard.check(GuardSample(sample.elapsed_s, sample.headroom_bytes, vram_free,
+                                                   sample.gpu_bytes))
+                    if stop_reason is None and stop is not None:
+                        stop_reason = (JobStatus.STOPPED, self._guard_message(job, sample, stop.reason))
                         self._stop(proc, graceful=False)  # memory is running out: no grace period
                 if stop_reason is None and cancel is not None and cancel.is_set():
                     stop_reason = (JobStatus.CANCELLED, "Cancelled by the user.")
@@ -215,8 +266,8 @@ class JobRunner:
             _kill_group(proc.pid)  # whatever a crashed worker left behind (a vLLM server) goes too
             reader.join(timeout=2)
             self.current_pid = None
-            if self.sampler is not None:
-                self.sampler.own_pids = self.sampler.own_pids - {proc.pid}
+            for watcher in watchers:
+                watcher.own_pids = watcher.own_pids - {proc.pid}
         if stop_reason is not None:
             status, error = stop_reason
             completed = None
@@ -230,31 +281,40 @@ class JobRunner:
         if completed is not None and isinstance(completed.record, RunRecord):
             # the child's own high-water mark catches peaks between samples
             peak_rss = max(completed.record.memory.peak_rss_bytes or 0, peak_rss)
-            record = completed.record.with_memory(peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu)
+            record = completed.record.with_memory(peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu,
+                                                  peak_gpu_source=gpu_source or None)
+            if record.hardware is not None:  # what only the parent knows: the real GPU's kind, the screen's profile
+                record = replace(record, hardware=replace(record.hardware, gpu_unified=self._gpu_unified,
+                                                          shown_profile=job.shown_profile))
         elif completed is not None:
             export = completed.record
         return JobOutcome(job=job, status=status, error=error, record=record, export=export,
-                          peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu, exit_code=proc.returncode,
+                          peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu, gpu_source=gpu_source,
+                          exit_code=proc.returncode,
                           log_path=log_path, memory=tuple(memory))
 
-    def _measure(self, pid: int, elapsed_s: float, phase: str) -> MemorySample:
-        rss = _tree_rss(pid)
-        gpu = headroom = None
+    def _measure(self, pid: int, elapsed_s: float, phase: str) -> tuple[MemorySample, int | None]:
+        """One sample of the job's memory, and the discrete cards' free memory for the guard."""
+        rss, pids = _tree(pid)
+        gpu = headroom = vram_free = None
+        source = ""
         if self.sampler is not None:
             snapshot = self.sampler.sample()
             value = snapshot.host_headroom_bytes.value
             headroom = None if value is None else int(value)
-            for proc in snapshot.processes:
-                if proc.pid == pid and proc.gpu_bytes is not None:
-                    gpu = proc.gpu_bytes
-        return MemorySample(elapsed_s, rss, gpu, headroom, phase)
+            if self._gpu_baseline is None:
+                self._gpu_baseline = devices_used_bytes(snapshot)
+            self._gpu_unified = snapshot.unified if snapshot.devices else None
+            gpu, source = attribute_gpu(snapshot, pids, self._gpu_baseline)
+            vram_free = discrete_free_bytes(snapshot)
+        return MemorySample(elapsed_s, rss, gpu, headroom, phase, source), vram_free
 
-    def _guard_message(self, job: JobSpec, sample: MemorySample) -> str:
+    def _guard_message(self, job: JobSpec, sample: MemorySample, reason: str) -> str:
         planned = (f"; the plan predicted a peak of {format_gib(job.planned_peak_bytes)}"
                    if job.planned_peak_bytes else "")
-        return (f"Stopped {job.precision} to protect the machine: headroom fell to "
-                f"{format_gib(sample.headroom_bytes)} (below the safety reserve) while the job held "
-                f"{format_gib(sample.rss_bytes)} during {sample.phase}{planned}.")
+        gpu = f" + {format_gib(sample.gpu_bytes)} on the GPU" if sample.gpu_bytes else ""
+        return (f"Stopped {job.precision} to protect the machine: {reason} while the job held "
+                f"{format_gib(sample.rss_bytes)}{gpu} during {sample.phase}{planned}.")
 
     @staticmethod
     def _stop(proc: subprocess.Popen[str], graceful: bool = True) -> None:
@@ -293,4 +353,5 @@ def failure_record(outcome: JobOutcome) -> RunRecord:
         precision=job.precision, precision_label=precision.label if precision else job.precision,
         family=precision.family if precision else Family.TORCH, bench=job.bench,
     ).with_memory(peak_rss_bytes=outcome.peak_rss_bytes, peak_gpu_bytes=outcome.peak_gpu_bytes,
+                  peak_gpu_source=outcome.gpu_source or None,
                   planned_peak_bytes=job.planned_peak_bytes, planned_total_bytes=job.planned_total_bytes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qexplorer.core.bench import BenchConfig
@@ -42,6 +43,7 @@ class JobSpec:
     trust_remote_code: bool = False
     export_path: str | None = None
     engine_args: tuple[str, ...] = ()  # passed to the serving engine as they are (vLLM: --tensor-parallel-size 2 ...)
+    shown_profile: str | None = None  # --simulate's profile, recorded on the result; the job itself runs for real
 
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)
@@ -81,18 +83,28 @@ def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: Telem
               template: JobSpec, *, force: bool = False) -> PlannedJobs:
     """One spec per precision, in the order given, with the plan's figures; what does not fit is refused
     (or, with ``force``, queued anyway). ``template`` carries the options every job shares."""
-    from qexplorer.core.planner import PlanRequest, plan_job_peak, plan_precision
+    from qexplorer.core.planner import PlanRequest, QualityPlan, plan_job_peak, plan_precision
     bench = template.bench
     request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)
     specs, refused = [], []
+    builds_reference = False
+    if template.quality:  # the first job with quality computes the reference (unless cached); the rest reuse it
+        from qexplorer.core.artifacts import model_key
+        from qexplorer.core.quality import reference_cached
+
+        builds_reference = not reference_cached(
+            Path(template.data_dir), model_key(model), template.quality_corpus, template.reference_precision,
+            template.quality_ctx, template.quality_tokens, template.top_k)
     for precision in dict.fromkeys(precisions):  # each once, first mention wins
         plan = plan_precision(model, precision, request, snapshot)
         if plan.verdict == Verdict.DOES_NOT_FIT and not force:
             refused.append(Refusal(precision.key, precision.label, plan.total_bytes, plan.headroom_bytes))
             continue
+        quality = QualityPlan(template.quality_ctx, builds_reference and not specs) if template.quality else None
         specs.append(replace(
             template, precision=precision.key, model_name=model.name, model_path=model.path,
-            planned_peak_bytes=plan_job_peak(model, precision, bench, on_gpu=plan.runs_on == "GPU"),
+            planned_peak_bytes=plan_job_peak(model, precision, bench, on_gpu=plan.runs_on == "GPU",
+                                             vllm=plan.engine == "vllm", quality=quality),
             planned_total_bytes=plan.total_bytes,
         ))
     return PlannedJobs(tuple(specs), tuple(refused))

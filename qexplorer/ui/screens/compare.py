@@ -57,7 +57,7 @@ class CompareScreen(Screen):
         yield Static("", id="compare-summary")
         table: DataTable = DataTable(id="compare-table", cursor_type="row", zebra_stripes=True)
         table.add_columns("precision", "engine", "weights", "decode tok/s", "KLD", "top-1", "PPL", "prefill tok/s", "TTFT",
-                          "roof %")
+                          "roof %", "peak RSS", "peak GPU")
         yield table
         with Horizontal(id="compare-plots"):
             yield PlotextPlot(id="plot-speed")
@@ -94,7 +94,8 @@ class CompareScreen(Screen):
                 f"{r.ppl:.2f}" if r.ppl is not None else "n/a",
                 _pm(r.prefill_tok_s, r.prefill_sd, "{:.0f}"),
                 f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "n/a",
-                f"{r.roofline_pct:.0f}" if r.roofline_pct is not None else "n/a",
+                ("!" if r.roofline_suspect else "") + f"{r.roofline_pct:.0f}" if r.roofline_pct is not None else "n/a",
+                format_bytes(r.peak_bytes), format_bytes(r.peak_gpu_bytes) if r.peak_gpu_bytes is not None else "no GPU",
                 key=r.precision,
             )
         if table.row_count:
@@ -103,6 +104,8 @@ class CompareScreen(Screen):
         notes = ["* emulated", "◆ Pareto (weights vs KLD)", "mean±sd"]
         if any(r.fallback for r in self._rows):
             notes.insert(1, "† transformers fallback: not serving speed")
+        if any(r.roofline_suspect for r in self._rows):
+            notes.append("!roof > 100 %: a wrong bound, not a fact")
         if any(r.reference_quantized for r in self._rows):
             notes.append("reference itself quantized")
         sim = f"[reverse] SIMULATED {self.app.snapshot.simulated} [/reverse] " if (

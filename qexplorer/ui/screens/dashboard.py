@@ -19,6 +19,10 @@ from qexplorer.ui.widgets.memory_bar import MemoryBar
 REFRESH_STEPS_S = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
+def _fmt_bytes(reading: Reading) -> str:
+    return format_gib(reading.value) if reading.available else "n/a"
+
+
 def _fmt_reading(reading: Reading, unit: str, fmt: str = "{:.0f}") -> str:
     if reading.value is None:
         return "n/a"
@@ -113,7 +117,11 @@ class DashboardScreen(Screen):
         host = snapshot.host
         cache = format_gib(host.reclaimable_cache_bytes.value) if host.reclaimable_cache_bytes.available else "n/a"
         psi = _fmt_reading(host.psi_some_avg10_pct, "%", "{:.1f}")
-        host_line = f"page cache {cache} reclaimable · swap free {host.swap_free_bytes.text()} · PSI {psi}"
+        pinned = ""
+        if host.shmem_bytes.available or host.mlocked_bytes.available:
+            pinned = (f" · shmem {_fmt_bytes(host.shmem_bytes)} + mlocked {_fmt_bytes(host.mlocked_bytes)} "
+                      f"not reclaimable")
+        host_line = f"page cache {cache} reclaimable{pinned} · swap free {host.swap_free_bytes.text()} · PSI {psi}"
         lines = []
         for device in snapshot.devices:
             cc = ".".join(map(str, device.compute_capability)) if device.compute_capability else "n/a"

@@ -41,12 +41,16 @@ interval from 0.25 s to 10 s, `space` pauses).
 - **Headroom** = MemAvailable − the safety reserve (default 8 GiB, `▒` on the
   bar; set `reserve_gib`). On unified memory, running out does not fail cleanly:
   boxes freeze. qexplorer plans and stops jobs against this figure.
-- **page cache** is reclaimable (Cached + SReclaimable); **PSI** is the share of
+- **page cache** is reclaimable (Cached − Shmem + SReclaimable); **shmem** and
+  **mlocked** pages are not, and on GB10 they can be tens of GiB; **PSI** is the share of
   the last 10 s that tasks waited for memory (`/proc/pressure/memory`).
 - The process table lists GPU processes, qexplorer's own jobs (`job`) and the
   largest host processes, sorted by memory.
-- A **SIMULATED** tag means a demo profile (`--simulate none|h100|gb10`): a fake
-  NVML and host that the real formulas read.
+- A **SIMULATED** tag means a demo profile (`--simulate gb10`, `h100`, `none`,
+  `gb10-plunge`, `gb10-container`, `gb10-shim`, `jetson`, `thor`): it changes only
+  what is drawn (a fake NVML and host that the real formulas read); jobs are
+  planned and guarded on the real machine, and their results say which profile
+  was on screen.
 
 ## Models (`m`)
 
@@ -73,17 +77,33 @@ A precision that does not fit is not queued.
 
 Each job quantizes the model to one precision and benchmarks it in its own
 worker process, so a crash or an out-of-memory kill never takes the app. The
-plot shows the job's memory measured from outside (RSS), the planner's
-predicted peak as a line, and the machine's headroom on the right-hand axis.
-**The memory guard** stops a job as soon as headroom falls below zero
-(MemAvailable under the reserve) and says what the plan predicted. `k` cancels
-the selected job (`K` all); results land in the results store as each job ends.
+table shows each job's **peak RSS** (host memory of its process tree: the
+worker and the vLLM server it starts) beside its **peak GPU** memory (NVML's
+per-process figure for that tree; in a container, where NVML lists host PIDs,
+the devices' growth since the job started). The plot shows both, the
+planner's predicted peak as a line, and the machine's headroom on the
+right-hand axis. A finished job compares its peak with the plan's matching
+term: VRAM on a discrete card, RSS + GPU on unified memory and CPUs.
+**The memory guard** reads the real machine (never a `--simulate` profile) and
+stops a job when headroom falls below zero (MemAvailable under the reserve),
+when headroom falls so fast it would reach zero within 3 s (GB10 loads can
+drop 27 GiB in 9 s while MemAvailable still looks fine), or when a discrete
+card's free memory runs out; it samples at 4 Hz while a job loads. `k`
+cancels the selected job (`K` all); results land in the results store as
+each job ends.
 
 **Benchmark figures** follow llama-bench: a warm-up, then N repetitions of
 prompt processing (pp, tokens/s) and generation (tg, tokens/s), mean ± sd;
 TTFT is pp plus one decode step. *Roofline %* = decode tok/s × bytes read per
-token ÷ memory bandwidth (published for GPUs, measured with a copy test on CPU).
-*Emulated* means the precision has no native kernel here (e.g. FP8 on a CPU).
+token ÷ memory bandwidth. Bytes read per token = the active weights (a MoE
+reads its shared layers and top-k experts, an embedding table one row) + the
+KV cache at the mean decode depth; bandwidth is the device's published figure
+(GB10 273 GB/s) or, on a CPU, a copy test on the benchmark's thread count. A
+value above 100 % is marked `!`: the bound is wrong there, not the speed.
+*Native* means the engine has a kernel for the format on this device (the
+label follows the kernel vLLM says it chose); *emulated* means it runs through
+a generic path (FP8 on a CPU); *dequantized* (†) means the transformers
+fallback expanded the weights to BF16 - not serving speed.
 
 ## Quality
 
@@ -94,7 +114,9 @@ lower is better), **top-1** (% of positions where both pick the same most
 likely token), **PPL** (perplexity; the reference's beside it). The text is cut
 into 512-token chunks and the second half of each chunk is scored, as
 llama-perplexity does. If the reference was itself quantized (the bundled model
-is a Q4_1 file), small differences mean little and the screen says so.
+is a Q4_1 file), small differences mean little and the screen says so. The
+reference runs on the job's device (a GPU job's reference on the GPU); a
+reference reused from another device is named in the job's warnings.
 
 ## Compare (`c`)
 

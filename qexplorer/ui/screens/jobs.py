@@ -33,7 +33,7 @@ class JobsScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         table: DataTable = DataTable(id="job-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("precision", "status", "phase", "peak", "decode", "KLD", "top-1")
+        table.add_columns("precision", "status", "phase", "peak RSS", "peak GPU", "decode", "KLD", "top-1")
         yield table
         yield ProgressBar(id="job-progress", show_eta=False)
         yield Static("", id="job-message")
@@ -68,7 +68,8 @@ class JobsScreen(Screen):
                 kld = f"{record.quality.kld_mean:.4f}"
                 top1 = f"{record.quality.same_top1_pct:.1f} %"
             status = Text(job.status, style=colours.get(STATUS_STYLE.get(job.status, ""), ""))
-            table.add_row(job.label, status, job.phase or "-", format_bytes(job.peak_rss_bytes or None),
+            gpu = format_bytes(job.peak_gpu_bytes) if job.peak_gpu_bytes is not None else "-"
+            table.add_row(job.label, status, job.phase or "-", format_bytes(job.peak_rss_bytes or None), gpu,
                           decode, kld, top1, key=str(job.id))
         if table.row_count:
             running = next((i for i, j in enumerate(self.app.jobs) if j.status == JobStatus.RUNNING), None)
@@ -95,7 +96,13 @@ class JobsScreen(Screen):
         text = job.error or job.message
         warnings = f"  ⚠ {job.warnings[-1]}" if job.warnings else ""
         log = f"  (log: {Path(job.log_path).name})" if job.log_path else ""
-        message.update(f"[b]{job.label}[/b] · {job.phase or job.status}: {text}{warnings}{log}")
+        plan = ""
+        if job.record is not None:
+            check = job.record.memory.plan_check(job.record.hardware.gpu_unified if job.record.hardware else None)
+            if check.error_pct is not None:
+                plan = (f"\npeak {check.term} {format_bytes(check.measured_bytes)} measured vs "
+                        f"{format_bytes(check.planned_bytes)} planned ({check.error_pct:+.0f} %)")
+        message.update(f"[b]{job.label}[/b] · {job.phase or job.status}: {text}{warnings}{log}{plan}")
         self._plot(job)
 
     def _plot(self, job: JobView | None) -> None:
@@ -108,6 +115,10 @@ class JobsScreen(Screen):
             xs = [s.elapsed_s for s in job.memory]
             plt.plot(xs, [s.rss_bytes / GIB for s in job.memory], label="job RSS",
                      color=theme_rgb(self.app, "accent"), marker="braille")
+            gpu = [(s.elapsed_s, s.gpu_bytes / GIB) for s in job.memory if s.gpu_bytes is not None]
+            if any(g[1] for g in gpu):
+                plt.plot([g[0] for g in gpu], [g[1] for g in gpu], label="job GPU (NVML)",
+                         color=theme_rgb(self.app, "warning"), marker="braille")
             if job.planned_peak_bytes:
                 plt.plot([xs[0], xs[-1]], [job.planned_peak_bytes / GIB] * 2, label="predicted peak",
                          color=theme_rgb(self.app, "error"), marker="braille")

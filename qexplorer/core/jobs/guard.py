@@ -1,0 +1,100 @@
+"""The memory guard: when to stop a job before the machine runs out of memory.
+
+The runner feeds it one :class:`GuardSample` per sample (real telemetry only -
+``--simulate`` changes what is drawn, never what guards a real job) and stops
+the job when :meth:`MemoryGuard.check` returns a reason. Three rules (FACTS §1,
+§9):
+
+* **level** - host headroom (MemAvailable − reserve) below zero. On unified
+  memory (GB10) the GPU draws on this pool, so this is the GPU's headroom too.
+* **trend** - the host headroom falls so fast that, at the slope of the last
+  ``window_s`` seconds, it would reach zero within ``horizon_s``. On GB10 free
+  memory fell from 29 to 2.5 GiB in 9 s during a vLLM load, and MemAvailable
+  showed 22.5 GiB "available" when the driver already failed: the level alone
+  acts too late. The slope is a least-squares fit, and it must be steeper than
+  ``min_slope_bytes_s`` so that allocator noise never stops a job.
+* **VRAM** - on a discrete card, a job that holds GPU memory is stopped when the
+  card's free memory falls below ``vram_reserve_bytes``.
+
+While a job loads, quantizes, converts or starts a server - every phase but the
+timed ones (``SLOW_PHASES``), where a busy parent would perturb the timing - the
+runner samples at ``FAST_INTERVAL_S`` (4 Hz) so that the trend has points to
+fit; during timed phases, at the user's rate.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from qexplorer.core.units import MIB, format_gib
+
+FAST_INTERVAL_S = 0.25  # ≥ 4 Hz while a job loads
+SLOW_PHASES = frozenset({"benchmark", "calibrate"})  # timed phases: the user's rate
+TREND_WINDOW_S = 2.0
+TREND_HORIZON_S = 3.0
+TREND_MIN_POINTS = 4
+TREND_MIN_SLOPE_BYTES_S = 512 * MIB  # slower than this is never a plunge
+VRAM_RESERVE_BYTES = 512 * MIB
+
+
+@dataclass(frozen=True)
+class GuardSample:
+    elapsed_s: float
+    host_headroom_bytes: int | None  # MemAvailable − reserve
+    vram_free_bytes: int | None = None  # discrete card only: the card's free memory
+    job_gpu_bytes: int | None = None  # what the job holds on the GPU (None: nothing known)
+
+
+@dataclass(frozen=True)
+class GuardStop:
+    rule: str  # "level", "trend" or "vram"
+    reason: str  # one sentence, without the job's name
+
+
+class MemoryGuard:
+    def __init__(self, window_s: float = TREND_WINDOW_S, horizon_s: float = TREND_HORIZON_S,
+                 min_slope_bytes_s: float = TREND_MIN_SLOPE_BYTES_S,
+                 vram_reserve_bytes: int = VRAM_RESERVE_BYTES) -> None:
+        self.window_s = window_s
+        self.horizon_s = horizon_s
+        self.min_slope_bytes_s = min_slope_bytes_s
+        self.vram_reserve_bytes = vram_reserve_bytes
+        self._points: deque[tuple[float, int]] = deque()
+
+    def check(self, sample: GuardSample) -> GuardStop | None:
+        headroom = sample.host_headroom_bytes
+        if headroom is not None:
+            if headroom < 0:
+                return GuardStop("level", f"host headroom fell to {format_gib(headroom)} (below the safety reserve)")
+            self._points.append((sample.elapsed_s, headroom))
+            while self._points and sample.elapsed_s - self._points[0][0] > self.window_s:
+                self._points.popleft()
+            slope = self.slope_bytes_s()
+            if slope is not None and slope < -self.min_slope_bytes_s:
+                seconds_left = headroom / -slope
+                if seconds_left < self.horizon_s:
+                    return GuardStop("trend", f"host headroom is falling at {format_gib(-slope)}/s and would reach "
+                                              f"the safety reserve in {seconds_left:.1f} s "
+                                              f"({format_gib(headroom)} above it now)")
+        if (sample.vram_free_bytes is not None and sample.job_gpu_bytes
+                and sample.vram_free_bytes < self.vram_reserve_bytes):
+            return GuardStop("vram", f"the GPU's free memory fell to {format_gib(sample.vram_free_bytes)} "
+                                     f"(below {format_gib(self.vram_reserve_bytes)})")
+        return None
+
+    def interval_s(self, phase: str, user_interval_s: float) -> float:
+        return user_interval_s if phase in SLOW_PHASES else min(user_interval_s, FAST_INTERVAL_S)
+
+    def slope_bytes_s(self) -> float | None:
+        """Least-squares slope of headroom over the window; None with too few points or too short a span."""
+        points = self._points
+        if len(points) < TREND_MIN_POINTS or points[-1][0] - points[0][0] < self.window_s / 4:
+            return None
+        n = len(points)
+        mean_t = sum(t for t, _ in points) / n
+        mean_h = sum(h for _, h in points) / n
+        var = sum((t - mean_t) ** 2 for t, _ in points)
+        if var <= 0:
+            return None
+        return sum((t - mean_t) * (h - mean_h) for t, h in points) / var
