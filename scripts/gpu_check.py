@@ -83,6 +83,18 @@ def telemetry_checks(snapshot) -> list[Check]:
     return checks
 
 
+def missing_producer(precision: str) -> str | None:
+    """The library that makes this precision's artifact, when it is not installed (then the job is skipped)."""
+    from importlib.util import find_spec
+
+    from qexplorer.core.kinds import Producer
+    from qexplorer.core.precisions import get
+
+    if get(precision).producer == Producer.LLMCOMPRESSOR and find_spec("llmcompressor") is None:
+        return "llm-compressor"
+    return None
+
+
 def job_checks(folder: Path, data_dir: Path) -> list[Check]:
     from qexplorer.core.bench import BenchConfig
     from qexplorer.core.catalog import Catalog
@@ -100,6 +112,10 @@ def job_checks(folder: Path, data_dir: Path) -> list[Check]:
     runner = JobRunner(sampler=sampler, interval_s=0.25, extra_env=engine_env(load_settings()))
     checks = []
     for job in planned.specs:
+        missing = missing_producer(job.precision)
+        if missing:
+            checks.append(Check(f"{job.precision} job", "ok", f"skipped: {missing} is not installed", True))
+            continue
         outcome = runner.run(job)
         record = outcome.record
         if record is None or record.speed is None:
@@ -127,6 +143,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="where the artifacts go (default: a temporary folder)")
     parser.add_argument("--skip-jobs", action="store_true", help="only compare NVML with nvidia-smi")
+    parser.add_argument("--tokenizer", help="a tokenizer folder for the random model (default: the bundled model's)")
     args = parser.parse_args()
     from qexplorer.core.telemetry import local_sampler
 
@@ -143,7 +160,8 @@ def main() -> int:
             try:
                 from synthetic import build
 
-                folder = build("llama-1b", Path(tmp) / "llama-1b-random", data_dir)
+                folder = build("llama-1b", Path(tmp) / "llama-1b-random", data_dir,
+                               Path(args.tokenizer) if args.tokenizer else None)
                 checks += job_checks(folder, data_dir)
             except ImportError as exc:
                 checks.append(Check("jobs", "torch + transformers installed", f"missing: {exc.name}", False))

@@ -16,19 +16,14 @@ from pathlib import Path
 SHAPES = ("dense-185m", "moe-small", "llama-1b")
 
 
-def build(shape: str, folder: Path, data_dir: Path) -> Path:
+def build(shape: str, folder: Path, data_dir: Path, tokenizer: Path | None = None) -> Path:
+    """The model ``shape`` as a BF16 folder; its tokenizer from ``tokenizer`` (a folder) or the bundled model."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from qexplorer.core.artifacts import model_work_dir
-    from qexplorer.core.catalog import Catalog
-    from qexplorer.core.jobs.events import drive
-    from qexplorer.core.quantize.torch_quant import bf16_checkpoint
-
     if (folder / "config.json").exists():
         return folder
-    bundled = Catalog().resolve("default")
-    tokenizer_source = drive(bf16_checkpoint(bundled, model_work_dir(data_dir, bundled)))
+    tokenizer_source = tokenizer or bundled_tokenizer(data_dir)
     common = {"vocab_size": 49152, "max_position_embeddings": 4096, "tie_word_embeddings": True,
               "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
     if shape == "dense-185m":
@@ -51,3 +46,14 @@ def build(shape: str, folder: Path, data_dir: Path) -> Path:
     model.to(torch.bfloat16).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
     return folder
+
+
+def bundled_tokenizer(data_dir: Path) -> Path:
+    """The bundled model's tokenizer, from its BF16 checkpoint (made once in ``data_dir``)."""
+    from qexplorer.core.artifacts import model_work_dir
+    from qexplorer.core.catalog import Catalog
+    from qexplorer.core.jobs.events import drive
+    from qexplorer.core.quantize.torch_quant import bf16_checkpoint
+
+    bundled = Catalog().resolve("default")
+    return drive(bf16_checkpoint(bundled, model_work_dir(data_dir, bundled)))

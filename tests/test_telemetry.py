@@ -144,3 +144,33 @@ def test_meminfo_and_pressure_parsers(tmp_path: Path):
     psi = parse_pressure("some avg10=1.50 avg60=0.20 avg300=0.00 total=1\nfull avg10=0.25 avg60=0 avg300=0 total=0\n")
     assert psi is not None and psi.some_avg10 == 1.5 and psi.full_avg10 == 0.25
     assert parse_pressure("garbage") is None
+
+
+def test_discrete_used_memory_leaves_out_the_drivers_reservation_like_nvidia_smi():
+    """Seen on an H100 80GB HBM3 (scripts/gpu_check.py): nvmlDeviceGetMemoryInfo v1 said 480 MiB used on an idle
+    card where nvidia-smi said 0 MiB - v1 counts the driver's reservation. The backend asks for v2 first."""
+    from types import SimpleNamespace
+
+    from qexplorer.core.telemetry import PynvmlBackend
+
+    class NVMLError(Exception):
+        def __init__(self, value):
+            self.value = value
+
+    def fake_nvml(has_v2: bool):
+        def memory_info(handle, version=None):
+            if version is None:
+                return SimpleNamespace(total=80 * GIB, used=480 * 2**20, free=80 * GIB - 480 * 2**20)
+            if not has_v2:
+                raise NVMLError(13)  # NVML_ERROR_FUNCTION_NOT_FOUND: an old driver
+            return SimpleNamespace(total=80 * GIB, reserved=480 * 2**20, used=0, free=80 * GIB - 480 * 2**20)
+
+        return SimpleNamespace(NVMLError=NVMLError, NVML_ERROR_NOT_SUPPORTED=3, nvmlMemory_v2=0x2000028,
+                               nvmlDeviceGetMemoryInfo=memory_info)
+
+    backend = PynvmlBackend()
+    backend._handles = [object()]
+    backend._nvml = fake_nvml(has_v2=True)
+    assert backend.memory_info(0) == (80 * GIB, 0, 80 * GIB - 480 * 2**20)
+    backend._nvml = fake_nvml(has_v2=False)
+    assert backend.memory_info(0)[1] == 480 * 2**20  # v1 where v2 does not exist

@@ -160,6 +160,17 @@ class PynvmlBackend:
         return name.decode() if isinstance(name, bytes) else str(name)
 
     def memory_info(self, index: int) -> tuple[int, int, int]:
+        """total, used, free - ``used`` as nvidia-smi reports it: without the driver's reserved memory.
+
+        The v1 query counts the driver's reservation as used (480 MiB on an idle H100 80GB HBM3 where
+        nvidia-smi said 0 MiB, seen with scripts/gpu_check.py); the v2 query reports it apart."""
+        version = getattr(self._nvml, "nvmlMemory_v2", None)
+        if version is not None:
+            try:
+                info = self._call("nvmlDeviceGetMemoryInfo", index, version)
+                return int(info.total), int(info.used), int(info.free)
+            except NvmlQueryError:
+                pass  # a driver without the v2 query: the v1 figures below
         info = self._call("nvmlDeviceGetMemoryInfo", index)
         return int(info.total), int(info.used), int(info.free)
 
