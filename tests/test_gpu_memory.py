@@ -66,7 +66,7 @@ def test_a_plunging_gb10_load_is_stopped_by_the_trend_before_headroom_reaches_ze
     assert time.monotonic() - started < 6.5
     assert min(s.headroom_bytes for s in outcome.memory) > 0
     gaps = [b.elapsed_s - a.elapsed_s for a, b in zip(outcome.memory, outcome.memory[1:], strict=False)]
-    assert max(gaps) < FAST_INTERVAL_S + 0.15
+    assert sum(gaps) / len(gaps) < FAST_INTERVAL_S + 0.05 and max(gaps) < 2 * FAST_INTERVAL_S  # ≥ 4 Hz
 
 
 # ----------------------------------------------------------------------------- attribution

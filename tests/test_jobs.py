@@ -162,3 +162,19 @@ def test_cli_json_after_a_failed_job_reports_only_this_runs_rows(capsys, isolate
     assert [r["precision"] for r in out["results"]] == ["q8_0"]
     assert older not in [r["id"] for r in out["results"]]
     assert "int8 failed:" in captured.err
+
+
+def test_a_workers_peak_is_its_own_not_its_parents():
+    """Linux keeps ru_maxrss across fork and exec: a worker started by a parent that once held 400 MiB reported
+    400 MiB as its own peak. The worker reads its own high-water mark (VmHWM) instead."""
+    import subprocess
+
+    parent = ("import subprocess, sys; block = bytearray(400 * 2**20); block[::4096] = b'x' * len(block[::4096]); "
+              "del block; print(subprocess.run([sys.executable, '-c', 'import resource; "
+              "from qexplorer.core.engines.base import peak_rss_bytes; "
+              "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)'], "
+              "capture_output=True, text=True).stdout)")
+    own, inherited = map(int, subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
+                                             check=True).stdout.split())
+    assert inherited >= 400 * 2**20  # the kernel's figure carries the parent's peak
+    assert own < 200 * 2**20  # ours does not

@@ -154,7 +154,14 @@ def _measure(ctx: EngineContext) -> Step[Measured]:
                   level="warning")
         return (yield from transformers.measure(ctx, fallback_reason=reason))
     if ctx.reference is not None:
-        quality, quality_s = yield from transformers.artifact_quality(ctx)
+        try:
+            quality, quality_s = yield from transformers.artifact_quality(ctx)
+        except (RuntimeError, ValueError, OSError, KeyError) as exc:
+            # vLLM served and measured it; transformers cannot load this folder (seen: a W8A8 Qwen3-MoE whose
+            # fused experts transformers 5 could not convert). Keep what was measured and say why.
+            yield Log(f"the artifact's own quality pass could not load it in transformers "
+                      f"({type(exc).__name__}: {str(exc)[:200]}); vLLM's log-prob figures stand", level="warning")
+            return measured
         # the worker's own GPU peak is the quality pass's (vLLM's memory is its server's, sampled from outside)
         measured = replace(measured, quality=quality, quality_s=quality_s,
                            memory=replace(measured.memory, **transformers.torch_cuda_peaks()))

@@ -56,8 +56,11 @@ CUDA_CONTEXT_BYTES = {"torch": 512 * MIB, "gguf": 300 * MIB}
 # The quality pass, measured on the bundled model (ctx 512, vocabulary 49152: 96 MiB of float32 logits per chunk):
 # llama.cpp's candidate pass held 7.3 chunks of logits beyond its serving plan and a second mapping of the weights
 # (llama.cpp's logits buffer, llama-cpp-python's scores array, our copy, the log-softmax and its exp, ...); the
-# reference pass in PyTorch 7.7 beyond the BF16 model; vLLM's prompt log-probs 2.8 inside its server.
+# reference pass in PyTorch 7.7 beyond the BF16 model; the transformers fallback's candidate pass 4.2 beyond its
+# benchmark (BF16 logits, their float32 copy, the log-softmax and its exp); vLLM's prompt log-probs 2.8 inside
+# its server.
 QUALITY_LOGITS_COPIES = 7
+FALLBACK_LOGITS_COPIES = 4
 SERVER_LOGPROB_COPIES = 3
 TIGHT_FRACTION = 0.10
 TIGHT_MIN_BYTES = 1 * GIB
@@ -291,7 +294,7 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
         return max(worker + server + SERVER_LOGPROB_COPIES * logits, reference)
     fallback = worker + weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context + \
         overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu) - TORCH_RUNTIME_BYTES
-    return max(fallback + QUALITY_LOGITS_COPIES * logits, reference)
+    return max(fallback + FALLBACK_LOGITS_COPIES * logits, reference)
 
 
 def active_weight_fraction(spec: ModelSpec, precision: Precision) -> float:

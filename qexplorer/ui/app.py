@@ -21,7 +21,7 @@ from qexplorer.core.model import ModelSpec
 from qexplorer.core.settings import Settings
 from qexplorer.core.telemetry import TelemetrySnapshot
 from qexplorer.core.units import format_bytes
-from qexplorer.ui.messages import CatalogScanned, JobChanged, ResultsLoaded, TelemetrySampled
+from qexplorer.ui.messages import CatalogScanned, JobChanged, MachineSampled, ResultsLoaded, TelemetrySampled
 from qexplorer.ui.screens.dashboard import DashboardScreen
 from qexplorer.ui.sources import Sources
 from qexplorer.ui.themes import DEFAULT_THEME, load_themes
@@ -70,6 +70,7 @@ class QExplorerApp(App[int]):
         self.dashboard_only = dashboard_only
         self.live = live
         self.history: deque[TelemetrySnapshot] = deque(maxlen=HISTORY_SAMPLES)
+        self.machine_snapshot: TelemetrySnapshot | None = None  # the real machine's, when the screens simulate
         self._timer: Timer | None = None
         self._job_queue = None  # created with the first job: the job machinery stays out of start-up
         self.results_error: str | None = None
@@ -143,6 +144,12 @@ class QExplorerApp(App[int]):
     @work(thread=True, group="telemetry", exit_on_error=False)
     def _sample(self) -> None:
         self.post_message(TelemetrySampled(self.sources.sampler.sample()))
+        if self.sources.guard is not self.sources.sampler:  # --simulate: the real machine plans real jobs
+            self.post_message(MachineSampled(self.sources.guard.sample()))
+
+    @on(MachineSampled)
+    def _on_machine_sample(self, message: MachineSampled) -> None:
+        self.machine_snapshot = message.snapshot
 
     @on(TelemetrySampled)
     def _on_sample(self, message: TelemetrySampled) -> None:
@@ -371,7 +378,7 @@ class QExplorerApp(App[int]):
                            quality=self.measure_quality, shown_profile=self.sources.sampler.simulated)
         chosen = [p for p in PRECISIONS if p.key in self.chosen]  # registry order
         # real jobs are planned against the real machine, whatever profile the screens show
-        real = self.snapshot if self.sources.guard is self.sources.sampler else self.sources.guard.sample()
+        real = self.snapshot if self.sources.guard is self.sources.sampler else self.machine_snapshot
         planned = plan_jobs(self.model, chosen, real, template)
         if planned.refused:
             self.notify("Not queued, does not fit: " + "; ".join(

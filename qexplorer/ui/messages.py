@@ -28,6 +28,17 @@ class TelemetrySampled(Message):
         return isinstance(message, TelemetrySampled)
 
 
+class MachineSampled(Message):
+    """Under ``--simulate``: a snapshot of the real machine, which plans the real jobs the app starts."""
+
+    def __init__(self, snapshot: TelemetrySnapshot) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, MachineSampled)
+
+
 class CatalogScanned(Message):
     """The catalog's entries, read in a thread (no weights loaded)."""
 

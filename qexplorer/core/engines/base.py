@@ -81,7 +81,15 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's high-water RSS (Linux reports KiB)."""
+    """This process's own high-water RSS: ``VmHWM`` of /proc/self/status.
+
+    Not ``getrusage().ru_maxrss``: Linux keeps that across fork and exec, so a worker started by a large parent
+    (a benchmark script that had built a model: 1,342 MiB) reported the parent's peak as its own."""
+    from qexplorer.core.telemetry import read_meminfo
+
+    found = read_meminfo("/proc/self/status", ("VmHWM",)).get("VmHWM")
+    if found:
+        return found
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
