@@ -228,6 +228,7 @@ class LocalHostProbe:
         self._proc_root = proc_root
         self._last_top: list[tuple[int, str, int]] = []
         self._last_top_at = 0.0
+        self._in_container: bool | None = None
 
     def meminfo(self) -> dict[str, int]:
         import psutil
@@ -257,11 +258,14 @@ class LocalHostProbe:
             return None
 
     def in_container(self) -> bool:
-        """A container (docker, podman) or a nested PID namespace: NVML's PIDs are not ours (FACTS §9)."""
-        if os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv") or os.environ.get("container"):
-            return True
-        status = read_meminfo_like(os.path.join(self._proc_root, "self", "status"), "NSpid")
-        return len(status.split()) > 1
+        """A container (docker, podman) or a nested PID namespace: NVML's PIDs are not ours (FACTS §9).
+        It does not change while the process runs: looked up once, not at every sample."""
+        if self._in_container is None:
+            marked = bool(os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+                          or os.environ.get("container"))
+            status = read_proc_fields(os.path.join(self._proc_root, "self", "status"), ("NSpid",))
+            self._in_container = marked or len(status.get("NSpid", "").split()) > 1
+        return self._in_container
 
     def top_processes(self, count: int) -> list[tuple[int, str, int]]:
         # Walking every process costs a few ms; the table does not need it at
@@ -283,35 +287,33 @@ class LocalHostProbe:
         return self._last_top
 
 
-def read_meminfo(path: str, keys: Iterable[str]) -> dict[str, int]:
-    """The named ``/proc/meminfo`` fields in bytes (absent file or key: absent)."""
+def read_proc_fields(path: str, keys: Iterable[str]) -> dict[str, str]:
+    """The text after ``key:`` for each named field of a ``/proc`` key-value file (absent file or key: absent)."""
     wanted = set(keys)
-    found: dict[str, int] = {}
+    found: dict[str, str] = {}
     try:
-        with open(path, encoding="ascii") as handle:
+        with open(path, encoding="ascii", errors="replace") as handle:
             for line in handle:
                 key, _, rest = line.partition(":")
                 if key in wanted:
-                    parts = rest.split()
-                    if parts:
-                        scale = 1024 if len(parts) > 1 and parts[1] == "kB" else 1
-                        found[key] = int(parts[0]) * scale
-    except (OSError, ValueError):
+                    found[key] = rest.strip()
+    except OSError:
         return {}
     return found
 
 
-def read_meminfo_like(path: str, key: str) -> str:
-    """The text after ``key:`` in a ``/proc`` key-value file, or "" (absent file or key)."""
+def read_meminfo(path: str, keys: Iterable[str]) -> dict[str, int]:
+    """The named ``/proc/meminfo`` (or ``/proc/self/status``) fields in bytes (absent file or key: absent)."""
+    found: dict[str, int] = {}
     try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                name, _, rest = line.partition(":")
-                if name == key:
-                    return rest.strip()
-    except OSError:
-        pass
-    return ""
+        for key, text in read_proc_fields(path, keys).items():
+            parts = text.split()
+            if parts:
+                scale = 1024 if len(parts) > 1 and parts[1] == "kB" else 1
+                found[key] = int(parts[0]) * scale
+    except ValueError:
+        return {}
+    return found
 
 
 def read_pressure(path: str) -> PressureStall | None:

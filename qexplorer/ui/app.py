@@ -113,7 +113,7 @@ class QExplorerApp(App[int]):
         if self._job_queue is not None:
             self._job_queue.cancel_all()
         self.sources.sampler.close()
-        if self.sources.guard is not self.sources.sampler:
+        if self.sources.separate_guard:
             self.sources.guard.close()
 
     def _persist_theme(self, theme_name: str) -> None:
@@ -144,7 +144,7 @@ class QExplorerApp(App[int]):
     @work(thread=True, group="telemetry", exit_on_error=False)
     def _sample(self) -> None:
         self.post_message(TelemetrySampled(self.sources.sampler.sample()))
-        if self.sources.guard is not self.sources.sampler:  # --simulate: the real machine plans real jobs
+        if self.sources.separate_guard:  # --simulate: the real machine plans real jobs
             self.post_message(MachineSampled(self.sources.guard.sample()))
 
     @on(MachineSampled)
@@ -378,7 +378,7 @@ class QExplorerApp(App[int]):
                            quality=self.measure_quality, shown_profile=self.sources.sampler.simulated)
         chosen = [p for p in PRECISIONS if p.key in self.chosen]  # registry order
         # real jobs are planned against the real machine, whatever profile the screens show
-        real = self.snapshot if self.sources.guard is self.sources.sampler else self.machine_snapshot
+        real = self.machine_snapshot if self.sources.separate_guard else self.snapshot
         planned = plan_jobs(self.model, chosen, real, template)
         if planned.refused:
             self.notify("Not queued, does not fit: " + "; ".join(

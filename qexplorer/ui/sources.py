@@ -27,6 +27,11 @@ class Sources:
         if self.guard is None:
             self.guard = self.sampler if self.sampler.simulated is None else local_sampler(self.sampler.reserve_bytes)
 
+    @property
+    def separate_guard(self) -> bool:
+        """The screens draw a simulated machine; the real one is sampled apart for the jobs."""
+        return self.guard is not self.sampler
+
     @classmethod
     def for_profile(cls, profile: str | None, settings: Settings) -> Sources:
         return cls(sampler=make_sampler(profile, reserve_bytes=settings.reserve_bytes),
