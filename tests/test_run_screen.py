@@ -106,8 +106,10 @@ async def test_sigkill_mid_run_leaves_the_app_alive_and_the_next_job_runs(isolat
         await pilot.press("r")
         assert isinstance(app.screen, JobsScreen)
         started = time.monotonic()
-        while app.jobs[0].phase != "load" and time.monotonic() - started < 60:
+        # mid-run: while it quantizes or loads (on an idle machine "load" alone can pass between two looks)
+        while app.jobs[0].phase not in ("quantize", "load") and time.monotonic() - started < 60:
             await pilot.pause(0.05)
+        assert app.jobs[0].status == "running"
         pid = next(p.pid for p in app.sources.sampler.sample().processes if p.own_job)
         os.kill(pid, signal.SIGKILL)
         await wait_jobs(app, pilot)
