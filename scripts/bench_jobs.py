@@ -1,7 +1,8 @@
-"""Benchmarks for jobs: the llama.cpp backend against a bare llama_cpp loop, and the
+"""Benchmarks for jobs: the llama.cpp backend against llama-bench, and the
 planner's predicted peak against the measured peak for every precision.
 
-    python scripts/bench_jobs.py backend [--reps 5] [--threads 2]
+    python scripts/bench_jobs.py backend --llama-bench PATH [--precision q8_0,q4_k_m] [--depth 0,2048]
+                                         [--reps 5] [--rounds 3] [--threads 2]
     python scripts/bench_jobs.py peaks [--model default] [--precision all] [--quick] [--quality]
     python scripts/bench_jobs.py shapes [--shapes dense-185m,moe-small] [--quick] [--quality]
                                         # the same on random-weight models of other shapes
@@ -26,31 +27,63 @@ from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.quantize.torch_quant import CALIBRATION_FILE
 
 
-def backend(args: argparse.Namespace) -> None:
-    """Decode tok/s: qexplorer's llama.cpp backend vs a bare streaming completion, same file and threads."""
-    import llama_cpp
+def _artifacts(tmp: str, keys: list[str]) -> dict[str, Path]:
+    """The .gguf files qexplorer serves for these precisions of the bundled model (built by a quick job)."""
+    runner = JobRunner(interval_s=0.5)
+    found = {}
+    for key in keys:
+        outcome = runner.run(JobSpec(model_ref="default", precision=key, data_dir=tmp, bench=BenchConfig.quick()))
+        found[key] = Path(outcome.record.engine.artifact_path)
+    return found
 
+
+def _llama_bench(binary: str, path: Path, config: BenchConfig) -> dict[tuple[str, int], tuple[float, float]]:
+    """llama-bench's own pp / tg (mean, sd) per depth, from its JSON output."""
+    import json
+    import subprocess
+
+    command = [binary, "-m", str(path), "-t", str(config.threads), "-p", str(config.prompt_tokens),
+               "-n", str(config.gen_tokens), "-r", str(config.repetitions), "-ngl", "0", "-o", "json",
+               "-d", ",".join(str(d) for d in config.depths)]
+    rows = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    return {("pp" if row["n_prompt"] else "tg", int(row.get("n_depth", 0))): (row["avg_ts"], row["stddev_ts"])
+            for row in rows}
+
+
+def backend(args: argparse.Namespace) -> None:
+    """qexplorer's llama.cpp backend against llama-bench (built from the same vendored llama.cpp), same file, threads
+    and shape, in alternating rounds so that drift hits both alike."""
+    config = BenchConfig(prompt_tokens=args.pp, gen_tokens=args.tg, repetitions=args.reps, threads=args.threads,
+                         depths=tuple(int(d) for d in args.depth.split(",")))
+    text = CALIBRATION_FILE.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
-        runner = JobRunner(interval_s=0.5)
-        outcome = runner.run(JobSpec(model_ref="default", precision="q8_0", data_dir=tmp,
-                                     bench=BenchConfig(repetitions=1)))
-        path = Path(outcome.record.engine.artifact_path)
-        text = CALIBRATION_FILE.read_text(encoding="utf-8")
-        config = BenchConfig(prompt_tokens=512, gen_tokens=128, repetitions=1, threads=args.threads)
-        llm = llamacpp.load(path, config, n_gpu_layers=0)
-        bare = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=args.threads, verbose=False)
-        ours_tg, bare_tg = [], []
-        for _ in range(args.reps):  # interleaved so that drift hits both alike
-            ours_tg.append(drive(llamacpp.run(llm, text, config)).decode_tok_s.mean)
-            stamps = []
-            for _chunk in bare.create_completion("The harbour town", max_tokens=129, temperature=0.0,
-                                                 stream=True):
-                stamps.append(time.perf_counter())
-            bare_tg.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        print(f"file {path.name}, {args.threads} threads, tg128, {args.reps} interleaved runs")
-        for name, values in (("qexplorer llama.cpp backend", ours_tg), ("bare llama_cpp.Llama streaming", bare_tg)):
-            print(f"  {name:32} {statistics.fmean(values):7.1f} ± {statistics.stdev(values):5.1f} tok/s")
-        print(f"  ratio ours / bare: {statistics.fmean(ours_tg) / statistics.fmean(bare_tg):.3f}")
+        files = _artifacts(tmp, args.precision.split(","))
+        print(f"{args.threads} threads, pp{args.pp} / tg{args.tg}, {args.reps} repetitions, depths {args.depth}, "
+              f"{args.rounds} alternating rounds; tok/s mean over rounds")
+        print(f"{'file':28} {'test':>12} {'qexplorer':>16} {'llama-bench':>16} {'ratio':>6}  noisy rounds")
+        for path in files.values():
+            llm = llamacpp.load(path, config, n_gpu_layers=0)
+            ours: dict[tuple[str, int], list[float]] = {}
+            theirs: dict[tuple[str, int], list[float]] = {}
+            noisy = 0
+            for _ in range(args.rounds):
+                for speed in drive(llamacpp.run(llm, text, config)):
+                    ours.setdefault(("pp", speed.depth), []).append(speed.prefill_tok_s.mean)
+                    ours.setdefault(("tg", speed.depth), []).append(speed.decode_tok_s.mean)
+                    noisy += speed.noisy
+                for test, (mean, _spread) in _llama_bench(args.llama_bench, path, config).items():
+                    theirs.setdefault(test, []).append(mean)
+            del llm
+            for test in sorted(ours, key=lambda t: (t[1], t[0])):
+                name = f"{test[0]}{args.pp if test[0] == 'pp' else args.tg}" + (f" @ d{test[1]}" if test[1] else "")
+                a, b = ours[test], theirs.get(test, [float("nan")])
+                print(f"{path.name:28} {name:>12} {statistics.fmean(a):8.1f} ± {_sd(a):5.1f} "
+                      f"{statistics.fmean(b):8.1f} ± {_sd(b):5.1f} {statistics.fmean(a) / statistics.fmean(b):6.3f}  "
+                      f"{noisy}", flush=True)
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def served(args: argparse.Namespace) -> None:
@@ -65,7 +98,7 @@ def served(args: argparse.Namespace) -> None:
     path = bundled_model_path()
     config = BenchConfig(prompt_tokens=64, gen_tokens=128, repetitions=args.reps, threads=args.threads)
     local = drive(llamacpp.run(llamacpp.load(path, config, n_gpu_layers=0), CALIBRATION_FILE.read_text(),
-                               config)).decode_tok_s
+                               config))[0].decode_tok_s
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -138,7 +171,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     b = sub.add_parser("backend")
+    b.add_argument("--llama-bench", required=True, help="llama-bench built from llama-cpp-python's vendored llama.cpp")
+    b.add_argument("--precision", default="q8_0,q4_k_m")
+    b.add_argument("--pp", type=int, default=512)
+    b.add_argument("--tg", type=int, default=128)
+    b.add_argument("--depth", default="0")
     b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("peaks")
     p.add_argument("--model", default="default")

@@ -4,6 +4,10 @@ A warm-up run, then ``repetitions`` timed runs of prompt processing (pp: one
 batch of ``prompt_tokens`` tokens) and token generation (tg: ``gen_tokens``
 single-token decode steps); tokenization and sampling are outside the timing.
 Every figure is reported as mean ± standard deviation over the repetitions.
+
+Depth (llama-bench's ``-d``): with ``depths`` (0, 4096, …) each pp and tg is
+measured again after a context of that many tokens has been prefilled (outside
+the timing), so the figures say what a long session costs, not an empty one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,21 @@ class BenchConfig:
     repetitions: int = 5
     threads: int = 0  # 0: the library's default
     warmup: bool = True
+    depths: tuple[int, ...] = (0,)  # prefilled context before each pp / tg (llama-bench -d)
+
+    def with_depths(self, depths: tuple[int, ...]) -> BenchConfig:
+        from dataclasses import replace
+
+        return replace(self, depths=tuple(dict.fromkeys(depths)) or (0,))
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths, default=0)
+
+    @property
+    def context_tokens(self) -> int:
+        """The context the deepest test needs: depth + prompt + generated tokens."""
+        return self.max_depth + self.prompt_tokens + self.gen_tokens
 
     @staticmethod
     def quick() -> BenchConfig:
@@ -38,6 +57,11 @@ class Stat:
 
     def to_json(self) -> dict[str, float]:
         return {"mean": self.mean, "sd": self.sd, "n": self.n}
+
+    @property
+    def cv_pct(self) -> float | None:
+        """Coefficient of variation (sd / mean) in percent; None for a single value or a zero mean."""
+        return 100.0 * self.sd / self.mean if self.n > 1 and self.mean > 0 else None
 
 
 def rates(tokens: int, seconds: list[float]) -> Stat:

@@ -1,14 +1,29 @@
-"""The llama.cpp backend (GGUF): llama-bench's pp/tg measurement through llama-cpp-python.
+"""The llama.cpp backend (GGUF): llama-bench's pp/tg measurement on llama.cpp's C API.
 
-Prompt processing evaluates ``prompt_tokens`` tokens in one batch; generation
-decodes ``gen_tokens`` tokens one at a time from a fresh context, feeding a
-fixed token so that no sampling is timed (llama-bench does the same). On a GPU
-build ``llama_decode`` returns before the device has finished, so every timer
-stops after ``llama_synchronize`` (as llama-bench does).
+The timed loops call ``llama_decode`` through llama-cpp-python's low-level
+bindings, as llama-bench's ``test_prompt`` / ``test_gen`` do: the token array
+and its batch view are built once, nothing is copied out of the context while
+timing (``Llama.eval`` rebuilds the batch and copies the last logits into
+Python on every step: 0.875× llama-bench's tg on Q8_0), and every timer stops
+after ``llama_synchronize`` (a CUDA build's decode returns before the device
+has finished).
+
+Per depth ``d`` (llama-bench ``-d``) and repetition: the context holds ``d``
+prefilled tokens (outside the timing; prefilled once per depth and trimmed back
+to ``d`` with ``llama_memory_seq_rm`` between tests), then
+
+* pp: ``prompt_tokens`` tokens in batches of ``n_batch``, timed;
+* TTFT: pp + one more decode step;
+* tg: ``gen_tokens`` single-token decodes from depth ``d``, timed as one span.
+
+Generation feeds the evaluation text's own token ids (no sampling is timed).
+The warm-up runs the measured shape once (a full pp and a full tg), as
+llama-bench's warm-up run does.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Generator
@@ -16,19 +31,26 @@ from pathlib import Path
 from typing import Any
 
 from qexplorer.core.bench import BenchConfig, Stat, rates
+from qexplorer.core.bench.noise import NoiseProbe
 from qexplorer.core.jobs.events import JobEvent, Progress
 from qexplorer.core.jobs.record import Speed
+
+
+def threads_for(config: BenchConfig) -> int:
+    return config.threads or (os.cpu_count() or 1)
 
 
 def load(path: Path, config: BenchConfig, n_gpu_layers: int = -1) -> Any:
     import llama_cpp
 
+    batch = max(config.prompt_tokens, 64)
     return llama_cpp.Llama(
         model_path=str(path),
-        n_ctx=max(config.prompt_tokens + config.gen_tokens + 8, 256),
-        n_batch=max(config.prompt_tokens, 64),
-        n_ubatch=max(config.prompt_tokens, 64),
-        n_threads=config.threads or (os.cpu_count() or 1),
+        n_ctx=max(config.context_tokens + 8, 256),
+        n_batch=batch,
+        n_ubatch=batch,
+        n_threads=threads_for(config),
+        n_threads_batch=threads_for(config),  # the same count for pp and tg, recorded with the result
         n_gpu_layers=n_gpu_layers,
         logits_all=False,
         verbose=False,
@@ -42,52 +64,93 @@ def prompt_ids(llm: Any, text: str, count: int) -> list[int]:
     return ids[:count]
 
 
-def _sync(llm: Any) -> None:
-    """Wait for the device: a CUDA build's decode is asynchronous (a no-op on the CPU backend)."""
-    import llama_cpp
+class Decoder:
+    """llama_decode on one context, with its token arrays allocated once."""
 
-    llama_cpp.llama_synchronize(llm.ctx)
+    def __init__(self, llm: Any, ids: list[int]) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._ctx = llm.ctx
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._n_batch = int(llm.n_batch)
+        self._ids = ids
+        self._tokens = (llama_cpp.llama_token * len(ids))(*ids)
+        self._one = (llama_cpp.llama_token * 1)()
+
+    def trim(self, keep: int) -> None:
+        """Forget every position from ``keep`` on (0: an empty context)."""
+        if keep == 0:
+            self._lib.llama_memory_clear(self._memory, True)
+        else:
+            self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
+
+    def sync(self) -> None:
+        self._lib.llama_synchronize(self._ctx)
+
+    def prompt(self, count: int, offset: int = 0) -> None:
+        """``count`` tokens of the text (cycled) in batches of n_batch."""
+        done = 0
+        while done < count:
+            n = min(self._n_batch, count - done)
+            start = (offset + done) % len(self._ids)
+            if start + n > len(self._ids):
+                n = len(self._ids) - start
+            pointer = ctypes.cast(ctypes.byref(self._tokens, start * ctypes.sizeof(self._lib.llama_token)),
+                                  ctypes.POINTER(self._lib.llama_token))
+            self._decode(self._lib.llama_batch_get_one(pointer, n))
+            done += n
+        self.sync()
+
+    def generate(self, steps: int) -> None:
+        for step in range(steps):
+            self._one[0] = self._ids[step % len(self._ids)]
+            self._decode(self._lib.llama_batch_get_one(self._one, 1))
+        self.sync()
+
+    def _decode(self, batch: Any) -> None:
+        rc = self._lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} (the context is full or the batch is invalid)")
 
 
-def _time_prompt(llm: Any, ids: list[int]) -> float:
-    llm.reset()
-    _sync(llm)
+def _timed(fn: Any, *args: Any) -> float:
     start = time.perf_counter()
-    llm.eval(ids)
-    _sync(llm)
+    fn(*args)
     return time.perf_counter() - start
 
 
-def _time_decode(llm: Any, token: int, steps: int) -> list[float]:
-    llm.reset()
-    llm.eval([token])
-    _sync(llm)
-    step_s = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        llm.eval([token])
-        _sync(llm)
-        step_s.append(time.perf_counter() - start)
-    return step_s
-
-
-def run(llm: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, Speed]:
-    """Warm-up, then ``repetitions`` of pp and tg; yields progress, returns the speed."""
-    ids = prompt_ids(llm, text, config.prompt_tokens)
-    token = ids[-1]
-    if config.warmup:
-        _time_prompt(llm, ids[: min(32, len(ids))])
-        _time_decode(llm, token, 4)
-    pp_s, tg_s, ttft_s = [], [], []
-    for rep in range(config.repetitions):
-        pp = _time_prompt(llm, ids)
-        first_start = time.perf_counter()
-        llm.eval([token])
-        _sync(llm)
-        ttft_s.append(pp + time.perf_counter() - first_start)
-        pp_s.append(pp)
-        tg_s.append(sum(_time_decode(llm, token, config.gen_tokens)))
-        yield Progress("benchmark", rep + 1, config.repetitions, f"repetition {rep + 1}")
-    return Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=rates(config.gen_tokens, tg_s),
-                 ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
-                 repetitions=config.repetitions, threads=config.threads or (os.cpu_count() or 1))
+def run(llm: Any, text: str, config: BenchConfig, probe: NoiseProbe | None = None
+        ) -> Generator[JobEvent, None, tuple[Speed, ...]]:
+    """Warm-up, then ``repetitions`` of pp and tg at each depth; yields progress, returns one Speed per depth."""
+    ids = prompt_ids(llm, text, max(config.prompt_tokens, config.max_depth, config.gen_tokens, 1))
+    decoder = Decoder(llm, ids)
+    total = config.repetitions * len(config.depths)
+    speeds = []
+    for d_index, depth in enumerate(config.depths):
+        decoder.trim(0)
+        if depth:
+            yield Progress("benchmark", d_index * config.repetitions, total, f"prefilling a depth of {depth} tokens")
+            decoder.prompt(depth)
+        if config.warmup and d_index == 0:
+            decoder.prompt(config.prompt_tokens, offset=depth)
+            decoder.trim(depth)
+            decoder.generate(config.gen_tokens)
+            decoder.trim(depth)
+        noise = (probe or NoiseProbe()).start()
+        pp_s, tg_s, ttft_s = [], [], []
+        for rep in range(config.repetitions):
+            pp = _timed(decoder.prompt, config.prompt_tokens, depth)
+            ttft_s.append(pp + _timed(decoder.generate, 1))
+            pp_s.append(pp)
+            decoder.trim(depth)
+            tg_s.append(_timed(decoder.generate, config.gen_tokens))
+            decoder.trim(depth)
+            yield Progress("benchmark", d_index * config.repetitions + rep + 1, total,
+                           f"repetition {rep + 1}" + (f" at depth {depth}" if depth else ""))
+        decode = rates(config.gen_tokens, tg_s)
+        speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=decode,
+                            ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
+                            repetitions=config.repetitions, threads=threads_for(config), depth=depth,
+                            noise=noise.stop(decode.cv_pct)))
+    return tuple(speeds)

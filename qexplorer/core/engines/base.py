@@ -45,6 +45,7 @@ class Measured:
     gpu_name: str | None
     engine_quality: ServerQuality | None = None
     quality_s: float | None = None
+    depth_speeds: tuple[Speed, ...] = ()  # the depths after the first (BenchConfig.depths)
 
 
 @dataclass(frozen=True)

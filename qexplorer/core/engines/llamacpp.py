@@ -3,7 +3,6 @@ llama-perplexity's)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Generator
 from dataclasses import replace
@@ -31,8 +30,10 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     loaded_rss = current_rss_bytes()
     weight_bytes = sum(t.n_bytes for t in read_gguf_header(ctx.artifact).tensors)
     ctx.check()
-    yield Phase("benchmark", f"pp{job.bench.prompt_tokens} / tg{job.bench.gen_tokens} × {job.bench.repetitions}")
-    speed = yield from ctx.checked(llamacpp.run(llm, ctx.bench_text, job.bench))
+    depths = "" if job.bench.depths == (0,) else " at depth " + ", ".join(str(d) for d in job.bench.depths)
+    yield Phase("benchmark", f"llama.cpp: pp{job.bench.prompt_tokens} / tg{job.bench.gen_tokens} × "
+                             f"{job.bench.repetitions}{depths}, {llamacpp.threads_for(job.bench)} threads")
+    first, *deeper = yield from ctx.checked(llamacpp.run(llm, ctx.bench_text, job.bench))
     quality = quality_s = None
     if ctx.reference is not None:
         del llm  # the quality pass needs every position's logits: a second context
@@ -41,12 +42,12 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
 
         yield Phase("quality", "KLD, top-1 and perplexity against the reference")
         qllm = llama_cpp.Llama(model_path=str(ctx.artifact), n_ctx=job.quality_ctx, n_batch=job.quality_ctx,
-                               n_ubatch=job.quality_ctx, n_threads=job.bench.threads or (os.cpu_count() or 1),
+                               n_ubatch=job.quality_ctx, n_threads=llamacpp.threads_for(job.bench),
                                n_gpu_layers=-1 if gpu else 0, logits_all=True, verbose=False)
         probe = qllm.tokenize(ctx.reference[0].probe_text.encode(), add_bos=False, special=False)
         quality_mod.check_alignment(ctx.reference[0], probe, qllm.n_vocab())
         quality, quality_s = yield from quality_pass(ctx, quality_mod.llamacpp_logits_fn(qllm))
-    threads = job.bench.threads or (os.cpu_count() or 1)
+    threads = llamacpp.threads_for(job.bench)
     return Measured(
         engine=EngineInfo(name=Engine.LLAMA_CPP, mode=SupportMode.NATIVE, device="cuda" if gpu else "cpu",
                           version=f"llama-cpp-python {metadata.version('llama-cpp-python')}",
@@ -54,6 +55,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
                           serve_command=f"llama-server -m {ctx.artifact} -t {threads} -ngl {99 if gpu else 0}"),
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=weight_bytes,
                              resident_weight_bytes=weight_bytes, bytes_per_token=weight_bytes),
-        timings=Timings(load_s=load_s), speed=speed, quality=quality, quality_s=quality_s,
+        timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=quality,
+        quality_s=quality_s,
         gpu_name=(nvml_gpu_name() or "CUDA (llama.cpp offload)") if gpu else None,
     )

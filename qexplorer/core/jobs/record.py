@@ -115,8 +115,20 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class Noise:
+    """How quiet the machine was while a speed figure was timed (:mod:`qexplorer.core.bench.noise`)."""
+
+    other_cpu_pct: float  # CPU time of every other process, % of the machine's cores over the timed window
+    cv_pct: float | None  # coefficient of variation of the decode repetitions
+    busiest: str | None = None  # the other process that used the most CPU: "name (pid N)"
+    busiest_cpu_pct: float | None = None  # its share, % of one core
+    noisy: bool = False
+    reason: str | None = None  # one sentence when noisy
+
+
+@dataclass(frozen=True)
 class Speed:
-    """llama-bench's figures: pp and tg as tokens/s over repetitions, TTFT in seconds."""
+    """llama-bench's figures: pp and tg as tokens/s over repetitions, TTFT in seconds, at one context depth."""
 
     prefill_tok_s: Stat
     decode_tok_s: Stat
@@ -125,6 +137,12 @@ class Speed:
     gen_tokens: int
     repetitions: int
     threads: int
+    depth: int = 0  # tokens already in the context when pp / tg were timed (llama-bench -d)
+    noise: Noise | None = None
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise is not None and self.noise.noisy
 
 
 @dataclass(frozen=True)
@@ -233,13 +251,19 @@ class RunRecord:
     bench: BenchConfig | None = None
     memory: MemoryFigures = field(default_factory=MemoryFigures)
     timings: Timings = field(default_factory=Timings)
-    speed: Speed | None = None
+    speed: Speed | None = None  # at the first depth asked for (0 unless told otherwise)
+    depth_speeds: tuple[Speed, ...] = ()  # the other depths, deepest last
     roofline_pct: float | None = None
     roofline_note: str | None = None  # set when the figure is above 100 %: then it is a sign of an error, not a fact
     quality: QualityStats | None = None  # of the artifact itself (activation quantization included)
     engine_quality: ServerQuality | None = None  # the serving engine's own log-probs (vLLM: top-20, a lower bound)
     server: ServerSweep | None = None
     version: int = RECORD_VERSION
+
+    @property
+    def speeds(self) -> tuple[Speed, ...]:
+        """Every depth measured, shallowest first."""
+        return ((self.speed,) if self.speed else ()) + self.depth_speeds
 
     def with_memory(self, **changes: Any) -> RunRecord:
         return replace(self, memory=replace(self.memory, **changes))
