@@ -117,7 +117,8 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
         precision=precision.key, precision_label=precision.label, family=precision.family,
         engine=measured.engine, hardware=hardware, versions=library_versions(), bench=job.bench,
         memory=memory, timings=replace(measured.timings, quantize_s=quantize_s, quality_s=measured.quality_s),
-        speed=measured.speed, depth_speeds=measured.depth_speeds, roofline_pct=roofline, roofline_note=roofline_note(roofline, hardware.bandwidth_source),
+        speed=measured.speed, depth_speeds=measured.depth_speeds, roofline_pct=roofline,
+        roofline_note=roofline_note(roofline, hardware.bandwidth_source),
         quality=measured.quality, engine_quality=measured.engine_quality,
     )
 

@@ -12,6 +12,7 @@ the timing), so the figures say what a long session costs, not an empty one.
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import dataclass
 
@@ -25,10 +26,10 @@ class BenchConfig:
     warmup: bool = True
     depths: tuple[int, ...] = (0,)  # prefilled context before each pp / tg (llama-bench -d)
 
-    def with_depths(self, depths: tuple[int, ...]) -> BenchConfig:
-        from dataclasses import replace
-
-        return replace(self, depths=tuple(dict.fromkeys(depths)) or (0,))
+    @property
+    def thread_count(self) -> int:
+        """The threads asked for, or one per CPU: what an engine is given and what the result records."""
+        return self.threads or (os.cpu_count() or 1)
 
     @property
     def max_depth(self) -> int:

@@ -24,7 +24,6 @@ llama-bench's warm-up run does.
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from collections.abc import Generator
 from pathlib import Path
@@ -36,10 +35,6 @@ from qexplorer.core.jobs.events import JobEvent, Progress
 from qexplorer.core.jobs.record import Speed
 
 
-def threads_for(config: BenchConfig) -> int:
-    return config.threads or (os.cpu_count() or 1)
-
-
 def load(path: Path, config: BenchConfig, n_gpu_layers: int = -1) -> Any:
     import llama_cpp
 
@@ -49,8 +44,8 @@ def load(path: Path, config: BenchConfig, n_gpu_layers: int = -1) -> Any:
         n_ctx=max(config.context_tokens + 8, 256),
         n_batch=batch,
         n_ubatch=batch,
-        n_threads=threads_for(config),
-        n_threads_batch=threads_for(config),  # the same count for pp and tg, recorded with the result
+        n_threads=config.thread_count,
+        n_threads_batch=config.thread_count,  # the same count for pp and tg, recorded with the result
         n_gpu_layers=n_gpu_layers,
         logits_all=False,
         verbose=False,
@@ -120,8 +115,7 @@ def _timed(fn: Any, *args: Any) -> float:
     return time.perf_counter() - start
 
 
-def run(llm: Any, text: str, config: BenchConfig, probe: NoiseProbe | None = None
-        ) -> Generator[JobEvent, None, tuple[Speed, ...]]:
+def run(llm: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, tuple[Speed, ...]]:
     """Warm-up, then ``repetitions`` of pp and tg at each depth; yields progress, returns one Speed per depth."""
     ids = prompt_ids(llm, text, max(config.prompt_tokens, config.max_depth, config.gen_tokens, 1))
     decoder = Decoder(llm, ids)
@@ -137,7 +131,7 @@ def run(llm: Any, text: str, config: BenchConfig, probe: NoiseProbe | None = Non
             decoder.trim(depth)
             decoder.generate(config.gen_tokens)
             decoder.trim(depth)
-        noise = (probe or NoiseProbe()).start()
+        noise = NoiseProbe().start()
         pp_s, tg_s, ttft_s = [], [], []
         for rep in range(config.repetitions):
             pp = _timed(decoder.prompt, config.prompt_tokens, depth)
@@ -151,6 +145,6 @@ def run(llm: Any, text: str, config: BenchConfig, probe: NoiseProbe | None = Non
         decode = rates(config.gen_tokens, tg_s)
         speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=decode,
                             ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
-                            repetitions=config.repetitions, threads=threads_for(config), depth=depth,
+                            repetitions=config.repetitions, threads=config.thread_count, depth=depth,
                             noise=noise.stop(decode.cv_pct)))
     return tuple(speeds)

@@ -32,7 +32,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     ctx.check()
     depths = "" if job.bench.depths == (0,) else " at depth " + ", ".join(str(d) for d in job.bench.depths)
     yield Phase("benchmark", f"llama.cpp: pp{job.bench.prompt_tokens} / tg{job.bench.gen_tokens} × "
-                             f"{job.bench.repetitions}{depths}, {llamacpp.threads_for(job.bench)} threads")
+                             f"{job.bench.repetitions}{depths}, {job.bench.thread_count} threads")
     first, *deeper = yield from ctx.checked(llamacpp.run(llm, ctx.bench_text, job.bench))
     quality = quality_s = None
     if ctx.reference is not None:
@@ -42,12 +42,12 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
 
         yield Phase("quality", "KLD, top-1 and perplexity against the reference")
         qllm = llama_cpp.Llama(model_path=str(ctx.artifact), n_ctx=job.quality_ctx, n_batch=job.quality_ctx,
-                               n_ubatch=job.quality_ctx, n_threads=llamacpp.threads_for(job.bench),
+                               n_ubatch=job.quality_ctx, n_threads=job.bench.thread_count,
                                n_gpu_layers=-1 if gpu else 0, logits_all=True, verbose=False)
         probe = qllm.tokenize(ctx.reference[0].probe_text.encode(), add_bos=False, special=False)
         quality_mod.check_alignment(ctx.reference[0], probe, qllm.n_vocab())
         quality, quality_s = yield from quality_pass(ctx, quality_mod.llamacpp_logits_fn(qllm))
-    threads = llamacpp.threads_for(job.bench)
+    threads = job.bench.thread_count
     return Measured(
         engine=EngineInfo(name=Engine.LLAMA_CPP, mode=SupportMode.NATIVE, device="cuda" if gpu else "cpu",
                           version=f"llama-cpp-python {metadata.version('llama-cpp-python')}",

@@ -259,7 +259,7 @@ class VllmServer:
                 yield Progress("benchmark", rep + 1, config.repetitions, f"repetition {rep + 1}")
         return Speed(prefill_tok_s=rates(config.prompt_tokens, ttft_s), decode_tok_s=Stat.of(decode_tok_s),
                      ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
-                     repetitions=config.repetitions, threads=config.threads or (os.cpu_count() or 1))
+                     repetitions=config.repetitions, threads=config.thread_count)
 
     def measure_logprobs(self, reference: Any) -> Generator[JobEvent, None, ServerQuality]:
         """KLD and top-1 agreement from vLLM's prompt log-probabilities on the reference's chunks."""
@@ -340,7 +340,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     kv = kv_cache_bytes(kv_bytes_per_token(ctx.spec, "bf16"), max_model_len, 1)
     server = VllmServer(command, ctx.artifact, Path(job.data_dir) / "logs" / f"vllm-{job.precision}-"
                         f"{int(time.time() * 1000)}.log", max_model_len=max_model_len, max_num_seqs=1, kv_bytes=kv,
-                        threads=bench.threads or (os.cpu_count() or 1), extra_args=tuple(job.engine_args))
+                        threads=bench.thread_count, extra_args=tuple(job.engine_args))
     started = time.perf_counter()
     try:
         yield from server.start(ctx.cancelled)

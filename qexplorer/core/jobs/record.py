@@ -260,11 +260,6 @@ class RunRecord:
     server: ServerSweep | None = None
     version: int = RECORD_VERSION
 
-    @property
-    def speeds(self) -> tuple[Speed, ...]:
-        """Every depth measured, shallowest first."""
-        return ((self.speed,) if self.speed else ()) + self.depth_speeds
-
     def with_memory(self, **changes: Any) -> RunRecord:
         return replace(self, memory=replace(self.memory, **changes))
 
