@@ -53,6 +53,22 @@ def test_cli_run_q8_0_and_int8_quick_json(capsys, isolated_user_dirs):
     assert "| GGUF Q8_0 (llama.cpp) |" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
+def test_cli_run_at_two_depths_reports_both(capsys, isolated_user_dirs):
+    code = main(["run", "default", "--precision", "q4_k_m", "--depth", "0,512", "--quick", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)["jobs"][0]["result"]
+    shallow, deep = result["speed"], result["depth_speeds"][0]
+    assert (shallow["depth"], deep["depth"]) == (0, 512)
+    assert shallow["decode_tok_s"]["mean"] > 0 and deep["decode_tok_s"]["mean"] > 0
+    assert deep["noise"]["other_cpu_pct"] >= 0 and shallow["threads"] == deep["threads"] > 0
+    row = json.loads(captured.out)["results"][0]
+    assert row["n_depth"] == 0 and json.loads(row["depths"])[0]["n_depth"] == 512
+    assert main(["run", "default", "--precision", "q4_k_m", "--depth", "0,lots"]) == 2
+    assert "--depth '0,lots' is not a list of token counts" in capsys.readouterr().err
+
+
 def test_sigkill_mid_run_marks_failed_and_keeps_the_store(tmp_path: Path):
     store = ResultsStore.in_dir(tmp_path / "data")
     earlier = store.add(legacy({"model_name": "m", "model_path": "p", "precision": "bf16", "family": "torch"}))

@@ -15,7 +15,7 @@ import pytest
 from qexplorer.cli import main
 from qexplorer.core.bench import Stat, server
 from qexplorer.core.catalog import bundled_model_path
-from qexplorer.core.jobs.events import Progress
+from qexplorer.core.jobs.events import Progress, drive
 from qexplorer.core.jobs.record import RunRecord, ServerLevel, ServerSweep
 from qexplorer.core.results import ResultsStore
 
@@ -66,6 +66,44 @@ def test_sweep_at_three_concurrency_levels_is_stored(loopback, capsys, isolated_
 
 
 @pytest.mark.e2e
+def test_unique_prompts_measure_prompt_processing_not_the_cache(loopback):
+    """llama-cpp-python's server reuses the longest cached prefix: the same prompt twice is answered from the
+    cache. Unique prompts (the default) must cost a real prefill, clearly above the cached TTFT."""
+    target = server.ServerTarget(loopback, timeout_s=120)
+    unique = drive(server.sweep(target, (1,), repetitions=3, max_tokens=8, prompt_tokens=256))
+    cached = drive(server.sweep(target, (1,), repetitions=3, max_tokens=8, prompt_tokens=256, unique=False))
+    fresh, hit = unique.levels[0], cached.levels[0]
+    assert fresh.ttft_s.mean > 2 * hit.ttft_s.mean, (fresh.ttft_s, hit.ttft_s)
+    assert unique.unique_prompts and not cached.unique_prompts
+    # llama-benchy's figures, with the prompt length as the server counted it (calibrated, within 20 %)
+    assert fresh.pp_tok_s.mean > 0 and fresh.tg_tok_s.mean > 0 and fresh.est_ppt_s.mean <= fresh.ttfr_s.mean
+    assert abs(fresh.prompt_tokens - 256) < 0.2 * 256
+    assert unique.latency_ms > 0 and "min_tokens" in unique.exact_output
+
+
+@pytest.mark.e2e
+def test_bench_server_depths_memory_and_noise(loopback, capsys, isolated_user_dirs):
+    import psutil
+
+    assert main(["bench-server", loopback, "--concurrency", "1", "--repetitions", "2", "--max-tokens", "16",
+                 "--prompt-tokens", "64", "--depth", "0,512", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(lv["depth"], lv["concurrency"]) for lv in data["levels"]] == [(0, 1), (512, 1)]
+    shallow, deep = data["levels"]
+    for level in data["levels"]:
+        assert level["pp_tok_s"]["mean"] > 0 and level["tg_tok_s"]["mean"] > 0
+        assert level["ttfr_s"]["mean"] > 0 and level["est_ppt_s"]["mean"] > 0 and level["noise"] is not None
+    # 512 more tokens to prefill: the deep request's time to first response is longer
+    assert deep["ttfr_s"]["mean"] > shallow["ttfr_s"]["mean"]
+    process = data["process"]  # the loopback server runs here: found from its port, its RSS sampled
+    assert "llama_cpp.server" in " ".join(psutil.Process(process["pid"]).cmdline())
+    assert process["peak_rss_bytes"] > 50 * 2**20
+    stored = ResultsStore.in_dir(isolated_user_dirs / "data").all()[-1].record
+    assert stored.memory.peak_rss_bytes == process["peak_rss_bytes"]
+    assert [s.depth for s in (stored.speed, *stored.depth_speeds)] == [0, 512]
+
+
+@pytest.mark.e2e
 def test_quality_through_the_server(loopback, capsys):
     assert main(["bench-server", loopback, "--concurrency", "1", "--repetitions", "1", "--max-tokens", "8",
                  "--quality", "default", "--quality-tokens", "1024", "--json"]) == 0
@@ -73,6 +111,7 @@ def test_quality_through_the_server(loopback, capsys):
     # the server runs the very Q4_1 file the BF16 reference was dequantized from: close, not identical
     assert quality["kld_mean"] < 0.05 and quality["same_top1_pct"] > 85
     assert "lower bound" in quality["approximation"]
+    assert quality["logprob_alignment"].startswith("shifted")  # llama-cpp-python's own convention, read from it
 
 
 @pytest.mark.e2e
@@ -168,6 +207,27 @@ def test_api_key_comes_from_the_environment_only(monkeypatch):
     monkeypatch.delenv("QX_TEST_KEY")
     with pytest.raises(server.ServerError, match="QX_TEST_KEY is empty"):
         target.headers()
+
+
+def test_logprob_alignment_is_read_from_the_response():
+    text = "the cat sat on the mat and the dog sat on the log".split()
+
+    def tops(shift: int) -> list[dict[str, float]]:
+        # entry i: a distribution that puts the token at i + shift first; the echoed token's own entry is added
+        # last, as servers do
+        out = []
+        for i, token in enumerate(text):
+            target = text[i + shift] if i + shift < len(text) else "."
+            entry = {target: -0.1, "zzz": -3.0, "yyy": -4.0}
+            entry.setdefault(token, -9.0)
+            out.append(entry)
+        return out
+
+    assert server.logprob_alignment(text, tops(0), top_k=3) == 1  # OpenAI: entry i is P(token i | before)
+    assert server.logprob_alignment(text, tops(1), top_k=3) == 0  # llama-cpp-python: entry i predicts i + 1
+    noise = [{"zzz": -0.1, "yyy": -1.0, "xxx": -2.0, t: -9.0} for t in text]
+    with pytest.raises(server.ServerError, match="fit neither alignment"):
+        server.logprob_alignment(text, noise, top_k=3)
 
 
 def test_record_tags_host_and_model():

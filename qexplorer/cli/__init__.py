@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="pp64/tg16 × 2 repetitions instead of pp512/tg128 × 5")
     run.add_argument("--repetitions", type=int, help="timed repetitions (default 5, quick 2)")
     run.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    run.add_argument("--depth", default="0", metavar="D,D,...",
+                     help="context depths: pp and tg again after that many prefilled tokens (llama-bench -d; "
+                          "default 0)")
     run.add_argument("--force", action="store_true", help="run even when the plan says it does not fit")
     run.add_argument("--json", action="store_true", help="print the results as JSON")
     run.add_argument("--quality", action="store_true", help="also measure KLD, top-1 and perplexity vs the reference")
@@ -107,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("url", metavar="URL", help="base URL, e.g. http://127.0.0.1:8000")
     server.add_argument("--concurrency", default="1,4,16", help="concurrency levels (default 1,4,16)")
     server.add_argument("--repetitions", type=int, default=3, help="repetitions per level (default 3)")
-    server.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    server.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (tg, default 64)")
+    server.add_argument("--prompt-tokens", type=int, default=128, help="prompt tokens per request (pp, default 128)")
+    server.add_argument("--depth", default="0", metavar="D,D,...",
+                        help="context tokens before each prompt (llama-benchy --depth; default 0)")
+    server.add_argument("--same-prompt", action="store_true",
+                        help="send the same prompt every time (a prefix-cache test); default: unique prompts")
     server.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server (default 60)")
     server.add_argument("--api-key-env", help="name of the environment variable that holds the API key")
     server.add_argument("--quality", metavar="MODEL", help="also compare the server's log-probabilities with MODEL's "

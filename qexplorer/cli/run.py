@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 from qexplorer.core import precisions
-from qexplorer.core.bench import BenchConfig
+from qexplorer.core.bench import BenchConfig, parse_depths
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.errors import UserError
 from qexplorer.core.jobs.events import JobEvent, Log, Phase, Progress
@@ -96,7 +96,7 @@ class _Reporter:
 def bench_config(args: argparse.Namespace) -> BenchConfig:
     bench = BenchConfig.quick() if args.quick else BenchConfig()
     return BenchConfig(bench.prompt_tokens, bench.gen_tokens, args.repetitions or bench.repetitions,
-                       args.threads or bench.threads)
+                       args.threads or bench.threads, depths=parse_depths(getattr(args, "depth", "0")))
 
 
 def run_precisions(args: argparse.Namespace, settings: Settings) -> int:

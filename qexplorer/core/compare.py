@@ -1,19 +1,33 @@
 """Compare measured precisions: rows, sorting, the Pareto frontier and a recommendation.
 
-The recommendation follows the seed's decision framework (FACTS §5), applied
-to measured numbers, the hardware's capabilities and the live headroom:
+The recommendation is chosen from the measured table. Per priority, every
+measured precision that fits the live headroom and is served here (not a
+transformers fallback, not emulated - those figures are not what a user would
+serve) is a candidate, ranked by the measured numbers:
 
-* quality first  → the lowest measured KLD among quantized precisions that run
-  natively and fit (FP8 on FP8 tensor cores is near-lossless at no speed cost);
-* memory first   → the smallest that keeps KLD acceptable (≤ 0.1, about Q3_K_M);
-  calibrated INT4 (AWQ / GPTQ) usually;
-* speed first    → the fastest measured decode with acceptable KLD;
-* CPU / hybrid   → GGUF K-quants of 4 bits or more (Q4_K_M, Q5_K_M, Q6_K) with
-  llama.cpp - also the only pool on a machine without a GPU.
+* quality first → the lowest KLD;
+* memory first  → the smallest weights whose KLD is acceptable (≤ 0.1, about Q3_K_M);
+* speed first   → the fastest measured decode whose KLD is acceptable;
+* CPU / hybrid  → the fastest decode among the GGUF files (llama.cpp serves them on the CPU,
+  or split between CPU and GPU) whose KLD is acceptable.
 
-Below 4 bits quality drops sharply; 2-3-bit results are shown, never preferred
-for quality. The result names one precision and explains why in sentences with
-the numbers, and what the runner-up would cost or save.
+The seed's decision framework (FACTS §5) never removes a candidate: it breaks
+ties - measurements closer than they can tell apart - and explains the choice.
+Two KLDs tie when they differ by less than ``max(2 × the standard error of
+their difference, KLD_TIE)``: the first is the sampling error of the
+measurement, the second a floor for what it cannot see - the corpus, and a
+reference that is itself quantized (the bundled model's is a dequantized Q4_1).
+0.005 is Q8_0's to Q6_K's KLD in FACTS §4 (0.0014 / 0.0055 on LLaMA-3-8B), a
+tenth of the step down to Q4_K_M (0.031): neighbours inside it are not told
+apart, the step to 4 bits always is. Two decode speeds tie within two standard deviations of their
+difference, or 2 %. Within a tie the framework orders: FP8 on FP8 tensor cores
+(quality, Ada / Hopper / Blackwell), AWQ then GPTQ (memory, and quality on
+older GPUs), GGUF Q4_K_M / Q5_K_M then Q6_K on a CPU, quantized before the
+unquantized reference, 4 bits or more before 2-3 bits; then the smaller file.
+
+The result names one precision, says why in sentences with the numbers, what
+the runner-up would cost or save, and which figures were measured on a busy
+host (noisy).
 """
 
 from __future__ import annotations
@@ -21,14 +35,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qexplorer.core.kinds import Family, Priority, SupportMode
-from qexplorer.core.precisions import BY_KEY, Hardware, Precision
+from qexplorer.core.precisions import BY_KEY, Hardware
 from qexplorer.core.results import StoredResult
 from qexplorer.core.units import format_bytes
 
 ACCEPTABLE_KLD = 0.1
+KLD_TIE = 0.005
+SPEED_TIE_PCT = 2.0
 PRIORITIES = tuple(Priority)
-CPU_POOL = ("q6_k", "q5_k_m", "q4_k_m")
+CPU_FRAMEWORK = ("q4_k_m", "q5_k_m", "q6_k")  # FACTS §5: GGUF K-quants of 4 bits or more, Q4_K_M / Q5_K_M first
+INT4_FRAMEWORK = ("awq", "gptq")  # memory-constrained, and older GPUs without FP8
 SORT_KEYS = ("precision", "memory", "decode", "kld", "top1", "ppl")
+
+
+@dataclass(frozen=True)
+class DepthSpeed:
+    depth: int
+    prefill_tok_s: float | None
+    decode_tok_s: float
+    decode_sd: float
+    noisy: bool
 
 
 @dataclass(frozen=True)
@@ -57,6 +83,10 @@ class CompareRow:
     fallback: bool = False  # transformers fallback: weights dequantized, not serving speed
     peak_gpu_bytes: int | None = None  # NVML: the job's GPU memory (VRAM, or its share of the unified pool)
     roofline_suspect: bool = False  # above 100 %: the bound or the bytes per token is wrong, not a fact
+    kld_se: float | None = None  # standard error of the mean KLD
+    noise: str | None = None  # why a speed figure of this row is noisy (busy host, spread); None: measured quiet
+    depths: tuple[DepthSpeed, ...] = ()  # decode / prefill at the context depths after the first
+    depth: int = 0  # the context depth of the main speed figures
 
     @property
     def memory_bytes(self) -> int | None:
@@ -81,6 +111,10 @@ def row_from_result(result: StoredResult) -> CompareRow:
         reference_quantized=r.model.stored_quantized,
         engine=str(r.engine.name) if r.engine.name else "", fallback=r.engine.is_fallback,
         peak_gpu_bytes=r.memory.peak_gpu_bytes, roofline_suspect=r.roofline_note is not None,
+        kld_se=q.kld_se if q else None, depth=speed.depth if speed else 0,
+        noise=next((s.noise.reason for s in (speed, *r.depth_speeds) if s is not None and s.noisy and s.noise), None),
+        depths=tuple(DepthSpeed(s.depth, s.prefill_tok_s.mean if s.prefill_tok_s.n else None, s.decode_tok_s.mean,
+                                s.decode_tok_s.sd, s.noisy) for s in r.depth_speeds),
     )
 
 
@@ -125,12 +159,63 @@ class Recommendation:
     priority: Priority
 
 
-def _native(row: CompareRow, precision: Precision, hardware: Hardware) -> bool:
-    return precision.support(hardware).mode == SupportMode.NATIVE
-
-
 def _need(row: CompareRow) -> int | None:
     return row.plan_bytes or row.peak_bytes or row.weight_bytes
+
+
+def _kld(row: CompareRow) -> float:
+    return row.kld if row.kld is not None else float("inf")
+
+
+def kld_tied(a: CompareRow, b: CompareRow) -> bool:
+    """The two KLDs are closer than the measurement can tell apart (see the module's note)."""
+    if a.kld is None or b.kld is None:
+        return a.kld is None and b.kld is None
+    se = ((a.kld_se or 0.0) ** 2 + (b.kld_se or 0.0) ** 2) ** 0.5
+    return abs(a.kld - b.kld) <= max(2 * se, KLD_TIE)
+
+
+def speed_tied(a: CompareRow, b: CompareRow) -> bool:
+    if a.decode_tok_s is None or b.decode_tok_s is None:
+        return a.decode_tok_s is None and b.decode_tok_s is None
+    sd = ((a.decode_sd or 0.0) ** 2 + (b.decode_sd or 0.0) ** 2) ** 0.5
+    return abs(a.decode_tok_s - b.decode_tok_s) <= max(2 * sd, SPEED_TIE_PCT / 100 * max(a.decode_tok_s,
+                                                                                         b.decode_tok_s))
+
+
+def served_here(row: CompareRow, hardware: Hardware) -> bool:
+    """Its figures are the served artifact's on a serving engine, with the kernels this hardware has."""
+    precision = BY_KEY[row.precision]
+    return (not row.fallback and row.mode in (SupportMode.NATIVE, SupportMode.SERVED)
+            and precision.support(hardware).mode == SupportMode.NATIVE)
+
+
+def framework_rank(row: CompareRow, hardware: Hardware, priority: Priority) -> int:
+    """FACTS §5 as an order (lower first), used only to break ties between measurements."""
+    precision = BY_KEY[row.precision]
+    if precision.weight_bits < 4 and precision.quantized:
+        return 9  # below 4 bits quality drops sharply: shown, never preferred
+    if not precision.quantized:
+        return 8  # the reference: when a quantized precision ties with it, the quantized one saves memory
+    if not hardware.cuda or priority == Priority.CPU:
+        if row.precision in CPU_FRAMEWORK:
+            return CPU_FRAMEWORK.index(row.precision)
+        return 3 if row.family == Family.GGUF else 4
+    fp8_cores = hardware.compute_capability is not None and hardware.compute_capability >= (8, 9)
+    if priority == Priority.QUALITY and row.precision == "fp8" and fp8_cores:
+        return 0
+    if row.precision in INT4_FRAMEWORK:
+        return 1 + INT4_FRAMEWORK.index(row.precision)
+    return 3 if row.family == Family.TORCH else 4
+
+
+def _first_of_tie(ranked: list[CompareRow], tied, hardware: Hardware,
+                  priority: Priority) -> tuple[list[CompareRow], list[CompareRow]]:
+    """``ranked`` with its head replaced by the framework's choice among the rows tied with the measured best,
+    and the others of that tie."""
+    group = [r for r in ranked if tied(ranked[0], r)]
+    best = min(group, key=lambda r: (framework_rank(r, hardware, priority), group.index(r)))
+    return [best] + [r for r in ranked if r is not best], [r for r in group if r is not best]
 
 
 def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | None,
@@ -144,19 +229,14 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
         need = _need(row)
         return headroom_bytes is None or need is None or need <= headroom_bytes
 
-    cpu_pool = not hardware.cuda or priority == Priority.CPU
-    if cpu_pool:
-        pool = [r for r in measured if r.precision in CPU_POOL]
-        why_pool = ("no GPU here, so llama.cpp with a GGUF K-quant of 4 bits or more"
-                    if not hardware.cuda else "for CPU or hybrid serving, llama.cpp with a GGUF K-quant")
-        if not pool:
-            pool = [r for r in measured if r.family == Family.GGUF] or measured
-    else:
-        pool = [r for r in measured if BY_KEY[r.precision].quantized and r.family == Family.TORCH
-                and _native(r, BY_KEY[r.precision], hardware)]
-        why_pool = f"on {hardware.label}, a vLLM-servable precision with native kernels"
-        if not pool:
-            pool = [r for r in measured if r.family == Family.TORCH] or measured
+    pool = [r for r in measured if served_here(r, hardware)]
+    among = "measured precisions that fit and run natively here"
+    if not pool:
+        pool, among = measured, "measured precisions that fit (none runs natively here: fallbacks only)"
+    if priority == Priority.CPU:
+        gguf = [r for r in pool if r.family == Family.GGUF]
+        if gguf:
+            pool, among = gguf, "measured GGUF files that fit (llama.cpp serves them on a CPU or split with a GPU)"
     fitting = [r for r in pool if fits(r)]
     excluded = [r for r in pool if not fits(r)]
     if not fitting:
@@ -166,19 +246,25 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
             f"{smallest.label}, needs {format_bytes(_need(smallest))}. Free memory or measure a smaller precision."
         ), None, priority)
 
-    def kld(row: CompareRow) -> float:
-        return row.kld if row.kld is not None else float("inf")
-
-    acceptable = [r for r in fitting if kld(r) <= ACCEPTABLE_KLD] or fitting
-    if priority in (Priority.QUALITY, Priority.CPU):
-        ranked = sorted(fitting, key=lambda r: (kld(r), r.memory_bytes or 0))
+    acceptable = [r for r in fitting if _kld(r) <= ACCEPTABLE_KLD] or fitting
+    tie: list[CompareRow] = []
+    if priority == Priority.QUALITY:
+        ranked, tie = _first_of_tie(sorted(fitting, key=lambda r: (_kld(r), r.memory_bytes or 0)), kld_tied,
+                                    hardware, priority)
+        basis = "the lowest measured KLD"
     elif priority == Priority.MEMORY:
-        ranked = sorted(acceptable, key=lambda r: (r.memory_bytes or 0, kld(r)))
-    else:  # a fallback's tokens/s is not serving speed: serving engines rank first
-        ranked = sorted(acceptable, key=lambda r: (r.fallback, -(r.decode_tok_s or 0.0), kld(r)))
+        ranked = sorted(acceptable, key=lambda r: (r.memory_bytes or 0, _kld(r)))
+        basis = f"the smallest weights with KLD ≤ {ACCEPTABLE_KLD}"
+    else:  # a noisy speed is not evidence: quiet measurements rank first
+        quiet_first = sorted(acceptable, key=lambda r: (r.noise is not None, -(r.decode_tok_s or 0.0)))
+        ranked, tie = _first_of_tie(quiet_first, speed_tied, hardware, priority)
+        basis = f"the fastest measured decode with KLD ≤ {ACCEPTABLE_KLD}"
     best = ranked[0]
     runner = ranked[1] if len(ranked) > 1 else None
-    sentences = [f"{best.label}: {_facts(best)}; chosen for {priority} ({why_pool})."]
+    sentences = [f"{best.label}: {_facts(best)}; {basis} among the {len(fitting)} {among}."]
+    if tie:
+        sentences.append("Tied within the measurement with " + ", ".join(r.label for r in tie)
+                         + "; the decision framework (FACTS §5) breaks the tie.")
     if excluded:
         sentences.append(
             "Left out because they do not fit the live headroom of "
@@ -186,6 +272,9 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
             + ".")
     if runner is not None:
         sentences.append(f"Runner-up {runner.label}: {_delta(best, runner)}.")
+    noisy = [r.label for r in (best, runner) if r is not None and r.noise]
+    if noisy:
+        sentences.append(f"Measured on a busy host (noisy), re-run before trusting the speed: {', '.join(noisy)}.")
     if best.reference_quantized:
         sentences.append("The reference itself was quantized, so small KLD differences are within its own error.")
     return Recommendation(best.precision, best.label, " ".join(sentences), runner.precision if runner else None,

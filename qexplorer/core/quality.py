@@ -308,6 +308,18 @@ def candidate_pass(reference: tuple[ReferenceMeta, dict[str, Any]], logits_fn: L
     return QualityStats(**summarize(kld, nll_q, nll_ref, delta_p, same_top1))
 
 
+def reference_self_stats(reference: tuple[ReferenceMeta, dict[str, Any]]) -> QualityStats:
+    """The reference precision's own row, exactly, from the reference pass: the same weights in the same dtype
+    on the same device compute the same logits, so a candidate pass would only repeat the reference's work
+    (KLD 0, top-1 100 %, PPL = the reference's)."""
+    import numpy as np
+
+    _meta, arrays = reference
+    nll_ref = -np.asarray(arrays["target_logp"], dtype=np.float64)
+    n = len(nll_ref)
+    return QualityStats(**summarize(np.zeros(n), nll_ref, nll_ref, np.zeros(n), np.ones(n, dtype=bool)))
+
+
 def coarse_kld(top_logp: Any, top_logq: Any) -> Any:
     """KL(P‖Q) over the top-k outcomes of P plus one lumped tail bucket (a lower bound on the full KLD)."""
     import numpy as np

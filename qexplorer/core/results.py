@@ -228,6 +228,14 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "pp_avg_ts": speed.prefill_tok_s.mean if speed else None, "pp_stddev_ts": speed.prefill_tok_s.sd if speed else None,
         "tg_avg_ts": speed.decode_tok_s.mean if speed else None, "tg_stddev_ts": speed.decode_tok_s.sd if speed else None,
         "ttft_avg_s": speed.ttft_s.mean if speed else None, "ttft_stddev_s": speed.ttft_s.sd if speed else None,
+        "n_depth": speed.depth if speed else None,
+        "noisy": speed.noisy if speed else None,
+        "noise_other_cpu_pct": speed.noise.other_cpu_pct if speed and speed.noise else None,
+        "noise_busiest": speed.noise.busiest if speed and speed.noise else None,
+        "noise_reason": speed.noise.reason if speed and speed.noise else None,
+        "depths": json.dumps([{"n_depth": s.depth, "pp_avg_ts": s.prefill_tok_s.mean, "pp_stddev_ts": s.prefill_tok_s.sd,
+                               "tg_avg_ts": s.decode_tok_s.mean, "tg_stddev_ts": s.decode_tok_s.sd, "noisy": s.noisy}
+                              for s in r.depth_speeds]) if r.depth_speeds else None,
         "roofline_pct": r.roofline_pct, "roofline_note": r.roofline_note,
         "bandwidth_bytes_s": hw.bandwidth_bytes_s if hw else None,
         "bandwidth_source": hw.bandwidth_source if hw else None,
@@ -284,6 +292,11 @@ def to_markdown(results: list[StoredResult]) -> str:
         speed = r.speed
         throughput = (f"{_pm(speed.decode_tok_s if speed else None)} tok/s decode, "
                       f"{_pm(speed.prefill_tok_s if speed else None, '{:.0f}')} tok/s prefill{roof}")
+        throughput += "".join(f"; at depth {s.depth}: {_pm(s.decode_tok_s)} tok/s decode, "
+                              f"{_pm(s.prefill_tok_s, '{:.0f}')} tok/s prefill" for s in r.depth_speeds)
+        noisy = [s.noise.reason for s in (speed, *r.depth_speeds) if s is not None and s.noisy and s.noise]
+        if noisy:
+            throughput += f" - noisy: {noisy[0].removeprefix('Noisy: ')}"
         q = r.quality
         if q is not None:
             qtext = f"KLD {q.kld_mean:.4f}, top-1 {q.same_top1_pct:.1f} %, PPL {q.ppl:.2f} (ref {q.ppl_ref:.2f})"

@@ -57,6 +57,7 @@ class QExplorerApp(App[int]):
     kv_dtype: reactive[str] = reactive("f16")
     chosen: reactive[frozenset[str]] = reactive(DEFAULT_PRECISIONS)
     quick_bench: reactive[bool] = reactive(False)
+    bench_depths: reactive[tuple[int, ...]] = reactive((0,))  # llama-bench -d for the jobs queued next
     measure_quality: reactive[bool] = reactive(True)
     jobs: reactive[tuple[JobView, ...]] = reactive(())  # the queue's latest view of each job, oldest first
     compare_rows: reactive[tuple[CompareRow, ...]] = reactive(())  # measured results for the compare screen
@@ -355,9 +356,11 @@ class QExplorerApp(App[int]):
         self._show(JobsScreen)
 
     def bench_config(self):
+        from dataclasses import replace
+
         from qexplorer.core.bench import BenchConfig
 
-        return BenchConfig.quick() if self.quick_bench else BenchConfig()
+        return replace(BenchConfig.quick() if self.quick_bench else BenchConfig(), depths=self.bench_depths)
 
     def queue_chosen(self) -> None:
         """Queue one job per chosen precision that the plan says fits; then show the jobs screen."""

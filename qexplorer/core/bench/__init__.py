@@ -40,6 +40,11 @@ class BenchConfig:
         """The context the deepest test needs: depth + prompt + generated tokens."""
         return self.max_depth + self.prompt_tokens + self.gen_tokens
 
+    def describe(self) -> str:
+        """"pp512 / tg128 × 5" and, past depth 0, "at depth 0, 2048": the benchmark phase's line."""
+        depths = "" if self.depths == (0,) else " at depth " + ", ".join(str(d) for d in self.depths)
+        return f"pp{self.prompt_tokens} / tg{self.gen_tokens} × {self.repetitions}{depths}"
+
     @staticmethod
     def quick() -> BenchConfig:
         """For demos and tests: pp64, tg16, two repetitions."""
@@ -63,6 +68,27 @@ class Stat:
     def cv_pct(self) -> float | None:
         """Coefficient of variation (sd / mean) in percent; None for a single value or a zero mean."""
         return 100.0 * self.sd / self.mean if self.n > 1 and self.mean > 0 else None
+
+
+def depth_choices(context: int, config: BenchConfig) -> tuple[tuple[int, ...], ...]:
+    """The depth sets the plan screen cycles through for a context length: none, half of it, and a quarter /
+    half / all of what is left after pp and tg (each test must fit the context it was planned for)."""
+    room = max(0, context - config.prompt_tokens - config.gen_tokens)
+    choices = [(0,), (0, room // 2), (0, room // 4, room // 2, room)]
+    return tuple(dict.fromkeys(tuple(dict.fromkeys(c)) for c in choices if room or c == (0,)))
+
+
+def parse_depths(text: str) -> tuple[int, ...]:
+    """``--depth 0,2048,4096`` → (0, 2048, 4096); one sentence on anything else."""
+    from qexplorer.core.errors import UserError
+
+    try:
+        depths = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--depth {text!r} is not a list of token counts such as 0,2048,8192.") from None
+    if not depths or min(depths) < 0:
+        raise UserError("--depth needs token counts of 0 or more, such as 0,2048.")
+    return tuple(dict.fromkeys(depths))
 
 
 def rates(tokens: int, seconds: list[float]) -> Stat:

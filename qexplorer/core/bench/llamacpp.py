@@ -19,6 +19,14 @@ to ``d`` with ``llama_memory_seq_rm`` between tests), then
 Generation feeds the evaluation text's own token ids (no sampling is timed).
 The warm-up runs the measured shape once (a full pp and a full tg), as
 llama-bench's warm-up run does.
+
+The timed context is not the one ``llama_cpp.Llama`` makes: that one has
+flash attention off unless asked (llama-cpp-python maps its ``flash_attn``
+flag to enabled / disabled), and llama-bench, llama-server and llama-cli
+default to *auto* - on this CPU, pp512 on Q8_0 was 0.76× llama-bench's with it
+off. :class:`Decoder` builds its own context the way llama-bench's
+``to_llama_cparams`` does: llama.cpp's default context parameters, n_ctx =
+depth + pp + tg, n_batch 2048, n_ubatch 512, the thread count for both.
 """
 
 from __future__ import annotations
@@ -34,21 +42,17 @@ from qexplorer.core.bench.noise import NoiseProbe
 from qexplorer.core.jobs.events import JobEvent, Progress
 from qexplorer.core.jobs.record import Speed
 
+N_BATCH = 2048  # llama-bench's defaults
+N_UBATCH = 512
+
 
 def load(path: Path, config: BenchConfig, n_gpu_layers: int = -1) -> Any:
+    """The model and its tokenizer; the timed context is :class:`Decoder`'s own (its Llama context stays small)."""
     import llama_cpp
 
-    batch = max(config.prompt_tokens, 64)
     return llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=max(config.context_tokens + 8, 256),
-        n_batch=batch,
-        n_ubatch=batch,
-        n_threads=config.thread_count,
-        n_threads_batch=config.thread_count,  # the same count for pp and tg, recorded with the result
-        n_gpu_layers=n_gpu_layers,
-        logits_all=False,
-        verbose=False,
+        model_path=str(path), n_ctx=64, n_batch=64, n_ubatch=64, n_threads=config.thread_count,
+        n_threads_batch=config.thread_count, n_gpu_layers=n_gpu_layers, logits_all=False, verbose=False,
     )
 
 
@@ -60,18 +64,37 @@ def prompt_ids(llm: Any, text: str, count: int) -> list[int]:
 
 
 class Decoder:
-    """llama_decode on one context, with its token arrays allocated once."""
+    """llama_decode on a context of its own (llama-bench's parameters), with its token arrays allocated once.
 
-    def __init__(self, llm: Any, ids: list[int]) -> None:
+    Use as a context manager: the context is freed on exit."""
+
+    def __init__(self, llm: Any, ids: list[int], config: BenchConfig) -> None:
         import llama_cpp
 
+        params = llama_cpp.llama_context_default_params()  # flash attention: auto, as llama-bench
+        params.n_ctx = config.context_tokens + 1  # + 1: the TTFT step after the prompt
+        params.n_batch = N_BATCH
+        params.n_ubatch = N_UBATCH
+        params.n_threads = params.n_threads_batch = config.thread_count  # the same for pp and tg, recorded
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create a benchmark context (out of memory?)")
         self._lib = llama_cpp
-        self._ctx = llm.ctx
+        self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._n_batch = int(llm.n_batch)
+        self._n_batch = N_BATCH
         self._ids = ids
         self._tokens = (llama_cpp.llama_token * len(ids))(*ids)
         self._one = (llama_cpp.llama_token * 1)()
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._ctx is not None:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
 
     def trim(self, keep: int) -> None:
         """Forget every position from ``keep`` on (0: an empty context)."""
@@ -118,7 +141,11 @@ def _timed(fn: Any, *args: Any) -> float:
 def run(llm: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, tuple[Speed, ...]]:
     """Warm-up, then ``repetitions`` of pp and tg at each depth; yields progress, returns one Speed per depth."""
     ids = prompt_ids(llm, text, max(config.prompt_tokens, config.max_depth, config.gen_tokens, 1))
-    decoder = Decoder(llm, ids)
+    with Decoder(llm, ids, config) as decoder:
+        return (yield from _run(decoder, config))
+
+
+def _run(decoder: Decoder, config: BenchConfig) -> Generator[JobEvent, None, tuple[Speed, ...]]:
     total = config.repetitions * len(config.depths)
     speeds = []
     for d_index, depth in enumerate(config.depths):

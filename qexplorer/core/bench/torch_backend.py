@@ -1,9 +1,19 @@
 """The transformers backend (torch precisions), measured like llama-bench.
 
-Prefill: one forward pass over ``prompt_tokens`` tokens. Decode: ``gen_tokens``
-single-token forward passes with the KV cache from a fresh one-token context,
-feeding a fixed token (no sampling in the timing). Stock eager PyTorch: no
-static cache, no torch.compile - the numbers are what ``generate()`` users get.
+Per depth ``d`` (llama-bench ``-d``): the KV cache holds ``d`` prefilled tokens
+(outside the timing; prefilled once per depth and cropped back to ``d`` between
+tests), then
+
+* pp: one forward pass over ``prompt_tokens`` tokens on top of that cache,
+  keeping the logits of the last position only (``logits_to_keep=1``, as
+  ``generate()`` does: computing all of them is 512 × vocab of work nobody uses);
+* TTFT: pp + one more decode step;
+* tg: ``gen_tokens`` single-token forward passes from depth ``d``, feeding a
+  fixed token (no sampling in the timing).
+
+The warm-up runs the measured shape once (a full pp and a full tg). Stock eager
+PyTorch: no static cache, no torch.compile - the numbers are what ``generate()``
+users get.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from collections.abc import Generator
 from typing import Any
 
 from qexplorer.core.bench import BenchConfig, Stat, rates
+from qexplorer.core.bench.noise import NoiseProbe
 from qexplorer.core.jobs.events import JobEvent, Progress
 from qexplorer.core.jobs.record import Speed
 
@@ -25,50 +36,64 @@ def prompt_ids(tokenizer: Any, text: str, count: int) -> list[int]:
     return ids[:count]
 
 
-def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, Speed]:
+def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, tuple[Speed, ...]]:
+    """Warm-up, then ``repetitions`` of pp and tg at each depth; yields progress, returns one Speed per depth."""
     import torch
+    from transformers import DynamicCache
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    threads = config.threads or torch.get_num_threads() or (os.cpu_count() or 1)
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, text, config.prompt_tokens)], device=device)
+    ids = torch.tensor([prompt_ids(tokenizer, text, config.max_depth + config.prompt_tokens)], device=device)
     token = ids[:, -1:]
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def prefill(batch: Any) -> tuple[float, Any]:
-        sync()
-        start = time.perf_counter()
-        out = model(batch, use_cache=True)
-        sync()
-        return time.perf_counter() - start, out.past_key_values
+    def forward(batch: Any, cache: Any) -> None:
+        model(batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
-    def decode(steps: int) -> float:
-        cache = model(token, use_cache=True).past_key_values
+    def timed(fn: Any, *args: Any) -> float:
         sync()
         start = time.perf_counter()
-        for _ in range(steps):
-            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+        fn(*args)
         sync()
         return time.perf_counter() - start
 
-    pp_s, tg_s, ttft_s = [], [], []
+    def generate(cache: Any, steps: int) -> None:
+        for _ in range(steps):
+            forward(token, cache)
+
+    total = config.repetitions * len(config.depths)
+    speeds = []
     with torch.inference_mode():
-        if config.warmup:
-            prefill(ids[:, : min(32, ids.shape[1])])
-            decode(4)
-        for rep in range(config.repetitions):
-            pp, cache = prefill(ids)
-            start = time.perf_counter()
-            model(token, past_key_values=cache, use_cache=True)
-            sync()
-            ttft_s.append(pp + time.perf_counter() - start)
-            pp_s.append(pp)
-            tg_s.append(decode(config.gen_tokens))
-            yield Progress("benchmark", rep + 1, config.repetitions, f"repetition {rep + 1}")
-    return Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=rates(config.gen_tokens, tg_s),
-                 ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
-                 repetitions=config.repetitions,
-                 threads=config.threads or torch.get_num_threads() or (os.cpu_count() or 1))
+        for d_index, depth in enumerate(config.depths):
+            cache = DynamicCache()
+            if depth:
+                yield Progress("benchmark", d_index * config.repetitions, total, f"prefilling a depth of {depth} tokens")
+                forward(ids[:, :depth], cache)
+            prompt = ids[:, depth: depth + config.prompt_tokens]
+            if config.warmup and d_index == 0:
+                forward(prompt, cache)
+                cache.crop(depth)
+                generate(cache, config.gen_tokens)
+                cache.crop(depth)
+            noise = NoiseProbe().start()
+            pp_s, tg_s, ttft_s = [], [], []
+            for rep in range(config.repetitions):
+                pp = timed(forward, prompt, cache)
+                ttft_s.append(pp + timed(forward, token, cache))
+                pp_s.append(pp)
+                cache.crop(depth)
+                tg_s.append(timed(generate, cache, config.gen_tokens))
+                cache.crop(depth)
+                yield Progress("benchmark", d_index * config.repetitions + rep + 1, total,
+                               f"repetition {rep + 1}" + (f" at depth {depth}" if depth else ""))
+            decode = rates(config.gen_tokens, tg_s)
+            speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=decode,
+                                ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens,
+                                gen_tokens=config.gen_tokens, repetitions=config.repetitions, threads=threads,
+                                depth=depth, noise=noise.stop(decode.cv_pct)))
+    return tuple(speeds)

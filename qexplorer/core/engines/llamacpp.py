@@ -30,9 +30,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     loaded_rss = current_rss_bytes()
     weight_bytes = sum(t.n_bytes for t in read_gguf_header(ctx.artifact).tensors)
     ctx.check()
-    depths = "" if job.bench.depths == (0,) else " at depth " + ", ".join(str(d) for d in job.bench.depths)
-    yield Phase("benchmark", f"llama.cpp: pp{job.bench.prompt_tokens} / tg{job.bench.gen_tokens} × "
-                             f"{job.bench.repetitions}{depths}, {job.bench.thread_count} threads")
+    yield Phase("benchmark", f"llama.cpp: {job.bench.describe()}, {job.bench.thread_count} threads")
     first, *deeper = yield from ctx.checked(llamacpp.run(llm, ctx.bench_text, job.bench))
     quality = quality_s = None
     if ctx.reference is not None:
@@ -51,7 +49,8 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     return Measured(
         engine=EngineInfo(name=Engine.LLAMA_CPP, mode=SupportMode.NATIVE, device="cuda" if gpu else "cpu",
                           version=f"llama-cpp-python {metadata.version('llama-cpp-python')}",
-                          kernel="llama.cpp CUDA backend" if gpu else "llama.cpp CPU backend",
+                          kernel=("llama.cpp CUDA backend" if gpu else "llama.cpp CPU backend")
+                          + ", flash attention auto (llama-bench's default)",
                           serve_command=f"llama-server -m {ctx.artifact} -t {threads} -ngl {99 if gpu else 0}"),
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=weight_bytes,
                              resident_weight_bytes=weight_bytes, bytes_per_token=weight_bytes),

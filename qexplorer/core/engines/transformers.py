@@ -52,11 +52,12 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None) -> Generator
     if ctx.precision.quantized:
         yield Log(f"{ctx.precision.label} measured with {FALLBACK_LABEL}", level="warning")
     ctx.check()
-    yield Phase("benchmark", f"pp{job.bench.prompt_tokens} / tg{job.bench.gen_tokens} × {job.bench.repetitions}")
-    speed = yield from ctx.checked(torch_backend.run(model, tokenizer, ctx.bench_text, job.bench))
+    yield Phase("benchmark", f"transformers: {job.bench.describe()}")
+    first, *deeper = yield from ctx.checked(torch_backend.run(model, tokenizer, ctx.bench_text, job.bench))
     quality = quality_s = None
     if ctx.reference is not None:
-        quality, quality_s = yield from _quality_of(ctx, model, tokenizer)
+        quality, quality_s = yield from (reference_row(ctx) if is_reference(ctx) else _quality_of(ctx, model,
+                                                                                                   tokenizer))
     version = __import__("transformers").__version__
     return Measured(
         engine=EngineInfo(name=Engine.TRANSFORMERS, mode=mode, device=ctx.device, version=f"transformers {version}",
@@ -67,7 +68,8 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None) -> Generator
                           fallback_reason=fallback_reason),
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=ctx.artifact_weight_bytes,
                              resident_weight_bytes=resident, bytes_per_token=resident, **torch_cuda_peaks()),
-        timings=Timings(load_s=load_s), speed=speed, quality=quality, quality_s=quality_s, gpu_name=ctx.gpu_name,
+        timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=quality, quality_s=quality_s,
+        gpu_name=ctx.gpu_name,
     )
 
 
@@ -82,8 +84,25 @@ def torch_cuda_peaks() -> dict[str, int]:
             "torch_peak_reserved_bytes": int(torch.cuda.max_memory_reserved())}
 
 
+def is_reference(ctx: EngineContext) -> bool:
+    """This job's artifact is the reference itself: its precision, on the device the reference ran on."""
+    meta = ctx.reference[0] if ctx.reference is not None else None
+    return meta is not None and meta.reference_precision == ctx.precision.key and meta.device == ctx.device
+
+
+def reference_row(ctx: EngineContext) -> Generator[JobEvent, None, tuple[QualityStats, float]]:
+    """The reference precision's quality row from the reference pass itself: exact, and no second pass."""
+    from qexplorer.core import quality as quality_mod
+
+    yield Log(f"{ctx.precision.label} is the reference: its quality row comes from the reference pass "
+              "(KLD 0, top-1 100 %, PPL = the reference's), no second pass")
+    return _with_reference_info(ctx, quality_mod.reference_self_stats(ctx.reference)), 0.0
+
+
 def artifact_quality(ctx: EngineContext) -> Generator[JobEvent, None, tuple[QualityStats, float]]:
     """The quality of the served artifact itself (after another engine measured its speed)."""
+    if is_reference(ctx):
+        return (yield from reference_row(ctx))
     yield Phase("load", f"loading {ctx.artifact.name} for the quality pass")
     model, tokenizer, _ = _load(ctx)
     result = yield from _quality_of(ctx, model, tokenizer)
@@ -102,23 +121,28 @@ def _quality_of(ctx: EngineContext, model: Any, tokenizer: Any) -> Generator[Job
 
 def quality_pass(ctx: EngineContext, logits_fn: Any) -> Generator[JobEvent, None, tuple[QualityStats, float]]:
     """The candidate pass against the reference; returns the statistics and the seconds it took."""
-    import dataclasses
-
     from qexplorer.core import quality
 
     meta = ctx.reference[0]
     started = time.perf_counter()
     stats = yield from ctx.checked(quality.candidate_pass(ctx.reference, logits_fn))
     elapsed = time.perf_counter() - started
-    folder_bytes = sum(arr.nbytes for arr in ctx.reference[1].values())
-    stats = dataclasses.replace(stats, quality_peak_rss_bytes=peak_rss_bytes(), reference=ReferenceInfo(
-        precision=meta.reference_precision, quantized=meta.reference_quantized, corpus=meta.corpus_name,
-        corpus_sha256=meta.corpus_sha256, n_tokens=meta.n_tokens, ctx=meta.ctx, n_chunks=meta.n_chunks,
-        top_k=meta.top_k, chunking=f"{meta.n_chunks} chunks of {meta.ctx} tokens, BOS first, second half scored",
-        cache_bytes=int(folder_bytes), device=meta.device, candidate_device=ctx.device))
+    stats = _with_reference_info(ctx, stats)
     if meta.device != ctx.device:
         yield Log(f"the reference ran on {meta.device} and this candidate on {ctx.device}: the KLD includes the two "
                   f"devices' numerics", level="warning")
     yield Metric("kld_mean", stats.kld_mean, "", stats.kld_sd)
     yield Metric("same_top1_pct", stats.same_top1_pct, "%", stats.same_top1_se_pct)
     return stats, elapsed
+
+
+def _with_reference_info(ctx: EngineContext, stats: QualityStats) -> QualityStats:
+    import dataclasses
+
+    meta = ctx.reference[0]
+    folder_bytes = sum(arr.nbytes for arr in ctx.reference[1].values())
+    return dataclasses.replace(stats, quality_peak_rss_bytes=peak_rss_bytes(), reference=ReferenceInfo(
+        precision=meta.reference_precision, quantized=meta.reference_quantized, corpus=meta.corpus_name,
+        corpus_sha256=meta.corpus_sha256, n_tokens=meta.n_tokens, ctx=meta.ctx, n_chunks=meta.n_chunks,
+        top_k=meta.top_k, chunking=f"{meta.n_chunks} chunks of {meta.ctx} tokens, BOS first, second half scored",
+        cache_bytes=int(folder_bytes), device=meta.device, candidate_device=ctx.device))

@@ -12,7 +12,9 @@ vLLM chose from its log; and stops it (SIGTERM, then SIGKILL).
   device memory - on unified memory that default can take the whole pool.
   ``--max-model-len`` and ``--max-num-seqs`` from the same plan. ``--enforce-eager``
   (no graph capture or compile: a start is 30-100 s instead of minutes), prefix
-  caching off (repeated benchmark prompts must be computed), ``--max-logprobs 20``.
+  caching off (repeated benchmark prompts must be computed) unless depths are
+  asked for (then on, to keep each repetition's own prefilled context),
+  ``--max-logprobs 20``.
 * Speed, llama-bench's shape through the API: per repetition one streamed
   completion of ``prompt_tokens`` unique token ids and exactly ``gen_tokens``
   new tokens (``ignore_eos`` + ``min_tokens``): TTFT = first token; prefill =
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from qexplorer.core.bench import BenchConfig, Stat, rates
+from qexplorer.core.bench.noise import NoiseProbe
 from qexplorer.core.engines.base import EngineContext, Measured
 from qexplorer.core.errors import UserError
 from qexplorer.core.jobs.events import JobEvent, Phase, Progress
@@ -102,7 +105,8 @@ class VllmServer:
     """One ``vllm serve`` child on a loopback port."""
 
     def __init__(self, command: VllmCommand, artifact: Path, log_path: Path, *, max_model_len: int,
-                 max_num_seqs: int, kv_bytes: int, threads: int, extra_args: tuple[str, ...] = ()) -> None:
+                 max_num_seqs: int, kv_bytes: int, threads: int, extra_args: tuple[str, ...] = (),
+                 prefix_caching: bool = False) -> None:
         self.port = free_port()
         self.artifact = artifact
         self.log_path = log_path
@@ -110,7 +114,9 @@ class VllmServer:
         self.argv = [*command.argv, *model, "--host", "127.0.0.1", "--port", str(self.port),
                      "--served-model-name", SERVED_NAME, "--max-model-len", str(max_model_len),
                      "--max-num-seqs", str(max_num_seqs), "--kv-cache-memory-bytes", str(kv_bytes),
-                     "--enforce-eager", "--no-enable-prefix-caching", "--max-logprobs", str(MAX_LOGPROBS),
+                     "--enforce-eager",
+                     "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+                     "--max-logprobs", str(MAX_LOGPROBS),
                      *extra_args]
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                     "DO_NOT_TRACK": "1"}
@@ -239,27 +245,44 @@ class VllmServer:
             raise VllmCannotRun("vLLM streamed no tokens.")
         return start, stamps[0], stamps[-1], generated or len(stamps)
 
-    def measure_speed(self, prompt_ids: list[int], config: BenchConfig) -> Generator[JobEvent, None, Speed]:
+    def measure_speed(self, prompt_ids: list[int], config: BenchConfig) -> Generator[JobEvent, None, tuple[Speed, ...]]:
+        """One Speed per depth. At depth d > 0 each repetition first sends its own d-token context (untimed, with
+        prefix caching on, so vLLM keeps it), then the timed request: that context and pp new tokens - llama-bench's
+        -d through the API: only the pp tokens are processed in the timing."""
         import httpx
 
-        def unique(rep: int) -> list[int]:  # a different prompt each time: nothing to reuse
-            shift = (rep * 7919) % len(prompt_ids)
+        def window(rep: int, count: int, salt: int = 0) -> list[int]:  # a different slice each time
+            shift = (rep * 7919 + salt * 104729) % len(prompt_ids)
             rotated = prompt_ids[shift:] + prompt_ids[:shift]
-            return rotated[: config.prompt_tokens]
+            while len(rotated) < count:
+                rotated = rotated + rotated
+            return rotated[:count]
 
-        ttft_s, decode_tok_s = [], []
+        speeds = []
         with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False) as client:
-            if config.warmup:
-                self._stream(client, unique(config.repetitions + 1)[:16], 2)  # first-request set-up, untimed
-            for rep in range(config.repetitions):
-                start, first, last, generated = self._stream(client, unique(rep), config.gen_tokens)
-                ttft_s.append(first - start)
-                if generated > 1 and last > first:
-                    decode_tok_s.append((generated - 1) / (last - first))
-                yield Progress("benchmark", rep + 1, config.repetitions, f"repetition {rep + 1}")
-        return Speed(prefill_tok_s=rates(config.prompt_tokens, ttft_s), decode_tok_s=Stat.of(decode_tok_s),
-                     ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
-                     repetitions=config.repetitions, threads=config.thread_count)
+            if config.warmup:  # first-request set-up, untimed, in the measured shape
+                self._stream(client, window(config.repetitions + 1, config.prompt_tokens), config.gen_tokens)
+            total = config.repetitions * len(config.depths)
+            for d_index, depth in enumerate(config.depths):
+                noise = NoiseProbe().start()  # the worker's tree holds the vLLM server: its CPU is the measurement
+                ttft_s, decode_tok_s = [], []
+                for rep in range(config.repetitions):
+                    context = window(rep, depth, salt=1 + d_index) if depth else []
+                    if depth:
+                        self._stream(client, context, 1)  # prefilled and cached, outside the timing
+                    start, first, last, generated = self._stream(client, context + window(rep, config.prompt_tokens),
+                                                                 config.gen_tokens)
+                    ttft_s.append(first - start)
+                    if generated > 1 and last > first:
+                        decode_tok_s.append((generated - 1) / (last - first))
+                    yield Progress("benchmark", d_index * config.repetitions + rep + 1, total,
+                                   f"repetition {rep + 1}" + (f" at depth {depth}" if depth else ""))
+                decode = Stat.of(decode_tok_s)
+                speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, ttft_s), decode_tok_s=decode,
+                                    ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens,
+                                    gen_tokens=config.gen_tokens, repetitions=config.repetitions,
+                                    threads=config.thread_count, depth=depth, noise=noise.stop(decode.cv_pct)))
+        return tuple(speeds)
 
     def measure_logprobs(self, reference: Any) -> Generator[JobEvent, None, ServerQuality]:
         """KLD and top-1 agreement from vLLM's prompt log-probabilities on the reference's chunks."""
@@ -336,11 +359,12 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         raise VllmCannotRun("vLLM is not installed here (scripts/setup.sh makes .venv-vllm on x86 CPUs; on a GPU "
                             "box set QEXPLORER_VLLM to your vLLM)")
     job, bench = ctx.job, ctx.job.bench
-    max_model_len = max(bench.prompt_tokens + bench.gen_tokens + 16, job.quality_ctx + 16 if ctx.reference else 0)
+    max_model_len = max(bench.context_tokens + 16, job.quality_ctx + 16 if ctx.reference else 0)
     kv = kv_cache_bytes(kv_bytes_per_token(ctx.spec, "bf16"), max_model_len, 1)
     server = VllmServer(command, ctx.artifact, Path(job.data_dir) / "logs" / f"vllm-{job.precision}-"
                         f"{int(time.time() * 1000)}.log", max_model_len=max_model_len, max_num_seqs=1, kv_bytes=kv,
-                        threads=bench.thread_count, extra_args=tuple(job.engine_args))
+                        threads=bench.thread_count, extra_args=tuple(job.engine_args),
+                        prefix_caching=bench.max_depth > 0)
     started = time.perf_counter()
     try:
         yield from server.start(ctx.cancelled)
@@ -349,10 +373,10 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         version = server.version()
         tokenizer = AutoTokenizer.from_pretrained(str(ctx.artifact))
         ids = tokenizer(ctx.bench_text, add_special_tokens=False)["input_ids"]
-        while len(ids) < bench.prompt_tokens:
+        while len(ids) < bench.max_depth + bench.prompt_tokens:
             ids = ids + ids
-        yield Phase("benchmark", f"vLLM: pp{bench.prompt_tokens} / tg{bench.gen_tokens} × {bench.repetitions}")
-        speed = yield from ctx.checked(server.measure_speed(ids, bench))
+        yield Phase("benchmark", f"vLLM: {bench.describe()}")
+        first, *deeper = yield from ctx.checked(server.measure_speed(ids, bench))
         engine_quality = None
         if ctx.reference is not None:
             yield Phase("quality", "vLLM prompt log-probs against the reference (cross-check)")
@@ -366,6 +390,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
                           kernel=kernel, serve_command=server.serve_command),
         memory=MemoryFigures(weight_bytes=ctx.artifact_weight_bytes, resident_weight_bytes=ctx.artifact_weight_bytes,
                              bytes_per_token=ctx.artifact_weight_bytes),
-        timings=Timings(load_s=load_s), speed=speed, quality=None, engine_quality=engine_quality,
+        timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=None,
+        engine_quality=engine_quality,
         gpu_name=ctx.gpu_name,
     )

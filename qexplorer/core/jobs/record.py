@@ -199,12 +199,35 @@ class InterTokenLatency:
 
 @dataclass(frozen=True)
 class ServerLevel:
+    """One depth × concurrency test of a server sweep, with llama-benchy's figures (its names where it has them).
+
+    At concurrency 1, ``pp_tok_s`` / ``tg_tok_s`` are per request; above 1, the batch's totals, as llama-benchy's
+    "t/s (total)": prompt tokens of all streams ÷ (last first token − first start), generated tokens after the
+    first of each stream ÷ (last end − first first token)."""
+
     concurrency: int
-    aggregate_tok_s: Stat
-    decode_tok_s_per_stream: Stat | None
-    ttft_s: Stat | None
+    aggregate_tok_s: Stat  # every generated token of every stream ÷ the level's wall time
+    decode_tok_s_per_stream: Stat | None  # each stream's own (tokens − 1) ÷ (end − first token)
+    ttft_s: Stat | None  # e2e_ttft: first token − request start
     itl: InterTokenLatency | None
     tokens: int
+    depth: int = 0  # context tokens before the prompt (llama-benchy --depth)
+    prompt_tokens: int = 0  # the prompt's own tokens (pp), as the server counted them when it said (usage)
+    pp_tok_s: Stat | None = None  # (depth + pp) ÷ est_ppt
+    tg_tok_s: Stat | None = None
+    ttfr_s: Stat | None = None  # first response of any kind − request start
+    est_ppt_s: Stat | None = None  # ttfr − the measured round-trip latency
+    noise: Noise | None = None
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    """The server's own process, when it runs on this host (found from the listening port)."""
+
+    pid: int
+    name: str
+    peak_rss_bytes: int | None  # its process tree, sampled while the sweep ran
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -231,6 +254,13 @@ class ServerSweep:
     error: str | None = None  # why the sweep stopped early; the finished levels stay
     quality: ServerQuality | None = None
     quality_error: str | None = None
+    latency_ms: float | None = None  # mean round trip of GET /v1/models (llama-benchy's "api" latency mode)
+    prompt_tokens: int = 0  # pp asked for
+    depths: tuple[int, ...] = (0,)
+    unique_prompts: bool = True  # False: the same prompt every time (a prefix-cache test)
+    exact_output: str = ""  # how the output length was held: "ignore_eos + min_tokens", or why it was not
+    process: ServerProcess | None = None
+    process_note: str | None = None  # why the server's memory is not shown (remote host, no permission)
 
     @property
     def single_stream(self) -> ServerLevel | None:

@@ -63,6 +63,9 @@ class ServerSpec:
     levels: tuple[int, ...] = (1, 4, 16)
     repetitions: int = 3
     max_tokens: int = 64
+    prompt_tokens: int = 128
+    depths: tuple[int, ...] = (0,)
+    unique: bool = True  # False: the same prompt every time (a prefix-cache test)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual_plotext import PlotextPlot
@@ -25,6 +25,8 @@ from qexplorer.core.units import MIB, format_bytes
 from qexplorer.ui.widgets.plots import theme_rgb
 
 FAMILIES = ("all", "torch", "gguf", "server")
+COLUMNS = ("precision", "engine", "weights", "decode tok/s", "KLD", "top-1", "PPL", "prefill tok/s", "TTFT",
+           "deeper", "roof %", "peak RSS", "peak GPU")
 
 
 def _pm(mean: float | None, sd: float | None, fmt: str = "{:.1f}") -> str:
@@ -51,19 +53,19 @@ class CompareScreen(Screen):
         self.family = "all"
         self.priority = "quality"
         self._rows: list[CompareRow] = []
+        self._summary = ""
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("", id="compare-summary")
         table: DataTable = DataTable(id="compare-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("precision", "engine", "weights", "decode tok/s", "KLD", "top-1", "PPL", "prefill tok/s", "TTFT",
-                          "roof %", "peak RSS", "peak GPU")
+        table.add_columns(*COLUMNS)
         yield table
         with Horizontal(id="compare-plots"):
             yield PlotextPlot(id="plot-speed")
             yield PlotextPlot(id="plot-quality")
             yield PlotextPlot(id="plot-pareto")
-        with Vertical(id="recommendation"):
+        with VerticalScroll(id="recommendation"):
             yield Static("", id="recommendation-text")
         yield Footer()
 
@@ -87,13 +89,17 @@ class CompareScreen(Screen):
         for r in self._rows:
             marks = "*" if r.mode == SupportMode.EMULATED else "†" if r.mode == SupportMode.DEQUANTIZED else ""
             label = r.label + marks + (" ◆" if r.precision in front else "")
+            noisy = "~" if r.noise else ""
+            at = f" d{r.depth}" if r.depth else ""
             table.add_row(
-                label, r.engine or "-", format_bytes(r.memory_bytes), _pm(r.decode_tok_s, r.decode_sd),
+                label, r.engine or "-", format_bytes(r.memory_bytes), _pm(r.decode_tok_s, r.decode_sd) + noisy + at,
                 f"{r.kld:.4f}" if r.kld is not None else "n/a",
                 f"{r.top1_pct:.1f} %" if r.top1_pct is not None else "n/a",
                 f"{r.ppl:.2f}" if r.ppl is not None else "n/a",
-                _pm(r.prefill_tok_s, r.prefill_sd, "{:.0f}"),
+                _pm(r.prefill_tok_s, r.prefill_sd, "{:.0f}") + noisy,
                 f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "n/a",
+                " ".join(f"d{d.depth} {d.decode_tok_s:.0f}±{d.decode_sd:.0f}" + ("~" if d.noisy else "")
+                         for d in r.depths) or "-",
                 ("!" if r.roofline_suspect else "") + f"{r.roofline_pct:.0f}" if r.roofline_pct is not None else "n/a",
                 format_bytes(r.peak_bytes), format_bytes(r.peak_gpu_bytes) if r.peak_gpu_bytes is not None else "no GPU",
                 key=r.precision,
@@ -101,22 +107,36 @@ class CompareScreen(Screen):
         if table.row_count:
             table.move_cursor(row=min(max(row, 0), table.row_count - 1))
         model = self.app.model.name if self.app.model else "no model"
-        notes = ["* emulated", "◆ Pareto (weights vs KLD)", "mean±sd"]
+        notes = ["* emulated", "◆ Pareto", "mean±sd", "dN: at depth N"]  # the full legend is on the help screen
+        if any(r.noise for r in self._rows):
+            notes.append("~ noisy")
         if any(r.fallback for r in self._rows):
-            notes.insert(1, "† transformers fallback: not serving speed")
+            notes.insert(1, "† fallback")
         if any(r.roofline_suspect for r in self._rows):
             notes.append("!roof > 100 %: a wrong bound, not a fact")
-        if any(r.reference_quantized for r in self._rows):
-            notes.append("reference itself quantized")
         sim = f"[reverse] SIMULATED {self.app.snapshot.simulated} [/reverse] " if (
             self.app.snapshot and self.app.snapshot.simulated) else ""
         error = f"\n{self.app.results_error}" if self.app.results_error else ""
-        self.query_one("#compare-summary", Static).update(
-            f"[b]{model}[/b] · {len(self._rows)} measured · sort {self.sort_key} · {self.family}\n"
-            f"{sim}{' · '.join(notes)}{error}"
-        )
+        self._summary = (f"[b]{model}[/b] · {len(self._rows)} measured · sort {self.sort_key} · {self.family}\n"
+                         f"{sim}{' · '.join(notes)}{error}")
+        self._show_summary()
         self._plots()
         self._recommend()
+        self.call_after_refresh(self._show_summary)
+
+    def _show_summary(self) -> None:
+        """The summary, and which columns the table's width leaves off screen (they scroll into view with →)."""
+        table = self.query_one("#compare-table", DataTable)
+        hidden: list[str] = []
+        if table.size.width:
+            edge = table.scroll_x + table.scrollable_content_region.width
+            left = 0
+            for column in table.ordered_columns:
+                left += column.get_render_width(table)
+                if left > edge:
+                    hidden.append(str(column.label))
+        more = f"\n[b]→ {len(hidden)} more columns:[/b] {', '.join(hidden)}" if hidden else ""
+        self.query_one("#compare-summary", Static).update(self._summary + more)
 
     def _selected(self) -> CompareRow | None:
         row = self.query_one("#compare-table", DataTable).cursor_row
@@ -171,6 +191,8 @@ class CompareScreen(Screen):
 
     def on_resize(self) -> None:
         self.call_after_refresh(self._plots)
+        self.call_after_refresh(self._show_summary)
+        self.call_after_refresh(self._mark_overflow)
 
     # ------------------------------------------------------------------ recommendation
     def _recommend(self) -> None:
@@ -185,6 +207,12 @@ class CompareScreen(Screen):
         text.append("\n" + result.text)
         self.query_one("#recommendation-text", Static).update(text)
         self.recommendation = result
+        self.call_after_refresh(self._mark_overflow)
+
+    def _mark_overflow(self) -> None:
+        """A recommendation longer than its box says so on the border: nothing is cut off silently."""
+        box = self.query_one("#recommendation", VerticalScroll)
+        box.border_subtitle = "more ↓ (tab here, then ↓)" if box.max_scroll_y > 0 else ""
 
     # ------------------------------------------------------------------ actions
     def action_sort(self) -> None:

@@ -6,15 +6,17 @@ import time
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Sparkline, Static
+from textual.widgets import DataTable, Footer, Header, Static
+from textual_plotext import PlotextPlot
 
 from qexplorer.core.breakdown import breakdowns
 from qexplorer.core.kinds import NvmlState
 from qexplorer.core.telemetry import Reading, TelemetrySnapshot
-from qexplorer.core.units import format_bytes, format_gib
+from qexplorer.core.units import GIB, format_bytes, format_gib
 from qexplorer.ui.widgets.memory_bar import MemoryBar
+from qexplorer.ui.widgets.plots import theme_rgb
 
 REFRESH_STEPS_S = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -30,7 +32,7 @@ def _fmt_reading(reading: Reading, unit: str, fmt: str = "{:.0f}") -> str:
 
 
 class DashboardScreen(Screen):
-    """Memory bars, history, GPU gauges and the process table."""
+    """Memory bars, a per-GPU table, the memory history on an absolute scale, and the process table."""
 
     BINDINGS = [
         Binding("plus,equals_sign", "faster", "Rate ±", key_display="+/-"),
@@ -42,13 +44,11 @@ class DashboardScreen(Screen):
         yield Header()
         yield Static("waiting for the first sample…", id="banner")
         yield Vertical(id="bars")
+        gpus: DataTable = DataTable(id="gpus", cursor_type="none", show_cursor=False)
+        gpus.add_columns("GPU", "name", "memory used", "util", "power", "temp", "SM clock", "CC")
+        yield gpus
         yield Static("", id="gpu-stats")
-        with Horizontal(classes="history-row"):
-            yield Static("GPU used", classes="history-label", id="gpu-history-label")
-            yield Sparkline([], id="gpu-history", summary_function=max)
-        with Horizontal(classes="history-row"):
-            yield Static("headroom", classes="history-label", id="headroom-history-label")
-            yield Sparkline([], id="headroom-history", summary_function=min)
+        yield PlotextPlot(id="history")
         table: DataTable = DataTable(id="processes", cursor_type="row", zebra_stripes=True)
         table.add_columns("PID", "process", "GPU", "RSS", "")
         yield table
@@ -122,36 +122,52 @@ class DashboardScreen(Screen):
             pinned = (f" · shmem {_fmt_bytes(host.shmem_bytes)} + mlocked {_fmt_bytes(host.mlocked_bytes)} "
                       f"not reclaimable")
         host_line = f"page cache {cache} reclaimable{pinned} · swap free {host.swap_free_bytes.text()} · PSI {psi}"
-        lines = []
+        gpus = self.query_one("#gpus", DataTable)
+        gpus.clear()
+        gpus.display = bool(snapshot.devices)
         for device in snapshot.devices:
             cc = ".".join(map(str, device.compute_capability)) if device.compute_capability else "n/a"
-            lines.append(
-                f"GPU {device.index}: util {_fmt_reading(device.utilization_pct, '%')} · "
-                f"{_fmt_reading(device.power_w, 'W')} · {_fmt_reading(device.temperature_c, '°C')} · "
-                f"SM {_fmt_reading(device.sm_clock_mhz, 'MHz')} · CC {cc}"
-            )
-        if not snapshot.devices:
-            lines.append(f"GPU: none - {snapshot.nvml_status}")
+            kind = {True: "of pool", False: "VRAM", None: "memory?"}[device.unified]  # pool: shared with the host
+            used = device.gpu_used_bytes.value / GIB if device.gpu_used_bytes.available else None
+            total = device.memory_total_bytes.value / GIB if device.memory_total_bytes.available else None
+            gpus.add_row(str(device.index), device.name.removeprefix("NVIDIA "),
+                         f"{'n/a' if used is None else f'{used:.1f}'} / {'n/a' if total is None else f'{total:.1f}'} "
+                         f"GiB {kind}",
+                         _fmt_reading(device.utilization_pct, "%"), _fmt_reading(device.power_w, "W"),
+                         _fmt_reading(device.temperature_c, "°C"), _fmt_reading(device.sm_clock_mhz, "MHz"), cc,
+                         key=str(device.index))
+        lines = [] if snapshot.devices else [f"GPU: none - {snapshot.nvml_status}"]
         lines.append(host_line)
         stats.update("\n".join(lines))
 
     def _show_history(self) -> None:
+        """Used memory and headroom over the kept history (10 minutes at 1 s), in GiB from 0 to the pool's size:
+        an absolute scale, so a flat line near the top means full, not "the same as a minute ago"."""
         history = list(self.app.history)
+        plot = self.query_one("#history", PlotextPlot)
+        plt = plot.plt
+        plt.clear_data()
+        plt.clear_figure()
         if not history:
+            plot.refresh()
             return
-        gpu = [_gpu_used(s) for s in history]
-        headroom = [s.headroom_for(on_gpu=True).value or 0 for s in history]
-        span_s = history[-1].timestamp_s - history[0].timestamp_s
+        last = history[-1]
+        on_gpu = bool(last.devices)
+        gpu = [_gpu_used(s) / GIB for s in history]
+        headroom = [(s.headroom_for(on_gpu=True).value or 0) / GIB for s in history]
+        ago = [s.timestamp_s - last.timestamp_s for s in history]
+        span_s = -ago[0]
         span = f"{int(span_s // 60)}:{int(span_s % 60):02d}"
-        gpu_name = "GPU used" if history[-1].devices else "host used"
-        self.query_one("#gpu-history", Sparkline).data = gpu
-        self.query_one("#headroom-history", Sparkline).data = headroom
-        self.query_one("#gpu-history-label", Static).update(
-            f"{gpu_name} {span}\nmax {format_gib(max(gpu))}"
-        )
-        self.query_one("#headroom-history-label", Static).update(
-            f"headroom {span}\nmin {format_gib(min(headroom))}"
-        )
+        total = _pool_total(last) / GIB
+        used_name = "GPU used" if on_gpu else "host used"
+        plt.title(f"{used_name} (max {max(gpu):.1f} GiB) and headroom (min {min(headroom):.1f} GiB) in GiB of "
+                  f"{total:.1f}, the last {span} (x: seconds ago)")
+        plt.plot(ago, gpu, color=theme_rgb(self.app, "accent"), marker="braille", label=f"{used_name}, GiB")
+        plt.plot(ago, headroom, color=theme_rgb(self.app, "success"), marker="braille", label="headroom, GiB")
+        plt.ylim(0, max(total, max(gpu), max(headroom), 1e-3))
+        plt.xlim(min(ago[0], -1.0), 0)
+        plt.frame(False)  # every row is data: at 80×24 a box and an axis title leave none
+        plot.refresh()
 
     def _show_processes(self, snapshot: TelemetrySnapshot) -> None:
         table = self.query_one("#processes", DataTable)
@@ -168,6 +184,14 @@ class DashboardScreen(Screen):
             )
         if table.row_count:
             table.move_cursor(row=min(row, table.row_count - 1))
+
+
+def _pool_total(snapshot: TelemetrySnapshot) -> float:
+    """The size of the memory the history is drawn against: the card's VRAM, else the host's RAM."""
+    device = snapshot.devices[0] if snapshot.devices else None
+    if device is not None and not device.unified and device.memory_total_bytes.available:
+        return device.memory_total_bytes.value or 0
+    return snapshot.host.total_bytes.value or 0
 
 
 def _gpu_used(snapshot: TelemetrySnapshot) -> float:

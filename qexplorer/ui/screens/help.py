@@ -70,7 +70,9 @@ against live headroom. Verdicts: *fits*, *tight* (margin under 10 % or 1 GiB),
 estimates until a run measures them.
 
 `space` selects precisions to run, `r` runs them, `b` toggles the quick
-benchmark, `[` / `]` halve / double the context, `k` cycles the KV-cache dtype.
+benchmark, `d` cycles the context depths (llama-bench `-d`: pp and tg again
+after that many prefilled tokens, within the planned context), `v` toggles
+quality, `[` / `]` halve / double the context, `k` cycles the KV-cache dtype.
 A precision that does not fit is not queued.
 
 ## Jobs (`j`)
@@ -104,6 +106,15 @@ value above 100 % is marked `!`: the bound is wrong there, not the speed.
 label follows the kernel vLLM says it chose); *emulated* means it runs through
 a generic path (FP8 on a CPU); *dequantized* (†) means the transformers
 fallback expanded the weights to BF16 - not serving speed.
+llama.cpp runs with llama-bench's context parameters (flash attention auto,
+batch 2048 / micro-batch 512, the same thread count for pp and tg).
+
+**Depth**: every speed is measured at a context depth (0 unless `d` chose more);
+deeper figures sit in the compare table's *deeper* column as `d2048 85±1`.
+**Noise** (`~` after a speed): while each speed was timed, other processes
+used ≥ 10 % of the machine's CPU, or the repetitions spread by ≥ 5 % (CV). The
+busy process is named in the result; re-run on a quiet machine before trusting
+the figure.
 
 ## Quality
 
@@ -124,11 +135,17 @@ Every measured precision of the current model, latest run each: memory, speed
 (mean ± sd), roofline %, KLD, top-1, PPL; three plots (decode speed, KLD, and
 KLD against memory with the Pareto frontier: nothing else is both smaller and
 better). `s` sorts, `f` filters torch / GGUF, the selected row is highlighted
-in every plot. The **recommendation** follows the framework: quality first →
-lowest KLD with native kernels (FP8 on FP8 tensor cores); memory first →
-smallest with acceptable KLD (calibrated INT4: AWQ / GPTQ); CPU → GGUF K-quants
-of 4+ bits; it only considers what fits the live headroom. `o` changes the
-priority. `e` writes results.csv / .json / .md, `x` exports the selected
+in every plot. The **recommendation** is chosen from the table: among every
+measured precision that fits the live headroom and runs natively here (not a
+fallback, not emulated), quality first → the lowest KLD; memory first → the
+smallest with KLD ≤ 0.1; speed first → the fastest decode with KLD ≤ 0.1; CPU →
+the fastest GGUF with KLD ≤ 0.1. Results closer than the measurement can tell
+apart (KLD within 2 standard errors or 0.005, speeds within 2 sd or 2 %) are
+a tie, and only then does the seed's framework decide (FP8 on FP8 tensor cores,
+AWQ / GPTQ, GGUF Q4_K_M / Q5_K_M on a CPU, quantized before the reference).
+Noisy speeds rank after quiet ones and are named. `o` changes the priority;
+the recommendation box scrolls (`tab` to it) when its text is longer than the
+screen. `e` writes results.csv / .json / .md, `x` exports the selected
 precision as a GGUF file (llama.cpp) or a compressed-tensors folder (vLLM) and
 prints the command that serves it.
 

@@ -26,6 +26,7 @@ class PlanScreen(Screen):
         Binding("k", "kv_dtype", "KV dtype", show=False),
         Binding("r", "run", "Run"),
         Binding("b", "toggle_quick", "Quick", show=False),
+        Binding("d", "depth", "Depth", show=False),
         Binding("v", "toggle_quality", "Quality", show=False),
         Binding("a", "select_all", "All/none", show=False),
     ]
@@ -40,7 +41,8 @@ class PlanScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        for name in ("snapshot", "model", "context", "kv_dtype", "chosen"):
+        for name in ("snapshot", "model", "context", "kv_dtype", "chosen", "quick_bench", "bench_depths",
+                     "measure_quality"):
             self.watch(self.app, name, lambda _: self._refresh_plans(), init=False)
         self._refresh_plans()
         self.query_one("#plan-table", DataTable).focus()
@@ -70,7 +72,9 @@ class PlanScreen(Screen):
             f"context {app.context:,} tok · KV cache {app.kv_dtype} "
             f"{format_bytes(plans[0].kv_cache_bytes) if plans else 'n/a'} · "
             f"target {hardware.label}{sim}\nheadroom {format_gib(headroom)} "
-            f"(reserve {format_gib(snap.reserve_bytes) if snap else 'n/a'}) · estimated"
+            f"(reserve {format_gib(snap.reserve_bytes) if snap else 'n/a'}) · estimated\n"
+            f"benchmark {app.bench_config().describe()} · quality {'on' if app.measure_quality else 'off'} "
+            "(b quick, d depth, v quality)"
         )
         row = table.cursor_row
         table.clear()
@@ -137,6 +141,13 @@ class PlanScreen(Screen):
         bench = self.app.bench_config()
         self.notify(f"Benchmark: pp{bench.prompt_tokens} / tg{bench.gen_tokens} × {bench.repetitions}"
                     + (" (quick)" if self.app.quick_bench else " (llama-bench default)"), timeout=4)
+
+    def action_depth(self) -> None:
+        from qexplorer.core.bench import depth_choices
+
+        choices = depth_choices(self.app.context, self.app.bench_config())
+        current = self.app.bench_depths
+        self.app.bench_depths = choices[(choices.index(current) + 1) % len(choices)] if current in choices else (0,)
 
     def action_toggle_quality(self) -> None:
         self.app.measure_quality = not self.app.measure_quality
