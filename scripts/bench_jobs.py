@@ -71,6 +71,8 @@ def backend(args: argparse.Namespace) -> None:
                     ours.setdefault(("pp", speed.depth), []).append(speed.prefill_tok_s.mean)
                     ours.setdefault(("tg", speed.depth), []).append(speed.decode_tok_s.mean)
                     noisy += speed.noisy
+                    if speed.noisy:
+                        print(f"  noisy round: {speed.noise.reason}", flush=True)
                 for test, (mean, _spread) in _llama_bench(args.llama_bench, path, config).items():
                     theirs.setdefault(test, []).append(mean)
             del llm

@@ -100,6 +100,13 @@ async def test_precision_picker_keys():
         before = set(app.chosen)
         await pilot.press("space")  # first row: fp32
         assert set(app.chosen) ^ before == {"fp32"}
+        # D cycles the depths within the planned context (2048 - pp512 - tg128 = 1408 tokens of room)
+        await pilot.press("D")
+        assert app.bench_depths == (0, 704) and app.bench_config().depths == (0, 704)
+        await pilot.pause()
+        assert "pp512 / tg128 × 5 at depth 0, 704" in str(app.screen.query_one("#plan-summary").render())
+        await pilot.press("D", "D")
+        assert app.bench_depths == (0,)
         await pilot.press("escape")
         assert not isinstance(app.screen, PlanScreen)
 

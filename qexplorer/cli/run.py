@@ -59,8 +59,14 @@ class StderrProgress:
         speed = view.record.speed if view.record else None
         if view.finished and view.status == "ok" and speed is not None:
             tg = speed.decode_tok_s
-            self.stream.write(f"{self.label} done: decode {tg.mean:.1f} ± {tg.sd:.1f} tok/s, "
+            deeper = "".join(f", {s.decode_tok_s.mean:.1f} ± {s.decode_tok_s.sd:.1f} at depth {s.depth}"
+                             for s in view.record.depth_speeds)
+            self.stream.write(f"{self.label} done: decode {tg.mean:.1f} ± {tg.sd:.1f} tok/s"
+                              f"{f' at depth {speed.depth}' if speed.depth else ''}{deeper}, "
                               f"peak {format_bytes(view.peak_rss_bytes)}\n")
+            for noisy in (s for s in (speed, *view.record.depth_speeds) if s.noisy and s.noise):
+                self.stream.write(f"{self.label} warning: {noisy.noise.reason} Re-run on a quiet machine before "
+                                  "trusting this speed.\n")
         else:
             self.stream.write(f"{self.label} {view.status}: {view.error}\n")
         self.stream.flush()

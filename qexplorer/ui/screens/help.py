@@ -70,7 +70,7 @@ against live headroom. Verdicts: *fits*, *tight* (margin under 10 % or 1 GiB),
 estimates until a run measures them.
 
 `space` selects precisions to run, `r` runs them, `b` toggles the quick
-benchmark, `d` cycles the context depths (llama-bench `-d`: pp and tg again
+benchmark, `D` cycles the context depths (llama-bench `-d`: pp and tg again
 after that many prefilled tokens, within the planned context), `v` toggles
 quality, `[` / `]` halve / double the context, `k` cycles the KV-cache dtype.
 A precision that does not fit is not queued.
@@ -109,7 +109,7 @@ fallback expanded the weights to BF16 - not serving speed.
 llama.cpp runs with llama-bench's context parameters (flash attention auto,
 batch 2048 / micro-batch 512, the same thread count for pp and tg).
 
-**Depth**: every speed is measured at a context depth (0 unless `d` chose more);
+**Depth**: every speed is measured at a context depth (0 unless `D` chose more);
 deeper figures sit in the compare table's *deeper* column as `d2048 85±1`.
 **Noise** (`~` after a speed): while each speed was timed, other processes
 used ≥ 10 % of the machine's CPU, or the repetitions spread by ≥ 5 % (CV). The

@@ -26,7 +26,7 @@ class PlanScreen(Screen):
         Binding("k", "kv_dtype", "KV dtype", show=False),
         Binding("r", "run", "Run"),
         Binding("b", "toggle_quick", "Quick", show=False),
-        Binding("d", "depth", "Depth", show=False),
+        Binding("D", "depth", "Depth", show=False),  # d is the dashboard everywhere
         Binding("v", "toggle_quality", "Quality", show=False),
         Binding("a", "select_all", "All/none", show=False),
     ]
@@ -74,7 +74,7 @@ class PlanScreen(Screen):
             f"target {hardware.label}{sim}\nheadroom {format_gib(headroom)} "
             f"(reserve {format_gib(snap.reserve_bytes) if snap else 'n/a'}) · estimated\n"
             f"benchmark {app.bench_config().describe()} · quality {'on' if app.measure_quality else 'off'} "
-            "(b quick, d depth, v quality)"
+            "(b quick, D depth, v quality)"
         )
         row = table.cursor_row
         table.clear()
