@@ -6,6 +6,8 @@ planner's predicted peak against the measured peak for every precision.
     python scripts/bench_jobs.py peaks [--model default] [--precision all] [--quick] [--quality]
     python scripts/bench_jobs.py shapes [--shapes dense-185m,moe-small] [--quick] [--quality]
                                         # the same on random-weight models of other shapes
+    python scripts/bench_jobs.py decision [--precision bf16,int8,q8_0,q4_k_m] [--data-dir DIR]
+                                        # time to decision, cold then warm, estimated vs actual per job
 
 Prints numbers; asserts nothing.
 """
@@ -54,7 +56,8 @@ def backend(args: argparse.Namespace) -> None:
     """qexplorer's llama.cpp backend against llama-bench (built from the same vendored llama.cpp), same file, threads
     and shape, in alternating rounds so that drift hits both alike."""
     config = BenchConfig(prompt_tokens=args.pp, gen_tokens=args.tg, repetitions=args.reps, threads=args.threads,
-                         depths=tuple(int(d) for d in args.depth.split(",")))
+                         depths=tuple(int(d) for d in args.depth.split(",")),
+                         min_repetitions=args.reps)  # llama-bench's fixed count on both sides
     text = CALIBRATION_FILE.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
         files = _artifacts(tmp, args.precision.split(","))
@@ -169,6 +172,35 @@ def shapes(args: argparse.Namespace) -> None:
             peaks(args, model_ref=str(folder), extra_paths=(str(folder),))
 
 
+def decision(args: argparse.Namespace) -> None:
+    """Time to decision: the app's default ladder with quality, from an empty data directory (cold), then again
+    with everything cached (warm), through `qexplorer run` as a user runs it; per job the phases it spent time in
+    and the estimate it was given beforehand."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="qexplorer-decision-"))
+    env = {**os.environ, "QEXPLORER_DATA_DIR": str(data_dir)}
+    command = [sys.executable, "-m", "qexplorer", "run", "default", "--precision", args.precision, "--quality",
+               *(["--quick"] if args.quick else [])]
+    print(f"{' '.join(command[2:])}  (data dir {data_dir})")
+    for run in ("cold", "warm"):
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        jobs = json.loads((data_dir / "durations.json").read_text())["jobs"][-len(args.precision.split(",")):]
+        print(f"\n{run}: {wall:.1f} s to the last result (exit {done.returncode})")
+        print(f"  {'job':8} {'estimated':>10} {'actual':>8}  phases (s)")
+        for job in jobs:
+            phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in job["phases"])
+            print(f"  {job['precision']:8} {job['predicted_s']:>9.1f}s {job['actual_s']:>7.1f}s  {phases}"
+                  f"  [{job['source']}]")
+        if done.returncode:
+            print(done.stderr[-2000:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -194,8 +226,12 @@ def main() -> None:
         parser_.add_argument("--quick", action="store_true")
         parser_.add_argument("--quality", action="store_true")
         parser_.add_argument("--quality-tokens", type=int, default=4096)
+    d = sub.add_parser("decision")
+    d.add_argument("--precision", default="bf16,int8,q8_0,q4_k_m")
+    d.add_argument("--data-dir", help="default: a new empty folder")
+    d.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    {"backend": backend, "peaks": peaks, "shapes": shapes, "served": served}[args.what](args)
+    {"backend": backend, "peaks": peaks, "shapes": shapes, "served": served, "decision": decision}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 from apps import feed_samples, settle, sim_app
 
 from qexplorer.core.bench import Stat
+from qexplorer.core.eta import JobEstimate, PhaseEstimate
 from qexplorer.core.jobs.events import Phase, Progress
 from qexplorer.core.jobs.queue import JobView
 from qexplorer.core.jobs.record import HardwareFacts, ModelIdentity, RunRecord, Speed
@@ -32,15 +34,24 @@ async def inject_jobs(app, pilot) -> None:
         app.post_message(JobChanged(view))
         return view
 
+    app.clock = lambda: 1000.0  # "time left" against a fixed clock: the snapshot must not depend on when it ran
+    estimate = JobEstimate("int8", (PhaseEstimate("start", "start", 1, 6.0, False),
+                                    PhaseEstimate("load", "load:transformers", 0.15, 3.0, False),
+                                    PhaseEstimate("benchmark", "benchmark:transformers", 24.0, 12.0, False),
+                                    PhaseEstimate("calibrate", "calibrate", 1, 3.0, False)))
+    queued = JobEstimate("q4_k_m", (PhaseEstimate("start", "start", 1, 6.0, True),
+                                    PhaseEstimate("benchmark", "benchmark:llama.cpp", 24.0, 4.0, True)))
     done = post(JobView(id=1, label="GGUF Q8_0", action=JobAction.RUN, planned_peak_bytes=int(1.1 * GIB)))
-    running = post(JobView(id=2, label="INT8 w-only", action=JobAction.RUN, planned_peak_bytes=int(1.1 * GIB)))
+    running = post(JobView(id=2, label="INT8 w-only", action=JobAction.RUN, planned_peak_bytes=int(1.1 * GIB),
+                           estimate=estimate))
+    post(JobView(id=3, label="GGUF Q4_K_M", action=JobAction.RUN, estimate=queued))
     running = post(running.applied(Phase("load", "loading")))
     for second in range(12):
         rss = int((0.1 + 0.08 * second) * GIB)
         gpu = int(0.15 * second * GIB)  # NVML's per-process figure on GB10: not part of RSS
         running = post(running.sampled(MemorySample(float(second), rss, gpu, int(72 * GIB - rss - gpu), "load",
                                                     GPU_BY_PID)))
-    running = post(running.applied(Phase("benchmark", "pp64 / tg16 × 2")))
+    running = post(replace(running.applied(Phase("benchmark", "pp64 / tg16 × 2")), phase_started_s=995.0))
     running = post(running.applied(Progress("benchmark", 1, 2, "repetition 1")))
     speed = Speed(prefill_tok_s=Stat(900.0, 10.0, 2), decode_tok_s=Stat(141.7, 3.9, 2), ttft_s=Stat(0.08, 0.0, 2),
                   prompt_tokens=64, gen_tokens=16, repetitions=2, threads=2)
@@ -49,11 +60,11 @@ async def inject_jobs(app, pilot) -> None:
         peak_rss_bytes=247 * MIB, peak_gpu_bytes=820 * MIB, planned_peak_bytes=int(1.1 * GIB))
     post(JobView(**{**done.__dict__, "status": JobStatus.OK, "phase": "done", "record": record,
                     "peak_rss_bytes": 247 * MIB, "peak_gpu_bytes": 820 * MIB,
+                    "estimate": JobEstimate("q8_0", (PhaseEstimate("benchmark", "benchmark:llama.cpp", 24, 30.0,
+                                                                   False),)), "took_s": 41.0,
                     "message": "stored; it appears on the compare screen (c)"}))
     await pilot.pause()
     await pilot.press("j")
-    await pilot.pause()
-    await pilot.press("down")
     await pilot.pause()
 
 
@@ -75,13 +86,18 @@ async def test_the_gpu_peak_and_the_plan_check_are_on_the_jobs_screen():
         await settle(app, pilot)
         await inject_jobs(app, pilot)
         table = app.screen.query_one("#job-table")
-        done, running = ([str(c) for c in table.get_row_at(i)] for i in range(2))
+        done, running, queued = ([str(c) for c in table.get_row_at(i)] for i in range(3))
         assert "247.0 MiB" in done and "820.0 MiB" in done  # RSS and GPU side by side
+        # 5 s into a 12 s benchmark, then 3 s of calibration: 10 s left; the queued job's 10 s estimate beside it
+        assert "~10 s" in running and "~10 s" in queued
+        assert "queue: 2 jobs, ~20 s left (estimated partly from defaults)" in str(app.screen.query_one("#queue-eta").render())
         assert "1.6 GiB" in running  # the running job's GPU peak so far (11 × 0.15 GiB)
         await pilot.press("up")
         await pilot.pause()
         message = str(app.screen.query_one("#job-message").render())
+        assert "GGUF Q8_0" in message
         assert "peak RSS + GPU 1.0 GiB measured vs 1.1 GiB planned (+6 %)" in message  # (1126 − 1067) / 1067
+        assert "took 41 s, estimated 30 s" in message
 
 
 async def wait_jobs(app, pilot, timeout_s: float = 240) -> None:

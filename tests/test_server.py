@@ -170,7 +170,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(json.dumps({"data": [{"id": "fake"}]}).encode())
 
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        if self.mode == "strict":  # an OpenAI-like server that refuses fields it does not know
+            if "ignore_eos" in body or "min_tokens" in body:
+                self.send_response(400)
+                self.end_headers()
+                self.wfile.write(b'{"error": "unknown field ignore_eos"}')
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for _ in range(3):  # fewer tokens than asked for: nothing holds the length
+                self.wfile.write(b'data: {"choices": [{"text": "a"}]}\n\n')
+            self.wfile.write(b"data: [DONE]\n\n")
+            return
         if self.mode == "hang":
             time.sleep(3)
         try:
@@ -197,6 +210,21 @@ def test_bad_servers(mode, message, capsys):
         assert code in (1, 2) and message in err
     finally:
         httpd.shutdown()
+
+
+def test_a_server_that_refuses_ignore_eos_is_asked_without_it_and_the_sweep_says_so():
+    handler = type("H", (_Handler,), {"mode": "strict"})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        target = server.ServerTarget(f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=5)
+        result = drive(server.sweep(target, (1,), repetitions=2, max_tokens=8, prompt_tokens=16))
+    finally:
+        httpd.shutdown()
+    assert result.error is None and result.levels[0].tokens == 6
+    assert "refused ignore_eos" in result.exact_output and "3-3 tokens" in result.exact_output
+    assert result.token_count.startswith("streamed chunks with text")  # no usage in this stream
+    assert "4 characters per token" in result.token_count  # no usage at all: lengths are estimates, and say so
 
 
 def test_api_key_comes_from_the_environment_only(monkeypatch):

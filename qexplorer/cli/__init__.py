@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="context depths: pp and tg again after that many prefilled tokens (llama-bench -d; "
                           "default 0)")
     run.add_argument("--force", action="store_true", help="run even when the plan says it does not fit")
+    run.add_argument("--as-listed", action="store_true",
+                     help="run in the order given (default: cheapest first - GGUF, data-free, then calibrated)")
     run.add_argument("--json", action="store_true", help="print the results as JSON")
     run.add_argument("--quality", action="store_true", help="also measure KLD, top-1 and perplexity vs the reference")
     run.add_argument("--corpus", help="evaluation text: a UTF-8 file or a folder (default: shipped prose + stdlib)")

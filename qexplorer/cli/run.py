@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -13,11 +14,13 @@ from qexplorer.core import precisions
 from qexplorer.core.bench import BenchConfig, parse_depths
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.errors import UserError
+from qexplorer.core.eta import cost_order, estimate_jobs, format_duration
 from qexplorer.core.jobs.events import JobEvent, Log, Phase, Progress
 from qexplorer.core.jobs.queue import JobQueue, JobView
 from qexplorer.core.jobs.runner import JobRunner
 from qexplorer.core.jobs.spec import JobSpec, plan_jobs
 from qexplorer.core.kinds import JobAction
+from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.results import ResultsStore, flat_row, to_markdown
 from qexplorer.core.safety import check_loadable
 from qexplorer.core.settings import Settings, engine_env
@@ -33,6 +36,7 @@ class StderrProgress:
         self.label = label
         self.tty = stream.isatty()
         self.phase = ""
+        self.left = ""  # "~1:20 left", set by the queue's reporter from the job's estimate
 
     def __call__(self, event: JobEvent) -> None:
         if isinstance(event, Phase):
@@ -46,7 +50,7 @@ class StderrProgress:
             self._line(f"warning: {event.message}", keep=True)
 
     def _line(self, text: str, keep: bool = False) -> None:
-        line = f"{self.label} {text}"
+        line = f"{self.label} {text}" + (f" ({self.left})" if self.left and not keep else "")
         if self.tty and not keep:
             self.stream.write("\r\033[K" + line[:200])
         else:
@@ -57,13 +61,15 @@ class StderrProgress:
         if self.tty:
             self.stream.write("\r\033[K")
         speed = view.record.speed if view.record else None
+        took = (f", took {format_duration(view.took_s)} (estimated {format_duration(view.estimate.total_s)})"
+                if view.took_s is not None and view.estimate is not None else "")
         if view.finished and view.status == "ok" and speed is not None:
             tg = speed.decode_tok_s
             deeper = "".join(f", {s.decode_tok_s.mean:.1f} ± {s.decode_tok_s.sd:.1f} at depth {s.depth}"
                              for s in view.record.depth_speeds)
             self.stream.write(f"{self.label} done: decode {tg.mean:.1f} ± {tg.sd:.1f} tok/s"
                               f"{f' at depth {speed.depth}' if speed.depth else ''}{deeper}, "
-                              f"peak {format_bytes(view.peak_rss_bytes)}\n")
+                              f"peak {format_bytes(view.peak_rss_bytes)}{took}\n")
             for noisy in (s for s in (speed, *view.record.depth_speeds) if s.noisy and s.noise):
                 self.stream.write(f"{self.label} warning: {noisy.noise.reason} Re-run on a quiet machine before "
                                   "trusting this speed.\n")
@@ -85,6 +91,8 @@ class _Reporter:
         bar = self.bars.get(view.id)
         if bar is None:
             return
+        left = view.left_s(time.monotonic())
+        bar.left = f"~{format_duration(left)} left, estimated" if left is not None else ""
         if view.finished:
             if before is None or not before.finished:
                 bar.done(view)
@@ -122,6 +130,8 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
         trust_remote_code=args.trust_remote_code, engine_args=tuple(shlex.split(args.engine_args or "")),
         shown_profile=args.simulate,
     )
+    if not getattr(args, "as_listed", False):
+        chosen = cost_order(spec, chosen)
     planned = plan_jobs(spec, chosen, sampler.sample(), template, force=args.force)
     if planned.refused:
         first = planned.refused[0]
@@ -133,10 +143,16 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     store = ResultsStore.in_dir(settings.results_path)
     count = len(planned.specs)
     labels = [f"[{i}/{count}] {s.precision}" for i, s in enumerate(planned.specs, start=1)]
+    estimates = estimate_jobs(spec, planned.specs, settings.results_path,
+                              cuda=hardware_from_snapshot(sampler.sample()).cuda)
+    for label, estimate in zip(labels, estimates, strict=True):
+        sys.stderr.write(f"{label} ~{format_duration(estimate.total_s)} (estimated {estimate.source}: "
+                         + ", ".join(f"{p.name} {format_duration(p.seconds)}" for p in estimate.phases) + ")\n")
+    sys.stderr.write(f"queue: {count} jobs, ~{format_duration(sum(e.total_s for e in estimates))} estimated\n")
     reporter = _Reporter({})
     queue = JobQueue(JobRunner(sampler=sampler, interval_s=settings.refresh_s, extra_env=engine_env(settings)), store,
                      on_change=reporter)
-    ids = queue.submit(planned.specs, labels)
+    ids = queue.submit(planned.specs, labels, estimates)
     reporter.bars.update({job_id: StderrProgress(sys.stderr, label) for job_id, label in zip(ids, labels,
                                                                                               strict=True)})
     interrupted = False

@@ -265,7 +265,7 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     its prompt log-probs inside the server; the fallback: logits in the worker) and, where this job builds it,
     the reference pass - phases that run one after another, so the peak is the largest of them.
     """
-    request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)
+    request = PlanRequest(context=bench.context_tokens)  # depth + pp + tg: the deepest test's KV cache
     logits = logits_bytes(spec, quality.ctx) if quality else 0
     reference = reference_peak(spec, quality.ctx) if quality and quality.builds_reference else 0
     if precision.is_gguf:

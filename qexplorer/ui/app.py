@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,6 +73,7 @@ class QExplorerApp(App[int]):
         self.live = live
         self.history: deque[TelemetrySnapshot] = deque(maxlen=HISTORY_SAMPLES)
         self.machine_snapshot: TelemetrySnapshot | None = None  # the real machine's, when the screens simulate
+        self.clock = time.monotonic  # the jobs screen's "time left"; tests fix it
         self._timer: Timer | None = None
         self._job_queue = None  # created with the first job: the job machinery stays out of start-up
         self.results_error: str | None = None
@@ -362,10 +364,27 @@ class QExplorerApp(App[int]):
 
         return replace(BenchConfig.quick() if self.quick_bench else BenchConfig(), depths=self.bench_depths)
 
+    def planned_jobs(self):
+        """The chosen precisions as job specs, cheapest first (GGUF re-quantizations, data-free schemes, then
+        calibrated methods), with an estimate of each one's duration in that order."""
+        from qexplorer.core.eta import cost_order, estimate_jobs
+        from qexplorer.core.jobs.spec import JobSpec, plan_jobs
+        from qexplorer.core.planner import hardware_from_snapshot
+        from qexplorer.core.precisions import PRECISIONS
+
+        template = JobSpec(model_ref=self.model.path, precision="", data_dir=str(self.settings.results_path),
+                           bench=self.bench_config(), model_paths=tuple(self.settings.models),
+                           quality=self.measure_quality, shown_profile=self.sources.sampler.simulated)
+        chosen = cost_order(self.model, [p for p in PRECISIONS if p.key in self.chosen])
+        # real jobs are planned against the real machine, whatever profile the screens show
+        real = self.machine_snapshot if self.sources.separate_guard else self.snapshot
+        planned = plan_jobs(self.model, chosen, real, template)
+        estimates = estimate_jobs(self.model, planned.specs, self.settings.results_path,
+                                  cuda=hardware_from_snapshot(real).cuda)
+        return planned, estimates
+
     def queue_chosen(self) -> None:
         """Queue one job per chosen precision that the plan says fits; then show the jobs screen."""
-        from qexplorer.core.jobs.spec import JobSpec, plan_jobs
-        from qexplorer.core.precisions import PRECISIONS
         from qexplorer.core.safety import check_loadable
 
         if self.model is None:
@@ -376,13 +395,7 @@ class QExplorerApp(App[int]):
         except UserError as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return
-        template = JobSpec(model_ref=self.model.path, precision="", data_dir=str(self.settings.results_path),
-                           bench=self.bench_config(), model_paths=tuple(self.settings.models),
-                           quality=self.measure_quality, shown_profile=self.sources.sampler.simulated)
-        chosen = [p for p in PRECISIONS if p.key in self.chosen]  # registry order
-        # real jobs are planned against the real machine, whatever profile the screens show
-        real = self.machine_snapshot if self.sources.separate_guard else self.snapshot
-        planned = plan_jobs(self.model, chosen, real, template)
+        planned, estimates = self.planned_jobs()
         if planned.refused:
             self.notify("Not queued, does not fit: " + "; ".join(
                 f"{r.label} ({format_bytes(r.need_bytes)} > {format_bytes(r.headroom_bytes)} headroom)"
@@ -391,7 +404,7 @@ class QExplorerApp(App[int]):
             self.notify("Select precisions with space first.", severity="warning")
         self.action_run_screen()
         if planned.specs:
-            self.job_queue.submit(planned.specs)
+            self.job_queue.submit(planned.specs, estimates=estimates)
 
     def cancel_job(self, job_id: int) -> None:
         if self._job_queue is not None:

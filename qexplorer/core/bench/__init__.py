@@ -21,10 +21,12 @@ from dataclasses import dataclass
 class BenchConfig:
     prompt_tokens: int = 512  # pp512
     gen_tokens: int = 128  # tg128
-    repetitions: int = 5
+    repetitions: int = 5  # the most timed repetitions (llama-bench's fixed count)
     threads: int = 0  # 0: the library's default
     warmup: bool = True
     depths: tuple[int, ...] = (0,)  # prefilled context before each pp / tg (llama-bench -d)
+    min_repetitions: int = 3  # the fewest before the stopping rule may end the series
+    sem_target_pct: float = 2.0  # stop once pp's and tg's standard error of the mean is within this (% of the mean)
 
     @property
     def thread_count(self) -> int:
@@ -45,10 +47,23 @@ class BenchConfig:
         depths = "" if self.depths == (0,) else " at depth " + ", ".join(str(d) for d in self.depths)
         return f"pp{self.prompt_tokens} / tg{self.gen_tokens} × {self.repetitions}{depths}"
 
+    def settled(self, *series_s: list[float]) -> bool:
+        """The stopping rule of the adaptive repetitions, after each one: stop at ``repetitions``; before
+        ``min_repetitions`` go on; in between stop once every series' standard error of the mean is within
+        ``sem_target_pct`` of its mean. Why 2 %: the 95 % interval is then about ±4 %, inside the 5-10 % gaps
+        between neighbouring K-quants that the comparison has to resolve; a quiet machine gets there in three
+        repetitions (CV ≤ 3.4 %), a noisy one runs the full count and is flagged by the noise probe."""
+        if max(len(s) for s in series_s) >= self.repetitions:
+            return True
+        n = min(len(s) for s in series_s)
+        if n < min(self.min_repetitions, self.repetitions):
+            return False
+        return all(sem_pct(s) <= self.sem_target_pct for s in series_s)
+
     @staticmethod
     def quick() -> BenchConfig:
         """For demos and tests: pp64, tg16, two repetitions."""
-        return BenchConfig(prompt_tokens=64, gen_tokens=16, repetitions=2)
+        return BenchConfig(prompt_tokens=64, gen_tokens=16, repetitions=2, min_repetitions=2)
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,13 @@ def parse_depths(text: str) -> tuple[int, ...]:
     if not depths or min(depths) < 0:
         raise UserError("--depth needs token counts of 0 or more, such as 0,2048.")
     return tuple(dict.fromkeys(depths))
+
+
+def sem_pct(values: list[float]) -> float:
+    """Standard error of the mean as a percentage of the mean (infinite for fewer than two values)."""
+    if len(values) < 2 or statistics.fmean(values) <= 0:
+        return float("inf")
+    return 100.0 * statistics.stdev(values) / len(values) ** 0.5 / statistics.fmean(values)
 
 
 def rates(tokens: int, seconds: list[float]) -> Stat:

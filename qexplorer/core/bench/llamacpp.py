@@ -160,18 +160,18 @@ def _run(decoder: Decoder, config: BenchConfig) -> Generator[JobEvent, None, tup
             decoder.trim(depth)
         noise = NoiseProbe().start()
         pp_s, tg_s, ttft_s = [], [], []
-        for rep in range(config.repetitions):
+        while not pp_s or not config.settled(pp_s, tg_s):  # adaptive: see BenchConfig.settled
             pp = _timed(decoder.prompt, config.prompt_tokens, depth)
             ttft_s.append(pp + _timed(decoder.generate, 1))
             pp_s.append(pp)
             decoder.trim(depth)
             tg_s.append(_timed(decoder.generate, config.gen_tokens))
             decoder.trim(depth)
-            yield Progress("benchmark", d_index * config.repetitions + rep + 1, total,
-                           f"repetition {rep + 1}" + (f" at depth {depth}" if depth else ""))
+            yield Progress("benchmark", d_index * config.repetitions + len(pp_s), total,
+                           f"repetition {len(pp_s)}" + (f" at depth {depth}" if depth else ""))
         decode = rates(config.gen_tokens, tg_s)
         speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=decode,
                             ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
-                            repetitions=config.repetitions, threads=config.thread_count, depth=depth,
+                            repetitions=len(pp_s), threads=config.thread_count, depth=depth,
                             noise=noise.stop(decode.cv_pct)))
     return tuple(speeds)

@@ -195,6 +195,7 @@ class Stream:
         self.target = target
         self.client = _client(target)
         self.extras: dict[str, Any] = {"ignore_eos": True, "stream_options": {"include_usage": True}}
+        self.exact = True  # False once the server refused the extras
 
     def __enter__(self) -> Stream:
         return self
@@ -213,21 +214,22 @@ class Stream:
             raise _explain(self.target, exc) from None
         return time.perf_counter() - started
 
-    def complete(self, model: str, prompt: str, max_tokens: int, exact: bool = True) -> StreamTiming:
-        """One streaming completion. ``exact``: ask for exactly ``max_tokens`` (ignore_eos + min_tokens); a server
-        that refuses those fields is asked again without them, once, and never again on this stream."""
+    def complete(self, model: str, prompt: str, max_tokens: int) -> StreamTiming:
+        """One streaming completion of exactly ``max_tokens`` where the server takes ``ignore_eos`` +
+        ``min_tokens`` (and streams ``usage``); a server that refuses those fields is asked again without them,
+        and this stream never sends them again (:attr:`exact` then says so)."""
         import httpx
 
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.0}
-        if exact:
+        if self.exact:
             body.update(self.extras, min_tokens=max_tokens)
         timing = StreamTiming(start_s=time.perf_counter())
         try:
             with self.client.stream("POST", self.target.url("/completions"), json=body) as response:
-                if response.status_code in (400, 422) and exact and self.extras:
+                if response.status_code in (400, 422) and self.exact:
                     response.read()
-                    self.extras = {}
-                    return self.complete(model, prompt, max_tokens, exact=False)
+                    self.exact = False
+                    return self.complete(model, prompt, max_tokens)
                 response.raise_for_status()
                 for line in response.iter_lines():
                     if not line.startswith("data:"):
@@ -259,10 +261,6 @@ class Stream:
             timing.usage_completion_tokens = usage.get("completion_tokens") or timing.usage_completion_tokens
         if text:
             timing.token_times_s.append(now)
-
-    @property
-    def exact(self) -> bool:
-        return bool(self.extras)
 
 
 def stream_completion(target: ServerTarget, model: str, prompt: str, max_tokens: int) -> StreamTiming:

@@ -82,18 +82,18 @@ def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Generator
                 cache.crop(depth)
             noise = NoiseProbe().start()
             pp_s, tg_s, ttft_s = [], [], []
-            for rep in range(config.repetitions):
+            while not pp_s or not config.settled(pp_s, tg_s):  # adaptive: see BenchConfig.settled
                 pp = timed(forward, prompt, cache)
                 ttft_s.append(pp + timed(forward, token, cache))
                 pp_s.append(pp)
                 cache.crop(depth)
                 tg_s.append(timed(generate, cache, config.gen_tokens))
                 cache.crop(depth)
-                yield Progress("benchmark", d_index * config.repetitions + rep + 1, total,
-                               f"repetition {rep + 1}" + (f" at depth {depth}" if depth else ""))
+                yield Progress("benchmark", d_index * config.repetitions + len(pp_s), total,
+                               f"repetition {len(pp_s)}" + (f" at depth {depth}" if depth else ""))
             decode = rates(config.gen_tokens, tg_s)
             speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=decode,
                                 ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens,
-                                gen_tokens=config.gen_tokens, repetitions=config.repetitions, threads=threads,
+                                gen_tokens=config.gen_tokens, repetitions=len(pp_s), threads=threads,
                                 depth=depth, noise=noise.stop(decode.cv_pct)))
     return tuple(speeds)

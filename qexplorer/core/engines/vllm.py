@@ -266,7 +266,8 @@ class VllmServer:
             for d_index, depth in enumerate(config.depths):
                 noise = NoiseProbe().start()  # the worker's tree holds the vLLM server: its CPU is the measurement
                 ttft_s, decode_tok_s = [], []
-                for rep in range(config.repetitions):
+                rep = 0
+                while not ttft_s or not config.settled(ttft_s, decode_tok_s):  # adaptive: BenchConfig.settled
                     context = window(rep, depth, salt=1 + d_index) if depth else []
                     if depth:
                         self._stream(client, context, 1)  # prefilled and cached, outside the timing
@@ -275,12 +276,13 @@ class VllmServer:
                     ttft_s.append(first - start)
                     if generated > 1 and last > first:
                         decode_tok_s.append((generated - 1) / (last - first))
-                    yield Progress("benchmark", d_index * config.repetitions + rep + 1, total,
-                                   f"repetition {rep + 1}" + (f" at depth {depth}" if depth else ""))
+                    rep += 1
+                    yield Progress("benchmark", d_index * config.repetitions + rep, total,
+                                   f"repetition {rep}" + (f" at depth {depth}" if depth else ""))
                 decode = Stat.of(decode_tok_s)
                 speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, ttft_s), decode_tok_s=decode,
                                     ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens,
-                                    gen_tokens=config.gen_tokens, repetitions=config.repetitions,
+                                    gen_tokens=config.gen_tokens, repetitions=rep,
                                     threads=config.thread_count, depth=depth, noise=noise.stop(decode.cv_pct)))
         return tuple(speeds)
 

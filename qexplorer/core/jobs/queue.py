@@ -19,10 +19,12 @@ queued forever.) The CLI calls :meth:`drain` itself.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from qexplorer.core.errors import UserError
+from qexplorer.core.eta import DurationBook, JobEstimate
 from qexplorer.core.jobs.events import Failed, JobEvent, Log, Metric, Phase, Progress
 from qexplorer.core.jobs.record import ExportRecord, RunRecord
 from qexplorer.core.jobs.runner import JobOutcome, JobRunner, MemorySample, failure_record
@@ -58,6 +60,20 @@ class JobView:
     peak_rss_bytes: int = 0
     peak_gpu_bytes: int | None = None
     revision: int = 0  # queue-wide and increasing: a reader keeps the newest view of each job
+    estimate: JobEstimate | None = None  # before it ran: per phase, from this machine's earlier jobs or defaults
+    phase_started_s: float | None = None  # time.monotonic() when the current phase began
+    took_s: float | None = None  # once finished: the sum of its phases, seen from the parent
+
+    def left_s(self, now: float) -> float | None:
+        """Estimated seconds left: all of it while queued, the rest of the current and later phases while it runs,
+        none once finished; None without an estimate."""
+        if self.estimate is None:
+            return None
+        if self.finished:
+            return 0.0
+        if self.status == JobStatus.QUEUED or self.phase_started_s is None:
+            return self.estimate.total_s
+        return self.estimate.left_s(self.phase or "start", now - self.phase_started_s)
 
     @property
     def finished(self) -> bool:
@@ -67,7 +83,7 @@ class JobView:
         """This view after one worker event."""
         if isinstance(event, Phase):
             return replace(self, status=JobStatus.RUNNING, phase=event.name, message=event.message or event.name,
-                           done=0.0, total=0.0)
+                           done=0.0, total=0.0, phase_started_s=time.monotonic())
         if isinstance(event, Progress):
             return replace(self, done=event.done, total=event.total, message=event.message or self.message)
         if isinstance(event, Log):
@@ -106,17 +122,19 @@ class JobQueue:
         self._revision = 0
 
     # ---------------------------------------------------------------- producers
-    def submit(self, specs: Iterable[JobSpec | ServerSpec], labels: Iterable[str] | None = None) -> tuple[int, ...]:
+    def submit(self, specs: Iterable[JobSpec | ServerSpec], labels: Iterable[str] | None = None,
+               estimates: Iterable[JobEstimate | None] | None = None) -> tuple[int, ...]:
         specs = list(specs)
         names = list(labels) if labels is not None else [_label(s) for s in specs]
+        guesses = list(estimates) if estimates is not None else [None] * len(specs)
         added = []
         with self._lock:
-            for spec, label in zip(specs, names, strict=True):
+            for spec, label, estimate in zip(specs, names, guesses, strict=True):
                 job_id = self._next_id
                 self._next_id += 1
                 action = JobAction.SERVER if isinstance(spec, ServerSpec) else spec.action
                 view = JobView(id=job_id, label=label, action=action,
-                               planned_peak_bytes=getattr(spec, "planned_peak_bytes", None))
+                               planned_peak_bytes=getattr(spec, "planned_peak_bytes", None), estimate=estimate)
                 view = self._set(view)
                 self._specs[job_id] = spec
                 self._cancels[job_id] = threading.Event()
@@ -175,7 +193,8 @@ class JobQueue:
                 self._consuming = False
                 return None
             self._consuming = True
-            view = self._set(replace(self._views[job_id], status=JobStatus.RUNNING, message="starting"))
+            view = self._set(replace(self._views[job_id], status=JobStatus.RUNNING, message="starting",
+                                     phase="start", phase_started_s=time.monotonic()))
             spec = self._specs[job_id]
         self.on_change(view)
         return job_id, spec
@@ -216,7 +235,19 @@ class JobQueue:
                 stored_id = store_outcome(self.store, outcome)
             except UserError as exc:
                 store_error = str(exc)
+        estimate = self.view(job_id).estimate
+        if outcome.ok and estimate is not None and outcome.phase_seconds:
+            try:  # predicted vs actual, so that the next estimate starts from this machine's rates
+                DurationBook.in_dir(spec.data_dir).record(estimate, outcome.phase_seconds)
+            except OSError as exc:
+                store_error = store_error or f"the durations file could not be written ({exc})"
         self._update(job_id, lambda v: _finished(v, outcome, stored_id, store_error))
+
+    def left_s(self, now: float | None = None) -> float | None:
+        """Estimated seconds until every unfinished job is done (None when a job has no estimate)."""
+        now = time.monotonic() if now is None else now
+        left = [v.left_s(now) for v in self.views() if not v.finished]
+        return None if any(x is None for x in left) else sum(x for x in left if x is not None)
 
     def _run_server(self, job_id: int, spec: ServerSpec) -> None:
         if self.server_runner is None:
@@ -247,7 +278,8 @@ def _finished(view: JobView, outcome: JobOutcome, stored_id: int | None, store_e
                    store_error=store_error, log_path=str(outcome.log_path) if outcome.log_path else None,
                    peak_rss_bytes=max(view.peak_rss_bytes, outcome.peak_rss_bytes),
                    peak_gpu_bytes=outcome.peak_gpu_bytes if outcome.peak_gpu_bytes is not None else view.peak_gpu_bytes,
-                   done=1.0 if outcome.ok else view.done, total=1.0 if outcome.ok else view.total)
+                   done=1.0 if outcome.ok else view.done, total=1.0 if outcome.ok else view.total,
+                   took_s=sum(s for _, s in outcome.phase_seconds) if outcome.phase_seconds else None)
 
 
 def store_outcome(store: ResultsStore, outcome: JobOutcome) -> int:

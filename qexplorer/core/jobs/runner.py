@@ -101,6 +101,7 @@ class JobOutcome:
     exit_code: int | None = None
     log_path: Path | None = None
     memory: tuple[MemorySample, ...] = ()
+    phase_seconds: tuple[tuple[str, float], ...] = ()  # each phase's wall time, in order, seen from the parent
 
     @property
     def ok(self) -> bool:
@@ -206,6 +207,8 @@ class JobRunner:
         started = last_activity = time.monotonic()
         next_sample = started
         phase = "start"
+        phase_started = started
+        phases: list[tuple[str, float]] = []
         stop_reason: tuple[JobStatus, str] | None = None
         stream_done = False
         try:
@@ -255,7 +258,8 @@ class JobRunner:
                     completed = event
                     continue
                 if isinstance(event, Phase):
-                    phase = event.name
+                    phases.append((phase, last_activity - phase_started))
+                    phase, phase_started = event.name, last_activity
                 elif isinstance(event, Failed) and error is None:
                     error = event.message
                 if on_event:
@@ -268,6 +272,7 @@ class JobRunner:
             self.current_pid = None
             for watcher in watchers:
                 watcher.own_pids = watcher.own_pids - {proc.pid}
+        phases.append((phase, time.monotonic() - phase_started))
         if stop_reason is not None:
             status, error = stop_reason
             completed = None
@@ -291,7 +296,7 @@ class JobRunner:
         return JobOutcome(job=job, status=status, error=error, record=record, export=export,
                           peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu, gpu_source=gpu_source,
                           exit_code=proc.returncode,
-                          log_path=log_path, memory=tuple(memory))
+                          log_path=log_path, memory=tuple(memory), phase_seconds=tuple(phases))
 
     def _measure(self, pid: int, elapsed_s: float, phase: str) -> tuple[MemorySample, int | None]:
         """One sample of the job's memory, and the discrete cards' free memory for the guard."""

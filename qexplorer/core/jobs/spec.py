@@ -88,7 +88,7 @@ def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: Telem
     (or, with ``force``, queued anyway). ``template`` carries the options every job shares."""
     from qexplorer.core.planner import PlanRequest, QualityPlan, plan_job_peak, plan_precision
     bench = template.bench
-    request = PlanRequest(context=bench.prompt_tokens + bench.gen_tokens)
+    request = PlanRequest(context=bench.context_tokens)  # depth + pp + tg: the deepest test's KV cache
     specs, refused = [], []
     builds_reference = False
     if template.quality:  # the first job with quality computes the reference (unless cached); the rest reuse it

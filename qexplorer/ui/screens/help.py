@@ -73,7 +73,12 @@ estimates until a run measures them.
 benchmark, `D` cycles the context depths (llama-bench `-d`: pp and tg again
 after that many prefilled tokens, within the planned context), `v` toggles
 quality, `[` / `]` halve / double the context, `k` cycles the KV-cache dtype.
-A precision that does not fit is not queued.
+A precision that does not fit is not queued. The **est. time** column and the
+summary give each selected job's estimated duration, in the order they will
+run: cheapest first (GGUF re-quantizations, then data-free schemes, calibrated
+methods last). Estimates come from the model's size, the method and the rates
+earlier jobs measured on this machine (defaults until one has run, and the
+label says which); shared work (dequantizing, the reference) counts once.
 
 ## Jobs (`j`)
 
@@ -94,8 +99,15 @@ card's free memory runs out; it samples at 4 Hz while a job loads. `k`
 cancels the selected job (`K` all); results land in the results store as
 each job ends.
 
-**Benchmark figures** follow llama-bench: a warm-up, then N repetitions of
+**left** is each job's estimated time left (the rest of its phase and the
+phases after it), and the line above the progress bar the queue's; a finished
+job shows how long it took beside its estimate, and both are stored so the
+next estimate starts from this machine's numbers.
+
+**Benchmark figures** follow llama-bench: a warm-up, then up to N repetitions of
 prompt processing (pp, tokens/s) and generation (tg, tokens/s), mean ± sd;
+the series stops after 3 once both means are known to 2 % (standard error),
+and the count used is recorded with the result;
 TTFT is pp plus one decode step. *Roofline %* = decode tok/s × bytes read per
 token ÷ memory bandwidth. Bytes read per token = the active weights (a MoE
 reads its shared layers and top-k experts, an embedding table one row) + the

@@ -11,6 +11,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 from textual_plotext import PlotextPlot
 
+from qexplorer.core.eta import format_duration
 from qexplorer.core.jobs.queue import JobView
 from qexplorer.core.kinds import JobStatus
 from qexplorer.core.units import GIB, format_bytes
@@ -33,8 +34,10 @@ class JobsScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         table: DataTable = DataTable(id="job-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("precision", "status", "phase", "peak RSS", "peak GPU", "decode", "KLD", "top-1")
+        self._left_column = table.add_columns("precision", "status", "phase", "left", "peak RSS", "peak GPU", "decode",
+                                              "KLD", "top-1")[3]
         yield table
+        yield Static("", id="queue-eta")
         yield ProgressBar(id="job-progress", show_eta=False)
         yield Static("", id="job-message")
         yield PlotextPlot(id="job-memory")
@@ -42,6 +45,7 @@ class JobsScreen(Screen):
 
     def on_mount(self) -> None:
         self.watch(self.app, "jobs", lambda _: self._refresh(), init=False)
+        self.watch(self.app, "snapshot", lambda _: self._refresh_eta(), init=False)  # the clock moves on
         self.query_one("#job-memory", PlotextPlot).border_title = "job memory (GiB, measured from outside)"
         self._refresh()
         self.query_one("#job-table", DataTable).focus()
@@ -69,8 +73,9 @@ class JobsScreen(Screen):
                 top1 = f"{record.quality.same_top1_pct:.1f} %"
             status = Text(job.status, style=colours.get(STATUS_STYLE.get(job.status, ""), ""))
             gpu = format_bytes(job.peak_gpu_bytes) if job.peak_gpu_bytes is not None else "-"
-            table.add_row(job.label, status, job.phase or "-", format_bytes(job.peak_rss_bytes or None), gpu,
-                          decode, kld, top1, key=str(job.id))
+            table.add_row(job.label, status, job.phase or "-", self._left(job), format_bytes(job.peak_rss_bytes or None),
+                          gpu, decode, kld, top1, key=str(job.id))
+        self._queue_line()
         if table.row_count:
             running = next((i for i, j in enumerate(self.app.jobs) if j.status == JobStatus.RUNNING), None)
             table.move_cursor(row=min(row if row > 0 or running is None else running, table.row_count - 1))
@@ -78,6 +83,33 @@ class JobsScreen(Screen):
 
     def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
         self._show_job(self._selected())
+
+    def _left(self, job: JobView) -> str:
+        left = job.left_s(self.app.clock())
+        if left is None or job.finished:
+            return "-" if left is None else ""
+        return f"~{format_duration(left)}"
+
+    def _refresh_eta(self) -> None:
+        table = self.query_one("#job-table", DataTable)
+        for job in self.app.jobs:
+            if not job.finished and str(job.id) in table.rows:
+                table.update_cell(str(job.id), self._left_column, self._left(job))
+        self._queue_line()
+
+    def _queue_line(self) -> None:
+        """The queue's time left (estimated), and each finished job's predicted against its actual duration."""
+        unfinished = [j for j in self.app.jobs if not j.finished]
+        now = self.app.clock()
+        lefts = [j.left_s(now) for j in unfinished]
+        line = ""
+        if unfinished and all(x is not None for x in lefts):
+            sources = {j.estimate.source for j in unfinished if j.estimate is not None}
+            line = (f"queue: {len(unfinished)} jobs, ~{format_duration(sum(lefts))} left (estimated "
+                    f"{sources.pop() if len(sources) == 1 else 'partly from defaults'})")
+        elif unfinished:
+            line = f"queue: {len(unfinished)} jobs (no estimate for some)"
+        self.query_one("#queue-eta", Static).update(line)
 
     def _show_job(self, job: JobView | None) -> None:
         bar = self.query_one("#job-progress", ProgressBar)
@@ -102,6 +134,8 @@ class JobsScreen(Screen):
             if check.error_pct is not None:
                 plan = (f"\npeak {check.term} {format_bytes(check.measured_bytes)} measured vs "
                         f"{format_bytes(check.planned_bytes)} planned ({check.error_pct:+.0f} %)")
+        if job.finished and job.estimate is not None and job.took_s is not None:
+            plan += f"\ntook {format_duration(job.took_s)}, estimated {format_duration(job.estimate.total_s)}"
         message.update(f"[b]{job.label}[/b] · {job.phase or job.status}: {text}{warnings}{log}{plan}")
         self._plot(job)
 

@@ -8,6 +8,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from qexplorer.core.eta import format_duration
 from qexplorer.core.planner import KV_DTYPE_BYTES, PlanRequest, PrecisionPlan, hardware_from_snapshot, plan_model
 from qexplorer.core.units import format_bytes, format_count, format_gib
 
@@ -35,7 +36,7 @@ class PlanScreen(Screen):
         yield Header()
         yield Static("", id="plan-summary")
         table: DataTable = DataTable(id="plan-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("precision", "bpw", "weights", "total", "margin", "verdict", "runs here")
+        table.add_columns("precision", "est. time", "bpw", "weights", "total", "margin", "verdict", "runs here")
         yield table
         yield Static("", id="plan-detail")
         yield Footer()
@@ -63,6 +64,14 @@ class PlanScreen(Screen):
         plans = self._plans()
         self._plans_cache = plans
         spec, snap = app.model, app.snapshot
+        planned, estimates = app.planned_jobs()
+        eta = {e.precision: e for e in estimates}
+        queue_s = sum(e.total_s for e in estimates)
+        order = " → ".join(s.precision for s in planned.specs)
+        sources = {e.source for e in estimates}
+        eta_line = (f"\n{len(estimates)} jobs, about {format_duration(queue_s)} (estimated "
+                    f"{sources.pop() if len(sources) == 1 else 'partly from defaults'}), cheapest first: {order}"
+                    ) if estimates else "\nno job selected"
         hardware = hardware_from_snapshot(snap)
         headroom = snap.headroom_for(hardware.cuda).value if snap else None
         sim = f" · [reverse] SIMULATED {snap.simulated} [/reverse]" if snap and snap.simulated else ""
@@ -74,7 +83,7 @@ class PlanScreen(Screen):
             f"target {hardware.label}{sim}\nheadroom {format_gib(headroom)} "
             f"(reserve {format_gib(snap.reserve_bytes) if snap else 'n/a'}) · estimated\n"
             f"benchmark {app.bench_config().describe()} · quality {'on' if app.measure_quality else 'off'} "
-            "(b quick, D depth, v quality)"
+            f"(b quick, D depth, v quality){eta_line}"
         )
         row = table.cursor_row
         table.clear()
@@ -86,8 +95,10 @@ class PlanScreen(Screen):
             engine = f"{plan.engine}†" if plan.engine == "transformers" else str(plan.engine)
             runs = Text(f"{engine} {plan.support}",
                         style=colours.get("text-warning", "") if plan.support != "native" else "")
+            estimate = eta.get(plan.precision)
             table.add_row(
-                label, f"{plan.bits_per_weight:.2f}", format_bytes(plan.weight_bytes), format_bytes(plan.total_bytes),
+                label, f"~{format_duration(estimate.total_s)}" if estimate else "", f"{plan.bits_per_weight:.2f}",
+                format_bytes(plan.weight_bytes), format_bytes(plan.total_bytes),
                 format_bytes(plan.margin_bytes) if plan.margin_bytes is not None else "n/a",
                 verdict, runs, key=plan.precision,
             )

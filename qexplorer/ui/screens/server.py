@@ -14,10 +14,15 @@ class ServerTargetScreen(ModalScreen[str | None]):
     BINDINGS = [Binding("escape", "dismiss", "Cancel")]
 
     def compose(self) -> ComposeResult:
+        from qexplorer.core.jobs.spec import ServerSpec
+
+        spec = ServerSpec("")
+        levels = ", ".join(str(level) for level in spec.levels)
         with Vertical(id="server-dialog"):
             yield Static("[b]Benchmark a running server[/b] (vLLM, llama-server, SGLang: OpenAI-compatible)\n"
-                         "Concurrency 1, 4 and 16 × 3 repetitions, 64 tokens each. An API key is read from "
-                         "the environment by `qexplorer bench-server --api-key-env`; none is stored.")
+                         f"llama-benchy's method: concurrency {levels} × {spec.repetitions} repetitions, unique "
+                         f"{spec.prompt_tokens}-token prompts, {spec.max_tokens} tokens each. An API key is read "
+                         "from the environment by `qexplorer bench-server --api-key-env`; none is stored.")
             yield Input(placeholder="http://127.0.0.1:8000", id="server-url")
 
     @on(Input.Submitted, "#server-url")

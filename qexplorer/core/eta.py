@@ -1,0 +1,286 @@
+"""How long a job will take, before it runs, and how long it took: the ETA on the plan and jobs screens.
+
+A job is a sequence of phases (the worker's own :class:`~qexplorer.core.jobs.events.Phase` names). Each phase
+costs ``units × seconds per unit``; the units come from the model and the job (GiB of weights, billions of
+parameter-tokens for a forward pass over the evaluation text, tokens timed in the benchmark), the rate from
+the jobs that already ran on this machine (``durations.json`` in the data dir: the median of the last
+:data:`KEEP` rates per phase and engine) or, where none has, from :data:`DEFAULT_RATES` - measured on the
+2-core AVX2 development machine, so an estimate made from them says so ("defaults").
+
+Work that is cached costs nothing: the BF16 checkpoint a GGUF model is dequantized to, the quality reference,
+an artifact made by an earlier job. In a queue the first job that needs one of them pays for it, the others
+do not. After each job :meth:`DurationBook.record` stores what each phase cost per unit, and the predicted
+beside the actual duration, so the next estimate starts from this machine's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qexplorer.core.kinds import Engine, ModelFormat, Producer
+from qexplorer.core.model import ModelSpec
+from qexplorer.core.precisions import BY_KEY, Precision
+from qexplorer.core.units import GIB
+
+KEEP = 5
+PP_FACTOR = 6.0  # a prompt token costs about a sixth of a generated one (pp512 ≈ 4-6 × tg128's t/s here)
+# Seconds per unit on the 2-core AVX2 development machine: the medians of the default ladder run cold and warm
+# (scripts/bench_jobs.py decision, SmolLM2-135M, 2026-12-02). Marked "guess" where that run had no such phase.
+DEFAULT_RATES: dict[str, float] = {
+    "start": 3.3,  # per job: the worker's interpreter, imports, resolving the model, hashing a cached artifact
+    "dequantize": 136.0,  # per GiB of BF16 weights (a GGUF model to the BF16 checkpoint, once)
+    "reference": 0.021,  # per billion parameter-tokens (the BF16 forward pass over the evaluation text, once)
+    "convert": 60.0,  # guess; per GiB of BF16 weights (llama.cpp's convert_hf_to_gguf.py)
+    "quantize:llama.cpp quantize": 10.0,  # per GiB of BF16 weights
+    "quantize:cast": 10.0,  # guess
+    "quantize:llm-compressor": 30.0,
+    "quantize:llm-compressor:calibrated": 300.0,  # guess: GPTQ / AWQ calibration passes
+    "engine:vllm": 41.0,  # per start (eager mode on 2 cores)
+    "load:llama.cpp": 1.4,  # per GiB of the artifact
+    "load:transformers": 10.0,  # guess, like the quality pass's load below
+    "load:vllm": 10.0,  # the artifact's own quality pass loads it in transformers
+    "benchmark:llama.cpp": 0.12,  # per GiB-token (tokens timed × GiB read per token)
+    "benchmark:vllm": 0.14,
+    "benchmark:transformers": 0.3,  # guess: eager PyTorch, about half vLLM-CPU's speed
+    "quality:llama.cpp": 0.039,  # per billion parameter-tokens
+    "quality:vllm": 0.059,  # vLLM's log-probs plus the artifact's own pass in transformers
+    "quality:transformers": 0.04,  # guess
+    "calibrate": 1.3,  # per job: the bandwidth test (cached per CPU after the first)
+}
+
+
+@dataclass(frozen=True)
+class PhaseEstimate:
+    name: str  # the worker's phase name
+    key: str  # the rate it uses
+    units: float
+    seconds: float
+    measured: bool  # the rate comes from jobs that ran here (else the defaults)
+
+
+@dataclass(frozen=True)
+class JobEstimate:
+    precision: str
+    phases: tuple[PhaseEstimate, ...]
+
+    @property
+    def total_s(self) -> float:
+        return sum(p.seconds for p in self.phases)
+
+    @property
+    def source(self) -> str:
+        """How the estimate was made, to follow "estimated": "from jobs that ran here", "from defaults", ..."""
+        measured = sum(p.measured for p in self.phases)
+        if measured == len(self.phases):
+            return "from jobs that ran here"
+        return "from defaults" if not measured else "partly from defaults"
+
+    def left_s(self, phase: str, phase_elapsed_s: float) -> float:
+        """Time left while ``phase`` has run for ``phase_elapsed_s``: the rest of it (never below zero) and every
+        later phase. A phase the estimate did not expect counts as the start of the job."""
+        names = [p.name for p in self.phases]
+        if phase not in names:
+            return self.total_s
+        index = names.index(phase)
+        return max(0.0, self.phases[index].seconds - phase_elapsed_s) + sum(p.seconds for p in
+                                                                            self.phases[index + 1:])
+
+
+def engine_for(precision: Precision, cuda: bool, vllm_found: bool) -> str:
+    if precision.is_gguf:
+        return str(Engine.LLAMA_CPP)
+    if not vllm_found or (not cuda and precision.vllm_cpu_gap):
+        return str(Engine.TRANSFORMERS)
+    return str(Engine.VLLM)
+
+
+@dataclass(frozen=True)
+class Cached:
+    """What is already on disk before the queue starts (each found once is free for every job)."""
+
+    bf16_checkpoint: bool
+    reference: bool
+    bf16_gguf: bool
+    artifacts: frozenset[str]  # precision keys whose artifact exists
+
+
+def cached_state(spec: ModelSpec, work_dir: Path, reference: bool) -> Cached:
+    def folder(name: str) -> bool:
+        path = work_dir / name
+        return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+    artifacts = set()
+    for key, precision in BY_KEY.items():
+        if precision.is_gguf:
+            found = (work_dir / f"{key}.gguf").exists()
+        elif precision.producer == Producer.CAST and key == "bf16":
+            found = spec.format == ModelFormat.HF or folder("bf16-checkpoint")
+        else:
+            found = folder(f"{key}-{'checkpoint' if precision.producer == Producer.CAST else 'compressed-tensors'}")
+        if found:
+            artifacts.add(key)
+    return Cached(bf16_checkpoint=spec.format == ModelFormat.HF or folder("bf16-checkpoint"), reference=reference,
+                  bf16_gguf=(work_dir / "bf16.gguf").exists(), artifacts=frozenset(artifacts))
+
+
+def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str,
+               cached: Cached) -> tuple[list[tuple[str, str, float]], Cached]:
+    """(phase, rate key, units) in the order the worker runs them, and what is cached after this job."""
+    from qexplorer.core.planner import weight_bytes
+
+    bf16_gib = weight_bytes(spec, BY_KEY["bf16"]) / GIB
+    artifact_gib = weight_bytes(spec, precision) / GIB
+    param_tokens = (spec.total_params or 0) * job.quality_tokens / 1e9
+    phases: list[tuple[str, str, float]] = [("start", "start", 1.0)]
+    needs_bf16 = not precision.is_gguf or job.quality or spec.format == ModelFormat.HF
+    if needs_bf16 and spec.format == ModelFormat.GGUF and not cached.bf16_checkpoint:
+        phases.append(("dequantize", "dequantize", bf16_gib))
+    if job.quality and not cached.reference:
+        phases.append(("reference", "reference", param_tokens))
+    if precision.key not in cached.artifacts:
+        if precision.is_gguf and spec.format == ModelFormat.HF and not cached.bf16_gguf:
+            phases.append(("convert", "convert", bf16_gib))
+        if not (precision.producer == Producer.CAST and precision.key == "bf16"):
+            method = str(precision.producer) + (":calibrated" if precision.needs_calibration else "")
+            phases.append(("quantize", f"quantize:{method}", bf16_gib))
+    bench = job.bench
+    timed = (bench.repetitions + (1 if bench.warmup else 0)) * sum(
+        bench.gen_tokens + (bench.prompt_tokens + depth) / PP_FACTOR for depth in bench.depths)
+    if engine == str(Engine.VLLM):
+        phases.append(("engine", "engine:vllm", 1.0))
+    else:
+        phases.append(("load", f"load:{engine}", artifact_gib))
+    phases.append(("benchmark", f"benchmark:{engine}", timed * artifact_gib))
+    is_reference = precision.key == job.reference_precision and not precision.is_gguf
+    if job.quality and engine == str(Engine.VLLM):  # vLLM's own log-probs; the artifact's pass unless the reference
+        phases.append(("quality", "quality:vllm", param_tokens * (0.5 if is_reference else 1.0)))
+        if not is_reference:
+            phases.append(("load", "load:vllm", artifact_gib))
+    elif job.quality and not is_reference:
+        phases.append(("quality", f"quality:{engine}", param_tokens))
+    phases.append(("calibrate", "calibrate", 1.0))
+    after = Cached(bf16_checkpoint=cached.bf16_checkpoint or needs_bf16, reference=cached.reference or job.quality,
+                   bf16_gguf=cached.bf16_gguf or (precision.is_gguf and spec.format == ModelFormat.HF),
+                   artifacts=cached.artifacts | {precision.key})
+    return phases, after
+
+
+class DurationBook:
+    """``durations.json``: the recent seconds per unit of every phase, and predicted vs actual per job."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data = self._load()
+
+    @staticmethod
+    def in_dir(data_dir: Path | str) -> DurationBook:
+        return DurationBook(Path(data_dir) / "durations.json")
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("rates"), dict):
+                return data
+        except (OSError, ValueError):
+            pass  # none yet, or unreadable: start again from the defaults
+        return {"rates": {}, "jobs": []}
+
+    def rate(self, key: str) -> tuple[float, bool]:
+        seen = [float(v) for v in self._data["rates"].get(key, []) if isinstance(v, (int, float)) and v >= 0]
+        if seen:
+            return statistics.median(seen[-KEEP:]), True
+        return DEFAULT_RATES.get(key, 1.0), False
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self._data.get("jobs", []))
+
+    def record(self, estimate: JobEstimate, actual: Iterable[tuple[str, float]]) -> None:
+        """What each phase of a finished job cost, against its estimate; the file is rewritten whole."""
+        actual = list(actual)
+        spent: dict[str, float] = {}
+        for name, seconds in actual:
+            spent[name] = spent.get(name, 0.0) + seconds
+        expected: dict[str, list[PhaseEstimate]] = {}
+        for phase in estimate.phases:
+            expected.setdefault(phase.name, []).append(phase)
+        rates = self._data["rates"]
+        for name, seconds in spent.items():
+            parts = expected.get(name)
+            units = sum(p.units for p in parts) if parts else 0.0
+            if not parts or units <= 0:
+                continue
+            # a phase name that two estimates share (load + the quality pass's load) splits by their units
+            for part in parts:
+                rates[part.key] = (rates.get(part.key, []) + [seconds / units])[-KEEP:]
+        self._data["jobs"] = (self._data.get("jobs", []) + [{
+            "precision": estimate.precision, "predicted_s": round(estimate.total_s, 1),
+            "actual_s": round(sum(s for _, s in actual), 1), "source": estimate.source, "at": int(time.time()),
+            "phases": [[name, round(seconds, 2)] for name, seconds in actual],
+        }])[-200:]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".partial")
+        tmp.write_text(json.dumps(self._data, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def estimate_jobs(spec: ModelSpec, jobs: Sequence[Any], data_dir: Path | str, *, cuda: bool = False,
+                  vllm_found: bool | None = None, book: DurationBook | None = None) -> tuple[JobEstimate, ...]:
+    """One estimate per job, in queue order: a job does not pay for what an earlier one leaves cached."""
+    from qexplorer.core.artifacts import model_key
+
+    if not jobs:
+        return ()
+    if vllm_found is None:
+        from qexplorer.core.engines.vllm import find_vllm
+
+        vllm_found = find_vllm() is not None
+    book = book or DurationBook.in_dir(data_dir)
+    work_dir = Path(data_dir) / "artifacts" / model_key(spec)  # model_work_dir's path, without creating it
+    first = jobs[0]
+    reference = False
+    if first.quality:
+        from qexplorer.core.quality import reference_cached
+
+        reference = reference_cached(Path(data_dir), model_key(spec), first.quality_corpus,
+                                     first.reference_precision, first.quality_ctx, first.quality_tokens, first.top_k)
+    cached = cached_state(spec, work_dir, reference)
+    estimates = []
+    for job in jobs:
+        precision = BY_KEY[job.precision]
+        phases, cached = job_phases(spec, precision, job, engine_for(precision, cuda, vllm_found), cached)
+        parts = []
+        for name, key, units in phases:
+            rate, measured = book.rate(key)
+            parts.append(PhaseEstimate(name, key, units, units * rate, measured))
+        estimates.append(JobEstimate(job.precision, tuple(parts)))
+    return tuple(estimates)
+
+
+def cost_order(spec: ModelSpec, precisions: Sequence[Precision]) -> list[Precision]:
+    """Cheapest informative jobs first (FACTS: GGUF re-quantizations and data-free schemes before calibrated
+    methods), the given order kept within each class."""
+
+    def rank(precision: Precision) -> int:
+        if precision.is_gguf:
+            return 0 if spec.format == ModelFormat.GGUF else 1
+        if precision.needs_calibration:
+            return 3
+        return 2
+
+    return sorted(precisions, key=rank)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}:{seconds % 60:02d}"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -1,0 +1,70 @@
+"""ETA: estimates per phase from the model, the job and this machine's measured rates; the order of a queue;
+adaptive repetitions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qexplorer.core.bench import BenchConfig
+from qexplorer.core.catalog import Catalog
+from qexplorer.core.eta import DEFAULT_RATES, DurationBook, cost_order, estimate_jobs, format_duration
+from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.precisions import BY_KEY
+
+
+def specs(data_dir: Path, keys: list[str], quality: bool = True) -> list[JobSpec]:
+    return [JobSpec(model_ref="default", precision=k, data_dir=str(data_dir), quality=quality) for k in keys]
+
+
+def test_the_first_job_pays_for_the_shared_work_and_the_reference_row_has_no_quality_pass(tmp_path: Path):
+    model = Catalog().resolve("default")
+    first, second, bf16 = estimate_jobs(model, specs(tmp_path, ["q8_0", "q4_k_m", "bf16"]), tmp_path,
+                                        vllm_found=True)
+    assert [p.name for p in first.phases][:3] == ["start", "dequantize", "reference"]
+    assert "dequantize" not in [p.name for p in second.phases] and "reference" not in [p.name for p in second.phases]
+    assert first.total_s > second.total_s > 0
+    # bf16 is the reference's own checkpoint: nothing to quantize, and only vLLM's cross-check as quality
+    assert "quantize" not in [p.name for p in bf16.phases] and "load" not in [p.name for p in bf16.phases]
+    assert first.source == "from defaults"
+
+
+def test_rates_measured_here_replace_the_defaults(tmp_path: Path):
+    model = Catalog().resolve("default")
+    (estimate,) = estimate_jobs(model, specs(tmp_path, ["q4_k_m"], quality=False), tmp_path, vllm_found=False)
+    bench = next(p for p in estimate.phases if p.name == "benchmark")
+    book = DurationBook.in_dir(tmp_path)
+    book.record(estimate, [("start", 4.0), ("quantize", 2.0), ("load", 0.5), ("benchmark", 2 * bench.seconds),
+                           ("calibrate", 1.0)])
+    (again,) = estimate_jobs(model, specs(tmp_path, ["q4_k_m"], quality=False), tmp_path, vllm_found=False)
+    assert next(p for p in again.phases if p.name == "benchmark").seconds == 2 * bench.seconds
+    assert again.source == "from jobs that ran here"
+    stored = json.loads((tmp_path / "durations.json").read_text())["jobs"][-1]
+    assert stored["predicted_s"] == round(estimate.total_s, 1) and stored["actual_s"] > 0  # predicted vs actual
+
+
+def test_time_left_counts_down_within_a_phase_and_never_below_zero(tmp_path: Path):
+    model = Catalog().resolve("default")
+    (estimate,) = estimate_jobs(model, specs(tmp_path, ["q8_0"], quality=False), tmp_path, vllm_found=False)
+    bench = next(p for p in estimate.phases if p.name == "benchmark")
+    after = sum(p.seconds for p in estimate.phases[[p.name for p in estimate.phases].index("benchmark") + 1:])
+    assert estimate.left_s("benchmark", 0.0) == bench.seconds + after
+    assert estimate.left_s("benchmark", 10 * bench.seconds) == after
+    assert estimate.left_s("no such phase", 1.0) == estimate.total_s
+
+
+def test_cheapest_first_and_durations_read_like_a_clock():
+    model = Catalog().resolve("default")
+    order = cost_order(model, [BY_KEY[k] for k in ("gptq", "bf16", "int8", "q8_0", "q4_k_m")])
+    assert [p.key for p in order] == ["q8_0", "q4_k_m", "bf16", "int8", "gptq"]  # calibrated last
+    assert (format_duration(42), format_duration(125), format_duration(7300)) == ("42 s", "2:05", "2 h 01 min")
+    assert all(rate > 0 for rate in DEFAULT_RATES.values())
+
+
+def test_adaptive_repetitions_stop_when_the_mean_is_known():
+    config = BenchConfig(repetitions=5, min_repetitions=3, sem_target_pct=2.0)
+    quiet, noisy = [1.00, 1.01, 0.99], [1.0, 1.3, 0.8]
+    assert not config.settled(quiet[:2], quiet[:2])  # fewer than the minimum
+    assert config.settled(quiet, quiet)  # SEM 0.6 % after three
+    assert not config.settled(quiet, noisy)  # one series still uncertain: go on
+    assert config.settled(noisy + [1.1, 0.9], noisy + [1.1, 0.9])  # the cap ends it
