@@ -478,7 +478,7 @@ def _exactness(runs: list[LevelRun], max_tokens: int, asked: bool, before: str) 
     else:
         now = (f"not exact: the server refused ignore_eos / min_tokens; {min(counts)}-{max(counts)} tokens "
                "per request")
-    return now if not before or before == now else before + "; " + now
+    return now if not before else before if now in before.split("; ") else before + "; " + now
 
 
 def _nonstream_prompt_tokens(stream: Stream, model: str, prompt: str) -> int | None:
