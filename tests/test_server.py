@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import socket
@@ -195,32 +196,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
 
 
+@contextlib.contextmanager
+def fake_server(mode: str):
+    """A local HTTP server answering as ``_Handler`` in ``mode``; yields its base URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Handler,), {"mode": mode}))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
 @pytest.mark.parametrize(("mode", "message"), [("malformed", "malformed stream chunk"),
                                                ("http500", "answered HTTP 500"),
                                                ("hang", "did not answer within 1 s")])
 def test_bad_servers(mode, message, capsys):
-    handler = type("H", (_Handler,), {"mode": mode})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        code = main(["bench-server", f"http://127.0.0.1:{httpd.server_address[1]}", "--repetitions", "1",
-                     "--concurrency", "1", "--timeout", "1"])
+    with fake_server(mode) as url:
+        code = main(["bench-server", url, "--repetitions", "1", "--concurrency", "1", "--timeout", "1"])
         err = capsys.readouterr().err
         assert code in (1, 2) and message in err
-    finally:
-        httpd.shutdown()
 
 
 def test_a_server_that_refuses_ignore_eos_is_asked_without_it_and_the_sweep_says_so():
-    handler = type("H", (_Handler,), {"mode": "strict"})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        target = server.ServerTarget(f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=5)
-        result = drive(server.sweep(target, (1,), repetitions=2, max_tokens=8, prompt_tokens=16))
-    finally:
-        httpd.shutdown()
+    with fake_server("strict") as url:
+        result = drive(server.sweep(server.ServerTarget(url, timeout_s=5), (1,), repetitions=2, max_tokens=8,
+                                    prompt_tokens=16))
     assert result.error is None and result.levels[0].tokens == 6
     assert "refused ignore_eos" in result.exact_output and "3-3 tokens" in result.exact_output
     assert result.token_count.startswith("streamed chunks with text")  # no usage in this stream

@@ -112,22 +112,17 @@ class Cached:
 
 
 def cached_state(spec: ModelSpec, work_dir: Path, reference: bool) -> Cached:
-    def folder(name: str) -> bool:
-        path = work_dir / name
-        return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+    """What the producers would find and reuse, by their own paths and completeness checks."""
+    from qexplorer.core.quantize.gguf_quant import BF16_GGUF, gguf_path
+    from qexplorer.core.quantize.torch_quant import BF16_CHECKPOINT, artifact_dir, saved_folder
 
-    artifacts = set()
-    for key, precision in BY_KEY.items():
-        if precision.is_gguf:
-            found = (work_dir / f"{key}.gguf").exists()
-        elif precision.producer == Producer.CAST and key == "bf16":
-            found = spec.format == ModelFormat.HF or folder("bf16-checkpoint")
-        else:
-            found = folder(f"{key}-{'checkpoint' if precision.producer == Producer.CAST else 'compressed-tensors'}")
-        if found:
-            artifacts.add(key)
-    return Cached(bf16_checkpoint=spec.format == ModelFormat.HF or folder("bf16-checkpoint"), reference=reference,
-                  bf16_gguf=(work_dir / "bf16.gguf").exists(), artifacts=frozenset(artifacts))
+    bf16 = spec.format == ModelFormat.HF or saved_folder(work_dir / BF16_CHECKPOINT)
+    artifacts = {key for key, precision in BY_KEY.items()
+                 if (gguf_path(precision, work_dir).exists() if precision.is_gguf
+                     else bf16 if precision.producer == Producer.CAST and key == "bf16"
+                     else saved_folder(artifact_dir(precision, work_dir)))}
+    return Cached(bf16_checkpoint=bf16, reference=reference, bf16_gguf=(work_dir / BF16_GGUF).exists(),
+                  artifacts=frozenset(artifacts))
 
 
 def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str,

@@ -74,6 +74,7 @@ class QExplorerApp(App[int]):
         self.history: deque[TelemetrySnapshot] = deque(maxlen=HISTORY_SAMPLES)
         self.machine_snapshot: TelemetrySnapshot | None = None  # the real machine's, when the screens simulate
         self.clock = time.monotonic  # the jobs screen's "time left"; tests fix it
+        self._estimated: tuple[tuple, tuple] | None = None  # planned_jobs' last estimates and what they depend on
         self._timer: Timer | None = None
         self._job_queue = None  # created with the first job: the job machinery stays out of start-up
         self.results_error: str | None = None
@@ -379,9 +380,13 @@ class QExplorerApp(App[int]):
         # real jobs are planned against the real machine, whatever profile the screens show
         real = self.machine_snapshot if self.sources.separate_guard else self.snapshot
         planned = plan_jobs(self.model, chosen, real, template)
-        estimates = estimate_jobs(self.model, planned.specs, self.settings.results_path,
-                                  cuda=hardware_from_snapshot(real).cuda)
-        return planned, estimates
+        cuda = hardware_from_snapshot(real).cuda
+        # the plan screen asks every second; the estimate changes only with the jobs, the settings, or a job's end
+        key = (self.model.path, tuple(s.precision for s in planned.specs), template.bench, template.quality, cuda,
+               sum(j.finished for j in self.jobs))
+        if self._estimated is None or self._estimated[0] != key:
+            self._estimated = (key, estimate_jobs(self.model, planned.specs, self.settings.results_path, cuda=cuda))
+        return planned, self._estimated[1]
 
     def queue_chosen(self) -> None:
         """Queue one job per chosen precision that the plan says fits; then show the jobs screen."""

@@ -37,6 +37,7 @@ would give.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -163,7 +164,8 @@ class StreamTiming:
     @property
     def ttft_s(self) -> float | None:
         """e2e_ttft: first token − request start."""
-        return self.token_times_s[0] - self.start_s if self.token_times_s else None
+        first = self.first_token_s
+        return first - self.start_s if first is not None else None
 
     @property
     def ttfr_s(self) -> float | None:
@@ -261,12 +263,6 @@ class Stream:
             timing.usage_completion_tokens = usage.get("completion_tokens") or timing.usage_completion_tokens
         if text:
             timing.token_times_s.append(now)
-
-
-def stream_completion(target: ServerTarget, model: str, prompt: str, max_tokens: int) -> StreamTiming:
-    """One streaming completion on a client of its own (a one-off request; sweeps keep one client per stream)."""
-    with Stream(target) as stream:
-        return stream.complete(model, prompt, max_tokens)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -433,8 +429,8 @@ def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetition
             for level in levels:
                 label = f"concurrency {level}" + (f" at depth {depth}" if depth else "")
                 yield Phase("server", f"{label}: warm-up")
-                streams = [Stream(target) for _ in range(level)]
-                try:
+                with contextlib.ExitStack() as opened:
+                    streams = [opened.enter_context(Stream(target)) for _ in range(level)]
                     for stream in streams:
                         stream.connect()  # the TCP connection is opened here, outside every timing
                     run_level(streams, model, [prompts.make(depth, prompt_tokens) for _ in streams], min(8, max_tokens))
@@ -447,9 +443,6 @@ def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetition
                         yield Progress("server", step, total, label)
                     exact_output = _exactness(runs, max_tokens, all(s.exact for s in streams), exact_output)
                     usage_seen |= any(t.usage_completion_tokens for r in runs for t in r.timings)
-                finally:
-                    for stream in streams:
-                        stream.__exit__()
                 tg = [t.decode_tok_s for r in runs for t in r.timings if t.decode_tok_s]
                 noise = probe_noise.stop(Stat.of(tg).cv_pct if tg else None)
                 finished.append(_level(level, depth, prompt_tokens, runs, latency_s, noise))
@@ -530,16 +523,10 @@ class ServerWatcher:
         return own_tree(self.pid) if self.pid is not None else set()
 
     def _watch(self, interval_s: float) -> None:
-        import psutil
+        from qexplorer.core.jobs.runner import tree_rss
 
         while not self._stop.is_set():
-            total = 0
-            for pid in self.tree():
-                try:
-                    total += psutil.Process(pid).memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, tree_rss(self.pid)[0])
             self._stop.wait(interval_s)
 
     def stop(self) -> ServerProcess | None:
@@ -576,24 +563,21 @@ def server_pid(target: ServerTarget) -> tuple[int | None, str | None]:
     return None, f"no process of this user listens on port {port}, so the server's memory is not measured"
 
 
+def _speed(level: ServerLevel, sweep_result: ServerSweep) -> Speed:
+    """A single-stream test as a store ``Speed`` (its per-stream decode; pp and TTFT as llama-benchy measured)."""
+    empty = Stat(0.0, 0.0, 0)
+    return Speed(prefill_tok_s=level.pp_tok_s or empty, decode_tok_s=level.decode_tok_s_per_stream,
+                 ttft_s=level.ttft_s or empty, prompt_tokens=level.prompt_tokens, gen_tokens=sweep_result.max_tokens,
+                 repetitions=sweep_result.repetitions, threads=0, depth=level.depth, noise=level.noise)
+
+
 def record_from_sweep(sweep_result: ServerSweep) -> RunRecord:
     """A results-store record: concurrency 1 at the first depth fills the speed figures; every test is kept."""
     first = next((lv for lv in sweep_result.levels if lv.concurrency == 1 and lv.depth == sweep_result.depths[0]),
                  sweep_result.single_stream)
-    speed = None
-    if first is not None and first.decode_tok_s_per_stream is not None:
-        empty = Stat(0.0, 0.0, 0)
-        speed = Speed(prefill_tok_s=first.pp_tok_s or empty, decode_tok_s=first.decode_tok_s_per_stream,
-                      ttft_s=first.ttft_s or empty, prompt_tokens=first.prompt_tokens,
-                      gen_tokens=sweep_result.max_tokens, repetitions=sweep_result.repetitions, threads=0,
-                      depth=first.depth, noise=first.noise)
-    depth_speeds = tuple(
-        Speed(prefill_tok_s=lv.pp_tok_s or Stat(0.0, 0.0, 0), decode_tok_s=lv.decode_tok_s_per_stream,
-              ttft_s=lv.ttft_s or Stat(0.0, 0.0, 0), prompt_tokens=lv.prompt_tokens,
-              gen_tokens=sweep_result.max_tokens, repetitions=sweep_result.repetitions, threads=0, depth=lv.depth,
-              noise=lv.noise)
-        for lv in sweep_result.levels
-        if lv.concurrency == 1 and lv is not first and lv.decode_tok_s_per_stream is not None)
+    speed = _speed(first, sweep_result) if first is not None and first.decode_tok_s_per_stream is not None else None
+    depth_speeds = tuple(_speed(lv, sweep_result) for lv in sweep_result.levels
+                         if lv.concurrency == 1 and lv is not first and lv.decode_tok_s_per_stream is not None)
     process = sweep_result.process
     return RunRecord(
         model=ModelIdentity(name=f"{sweep_result.model_id} @ {sweep_result.host}",

@@ -243,12 +243,6 @@ class JobQueue:
                 store_error = store_error or f"the durations file could not be written ({exc})"
         self._update(job_id, lambda v: _finished(v, outcome, stored_id, store_error))
 
-    def left_s(self, now: float | None = None) -> float | None:
-        """Estimated seconds until every unfinished job is done (None when a job has no estimate)."""
-        now = time.monotonic() if now is None else now
-        left = [v.left_s(now) for v in self.views() if not v.finished]
-        return None if any(x is None for x in left) else sum(x for x in left if x is not None)
-
     def _run_server(self, job_id: int, spec: ServerSpec) -> None:
         if self.server_runner is None:
             raise RuntimeError("this queue has no server runner")

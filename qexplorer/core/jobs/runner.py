@@ -108,7 +108,7 @@ class JobOutcome:
         return self.status == JobStatus.OK
 
 
-def _tree(pid: int) -> tuple[int, set[int]]:
+def tree_rss(pid: int) -> tuple[int, set[int]]:
     """RSS of a process and its descendants (a vLLM server the worker started), and their PIDs."""
     import psutil
 
@@ -300,7 +300,7 @@ class JobRunner:
 
     def _measure(self, pid: int, elapsed_s: float, phase: str) -> tuple[MemorySample, int | None]:
         """One sample of the job's memory, and the discrete cards' free memory for the guard."""
-        rss, pids = _tree(pid)
+        rss, pids = tree_rss(pid)
         gpu = headroom = vram_free = None
         source = ""
         if self.sampler is not None:

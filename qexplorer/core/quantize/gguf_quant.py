@@ -103,10 +103,17 @@ def quantize_gguf(source: Path, out: Path, precision: Precision, threads: int = 
     yield Metric("quantize_s", time.perf_counter() - started, "s")
 
 
+BF16_GGUF = "bf16.gguf"  # a Hugging Face model converted once by llama.cpp's own converter
+
+
+def gguf_path(precision: Precision, work_dir: Path) -> Path:
+    return work_dir / f"{precision.key}.gguf"
+
+
 def gguf_for(spec: ModelSpec, precision: Precision, work_dir: Path, bf16_folder: Path | None,
              threads: int = 0) -> Generator[JobEvent, None, Path]:
     """The GGUF file for ``precision``: quantized from the model's GGUF, or from its HF folder."""
-    out = work_dir / f"{precision.key}.gguf"
+    out = gguf_path(precision, work_dir)
     if spec.format == ModelFormat.GGUF:
         source = Path(spec.path)
         if spec.stored_quantized:
@@ -115,7 +122,7 @@ def gguf_for(spec: ModelSpec, precision: Precision, work_dir: Path, bf16_folder:
                 f"quality cannot exceed the {spec.stored_dtype} source", level="warning")
     else:
         assert bf16_folder is not None
-        source = work_dir / "bf16.gguf"
+        source = work_dir / BF16_GGUF
         with file_lock(source.with_name(source.name + ".lock")):
             if not source.exists():
                 yield Phase("convert", "converting the checkpoint to a BF16 GGUF (llama.cpp's convert_hf_to_gguf.py)")

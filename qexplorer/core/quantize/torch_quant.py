@@ -70,6 +70,22 @@ def model_weight_bytes(model: Any) -> int:
     return total
 
 
+BF16_CHECKPOINT = "bf16-checkpoint"  # a GGUF model dequantized once, under the model's work dir
+
+
+def saved_folder(folder: Path) -> bool:
+    """A finished Hugging Face save: its config and at least one safetensors shard."""
+    return (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
+
+
+def artifact_dir(precision: Precision, work_dir: Path) -> Path:
+    """Where :func:`produce_artifact` keeps ``precision``'s folder (BF16 itself is the checkpoint it starts from)."""
+    if precision.producer == Producer.CAST and precision.key == "bf16":
+        return work_dir / BF16_CHECKPOINT
+    suffix = "checkpoint" if precision.producer == Producer.CAST else "compressed-tensors"
+    return work_dir / f"{precision.key}-{suffix}"
+
+
 def bf16_checkpoint(spec: ModelSpec, cache_dir: Path) -> Generator[JobEvent, None, Path]:
     """The model as a BF16 Hugging Face folder: itself, or (for GGUF) dequantized once and cached.
 
@@ -77,9 +93,9 @@ def bf16_checkpoint(spec: ModelSpec, cache_dir: Path) -> Generator[JobEvent, Non
     then finds the finished folder."""
     if spec.format == ModelFormat.HF:
         return Path(spec.path)
-    target = cache_dir / "bf16-checkpoint"
+    target = cache_dir / BF16_CHECKPOINT
     with file_lock(target.with_name(target.name + ".lock")):
-        if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        if saved_folder(target):
             yield Log(f"using the cached BF16 checkpoint {target}")
             return target
         yield Phase("dequantize", f"dequantizing {Path(spec.path).name} to a BF16 checkpoint (once)")
@@ -183,10 +199,9 @@ def produce_artifact(spec: ModelSpec, precision: Precision, work_dir: Path) -> G
     source = yield from bf16_checkpoint(spec, work_dir)
     if precision.producer == Producer.CAST and precision.key == "bf16":
         return source
-    suffix = "checkpoint" if precision.producer == Producer.CAST else "compressed-tensors"
-    out = work_dir / f"{precision.key}-{suffix}"
+    out = artifact_dir(precision, work_dir)
     with file_lock(out.with_name(out.name + ".lock")):
-        if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        if saved_folder(out):
             yield Log(f"reusing the {precision.label} artifact {out.name}")
             return out
         yield Phase("quantize", precision.method)
