@@ -1,8 +1,10 @@
 """The worker process: ``python -m qexplorer.worker`` < job.json > events.jsonl
 
-Thin on purpose: read a :class:`~qexplorer.core.jobs.spec.JobSpec` from stdin,
-run :func:`~qexplorer.core.pipeline.run_job`, print one event per line and, at
-the end, one ``completed`` line with the record. A crash or an out-of-memory
+Thin on purpose: read a :class:`~qexplorer.core.jobs.spec.JobSpec` from the
+first line of stdin, run :func:`~qexplorer.core.pipeline.run_job`, print one
+event per line and, at the end, one ``completed`` line with the record. After a
+timed phase's event it reads one more line (the parent's go: nothing else runs
+now) before the clock starts; a closed stdin means go. A crash or an out-of-memory
 kill takes this process, never the app; its memory goes back to the system
 when it exits. Library chatter goes to stderr, which the parent keeps in the
 job's log file.
@@ -17,7 +19,7 @@ import sys
 import threading
 import traceback
 
-from qexplorer.core.jobs.events import Cancelled, Completed, Failed, WireEvent, event_to_line
+from qexplorer.core.jobs.events import Cancelled, Completed, Failed, Phase, WireEvent, event_to_line
 
 
 def emit(event: WireEvent) -> None:
@@ -34,7 +36,7 @@ def main() -> int:
     cancel = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
     try:
-        job = JobSpec.from_json(json.loads(sys.stdin.read()))
+        job = JobSpec.from_json(json.loads(sys.stdin.readline()))
     except (ValueError, TypeError) as exc:
         emit(Failed(f"The worker received an invalid job description ({exc})."))
         return 2
@@ -42,7 +44,10 @@ def main() -> int:
     try:
         while True:
             try:
-                emit(next(steps))
+                event = next(steps)
+                emit(event)
+                if isinstance(event, Phase) and event.timed:
+                    sys.stdin.readline()  # wait for the go: the parent has paused every other job
             except StopIteration as done:
                 emit(Completed(done.value))
                 return 0

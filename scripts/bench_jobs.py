@@ -174,31 +174,62 @@ def shapes(args: argparse.Namespace) -> None:
 
 def decision(args: argparse.Namespace) -> None:
     """Time to decision: the app's default ladder with quality, from an empty data directory (cold), then again
-    with everything cached (warm), through `qexplorer run` as a user runs it; per job the phases it spent time in
-    and the estimate it was given beforehand."""
+    with everything cached (warm), through `qexplorer run` as a user runs it; per job the phases it spent time in,
+    the estimate it was given beforehand, whether it was reused or overlapped, and when each answer arrived."""
     import json
     import os
     import subprocess
     import sys
+    import threading
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="qexplorer-decision-"))
     env = {**os.environ, "QEXPLORER_DATA_DIR": str(data_dir)}
     command = [sys.executable, "-m", "qexplorer", "run", "default", "--precision", args.precision, "--quality",
-               *(["--quick"] if args.quick else [])]
+               "--json", *(["--quick"] if args.quick else []), *(["--one-at-a-time"] if args.one_at_a_time else [])]
     print(f"{' '.join(command[2:])}  (data dir {data_dir})")
     for run in ("cold", "warm"):
+        began = time.time()
         started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        answers: list[tuple[float, str]] = []
+        err_lines: list[str] = []
+
+        def read_stderr() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                err_lines.append(line)
+                if " done" in line and line.startswith("["):
+                    answers.append((time.perf_counter() - started, line.split("]", 1)[1].split()[0]))
+
+        reader = threading.Thread(target=read_stderr)
+        reader.start()
+        out = proc.stdout.read() if proc.stdout else ""
+        proc.wait()
+        reader.join()
         wall = time.perf_counter() - started
-        jobs = json.loads((data_dir / "durations.json").read_text())["jobs"][-len(args.precision.split(",")):]
-        print(f"\n{run}: {wall:.1f} s to the last result (exit {done.returncode})")
+        jobs = {j["precision"]: j for j in json.loads(out)["jobs"]} if out.strip() else {}
+        book = [j for j in json.loads((data_dir / "durations.json").read_text())["jobs"]
+                if j["at"] >= int(began)] if (data_dir / "durations.json").exists() else []
+        timed = {j["precision"]: j for j in book}
+        print(f"\n{run}: {wall:.1f} s to the last result (exit {proc.returncode}); answers at "
+              + ", ".join(f"{name} {at:.1f} s" for at, name in answers))
         print(f"  {'job':8} {'estimated':>10} {'actual':>8}  phases (s)")
-        for job in jobs:
-            phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in job["phases"])
-            print(f"  {job['precision']:8} {job['predicted_s']:>9.1f}s {job['actual_s']:>7.1f}s  {phases}"
-                  f"  [{job['source']}]")
-        if done.returncode:
-            print(done.stderr[-2000:])
+        for name, job in jobs.items():
+            result = job.get("result") or {}
+            if result.get("reused_from"):
+                print(f"  {name:8} reused result #{result['reused_from']} (measured {result['reused_measured_at']})")
+                continue
+            entry = timed.get(name)
+            phases = ", ".join(f"{p} {sec:.1f}" for p, sec in entry["phases"]) if entry else "?"
+            paused = result.get("paused_for_timing") or []
+            shared = result.get("shared_phases") or []
+            print(f"  {name:8} {entry['predicted_s'] if entry else float('nan'):>9.1f}s "
+                  f"{entry['actual_s'] if entry else float('nan'):>7.1f}s  {phases}"
+                  f"  [{entry['source'] if entry else ''}]"
+                  + (f" paused {','.join(paused)} while timed" if paused else "")
+                  + (f"; beside another job in: {', '.join(shared)}" if shared else ""))
+        if proc.returncode:
+            print("".join(err_lines)[-2000:])
 
 
 def main() -> None:
@@ -230,6 +261,7 @@ def main() -> None:
     d.add_argument("--precision", default="bf16,int8,q8_0,q4_k_m")
     d.add_argument("--data-dir", help="default: a new empty folder")
     d.add_argument("--quick", action="store_true")
+    d.add_argument("--one-at-a-time", action="store_true", help="no overlap of untimed work (to compare)")
     args = parser.parse_args()
     {"backend": backend, "peaks": peaks, "shapes": shapes, "served": served, "decision": decision}[args.what](args)
 

@@ -17,10 +17,12 @@ from qexplorer.cli import main
 from qexplorer.core.bench import BenchConfig
 from qexplorer.core.jobs.events import Phase
 from qexplorer.core.jobs.queue import store_outcome
+from qexplorer.core.jobs.record import RunRecord
 from qexplorer.core.jobs.record import record_from_legacy as legacy
 from qexplorer.core.jobs.runner import JobRunner
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.results import ResultsStore, to_markdown
+from qexplorer.core.reuse import quiet
 from qexplorer.core.simulate import simulated_sampler
 from qexplorer.core.units import GIB
 
@@ -51,6 +53,23 @@ def test_cli_run_q8_0_and_int8_quick_json(capsys, isolated_user_dirs):
     assert {r.precision for r in store.all()} == {"q8_0", "int8"}
     assert main(["results", "--format", "md"]) == 0
     assert "| GGUF Q8_0 (llama.cpp) |" in capsys.readouterr().out
+    # the two jobs overlapped where they could; neither benchmark ran beside the other job's work
+    first = {j["precision"]: j for j in data["jobs"]}
+    assert all("benchmark" not in j["result"]["shared_phases"] for j in data["jobs"])
+    # the same run again: nothing it depends on changed, so each quiet result is shown again, not re-measured
+    assert main(["run", "default", "--precision", "q8_0,int8", "--quick", "--json"]) == 0
+    captured = capsys.readouterr()
+    for again in json.loads(captured.out)["jobs"]:
+        earlier = first[again["precision"]]
+        if quiet(RunRecord.from_json(earlier["result"])):
+            assert again["result"]["reused_from"] == earlier["stored_id"] == again["stored_id"]
+            assert again["result"]["speed"] == earlier["result"]["speed"]
+            assert f"reused result #{earlier['stored_id']}" in captured.err
+        else:  # timed while other processes were busy: timed again
+            assert again["result"]["reused_from"] is None and again["stored_id"] != earlier["stored_id"]
+    assert main(["run", "default", "--precision", "q8_0", "--quick", "--json", "--remeasure"]) == 0
+    fresh = json.loads(capsys.readouterr().out)["jobs"][0]
+    assert fresh["result"]["reused_from"] is None and fresh["stored_id"] not in {j["stored_id"] for j in first.values()}
 
 
 @pytest.mark.e2e

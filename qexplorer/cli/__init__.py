@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="run even when the plan says it does not fit")
     run.add_argument("--as-listed", action="store_true",
                      help="run in the order given (default: cheapest first - GGUF, data-free, then calibrated)")
+    run.add_argument("--remeasure", action="store_true",
+                     help="measure again even where a stored result has the same artifact, engine, versions, "
+                          "machine and settings (default: show that result again, marked reused)")
+    run.add_argument("--one-at-a-time", action="store_true",
+                     help="never prepare the next job beside the running one (default: overlap untimed work when "
+                          "both fit in memory; timed phases always run alone)")
     run.add_argument("--json", action="store_true", help="print the results as JSON")
     run.add_argument("--quality", action="store_true", help="also measure KLD, top-1 and perplexity vs the reference")
     run.add_argument("--corpus", help="evaluation text: a UTF-8 file or a folder (default: shipped prose + stdlib)")

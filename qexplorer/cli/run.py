@@ -67,9 +67,14 @@ class StderrProgress:
             tg = speed.decode_tok_s
             deeper = "".join(f", {s.decode_tok_s.mean:.1f} ± {s.decode_tok_s.sd:.1f} at depth {s.depth}"
                              for s in view.record.depth_speeds)
-            self.stream.write(f"{self.label} done: decode {tg.mean:.1f} ± {tg.sd:.1f} tok/s"
+            record = view.record
+            reused = (f" (reused result #{record.reused_from}, measured {record.reused_measured_at})"
+                      if record.reused_from is not None else "")
+            alone = (f"; {', '.join(record.paused_for_timing)} paused while it was timed"
+                     if record.paused_for_timing else "")
+            self.stream.write(f"{self.label} done{reused}: decode {tg.mean:.1f} ± {tg.sd:.1f} tok/s"
                               f"{f' at depth {speed.depth}' if speed.depth else ''}{deeper}, "
-                              f"peak {format_bytes(view.peak_rss_bytes)}{took}\n")
+                              f"peak {format_bytes(record.memory.peak_rss_bytes or view.peak_rss_bytes)}{took}{alone}\n")
             for noisy in (s for s in (speed, *view.record.depth_speeds) if s.noisy and s.noise):
                 self.stream.write(f"{self.label} warning: {noisy.noise.reason} Re-run on a quiet machine before "
                                   "trusting this speed.\n")
@@ -128,7 +133,7 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
         model_paths=tuple(settings.models), quality=args.quality, quality_corpus=args.corpus,
         quality_tokens=args.quality_tokens, quality_ctx=args.quality_ctx, reference_precision=args.reference,
         trust_remote_code=args.trust_remote_code, engine_args=tuple(shlex.split(args.engine_args or "")),
-        shown_profile=args.simulate,
+        shown_profile=args.simulate, reuse=not getattr(args, "remeasure", False),
     )
     if not getattr(args, "as_listed", False):
         chosen = cost_order(spec, chosen)
@@ -151,7 +156,7 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     sys.stderr.write(f"queue: {count} jobs, ~{format_duration(sum(e.total_s for e in estimates))} estimated\n")
     reporter = _Reporter({})
     queue = JobQueue(JobRunner(sampler=sampler, interval_s=settings.refresh_s, extra_env=engine_env(settings)), store,
-                     on_change=reporter)
+                     on_change=reporter, overlap=not getattr(args, "one_at_a_time", False))
     ids = queue.submit(planned.specs, labels, estimates)
     reporter.bars.update({job_id: StderrProgress(sys.stderr, label) for job_id, label in zip(ids, labels,
                                                                                               strict=True)})

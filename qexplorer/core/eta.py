@@ -50,8 +50,8 @@ DEFAULT_RATES: dict[str, float] = {
     "benchmark:vllm": 0.14,
     "benchmark:transformers": 0.3,  # guess: eager PyTorch, about half vLLM-CPU's speed
     "quality:llama.cpp": 0.039,  # per billion parameter-tokens
-    "quality:vllm": 0.059,  # vLLM's log-probs plus the artifact's own pass in transformers
-    "quality:transformers": 0.04,  # guess
+    "log-probs:vllm": 0.025,  # vLLM's prompt log-probs on the reference's chunks
+    "quality:transformers": 0.015,  # the artifact's own pass in transformers (beside vLLM, or the fallback's)
     "calibrate": 1.3,  # per job: the bandwidth test (cached per CPU after the first)
 }
 
@@ -146,8 +146,10 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str,
             method = str(precision.producer) + (":calibrated" if precision.needs_calibration else "")
             phases.append(("quantize", f"quantize:{method}", bf16_gib))
     bench = job.bench
-    timed = (bench.repetitions + (1 if bench.warmup else 0)) * sum(
-        bench.gen_tokens + (bench.prompt_tokens + depth) / PP_FACTOR for depth in bench.depths)
+    timed = bench.repetitions * sum(bench.gen_tokens + (bench.prompt_tokens + depth) / PP_FACTOR
+                                    for depth in bench.depths)
+    if bench.warmup:  # llama-bench's: the first depth's prompt and one token
+        timed += 1 + (bench.prompt_tokens + bench.depths[0]) / PP_FACTOR
     if engine == str(Engine.VLLM):
         phases.append(("engine", "engine:vllm", 1.0))
     else:
@@ -155,9 +157,10 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str,
     phases.append(("benchmark", f"benchmark:{engine}", timed * artifact_gib))
     is_reference = precision.key == job.reference_precision and not precision.is_gguf
     if job.quality and engine == str(Engine.VLLM):  # vLLM's own log-probs; the artifact's pass unless the reference
-        phases.append(("quality", "quality:vllm", param_tokens * (0.5 if is_reference else 1.0)))
+        phases.append(("log-probs", "log-probs:vllm", param_tokens))
         if not is_reference:
             phases.append(("load", "load:vllm", artifact_gib))
+            phases.append(("quality", "quality:transformers", param_tokens))
     elif job.quality and not is_reference:
         phases.append(("quality", f"quality:{engine}", param_tokens))
     phases.append(("calibrate", "calibrate", 1.0))

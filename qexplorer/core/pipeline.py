@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qexplorer import __version__
+from qexplorer.core import reuse
 from qexplorer.core.artifacts import content_sha256, model_work_dir
 from qexplorer.core.bench import roofline_pct
 from qexplorer.core.bench.bandwidth import roofline_note
@@ -38,6 +39,7 @@ from qexplorer.core.model import ModelSpec
 from qexplorer.core.planner import decode_bytes_per_token
 from qexplorer.core.precisions import Hardware, Precision, get
 from qexplorer.core.quantize.artifact import produce
+from qexplorer.core.results import ResultsStore
 
 LIBRARIES = ("torch", "transformers", "compressed_tensors", "llmcompressor", "llama_cpp_python", "textual")
 T = TypeVar("T")
@@ -96,6 +98,14 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
     yield Log(f"artifact {artifact.name}: hashing it, so the export can be checked against what was measured")
     sha256 = content_sha256(artifact)
     ctx = _context(spec, precision, job, artifact, reference, cancel)
+    key = reuse.reuse_key(job, sha256, library_versions(), _engine_version(precision), cpu_name(), ctx.gpu_name)
+    if job.reuse:
+        earlier = reuse.find_reusable(ResultsStore.in_dir(Path(job.data_dir)), spec.path, precision.key, key)
+        if earlier is not None:
+            yield Log(f"{precision.label}: the same artifact (sha256 {sha256[:12]}), engine, versions, machine and "
+                      f"settings were measured as result #{earlier.id}; showing that measurement again "
+                      "(--remeasure times it anew)")
+            return reuse.reused(earlier)
     measured = yield from checked(_measure(ctx), cancel)
     measured = replace(measured, engine=replace(measured.engine, artifact_path=str(artifact),
                                                 artifact_bytes=_size(artifact), artifact_sha256=sha256))
@@ -119,8 +129,18 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
         memory=memory, timings=replace(measured.timings, quantize_s=quantize_s, quality_s=measured.quality_s),
         speed=measured.speed, depth_speeds=measured.depth_speeds, roofline_pct=roofline,
         roofline_note=roofline_note(roofline, hardware.bandwidth_source),
-        quality=measured.quality, engine_quality=measured.engine_quality,
+        quality=measured.quality, engine_quality=measured.engine_quality, reuse_key=key,
     )
+
+
+def _engine_version(precision: Precision) -> str | None:
+    """The serving engine's installed version where it is not a library of this environment (vLLM's own)."""
+    if precision.engine == Engine.LLAMA_CPP:
+        return None  # llama-cpp-python is in library_versions()
+    from qexplorer.core.engines.vllm import find_vllm, installed_version
+
+    command = find_vllm()
+    return installed_version(command) if command is not None else "absent"
 
 
 def _context(spec: ModelSpec, precision: Precision, job: JobSpec, artifact: Path, reference: Any,

@@ -60,6 +60,7 @@ class QExplorerApp(App[int]):
     quick_bench: reactive[bool] = reactive(False)
     bench_depths: reactive[tuple[int, ...]] = reactive((0,))  # llama-bench -d for the jobs queued next
     measure_quality: reactive[bool] = reactive(True)
+    remeasure: reactive[bool] = reactive(False)  # False: a stored result with the same key is shown again (reuse)
     jobs: reactive[tuple[JobView, ...]] = reactive(())  # the queue's latest view of each job, oldest first
     compare_rows: reactive[tuple[CompareRow, ...]] = reactive(())  # measured results for the compare screen
 
@@ -295,6 +296,7 @@ class QExplorerApp(App[int]):
                 on_change=lambda view: self.post_message(JobChanged(view)),
                 server_runner=run_server_spec,
                 start_consumer=self._consume_jobs,
+                overlap=True,  # the next job prepares beside the running one; timed phases run alone
             )
         return self._job_queue
 
@@ -375,7 +377,8 @@ class QExplorerApp(App[int]):
 
         template = JobSpec(model_ref=self.model.path, precision="", data_dir=str(self.settings.results_path),
                            bench=self.bench_config(), model_paths=tuple(self.settings.models),
-                           quality=self.measure_quality, shown_profile=self.sources.sampler.simulated)
+                           quality=self.measure_quality, shown_profile=self.sources.sampler.simulated,
+                           reuse=not self.remeasure)
         chosen = cost_order(self.model, [p for p in PRECISIONS if p.key in self.chosen])
         # real jobs are planned against the real machine, whatever profile the screens show
         real = self.machine_snapshot if self.sources.separate_guard else self.snapshot

@@ -1,6 +1,7 @@
 """Generation benchmarks with llama-bench's method (FACTS §3).
 
-A warm-up run, then ``repetitions`` timed runs of prompt processing (pp: one
+A warm-up (llama-bench's: the prompt once, then one generated token), then
+``repetitions`` timed runs of prompt processing (pp: one
 batch of ``prompt_tokens`` tokens) and token generation (tg: ``gen_tokens``
 single-token decode steps); tokenization and sampling are outside the timing.
 Every figure is reported as mean ± standard deviation over the repetitions.

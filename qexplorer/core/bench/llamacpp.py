@@ -153,10 +153,10 @@ def _run(decoder: Decoder, config: BenchConfig) -> Generator[JobEvent, None, tup
         if depth:
             yield Progress("benchmark", d_index * config.repetitions, total, f"prefilling a depth of {depth} tokens")
             decoder.prompt(depth)
-        if config.warmup and d_index == 0:
+        if config.warmup and d_index == 0:  # llama-bench's warm-up: the prompt once, then one generated token
             decoder.prompt(config.prompt_tokens, offset=depth)
             decoder.trim(depth)
-            decoder.generate(config.gen_tokens)
+            decoder.generate(1)
             decoder.trim(depth)
         noise = NoiseProbe().start()
         pp_s, tg_s, ttft_s = [], [], []

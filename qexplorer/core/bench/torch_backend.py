@@ -75,10 +75,10 @@ def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Generator
                 yield Progress("benchmark", d_index * config.repetitions, total, f"prefilling a depth of {depth} tokens")
                 forward(ids[:, :depth], cache)
             prompt = ids[:, depth: depth + config.prompt_tokens]
-            if config.warmup and d_index == 0:
+            if config.warmup and d_index == 0:  # llama-bench's warm-up: the prompt once, then one generated token
                 forward(prompt, cache)
                 cache.crop(depth)
-                generate(cache, config.gen_tokens)
+                generate(cache, 1)
                 cache.crop(depth)
             noise = NoiseProbe().start()
             pp_s, tg_s, ttft_s = [], [], []

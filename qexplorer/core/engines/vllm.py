@@ -83,6 +83,22 @@ def find_vllm(project_root: Path | None = None) -> VllmCommand | None:
     return None
 
 
+def installed_version(command: VllmCommand) -> str | None:
+    """vLLM's version from its environment's package metadata, without starting it (None: not found)."""
+    python = Path(command.argv[0])
+    if not python.name.startswith("python"):
+        try:  # a `vllm` console script: its first line names its python
+            first = python.read_text(encoding="utf-8", errors="replace").splitlines()[0]
+            python = Path(first[2:].strip().split()[0]) if first.startswith("#!") else python
+        except (OSError, IndexError):
+            return None
+    for metadata_file in sorted(python.parent.parent.glob("lib/python*/site-packages/vllm*.dist-info/METADATA")):
+        for line in metadata_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("Version:"):
+                return f"{metadata_file.parent.name.split('-')[0]} {line.split(':', 1)[1].strip()}"
+    return None
+
+
 def _command(path: Path, source: str) -> VllmCommand:
     if path.name.startswith("python"):
         return VllmCommand((str(path), "-m", "vllm.entrypoints.openai.api_server"), source, model_flag=True)
@@ -260,8 +276,8 @@ class VllmServer:
 
         speeds = []
         with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False) as client:
-            if config.warmup:  # first-request set-up, untimed, in the measured shape
-                self._stream(client, window(config.repetitions + 1, config.prompt_tokens), config.gen_tokens)
+            if config.warmup:  # llama-bench's warm-up, untimed: the prompt once and one decode step
+                self._stream(client, window(config.repetitions + 1, config.prompt_tokens), 2)
             total = config.repetitions * len(config.depths)
             for d_index, depth in enumerate(config.depths):
                 noise = NoiseProbe().start()  # the worker's tree holds the vLLM server: its CPU is the measurement
@@ -319,7 +335,7 @@ class VllmServer:
                     klds.append(float(coarse_kld(np.array([[p[t] for t in shared]]),
                                                  np.array([[q[t] for t in shared]]))[0]))
                     agree.append(best is not None and int(best) == int(ref_top1[j]))
-                yield Progress("quality", index + 1, meta.n_chunks, f"vLLM log-probs, chunk {index + 1}")
+                yield Progress("log-probs", index + 1, meta.n_chunks, f"vLLM log-probs, chunk {index + 1}")
         n = len(klds)
         share = sum(agree) / n if n else 0.0
         return ServerQuality(
@@ -381,7 +397,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         first, *deeper = yield from ctx.checked(server.measure_speed(ids, bench))
         engine_quality = None
         if ctx.reference is not None:
-            yield Phase("quality", "vLLM prompt log-probs against the reference (cross-check)")
+            yield Phase("log-probs", "vLLM prompt log-probs against the reference (cross-check)")
             engine_quality = yield from ctx.checked(server.measure_logprobs(ctx.reference))
         kernel = server.kernels()
     finally:

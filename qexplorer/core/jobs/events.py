@@ -8,7 +8,10 @@ back with :func:`event_from_line`.
 
 =============  ==========================================================
 ``phase``      a new phase begins (``dequantize``, ``quantize``, ``load``,
-               ``benchmark``, ``reference``, ``quality``, ...)
+               ``benchmark``, ``reference``, ``quality``, ...); after a
+               timed one (``benchmark``) the worker waits for a line on
+               stdin: the parent's go, once nothing else runs
+               (:mod:`qexplorer.core.jobs.overlap`)
 ``progress``   ``done`` of ``total`` units in the current phase
 ``log``        a line for the user (info or warning)
 ``metric``     one named measurement with its unit, as soon as it exists
@@ -29,10 +32,18 @@ from qexplorer.core.jobs.record import ExportRecord, RunRecord
 from qexplorer.core.serial import from_jsonable, to_jsonable
 
 
+TIMED_PHASES = frozenset({"benchmark"})  # phases whose wall time is a figure: they run alone (jobs.overlap)
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str
     message: str = ""
+
+    @property
+    def timed(self) -> bool:
+        """A timed phase: the worker waits for the parent's go (one stdin line) before it starts the clock."""
+        return self.name in TIMED_PHASES
 
 
 @dataclass(frozen=True)

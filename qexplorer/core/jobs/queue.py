@@ -26,8 +26,9 @@ from dataclasses import dataclass, replace
 from qexplorer.core.errors import UserError
 from qexplorer.core.eta import DurationBook, JobEstimate
 from qexplorer.core.jobs.events import Failed, JobEvent, Log, Metric, Phase, Progress
+from qexplorer.core.jobs.overlap import fits_together
 from qexplorer.core.jobs.record import ExportRecord, RunRecord
-from qexplorer.core.jobs.runner import JobOutcome, JobRunner, MemorySample, failure_record
+from qexplorer.core.jobs.runner import GPU_BY_DELTA, JobOutcome, JobRunner, MemorySample, failure_record
 from qexplorer.core.jobs.spec import JobSpec, ServerSpec
 from qexplorer.core.kinds import JobAction, JobStatus
 from qexplorer.core.results import ResultsStore
@@ -107,8 +108,11 @@ class JobQueue:
     def __init__(self, runner: JobRunner, store: ResultsStore | None,
                  on_change: Callable[[JobView], None] | None = None,
                  server_runner: Callable[[ServerSpec, Callable[[JobEvent], None]], RunRecord] | None = None,
-                 start_consumer: Callable[[], None] | None = None) -> None:
+                 start_consumer: Callable[[], None] | None = None, overlap: bool = False) -> None:
         self.runner = runner
+        # two workers at once, timed phases alone (jobs.overlap); off: strictly one job after the other
+        self.overlap = overlap
+        self._wake = threading.Event()  # a job finished or was submitted: the consumer looks again
         self.store = store
         self.on_change = on_change or (lambda view: None)
         self.server_runner = server_runner
@@ -144,6 +148,7 @@ class JobQueue:
                 self._consuming = True
         for view in added:
             self.on_change(view)
+        self._wake.set()
         if start:
             assert self.start_consumer is not None
             self.start_consumer()
@@ -177,20 +182,72 @@ class JobQueue:
 
     # ---------------------------------------------------------------- consumers
     def drain(self) -> None:
-        """Run queued jobs until none is left: the consumer (the app's thread worker, or the CLI itself)."""
+        """Run queued jobs until none is left: the consumer (the app's thread worker, or the CLI itself). With
+        ``overlap`` the next job starts beside the running one when both fit in memory; the runner's gate keeps
+        every timed phase alone."""
+        running: dict[int, threading.Thread] = {}
         try:
-            while (taken := self._take()) is not None:
-                self._run(*taken)
+            while True:
+                for job_id in [j for j, thread in running.items() if not thread.is_alive()]:
+                    running.pop(job_id).join()
+                self._wake.clear()
+                taken = self._take(may_finish=not running, allowed=lambda spec: self._may_start(spec, running))
+                if taken is None:
+                    if not running:
+                        return
+                    self._wake.wait(0.25)
+                    continue
+                if not self.overlap:
+                    self._run(*taken)
+                    continue
+                thread = threading.Thread(target=self._run_then_wake, args=taken, name=f"job-{taken[0]}",
+                                          daemon=True)
+                running[taken[0]] = thread
+                thread.start()
         finally:
+            for thread in running.values():
+                thread.join()
             with self._lock:
                 self._consuming = False
 
-    def _take(self) -> tuple[int, JobSpec | ServerSpec] | None:
-        """The oldest queued job, marked running; or None - and this consumer is done - in one locked step."""
+    def _run_then_wake(self, job_id: int, spec: JobSpec | ServerSpec) -> None:
+        try:
+            self._run(job_id, spec)
+        finally:
+            self._wake.set()
+
+    def _may_start(self, spec: JobSpec | ServerSpec, running: dict[int, threading.Thread]) -> bool:
+        """Under the lock: whether ``spec`` may start now beside what runs. One job beside another at most; a
+        server benchmark (all of it timed) only alone; both jobs' planned peaks within the live headroom."""
+        if not running:
+            return True
+        if len(running) >= 2 or isinstance(spec, ServerSpec):
+            return False
+        others = [self._specs[j] for j in running]
+        if any(isinstance(o, ServerSpec) for o in others):
+            return False
+        views = [self._views[j] for j in running]
+        latest = [v.memory[-1] for v in views if v.memory]
+        if len(latest) != len(views) or any(m.headroom_bytes is None for m in latest):
+            return False  # no live headroom to plan against: one at a time
+        if any(m.gpu_source == GPU_BY_DELTA for m in latest):
+            return False  # GPU memory read as the device's growth would count both jobs as each one's
+        headroom = sum(m.rss_bytes for m in latest) + min(int(m.headroom_bytes or 0) for m in latest)
+        return fits_together([getattr(o, "planned_peak_bytes", None) for o in others] + [spec.planned_peak_bytes],
+                             headroom)
+
+    def _take(self, may_finish: bool = True,
+              allowed: Callable[[JobSpec | ServerSpec], bool] = lambda spec: True,
+              ) -> tuple[int, JobSpec | ServerSpec] | None:
+        """The oldest queued job, marked running; or None - and, when ``may_finish``, this consumer is done - in
+        one locked step. None as well while ``allowed`` says the oldest job must wait."""
         with self._lock:
             job_id = self._first_queued()
             if job_id is None:
-                self._consuming = False
+                if may_finish:
+                    self._consuming = False
+                return None
+            if not allowed(self._specs[job_id]):
                 return None
             self._consuming = True
             view = self._set(replace(self._views[job_id], status=JobStatus.RUNNING, message="starting",
@@ -230,13 +287,16 @@ class JobQueue:
             on_memory=lambda sample: self._update(job_id, lambda v: v.sampled(sample)),
         )
         stored_id, store_error = None, None
-        if spec.action == JobAction.RUN and self.store is not None:
+        reused_from = outcome.record.reused_from if outcome.ok and outcome.record is not None else None
+        if reused_from is not None:
+            stored_id = reused_from  # an earlier measurement shown again: its row is already in the store
+        elif spec.action == JobAction.RUN and self.store is not None:
             try:
                 stored_id = store_outcome(self.store, outcome)
             except UserError as exc:
                 store_error = str(exc)
         estimate = self.view(job_id).estimate
-        if outcome.ok and estimate is not None and outcome.phase_seconds:
+        if outcome.ok and reused_from is None and estimate is not None and outcome.phase_seconds:
             try:  # predicted vs actual, so that the next estimate starts from this machine's rates
                 DurationBook.in_dir(spec.data_dir).record(estimate, outcome.phase_seconds)
             except OSError as exc:
@@ -263,6 +323,9 @@ class JobQueue:
 def _finished(view: JobView, outcome: JobOutcome, stored_id: int | None, store_error: str | None) -> JobView:
     if outcome.ok and outcome.export is not None:
         message = f"serve it with: {outcome.export.serve_command}"
+    elif outcome.ok and outcome.record is not None and outcome.record.reused_from is not None:
+        message = (f"reused: result #{outcome.record.reused_from}, measured {outcome.record.reused_measured_at}, "
+                   "with the same artifact, engine and settings")
     elif outcome.ok:
         message = "stored; it appears on the compare screen (c)"
     else:

@@ -288,6 +288,12 @@ class RunRecord:
     quality: QualityStats | None = None  # of the artifact itself (activation quantization included)
     engine_quality: ServerQuality | None = None  # the serving engine's own log-probs (vLLM: top-20, a lower bound)
     server: ServerSweep | None = None
+    # jobs.overlap: the timed phases ran alone; these jobs were paused (SIGSTOP) for them
+    paused_for_timing: tuple[str, ...] = ()
+    shared_phases: tuple[str, ...] = ()  # this job's untimed phases during which another job's worker ran
+    reuse_key: str | None = None  # what the figures depend on (core.reuse); equal key, equal measurement
+    reused_from: int | None = None  # set when this result is an earlier measurement shown again (core.reuse)
+    reused_measured_at: str | None = None  # when that earlier measurement was made (ISO 8601, UTC)
     version: int = RECORD_VERSION
 
     def with_memory(self, **changes: Any) -> RunRecord:

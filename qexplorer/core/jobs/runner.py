@@ -33,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qexplorer.core.jobs.events import Completed, Failed, JobEvent, Phase, event_from_line
+from qexplorer.core.jobs.events import Completed, Failed, JobEvent, Log, Phase, event_from_line
 from qexplorer.core.jobs.guard import GuardSample, MemoryGuard
+from qexplorer.core.jobs.overlap import TimedGate
 from qexplorer.core.jobs.record import ExportRecord, ModelIdentity, RunRecord
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import Family, JobStatus
@@ -155,7 +156,8 @@ class JobRunner:
         self.log_dir = log_dir
         self.extra_env = extra_env or {}
         self.current_pid: int | None = None
-        self._gpu_baseline: int | None = None
+        self._own_lock = threading.Lock()
+        self.gate = TimedGate()  # shared by every job this runner runs: timed phases run alone (jobs.overlap)
         self._gpu_unified: bool | None = None
 
     def _spawn(self, job: JobSpec, log_path: Path) -> subprocess.Popen[str]:
@@ -174,8 +176,12 @@ class JobRunner:
         finally:
             log.close()
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps(job.to_json()))
-        proc.stdin.close()
+        # one line; stdin stays open for the go after each timed phase (jobs.overlap), closed when the job ends
+        try:
+            proc.stdin.write(json.dumps(job.to_json()) + "\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # a child that exits at once; its exit code says why
         return proc
 
     def run(self, job: JobSpec, on_event: Callable[[JobEvent], None] | None = None,
@@ -183,13 +189,20 @@ class JobRunner:
             on_memory: Callable[[MemorySample], None] | None = None) -> JobOutcome:
         log_dir = self.log_dir or Path(job.data_dir) / "logs"
         log_path = log_dir / f"job-{int(time.time() * 1000)}-{job.precision}.log"
-        proc = self._spawn(job, log_path)
-        self.current_pid = proc.pid
+        proc = None
+        while proc is None:  # no worker starts while another job runs a timed phase
+            proc = self.gate.spawn(job.precision, lambda: self._spawn(job, log_path), lambda p: p.pid)
+            if proc is None:
+                if cancel is not None and cancel.is_set():
+                    return JobOutcome(job=job, status=JobStatus.CANCELLED, error="Cancelled by the user.")
+                time.sleep(0.05)
+        self.current_pid = proc.pid  # the newest worker (tests and the CLI's interrupt use it)
         watchers = {id(s): s for s in (self.sampler, self.display) if s is not None}.values()
-        for watcher in watchers:
-            watcher.own_pids = watcher.own_pids | {proc.pid}
+        with self._own_lock:  # two jobs' threads may start and end at once
+            for watcher in watchers:
+                watcher.own_pids = watcher.own_pids | {proc.pid}
         guard = self.guard_factory()
-        self._gpu_baseline = None
+        gpu_baseline: list[int | None] = [None]  # this job's own: two jobs may run at once
         lines: queue.Queue[str | None] = queue.Queue()
 
         def read() -> None:
@@ -211,12 +224,38 @@ class JobRunner:
         phases: list[tuple[str, float]] = []
         stop_reason: tuple[JobStatus, str] | None = None
         stream_done = False
+        waiting_go = holding = announced_wait = was_paused = False  # announced a timed phase / holds the slot
+        paused_for: set[str] = set()  # jobs paused while this one's timed phases ran
+        shared: list[str] = []  # this job's phases during which another job's worker ran
+        held_s = 0.0  # of the current phase: paused for another job's timing, or waiting for the timed slot
+        last_tick = started
         try:
             while not stream_done or proc.poll() is None:
                 now = time.monotonic()
+                paused_now = self.gate.is_paused(proc.pid)
+                if paused_now != was_paused and on_event:
+                    on_event(Log("paused while another job's benchmark runs alone" if paused_now else "resumed"))
+                was_paused = paused_now
+                if paused_now:
+                    last_activity = now  # a paused job makes no progress by design: not a stall
+                    held_s += now - last_tick
+                elif waiting_go:
+                    held_s += now - last_tick
+                elif not waiting_go and phase not in shared and self.gate.others_running(proc.pid):
+                    shared.append(phase)
+                if waiting_go and stop_reason is None:
+                    paused = self.gate.try_enter(proc.pid)
+                    if paused is not None:
+                        waiting_go, holding = False, True
+                        paused_for.update(paused)
+                        _send_go(proc)
+                    elif not announced_wait and on_event:
+                        announced_wait = True
+                        on_event(Log("waiting: another job's timed phase runs alone"))
+                last_tick = now
                 if now >= next_sample:
                     next_sample = now + guard.interval_s(phase, self.interval_s)
-                    sample, vram_free = self._measure(proc.pid, now - started, phase)
+                    sample, vram_free = self._measure(proc.pid, now - started, phase, gpu_baseline)
                     memory.append(sample)
                     if phase != CALIBRATE_PHASE:
                         peak_rss = max(peak_rss, sample.rss_bytes)
@@ -231,11 +270,11 @@ class JobRunner:
                         self._stop(proc, graceful=False)  # memory is running out: no grace period
                 if stop_reason is None and cancel is not None and cancel.is_set():
                     stop_reason = (JobStatus.CANCELLED, "Cancelled by the user.")
-                    self._stop(proc)
+                    self._stop(proc, graceful=not self.gate.is_paused(proc.pid))  # paused: it must not wake
                 if stop_reason is None and now - last_activity > job.phase_timeout_s:
                     stop_reason = (JobStatus.TIMEOUT, f"The {phase} phase made no progress for "
                                                       f"{job.phase_timeout_s:g} s; the worker was stopped.")
-                    self._stop(proc)
+                    self._stop(proc, graceful=not self.gate.is_paused(proc.pid))
                 if stream_done:
                     try:
                         proc.wait(timeout=max(0.01, next_sample - time.monotonic()))
@@ -258,21 +297,33 @@ class JobRunner:
                     completed = event
                     continue
                 if isinstance(event, Phase):
-                    phases.append((phase, last_activity - phase_started))
-                    phase, phase_started = event.name, last_activity
+                    phases.extend(_split(phase, last_activity - phase_started, held_s))
+                    phase, phase_started, held_s, announced_wait = event.name, last_activity, 0.0, False
+                    if holding and not event.timed:
+                        self.gate.release(proc.pid)
+                        holding = False
+                    waiting_go = event.timed and not holding
                 elif isinstance(event, Failed) and error is None:
                     error = event.message
                 if on_event:
                     on_event(event)
         finally:
+            self.gate.leave(proc.pid)  # continues it first if it was paused: it must see the SIGTERM
             if proc.poll() is None:
                 self._stop(proc)
             _kill_group(proc.pid)  # whatever a crashed worker left behind (a vLLM server) goes too
             reader.join(timeout=2)
-            self.current_pid = None
-            for watcher in watchers:
-                watcher.own_pids = watcher.own_pids - {proc.pid}
-        phases.append((phase, time.monotonic() - phase_started))
+            if self.current_pid == proc.pid:
+                self.current_pid = None
+            if proc.stdin is not None:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+            with self._own_lock:
+                for watcher in watchers:
+                    watcher.own_pids = watcher.own_pids - {proc.pid}
+        phases.extend(_split(phase, time.monotonic() - phase_started, held_s))
         if stop_reason is not None:
             status, error = stop_reason
             completed = None
@@ -283,7 +334,9 @@ class JobRunner:
             error = error or describe_exit(proc.returncode)
             completed = None
         record = export = None
-        if completed is not None and isinstance(completed.record, RunRecord):
+        if completed is not None and isinstance(completed.record, RunRecord) and completed.record.reused_from:
+            record = completed.record  # an earlier measurement shown again (core.reuse): its own figures stand
+        elif completed is not None and isinstance(completed.record, RunRecord):
             # the child's own high-water mark catches peaks between samples
             peak_rss = max(completed.record.memory.peak_rss_bytes or 0, peak_rss)
             record = completed.record.with_memory(peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu,
@@ -291,6 +344,7 @@ class JobRunner:
             if record.hardware is not None:  # what only the parent knows: the real GPU's kind, the screen's profile
                 record = replace(record, hardware=replace(record.hardware, gpu_unified=self._gpu_unified,
                                                           shown_profile=job.shown_profile))
+            record = replace(record, paused_for_timing=tuple(sorted(paused_for)), shared_phases=tuple(shared))
         elif completed is not None:
             export = completed.record
         return JobOutcome(job=job, status=status, error=error, record=record, export=export,
@@ -298,7 +352,8 @@ class JobRunner:
                           exit_code=proc.returncode,
                           log_path=log_path, memory=tuple(memory), phase_seconds=tuple(phases))
 
-    def _measure(self, pid: int, elapsed_s: float, phase: str) -> tuple[MemorySample, int | None]:
+    def _measure(self, pid: int, elapsed_s: float, phase: str,
+                 gpu_baseline: list[int | None]) -> tuple[MemorySample, int | None]:
         """One sample of the job's memory, and the discrete cards' free memory for the guard."""
         rss, pids = tree_rss(pid)
         gpu = headroom = vram_free = None
@@ -307,10 +362,10 @@ class JobRunner:
             snapshot = self.sampler.sample()
             value = snapshot.host_headroom_bytes.value
             headroom = None if value is None else int(value)
-            if self._gpu_baseline is None:
-                self._gpu_baseline = devices_used_bytes(snapshot)
+            if gpu_baseline[0] is None:
+                gpu_baseline[0] = devices_used_bytes(snapshot)
             self._gpu_unified = snapshot.unified if snapshot.devices else None
-            gpu, source = attribute_gpu(snapshot, pids, self._gpu_baseline)
+            gpu, source = attribute_gpu(snapshot, pids, gpu_baseline[0])
             vram_free = discrete_free_bytes(snapshot)
         return MemorySample(elapsed_s, rss, gpu, headroom, phase, source), vram_free
 
@@ -336,6 +391,26 @@ class JobRunner:
         _kill_group(proc.pid)
         if proc.poll() is None:
             proc.wait(timeout=10)
+
+
+HELD_PHASE = "held"  # time a job spent paused for another's timed phase or waiting for its own turn
+
+
+def _split(phase: str, seconds: float, held_s: float) -> list[tuple[str, float]]:
+    """A phase's wall time without the time it was held, which is listed on its own (not the phase's cost)."""
+    held_s = min(held_s, seconds)
+    return [(phase, seconds - held_s)] + ([(HELD_PHASE, held_s)] if held_s > 0.05 else [])
+
+
+def _send_go(proc: subprocess.Popen[str]) -> None:
+    """The line a worker waits for after announcing a timed phase: everything else is paused now."""
+    if proc.stdin is None:
+        return
+    try:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    except (BrokenPipeError, OSError):
+        pass  # it died meanwhile; its exit code says why
 
 
 def _kill_group(pgid: int) -> None:

@@ -44,6 +44,7 @@ class JobSpec:
     export_path: str | None = None
     engine_args: tuple[str, ...] = ()  # passed to the serving engine as they are (vLLM: --tensor-parallel-size 2 ...)
     shown_profile: str | None = None  # --simulate's profile, recorded on the result; the job itself runs for real
+    reuse: bool = True  # show a stored measurement again when nothing it depends on changed (core.reuse)
 
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)

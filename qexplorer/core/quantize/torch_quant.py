@@ -110,8 +110,12 @@ def _dequantize(spec: ModelSpec, target: Path) -> None:
 
     gguf = Path(spec.path)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer = gpt2_tokenizer_from_gguf(gguf, tokenizer) or tokenizer
+    # a byte-level BPE vocabulary is rebuilt from the file alone; transformers' own GGUF tokenizer import
+    # (7 s for the bundled model) only where it is not one, or the file lacks what the rebuild reads
+    tokenizer = gpt2_tokenizer_from_gguf(gguf, None)
+    if tokenizer is None:
+        imported = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = gpt2_tokenizer_from_gguf(gguf, imported) or imported
     # Saved as a plain checkpoint: the GGUF quantizer would otherwise be recorded in the config.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -177,6 +181,13 @@ def gpt2_tokenizer_from_gguf(gguf: Path, imported: Any) -> Any | None:
                                    eos_token=token("tokenizer.ggml.eos_token_id"),
                                    unk_token=token("tokenizer.ggml.unknown_token_id"),
                                    pad_token=token("tokenizer.ggml.padding_token_id"))
+    if imported is None:  # from the file: what transformers' import would have read from the same fields
+        if "tokenizer.ggml.add_bos_token" not in reader.fields:
+            return None  # transformers' import decides the default: let it
+        template = reader.fields.get("tokenizer.chat_template")
+        fast.chat_template = bytes(template.parts[template.data[0]]).decode("utf-8") if template else None
+        fast.add_bos_token = bool(reader.fields["tokenizer.ggml.add_bos_token"].parts[-1][0])
+        return fast
     fast.chat_template = getattr(imported, "chat_template", None)
     fast.add_bos_token = bool(getattr(imported, "add_bos_token", False))
     return fast

@@ -72,7 +72,8 @@ estimates until a run measures them.
 `space` selects precisions to run, `r` runs them, `b` toggles the quick
 benchmark, `D` cycles the context depths (llama-bench `-d`: pp and tg again
 after that many prefilled tokens, within the planned context), `v` toggles
-quality, `[` / `]` halve / double the context, `k` cycles the KV-cache dtype.
+quality, `M` re-measures instead of showing stored results again, `[` / `]`
+halve / double the context, `k` cycles the KV-cache dtype.
 A precision that does not fit is not queued. The **est. time** column and the
 summary give each selected job's estimated duration, in the order they will
 run: cheapest first (GGUF re-quantizations, then data-free schemes, calibrated
@@ -104,7 +105,17 @@ phases after it), and the line above the progress bar the queue's; a finished
 job shows how long it took beside its estimate, and both are stored so the
 next estimate starts from this machine's numbers.
 
-**Benchmark figures** follow llama-bench: a warm-up, then up to N repetitions of
+**Two jobs at once**: while one job runs untimed work (quantizing, a quality
+pass, a vLLM start), the next one prepares beside it when both planned peaks
+fit the headroom. A benchmark runs alone: every other job is paused (SIGSTOP)
+until it ends, and the result names the jobs it paused.
+
+**Reused**: a job whose artifact (SHA-256), engine, library versions, machine
+and settings match a stored, quiet result shows that result again, dated,
+instead of measuring it twice. `M` on the plan screen (or
+`qexplorer run --remeasure`) measures again.
+
+**Benchmark figures** follow llama-bench: a warm-up (the prompt and one token), then up to N repetitions of
 prompt processing (pp, tokens/s) and generation (tg, tokens/s), mean ± sd;
 the series stops after 3 once both means are known to 2 % (standard error),
 and the count used is recorded with the result;

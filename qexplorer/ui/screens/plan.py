@@ -29,6 +29,7 @@ class PlanScreen(Screen):
         Binding("b", "toggle_quick", "Quick", show=False),
         Binding("D", "depth", "Depth", show=False),  # d is the dashboard everywhere
         Binding("v", "toggle_quality", "Quality", show=False),
+        Binding("M", "toggle_remeasure", "Re-measure", show=False),
         Binding("a", "select_all", "All/none", show=False),
     ]
 
@@ -43,7 +44,7 @@ class PlanScreen(Screen):
 
     def on_mount(self) -> None:
         for name in ("snapshot", "model", "context", "kv_dtype", "chosen", "quick_bench", "bench_depths",
-                     "measure_quality"):
+                     "measure_quality", "remeasure"):
             self.watch(self.app, name, lambda _: self._refresh_plans(), init=False)
         self._refresh_plans()
         self.query_one("#plan-table", DataTable).focus()
@@ -83,7 +84,7 @@ class PlanScreen(Screen):
             f"target {hardware.label}{sim}\nheadroom {format_gib(headroom)} "
             f"(reserve {format_gib(snap.reserve_bytes) if snap else 'n/a'}) · estimated\n"
             f"benchmark {app.bench_config().describe()} · quality {'on' if app.measure_quality else 'off'} "
-            f"(b quick, D depth, v quality){eta_line}"
+            f"(b quick, D depth, v quality){' · re-measure (M)' if app.remeasure else ''}{eta_line}"
         )
         row = table.cursor_row
         table.clear()
@@ -163,6 +164,11 @@ class PlanScreen(Screen):
     def action_toggle_quality(self) -> None:
         self.app.measure_quality = not self.app.measure_quality
         self.notify("Quality (KLD, top-1, PPL vs BF16): " + ("on" if self.app.measure_quality else "off"), timeout=4)
+
+    def action_toggle_remeasure(self) -> None:
+        self.app.remeasure = not self.app.remeasure
+        self.notify("Stored results with the same artifact, engine and settings: " +
+                    ("measured again" if self.app.remeasure else "shown again, marked reused"), timeout=4)
 
     def action_kv_dtype(self) -> None:
         names = list(KV_DTYPE_BYTES)

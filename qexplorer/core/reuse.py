@@ -1,0 +1,68 @@
+"""A measurement shown again when nothing it depends on has changed.
+
+A job's figures depend on: the artifact's bytes (its SHA-256), the engine and
+every library version, the machine (CPU, cores, GPU), the benchmark settings
+(pp, tg, repetitions, threads, depths) and the quality settings (corpus,
+tokens, context, top-k, reference precision, or no quality at all). Their
+digest is the record's :attr:`~qexplorer.core.jobs.record.RunRecord.reuse_key`.
+A later job with the same key would redo the same measurement, so the worker
+returns the stored one instead, marked ``reused_from`` with the date it was
+measured - unless the user asked to re-measure (``--remeasure``; ``M`` on the
+plan screen), or the stored speed was timed while other processes were busy or
+beside other work, which are measured again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any
+
+from qexplorer.core.bench.noise import NOISY_OTHER_CPU_PCT
+from qexplorer.core.jobs.record import RunRecord
+from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.kinds import JobStatus
+from qexplorer.core.results import ResultsStore, StoredResult
+from qexplorer.core.serial import to_jsonable
+
+
+def reuse_key(job: JobSpec, artifact_sha256: str, versions: dict[str, str], engine_version: str | None,
+              cpu: str, gpu: str | None) -> str:
+    """The digest of everything a job's figures depend on."""
+    quality: dict[str, Any] | None = None
+    if job.quality:
+        quality = {"corpus": job.quality_corpus, "tokens": job.quality_tokens, "ctx": job.quality_ctx,
+                   "top_k": job.top_k, "reference": job.reference_precision}
+    facts = {"precision": job.precision, "artifact_sha256": artifact_sha256, "versions": versions,
+             "engine": engine_version, "engine_args": list(job.engine_args), "bench": to_jsonable(job.bench),
+             "quality": quality, "cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "gpu": gpu}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def quiet(record: RunRecord) -> bool:
+    """A speed worth showing again: timed alone, with no other process busy (those are gone now, so timing it
+    again would give a different figure). A wide spread on an otherwise idle machine belongs to the machine and
+    would come back: such a result is shown again with its noise flag, as measured."""
+    speeds = [s for s in (record.speed, *record.depth_speeds) if s is not None]
+    busy = any(s.noise is not None and s.noise.other_cpu_pct >= NOISY_OTHER_CPU_PCT for s in speeds)
+    return bool(speeds) and not busy and "benchmark" not in record.shared_phases
+
+
+def find_reusable(store: ResultsStore, record_path: str, precision: str, key: str) -> StoredResult | None:
+    """The newest finished result of this model and precision with the same key and a quiet speed."""
+    for stored in sorted(store.all(model_path=record_path), key=lambda r: r.created_at, reverse=True):
+        record = stored.record
+        if (stored.status == JobStatus.OK and record.precision == precision and record.reuse_key == key
+                and record.reused_from is None and quiet(record)):
+            return stored
+    return None
+
+
+def reused(stored: StoredResult) -> RunRecord:
+    """The stored record, marked as shown again."""
+    when = datetime.fromtimestamp(stored.created_at, tz=timezone.utc).isoformat(timespec="seconds")
+    return replace(stored.record, reused_from=stored.id, reused_measured_at=when)

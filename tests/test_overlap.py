@@ -1,0 +1,95 @@
+"""Overlap only what is not timed (jobs.overlap): the next job prepares beside the running one, and nothing of
+another job runs while a timed phase does - checked by spying on the phases of two real worker processes."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from qexplorer.core.jobs.overlap import TimedGate, fits_together
+from qexplorer.core.jobs.queue import JobQueue
+from qexplorer.core.jobs.runner import JobRunner
+from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.kinds import JobStatus
+from qexplorer.core.simulate import simulated_sampler
+from qexplorer.core.units import MIB
+
+SPY = [sys.executable, str(Path(__file__).with_name("phase_spy_worker.py"))]
+
+
+def heartbeats(path: Path) -> dict[tuple[str, str], list[float]]:
+    beats: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        job, phase, stamp = line.split()
+        beats[(job, phase)].append(float(stamp))
+    return beats
+
+
+def run_two(tmp_path: Path, overlap: bool) -> tuple[JobQueue, dict[tuple[str, str], list[float]]]:
+    runner = JobRunner(sampler=simulated_sampler("none"), interval_s=0.05, worker_command=SPY)
+    queue = JobQueue(runner, None, overlap=overlap)
+    specs = [JobSpec(model_ref="spy", precision=name, data_dir=str(tmp_path), planned_peak_bytes=100 * MIB)
+             for name in ("first", "second")]
+    queue.submit(specs)
+    queue.drain()
+    return queue, heartbeats(tmp_path / "spy.log")
+
+
+def test_no_preparation_overlaps_a_timed_phase(tmp_path: Path):
+    queue, beats = run_two(tmp_path, overlap=True)
+    views = {v.label: v for v in queue.views()}
+    assert all(v.status == JobStatus.OK for v in views.values()), [v.error for v in views.values()]
+    for job, other in (("first", "second"), ("second", "first")):
+        timed = beats[(job, "benchmark")]
+        start, end = min(timed), max(timed)
+        intruders = [t for (name, _), stamps in beats.items() if name == other for t in stamps if start < t < end]
+        assert intruders == [], f"{other} ran {len(intruders)} times inside {job}'s timed phase"
+        record = views[job].record
+        assert record is not None and "benchmark" not in record.shared_phases
+    # and the overlap is real: the second job prepared while the first one was still in an untimed phase
+    first_untimed = beats[("first", "quantize")] + beats[("first", "quality")]
+    second_prep = beats[("second", "quantize")]
+    assert any(min(first_untimed) < t < max(first_untimed) for t in second_prep)
+    # the second job only prepared: it measured once the first had finished, so the first answer came first
+    assert min(beats[("second", "benchmark")]) > max(t for (job, _), s in beats.items() if job == "first" for t in s)
+    assert views["first"].record.paused_for_timing == ("second",)  # it paused the preparing job, and says so
+    assert views["second"].record.paused_for_timing == ()
+    assert "quantize" in views["second"].record.shared_phases
+
+
+def test_without_overlap_the_jobs_run_one_after_the_other(tmp_path: Path):
+    queue, beats = run_two(tmp_path, overlap=False)
+    assert max(t for (job, _), s in beats.items() if job == "first" for t in s) < \
+        min(t for (job, _), s in beats.items() if job == "second" for t in s)
+    assert all(v.record is not None and v.record.shared_phases == () for v in queue.views())
+
+
+def test_the_gate_pauses_others_and_continues_them():
+    sent: list[tuple[int, int]] = []
+    gate = TimedGate(signal_group=lambda pgid, sig: sent.append((pgid, sig)))
+    assert gate.spawn("a", lambda: 1, lambda pgid: pgid) == 1
+    assert gate.spawn("b", lambda: 2, lambda pgid: pgid) == 2
+    assert gate.try_enter(1) == ("b",) and sent == [(2, signal.SIGSTOP)]
+    assert gate.try_enter(2) is None  # one timed phase at a time
+    assert gate.spawn("c", lambda: 3, lambda pgid: pgid) is None  # nothing starts beside a timed phase
+    assert gate.is_paused(2) and not gate.others_running(1)
+    gate.release(1)
+    assert sent[-1] == (2, signal.SIGCONT) and gate.others_running(1)
+    assert gate.try_enter(2) is None  # the younger job only prepares while the older one runs
+    gate.leave(1)
+    assert gate.try_enter(2) == () and gate.held
+    assert gate.spawn("d", lambda: 4, lambda pgid: pgid) is None
+    gate.release(2)
+    assert gate.spawn("d", lambda: 4, lambda pgid: pgid) == 4
+    gate.try_enter(2)
+    gate.leave(4)  # a paused worker that is being stopped is continued first, so it can act on SIGTERM
+    assert sent[-1] == (4, signal.SIGCONT)
+
+
+def test_jobs_overlap_only_when_both_planned_peaks_fit():
+    assert fits_together([4 * MIB, 4 * MIB], 10 * MIB)
+    assert not fits_together([6 * MIB, 4 * MIB], 10 * MIB)  # 80 % of the headroom at most
+    assert not fits_together([4 * MIB, None], 100 * MIB)  # an unplanned job runs alone
+    assert not fits_together([4 * MIB, 4 * MIB], None)

@@ -1,0 +1,58 @@
+"""A measurement is shown again only when nothing it depends on changed (core.reuse)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from test_job_queue import a_record
+
+from qexplorer.core.bench import BenchConfig
+from qexplorer.core.jobs.record import Noise
+from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.results import ResultsStore
+from qexplorer.core.reuse import find_reusable, quiet, reuse_key, reused
+
+VERSIONS = {"qexplorer": "0.1.0", "llama_cpp_python": "0.3.36"}
+
+
+def key(job: JobSpec, sha: str = "a" * 64, **changes) -> str:
+    facts = {"versions": VERSIONS, "engine_version": None, "cpu": "AMD EPYC", "gpu": None, **changes}
+    return reuse_key(job, sha, facts["versions"], facts["engine_version"], facts["cpu"], facts["gpu"])
+
+
+def test_the_key_follows_everything_a_figure_depends_on():
+    job = JobSpec(model_ref="default", precision="q8_0", data_dir="/d", bench=BenchConfig.quick(), quality=True)
+    same = key(job)
+    assert key(replace(job, data_dir="/elsewhere", shown_profile="gb10")) == same  # not what was measured
+    different = [
+        key(job, sha="b" * 64),  # another artifact
+        key(job, versions={**VERSIONS, "llama_cpp_python": "0.3.37"}),  # another engine build
+        key(job, engine_version="vllm 0.33.0"),
+        key(job, cpu="Intel Xeon"), key(job, gpu="NVIDIA GB10"),
+        key(replace(job, bench=BenchConfig())), key(replace(job, bench=replace(BenchConfig.quick(), depths=(0, 512)))),
+        key(replace(job, quality=False)), key(replace(job, quality_tokens=8192)),
+        key(replace(job, engine_args=("--max-num-seqs", "4"))), key(replace(job, precision="q4_k_m")),
+    ]
+    assert same not in different and len(set(different)) == len(different)
+
+
+def test_only_a_quiet_result_with_the_same_key_is_reused(tmp_path: Path):
+    store = ResultsStore.in_dir(tmp_path)
+    record = replace(a_record("q8_0"), reuse_key="k1")
+    assert quiet(record)
+    busy = replace(record.speed, noise=Noise(other_cpu_pct=30.0, cv_pct=1.0, noisy=True, reason="busy"))
+    store.add(replace(record, speed=busy))
+    assert find_reusable(store, record.model.path, "q8_0", "k1") is None  # timed while others were busy: again
+    store.add(replace(record, shared_phases=("benchmark",)))
+    assert find_reusable(store, record.model.path, "q8_0", "k1") is None  # never timed beside other work
+    spread = replace(record.speed, noise=Noise(other_cpu_pct=1.5, cv_pct=8.6, noisy=True, reason="spread"))
+    assert quiet(replace(record, speed=spread))  # this machine's own spread would come back: shown, flagged
+    good = store.add(record)
+    store.add(replace(record, reuse_key="k2"))
+    found = find_reusable(store, record.model.path, "q8_0", "k1")
+    assert found is not None and found.id == good
+    assert find_reusable(store, record.model.path, "q4_k_m", "k1") is None
+    assert find_reusable(store, "/another/model.gguf", "q8_0", "k1") is None
+    again = reused(found)
+    assert again.reused_from == good and again.reused_measured_at and again.speed == record.speed
