@@ -27,6 +27,15 @@ def emit(event: WireEvent) -> None:
     sys.stdout.flush()
 
 
+def set_threads(count: int) -> None:
+    """The intra-op threads of this worker's libraries (PyTorch, OpenMP, BLAS), now and for what it imports
+    later. Engines given a thread count of their own (llama.cpp's n_threads, vLLM's OMP_NUM_THREADS) keep it."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(count)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)
+
+
 def main() -> int:
     from qexplorer.core.errors import UserError
     from qexplorer.core.jobs.spec import JobSpec
@@ -40,6 +49,8 @@ def main() -> int:
     except (ValueError, TypeError) as exc:
         emit(Failed(f"The worker received an invalid job description ({exc})."))
         return 2
+    if job.prepare_threads:
+        set_threads(job.prepare_threads)
     steps = run_job(job, cancel)
     try:
         while True:
@@ -48,6 +59,8 @@ def main() -> int:
                 emit(event)
                 if isinstance(event, Phase) and event.timed:
                     sys.stdin.readline()  # wait for the go: the parent has paused every other job
+                    if job.prepare_threads:  # measuring from here on: the benchmark's threads
+                        set_threads(job.bench.thread_count)
             except StopIteration as done:
                 emit(Completed(done.value))
                 return 0

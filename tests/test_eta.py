@@ -8,7 +8,14 @@ from pathlib import Path
 
 from qexplorer.core.bench import BenchConfig
 from qexplorer.core.catalog import Catalog
-from qexplorer.core.eta import DEFAULT_RATES, DurationBook, cost_order, estimate_jobs, format_duration
+from qexplorer.core.eta import (
+    DEFAULT_RATES,
+    DurationBook,
+    cost_order,
+    estimate_jobs,
+    format_duration,
+    start_order,
+)
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.precisions import BY_KEY
 
@@ -57,6 +64,10 @@ def test_cheapest_first_and_durations_read_like_a_clock():
     model = Catalog().resolve("default")
     order = cost_order(model, [BY_KEY[k] for k in ("gptq", "bf16", "int8", "q8_0", "q4_k_m")])
     assert [p.key for p in order] == ["q8_0", "q4_k_m", "bf16", "int8", "gptq"]  # calibrated last
+    # overlapping, jobs start cheapest first, then the longest preparations (quantize + vLLM start, vLLM start),
+    # then the cheap re-quantizations (measured as soon as the CPU is free), calibrated methods still last
+    started = start_order(model, [BY_KEY[k] for k in ("gptq", "bf16", "int8", "q8_0", "q4_k_m")])
+    assert [p.key for p in started] == ["q8_0", "int8", "bf16", "q4_k_m", "gptq"]
     assert (format_duration(42), format_duration(125), format_duration(7300)) == ("42 s", "2:05", "2 h 01 min")
     assert all(rate > 0 for rate in DEFAULT_RATES.values())
 

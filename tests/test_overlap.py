@@ -52,10 +52,14 @@ def test_no_preparation_overlaps_a_timed_phase(tmp_path: Path):
     first_untimed = beats[("first", "quantize")] + beats[("first", "quality")]
     second_prep = beats[("second", "quantize")]
     assert any(min(first_untimed) < t < max(first_untimed) for t in second_prep)
-    # the second job only prepared: it measured once the first had finished, so the first answer came first
-    assert min(beats[("second", "benchmark")]) > max(t for (job, _), s in beats.items() if job == "first" for t in s)
-    assert views["first"].record.paused_for_timing == ("second",)  # it paused the preparing job, and says so
-    assert views["second"].record.paused_for_timing == ()
+    # measurements never share the CPU: one job's measuring stretch (its benchmark to its end) is over before the
+    # other's begins; the one that measured first paused the other, which was still alive, and says so
+    def stretch(job: str) -> tuple[float, float]:
+        return min(beats[(job, "benchmark")]), max(beats[(job, "quality")])
+
+    early, late = sorted(("first", "second"), key=lambda job: stretch(job)[0])
+    assert stretch(early)[1] < stretch(late)[0]
+    assert views[early].record.paused_for_timing == (late,) and views[late].record.paused_for_timing == ()
     assert "quantize" in views["second"].record.shared_phases
 
 
@@ -77,7 +81,7 @@ def test_the_gate_pauses_others_and_continues_them():
     assert gate.is_paused(2) and not gate.others_running(1)
     gate.release(1)
     assert sent[-1] == (2, signal.SIGCONT) and gate.others_running(1)
-    assert gate.try_enter(2) is None  # the younger job only prepares while the older one runs
+    assert gate.try_enter(2) is None  # 1 is still measuring (its quality pass): 2 waits
     gate.leave(1)
     assert gate.try_enter(2) == () and gate.held
     assert gate.spawn("d", lambda: 4, lambda pgid: pgid) is None
@@ -86,6 +90,19 @@ def test_the_gate_pauses_others_and_continues_them():
     gate.try_enter(2)
     gate.leave(4)  # a paused worker that is being stopped is continued first, so it can act on SIGTERM
     assert sent[-1] == (4, signal.SIGCONT)
+
+
+def test_the_oldest_ready_job_measures_first():
+    gate = TimedGate(signal_group=lambda pgid, sig: None)
+    for pgid in (1, 2, 3):
+        gate.spawn(str(pgid), lambda pgid=pgid: pgid, lambda pgid: pgid)
+    assert gate.try_enter(3) == ("1", "2")  # 1 and 2 still prepare: the ready one measures, the others wait
+    assert gate.try_enter(2) is None  # 3 is measuring
+    gate.release(3)
+    assert gate.try_enter(1) is None  # 3's quality pass: still measuring
+    gate.leave(3)
+    assert gate.try_enter(2) is None  # 1 (older) is waiting too: it goes first
+    assert gate.try_enter(1) == ("2",)
 
 
 def test_jobs_overlap_only_when_both_planned_peaks_fit():

@@ -14,7 +14,7 @@ from qexplorer.core import precisions
 from qexplorer.core.bench import BenchConfig, parse_depths
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.errors import UserError
-from qexplorer.core.eta import cost_order, estimate_jobs, format_duration
+from qexplorer.core.eta import cost_order, estimate_jobs, format_duration, start_order
 from qexplorer.core.jobs.events import JobEvent, Log, Phase, Progress
 from qexplorer.core.jobs.queue import JobQueue, JobView
 from qexplorer.core.jobs.runner import JobRunner
@@ -135,8 +135,8 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
         trust_remote_code=args.trust_remote_code, engine_args=tuple(shlex.split(args.engine_args or "")),
         shown_profile=args.simulate, reuse=not getattr(args, "remeasure", False),
     )
-    if not getattr(args, "as_listed", False):
-        chosen = cost_order(spec, chosen)
+    if not getattr(args, "as_listed", False):  # overlapping: the long preparations start early (eta.start_order)
+        chosen = cost_order(spec, chosen) if getattr(args, "one_at_a_time", False) else start_order(spec, chosen)
     planned = plan_jobs(spec, chosen, sampler.sample(), template, force=args.force)
     if planned.refused:
         first = planned.refused[0]

@@ -150,17 +150,17 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str,
                                     for depth in bench.depths)
     if bench.warmup:  # llama-bench's: the first depth's prompt and one token
         timed += 1 + (bench.prompt_tokens + bench.depths[0]) / PP_FACTOR
-    if engine == str(Engine.VLLM):
+    is_reference = precision.key == job.reference_precision and not precision.is_gguf
+    if engine == str(Engine.VLLM):  # the artifact's own pass first (untimed preparation), then vLLM
+        if job.quality and not is_reference:
+            phases.append(("load", "load:vllm", artifact_gib))
+            phases.append(("quality", "quality:transformers", param_tokens))
         phases.append(("engine", "engine:vllm", 1.0))
     else:
         phases.append(("load", f"load:{engine}", artifact_gib))
     phases.append(("benchmark", f"benchmark:{engine}", timed * artifact_gib))
-    is_reference = precision.key == job.reference_precision and not precision.is_gguf
-    if job.quality and engine == str(Engine.VLLM):  # vLLM's own log-probs; the artifact's pass unless the reference
+    if job.quality and engine == str(Engine.VLLM):  # vLLM's own log-probs, its cross-check
         phases.append(("log-probs", "log-probs:vllm", param_tokens))
-        if not is_reference:
-            phases.append(("load", "load:vllm", artifact_gib))
-            phases.append(("quality", "quality:transformers", param_tokens))
     elif job.quality and not is_reference:
         phases.append(("quality", f"quality:{engine}", param_tokens))
     phases.append(("calibrate", "calibrate", 1.0))
@@ -273,6 +273,22 @@ def cost_order(spec: ModelSpec, precisions: Sequence[Precision]) -> list[Precisi
         return 2
 
     return sorted(precisions, key=rank)
+
+
+def start_order(spec: ModelSpec, precisions: Sequence[Precision]) -> list[Precision]:
+    """The order jobs start in when they overlap (jobs.overlap): the cheapest first, for the first answer; then
+    those with the longest preparation (a quantization and a vLLM start before a plain vLLM start), so that it
+    hides behind other jobs' measurements; then the cheap re-quantizations, measured as soon as the CPU is free;
+    calibrated methods last, as in :func:`cost_order`."""
+    ordered = cost_order(spec, precisions)
+    if len(ordered) < 3:
+        return ordered
+
+    def preparation(precision: Precision) -> tuple[bool, bool, bool]:
+        quantizes = not (precision.producer == Producer.CAST and precision.key == "bf16")
+        return precision.needs_calibration, precision.is_gguf, not quantizes
+
+    return [ordered[0], *sorted(ordered[1:], key=preparation)]
 
 
 def format_duration(seconds: float) -> str:

@@ -162,29 +162,35 @@ def _context(spec: ModelSpec, precision: Precision, job: JobSpec, artifact: Path
 
 def _measure(ctx: EngineContext) -> Step[Measured]:
     """The engine that serves the artifact; for Hugging Face formats the transformers fallback, labelled, where
-    vLLM is absent or cannot run the format here (its reason in one sentence)."""
+    vLLM is absent or cannot run the format here (its reason in one sentence).
+
+    A vLLM artifact's own quality pass (transformers, from the served folder) runs first: it is untimed
+    preparation, so in a queue it overlaps another job's measurements (jobs.overlap), and the fallback reuses
+    it rather than running it twice."""
     from qexplorer.core.engines import llamacpp, transformers, vllm
 
     if ctx.precision.engine == Engine.LLAMA_CPP:
         return (yield from llamacpp.measure(ctx))
+    quality = None
+    if ctx.reference is not None and vllm.cannot_run_reason(ctx) is None:
+        try:
+            quality = yield from transformers.artifact_quality(ctx)
+        except (RuntimeError, ValueError, OSError, KeyError) as exc:
+            # vLLM will serve and measure it; transformers cannot load this folder (seen: a W8A8 Qwen3-MoE whose
+            # fused experts transformers 5 could not convert). Say why; vLLM's log-prob figures will stand.
+            yield Log(f"the artifact's own quality pass could not load it in transformers "
+                      f"({type(exc).__name__}: {str(exc)[:200]}); vLLM's log-prob figures will stand", level="warning")
+        transformers.release_memory()  # before vLLM loads the same weights
     try:
         measured = yield from vllm.measure(ctx)
     except vllm.VllmCannotRun as exc:
         reason = str(exc)
         yield Log(f"{ctx.precision.label}: {reason}; measuring it with {transformers.FALLBACK_LABEL} instead",
                   level="warning")
-        return (yield from transformers.measure(ctx, fallback_reason=reason))
-    if ctx.reference is not None:
-        try:
-            quality, quality_s = yield from transformers.artifact_quality(ctx)
-        except (RuntimeError, ValueError, OSError, KeyError) as exc:
-            # vLLM served and measured it; transformers cannot load this folder (seen: a W8A8 Qwen3-MoE whose
-            # fused experts transformers 5 could not convert). Keep what was measured and say why.
-            yield Log(f"the artifact's own quality pass could not load it in transformers "
-                      f"({type(exc).__name__}: {str(exc)[:200]}); vLLM's log-prob figures stand", level="warning")
-            return measured
+        return (yield from transformers.measure(ctx, fallback_reason=reason, quality=quality))
+    if quality is not None:
         # the worker's own GPU peak is the quality pass's (vLLM's memory is its server's, sampled from outside)
-        measured = replace(measured, quality=quality, quality_s=quality_s,
+        measured = replace(measured, quality=quality[0], quality_s=quality[1],
                            memory=replace(measured.memory, **transformers.torch_cuda_peaks()))
     return measured
 

@@ -370,7 +370,7 @@ class QExplorerApp(App[int]):
     def planned_jobs(self):
         """The chosen precisions as job specs, cheapest first (GGUF re-quantizations, data-free schemes, then
         calibrated methods), with an estimate of each one's duration in that order."""
-        from qexplorer.core.eta import cost_order, estimate_jobs
+        from qexplorer.core.eta import estimate_jobs, start_order
         from qexplorer.core.jobs.spec import JobSpec, plan_jobs
         from qexplorer.core.planner import hardware_from_snapshot
         from qexplorer.core.precisions import PRECISIONS
@@ -379,7 +379,7 @@ class QExplorerApp(App[int]):
                            bench=self.bench_config(), model_paths=tuple(self.settings.models),
                            quality=self.measure_quality, shown_profile=self.sources.sampler.simulated,
                            reuse=not self.remeasure)
-        chosen = cost_order(self.model, [p for p in PRECISIONS if p.key in self.chosen])
+        chosen = start_order(self.model, [p for p in PRECISIONS if p.key in self.chosen])  # the queue overlaps
         # real jobs are planned against the real machine, whatever profile the screens show
         real = self.machine_snapshot if self.sources.separate_guard else self.snapshot
         planned = plan_jobs(self.model, chosen, real, template)

@@ -37,7 +37,10 @@ def _load(ctx: EngineContext) -> tuple[Any, Any, float]:
     return model, tokenizer, time.perf_counter() - started
 
 
-def measure(ctx: EngineContext, fallback_reason: str | None = None) -> Generator[JobEvent, None, Measured]:
+def measure(ctx: EngineContext, fallback_reason: str | None = None,
+            quality: tuple[QualityStats, float] | None = None) -> Generator[JobEvent, None, Measured]:
+    """The fallback's speed and, unless ``quality`` already has it (the artifact's pass before vLLM failed), its
+    quality."""
     import torch
 
     from qexplorer.core.bench import torch_backend
@@ -54,10 +57,10 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None) -> Generator
     ctx.check()
     yield Phase("benchmark", f"transformers: {job.bench.describe()}")
     first, *deeper = yield from ctx.checked(torch_backend.run(model, tokenizer, ctx.bench_text, job.bench))
-    quality = quality_s = None
-    if ctx.reference is not None:
-        quality, quality_s = yield from (reference_row(ctx) if is_reference(ctx) else _quality_of(ctx, model,
-                                                                                                   tokenizer))
+    quality_stats, quality_s = quality if quality is not None else (None, None)
+    if ctx.reference is not None and quality is None:
+        quality_stats, quality_s = yield from (reference_row(ctx) if is_reference(ctx) else _quality_of(ctx, model,
+                                                                                                         tokenizer))
     version = __import__("transformers").__version__
     return Measured(
         engine=EngineInfo(name=Engine.TRANSFORMERS, mode=mode, device=ctx.device, version=f"transformers {version}",
@@ -68,9 +71,21 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None) -> Generator
                           fallback_reason=fallback_reason),
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=ctx.artifact_weight_bytes,
                              resident_weight_bytes=resident, bytes_per_token=resident, **torch_cuda_peaks()),
-        timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=quality, quality_s=quality_s,
-        gpu_name=ctx.gpu_name,
+        timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=quality_stats,
+        quality_s=quality_s, gpu_name=ctx.gpu_name,
     )
+
+
+def release_memory() -> None:
+    """Give back what a finished pass held (Python's garbage, PyTorch's cached GPU blocks) before an engine
+    loads the same weights beside this worker."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def torch_cuda_peaks() -> dict[str, int]:
@@ -100,7 +115,7 @@ def reference_row(ctx: EngineContext) -> Generator[JobEvent, None, tuple[Quality
 
 
 def artifact_quality(ctx: EngineContext) -> Generator[JobEvent, None, tuple[QualityStats, float]]:
-    """The quality of the served artifact itself (after another engine measured its speed)."""
+    """The quality of the served artifact itself (before another engine measures its speed)."""
     if is_reference(ctx):
         return (yield from reference_row(ctx))
     yield Phase("load", f"loading {ctx.artifact.name} for the quality pass")

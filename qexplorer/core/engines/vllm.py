@@ -364,18 +364,27 @@ def mode_from_kernel(kernel: str, planned: SupportMode, device: str) -> SupportM
     return planned
 
 
+def cannot_run_reason(ctx: EngineContext) -> str | None:
+    """Why vLLM will not be started for this artifact here, known before it starts; None: it will be tried."""
+    if ctx.device == "cpu" and ctx.precision.vllm_cpu_gap and not os.environ.get("QEXPLORER_VLLM_TRY_ALL"):
+        return ctx.precision.vllm_cpu_gap  # measured before; QEXPLORER_VLLM_TRY_ALL=1 starts it anyway
+    if find_vllm() is None:
+        return ("vLLM is not installed here (scripts/setup.sh makes .venv-vllm on x86 CPUs; on a GPU box set "
+                "QEXPLORER_VLLM to your vLLM)")
+    return None
+
+
 def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     """Start vLLM on the artifact, benchmark it, read its log-probs and its kernel choice, stop it."""
     from transformers import AutoTokenizer
 
     from qexplorer.core.planner import kv_bytes_per_token
 
-    if ctx.device == "cpu" and ctx.precision.vllm_cpu_gap and not os.environ.get("QEXPLORER_VLLM_TRY_ALL"):
-        raise VllmCannotRun(ctx.precision.vllm_cpu_gap)  # measured before; QEXPLORER_VLLM_TRY_ALL=1 starts it anyway
+    reason = cannot_run_reason(ctx)
+    if reason is not None:
+        raise VllmCannotRun(reason)
     command = find_vllm()
-    if command is None:
-        raise VllmCannotRun("vLLM is not installed here (scripts/setup.sh makes .venv-vllm on x86 CPUs; on a GPU "
-                            "box set QEXPLORER_VLLM to your vLLM)")
+    assert command is not None
     job, bench = ctx.job, ctx.job.bench
     max_model_len = max(bench.context_tokens + 16, job.quality_ctx + 16 if ctx.reference else 0)
     kv = kv_cache_bytes(kv_bytes_per_token(ctx.spec, "bf16"), max_model_len, 1)

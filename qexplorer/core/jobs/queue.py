@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from qexplorer.core.errors import UserError
 from qexplorer.core.eta import DurationBook, JobEstimate
 from qexplorer.core.jobs.events import Failed, JobEvent, Log, Metric, Phase, Progress
-from qexplorer.core.jobs.overlap import fits_together
+from qexplorer.core.jobs.overlap import MAX_WORKERS, PREPARE_THREADS, SHARED_PHASES, fits_together
 from qexplorer.core.jobs.record import ExportRecord, RunRecord
 from qexplorer.core.jobs.runner import GPU_BY_DELTA, JobOutcome, JobRunner, MemorySample, failure_record
 from qexplorer.core.jobs.spec import JobSpec, ServerSpec
@@ -200,9 +200,12 @@ class JobQueue:
                 if not self.overlap:
                     self._run(*taken)
                     continue
-                thread = threading.Thread(target=self._run_then_wake, args=taken, name=f"job-{taken[0]}",
+                job_id, spec = taken
+                if running and isinstance(spec, JobSpec):  # beside a measuring job: prepare on one thread
+                    spec = replace(spec, prepare_threads=PREPARE_THREADS)
+                thread = threading.Thread(target=self._run_then_wake, args=(job_id, spec), name=f"job-{job_id}",
                                           daemon=True)
-                running[taken[0]] = thread
+                running[job_id] = thread
                 thread.start()
         finally:
             for thread in running.values():
@@ -217,16 +220,18 @@ class JobQueue:
             self._wake.set()
 
     def _may_start(self, spec: JobSpec | ServerSpec, running: dict[int, threading.Thread]) -> bool:
-        """Under the lock: whether ``spec`` may start now beside what runs. One job beside another at most; a
-        server benchmark (all of it timed) only alone; both jobs' planned peaks within the live headroom."""
+        """Under the lock: whether ``spec`` may start now beside what runs. At most ``MAX_WORKERS`` jobs; a
+        server benchmark (all of it timed) only alone; every planned peak together within the live headroom."""
         if not running:
             return True
-        if len(running) >= 2 or isinstance(spec, ServerSpec):
+        if len(running) >= MAX_WORKERS or isinstance(spec, ServerSpec):
             return False
         others = [self._specs[j] for j in running]
         if any(isinstance(o, ServerSpec) for o in others):
             return False
         views = [self._views[j] for j in running]
+        if any(v.phase in SHARED_PHASES for v in views):
+            return False  # the shared BF16 checkpoint / reference is being built: on all threads, by that job
         latest = [v.memory[-1] for v in views if v.memory]
         if len(latest) != len(views) or any(m.headroom_bytes is None for m in latest):
             return False  # no live headroom to plan against: one at a time

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from qexplorer.core.jobs.events import Completed, Failed, JobEvent, Log, Phase, event_from_line
 from qexplorer.core.jobs.guard import GuardSample, MemoryGuard
-from qexplorer.core.jobs.overlap import TimedGate
+from qexplorer.core.jobs.overlap import PREPARE_NICE, TimedGate, can_restore_priority, set_tree_nice
 from qexplorer.core.jobs.record import ExportRecord, ModelIdentity, RunRecord
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import Family, JobStatus
@@ -157,6 +157,7 @@ class JobRunner:
         self.extra_env = extra_env or {}
         self.current_pid: int | None = None
         self._own_lock = threading.Lock()
+        self._can_nice: bool | None = None  # may a preparing job be niced and raised back (overlap.PREPARE_NICE)
         self.gate = TimedGate()  # shared by every job this runner runs: timed phases run alone (jobs.overlap)
         self._gpu_unified: bool | None = None
 
@@ -197,6 +198,7 @@ class JobRunner:
                     return JobOutcome(job=job, status=JobStatus.CANCELLED, error="Cancelled by the user.")
                 time.sleep(0.05)
         self.current_pid = proc.pid  # the newest worker (tests and the CLI's interrupt use it)
+        niced = bool(job.prepare_threads) and self._may_nice() and set_tree_nice(proc.pid, PREPARE_NICE)
         watchers = {id(s): s for s in (self.sampler, self.display) if s is not None}.values()
         with self._own_lock:  # two jobs' threads may start and end at once
             for watcher in watchers:
@@ -248,6 +250,11 @@ class JobRunner:
                     if paused is not None:
                         waiting_go, holding = False, True
                         paused_for.update(paused)
+                        if niced:  # measured at the priority it is served at
+                            niced = not set_tree_nice(proc.pid, 0)
+                            if niced and on_event:
+                                on_event(Log(f"its priority could not be raised back from nice {PREPARE_NICE}: "
+                                             "the speed was measured at that priority", level="warning"))
                         _send_go(proc)
                     elif not announced_wait and on_event:
                         announced_wait = True
@@ -351,6 +358,11 @@ class JobRunner:
                           peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu, gpu_source=gpu_source,
                           exit_code=proc.returncode,
                           log_path=log_path, memory=tuple(memory), phase_seconds=tuple(phases))
+
+    def _may_nice(self) -> bool:
+        if self._can_nice is None:
+            self._can_nice = can_restore_priority()
+        return self._can_nice
 
     def _measure(self, pid: int, elapsed_s: float, phase: str,
                  gpu_baseline: list[int | None]) -> tuple[MemorySample, int | None]:

@@ -45,6 +45,10 @@ class JobSpec:
     engine_args: tuple[str, ...] = ()  # passed to the serving engine as they are (vLLM: --tensor-parallel-size 2 ...)
     shown_profile: str | None = None  # --simulate's profile, recorded on the result; the job itself runs for real
     reuse: bool = True  # show a stored measurement again when nothing it depends on changed (core.reuse)
+    # started beside a measuring job (jobs.overlap): its untimed preparation runs on this many threads, so it
+    # takes what the other leaves instead of oversubscribing the cores; the benchmark's count from its first
+    # timed phase on. 0: the benchmark's count throughout
+    prepare_threads: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)
