@@ -194,14 +194,15 @@ def decision(args: argparse.Namespace) -> None:
         answers: list[tuple[float, str]] = []
         err_lines: list[str] = []
 
-        def read_stderr() -> None:
+        def read_stderr(proc: subprocess.Popen[str], started: float, err_lines: list[str],
+                        answers: list[tuple[float, str]]) -> None:
             assert proc.stderr is not None
             for line in proc.stderr:
                 err_lines.append(line)
                 if " done" in line and line.startswith("["):
                     answers.append((time.perf_counter() - started, line.split("]", 1)[1].split()[0]))
 
-        reader = threading.Thread(target=read_stderr)
+        reader = threading.Thread(target=read_stderr, args=(proc, started, err_lines, answers))
         reader.start()
         out = proc.stdout.read() if proc.stdout else ""
         proc.wait()

@@ -90,7 +90,8 @@ async def test_the_gpu_peak_and_the_plan_check_are_on_the_jobs_screen():
         assert "247.0 MiB" in done and "820.0 MiB" in done  # RSS and GPU side by side
         # 5 s into a 12 s benchmark, then 3 s of calibration: 10 s left; the queued job's 10 s estimate beside it
         assert "~10 s" in running and "~10 s" in queued
-        assert "queue: 2 jobs, ~20 s left (estimated partly from defaults)" in str(app.screen.query_one("#queue-eta").render())
+        assert "queue: 2 jobs, at most ~20 s left (estimated partly from defaults" in str(
+            app.screen.query_one("#queue-eta").render())
         assert "1.6 GiB" in running  # the running job's GPU peak so far (11 × 0.15 GiB)
         await pilot.press("up")
         await pilot.pause()

@@ -153,7 +153,8 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     for label, estimate in zip(labels, estimates, strict=True):
         sys.stderr.write(f"{label} ~{format_duration(estimate.total_s)} (estimated {estimate.source}: "
                          + ", ".join(f"{p.name} {format_duration(p.seconds)}" for p in estimate.phases) + ")\n")
-    sys.stderr.write(f"queue: {count} jobs, ~{format_duration(sum(e.total_s for e in estimates))} estimated\n")
+    sys.stderr.write(f"queue: {count} jobs, at most ~{format_duration(sum(e.total_s for e in estimates))} "
+                     "estimated (one after another; overlapping shortens it)\n")
     reporter = _Reporter({})
     queue = JobQueue(JobRunner(sampler=sampler, interval_s=settings.refresh_s, extra_env=engine_env(settings)), store,
                      on_change=reporter, overlap=not getattr(args, "one_at_a_time", False))

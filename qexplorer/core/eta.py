@@ -199,8 +199,10 @@ class DurationBook:
     def jobs(self) -> list[dict[str, Any]]:
         return list(self._data.get("jobs", []))
 
-    def record(self, estimate: JobEstimate, actual: Iterable[tuple[str, float]]) -> None:
-        """What each phase of a finished job cost, against its estimate; the file is rewritten whole."""
+    def record(self, estimate: JobEstimate, actual: Iterable[tuple[str, float]],
+               skip: Iterable[str] = ()) -> None:
+        """What each phase of a finished job cost, against its estimate; the file is rewritten whole. Phases in
+        ``skip`` (they ran beside another job, slowed by it) are kept in the job's entry but teach no rate."""
         actual = list(actual)
         spent: dict[str, float] = {}
         for name, seconds in actual:
@@ -209,8 +211,9 @@ class DurationBook:
         for phase in estimate.phases:
             expected.setdefault(phase.name, []).append(phase)
         rates = self._data["rates"]
+        skipped = set(skip)
         for name, seconds in spent.items():
-            parts = expected.get(name)
+            parts = None if name in skipped else expected.get(name)
             units = sum(p.units for p in parts) if parts else 0.0
             if not parts or units <= 0:
                 continue

@@ -19,7 +19,7 @@ import json
 import os
 import platform
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from qexplorer.core.bench.noise import NOISY_OTHER_CPU_PCT
@@ -64,5 +64,5 @@ def find_reusable(store: ResultsStore, record_path: str, precision: str, key: st
 
 def reused(stored: StoredResult) -> RunRecord:
     """The stored record, marked as shown again."""
-    when = datetime.fromtimestamp(stored.created_at, tz=timezone.utc).isoformat(timespec="seconds")
+    when = datetime.fromtimestamp(stored.created_at, tz=UTC).isoformat(timespec="seconds")
     return replace(stored.record, reused_from=stored.id, reused_measured_at=when)

@@ -31,7 +31,6 @@ from typing import Any, Literal, TypeVar
 from qexplorer.core.jobs.record import ExportRecord, RunRecord
 from qexplorer.core.serial import from_jsonable, to_jsonable
 
-
 TIMED_PHASES = frozenset({"benchmark"})  # phases whose wall time is a figure: they run alone (jobs.overlap)
 
 

@@ -207,6 +207,10 @@ class JobQueue:
                                           daemon=True)
                 running[job_id] = thread
                 thread.start()
+        except BaseException:  # Ctrl-C in the CLI (raised here, in the consumer): stop the jobs still running
+            for job_id in running:
+                self._cancels[job_id].set()
+            raise
         finally:
             for thread in running.values():
                 thread.join()
@@ -303,7 +307,9 @@ class JobQueue:
         estimate = self.view(job_id).estimate
         if outcome.ok and reused_from is None and estimate is not None and outcome.phase_seconds:
             try:  # predicted vs actual, so that the next estimate starts from this machine's rates
-                DurationBook.in_dir(spec.data_dir).record(estimate, outcome.phase_seconds)
+                # a phase that ran beside another job learns nothing about this machine's rate for it alone
+                shared = set(outcome.record.shared_phases) if outcome.record is not None else set()
+                DurationBook.in_dir(spec.data_dir).record(estimate, outcome.phase_seconds, skip=shared)
             except OSError as exc:
                 store_error = store_error or f"the durations file could not be written ({exc})"
         self._update(job_id, lambda v: _finished(v, outcome, stored_id, store_error))

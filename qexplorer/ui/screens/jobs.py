@@ -105,8 +105,8 @@ class JobsScreen(Screen):
         line = ""
         if unfinished and all(x is not None for x in lefts):
             sources = {j.estimate.source for j in unfinished if j.estimate is not None}
-            line = (f"queue: {len(unfinished)} jobs, ~{format_duration(sum(lefts))} left (estimated "
-                    f"{sources.pop() if len(sources) == 1 else 'partly from defaults'})")
+            line = (f"queue: {len(unfinished)} jobs, at most ~{format_duration(sum(lefts))} left (estimated "
+                    f"{sources.pop() if len(sources) == 1 else 'partly from defaults'}; overlapping shortens it)")
         elif unfinished:
             line = f"queue: {len(unfinished)} jobs (no estimate for some)"
         self.query_one("#queue-eta", Static).update(line)

@@ -70,9 +70,9 @@ class PlanScreen(Screen):
         queue_s = sum(e.total_s for e in estimates)
         order = " → ".join(s.precision for s in planned.specs)
         sources = {e.source for e in estimates}
-        eta_line = (f"\n{len(estimates)} jobs, about {format_duration(queue_s)} (estimated "
-                    f"{sources.pop() if len(sources) == 1 else 'partly from defaults'}), cheapest first: {order}"
-                    ) if estimates else "\nno job selected"
+        eta_line = (f"\n{len(estimates)} jobs, at most {format_duration(queue_s)} one after another (estimated "
+                    f"{sources.pop() if len(sources) == 1 else 'partly from defaults'}; overlapping shortens it), "
+                    f"started {order}") if estimates else "\nno job selected"
         hardware = hardware_from_snapshot(snap)
         headroom = snap.headroom_for(hardware.cuda).value if snap else None
         sim = f" · [reverse] SIMULATED {snap.simulated} [/reverse]" if snap and snap.simulated else ""
