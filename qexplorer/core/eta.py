@@ -125,6 +125,11 @@ def cached_state(spec: ModelSpec, work_dir: Path, reference: bool) -> Cached:
                   artifacts=frozenset(artifacts))
 
 
+def _quantizes(precision: Precision) -> bool:
+    """Whether making the artifact is a quantization step (BF16 is the dequantized checkpoint itself)."""
+    return not (precision.producer == Producer.CAST and precision.key == "bf16")
+
+
 def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str,
                cached: Cached) -> tuple[list[tuple[str, str, float]], Cached]:
     """(phase, rate key, units) in the order the worker runs them, and what is cached after this job."""
@@ -142,7 +147,7 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str,
     if precision.key not in cached.artifacts:
         if precision.is_gguf and spec.format == ModelFormat.HF and not cached.bf16_gguf:
             phases.append(("convert", "convert", bf16_gib))
-        if not (precision.producer == Producer.CAST and precision.key == "bf16"):
+        if _quantizes(precision):
             method = str(precision.producer) + (":calibrated" if precision.needs_calibration else "")
             phases.append(("quantize", f"quantize:{method}", bf16_gib))
     bench = job.bench
@@ -288,8 +293,7 @@ def start_order(spec: ModelSpec, precisions: Sequence[Precision]) -> list[Precis
         return ordered
 
     def preparation(precision: Precision) -> tuple[bool, bool, bool]:
-        quantizes = not (precision.producer == Producer.CAST and precision.key == "bf16")
-        return precision.needs_calibration, precision.is_gguf, not quantizes
+        return precision.needs_calibration, precision.is_gguf, not _quantizes(precision)
 
     return [ordered[0], *sorted(ordered[1:], key=preparation)]
 

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qexplorer.core.bench.noise import NOISY_OTHER_CPU_PCT
+from qexplorer.core.jobs.events import TIMED_PHASES
 from qexplorer.core.jobs.record import RunRecord
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import JobStatus
@@ -49,7 +50,7 @@ def quiet(record: RunRecord) -> bool:
     would come back: such a result is shown again with its noise flag, as measured."""
     speeds = [s for s in (record.speed, *record.depth_speeds) if s is not None]
     busy = any(s.noise is not None and s.noise.other_cpu_pct >= NOISY_OTHER_CPU_PCT for s in speeds)
-    return bool(speeds) and not busy and "benchmark" not in record.shared_phases
+    return bool(speeds) and not busy and TIMED_PHASES.isdisjoint(record.shared_phases)
 
 
 def find_reusable(store: ResultsStore, record_path: str, precision: str, key: str) -> StoredResult | None:

@@ -41,6 +41,7 @@ TOGETHER_SHARE = 0.8  # the running jobs' planned peaks together may take at mos
 # default ladder slower (249 s against 218 s), every PyTorch pass slowed several-fold by oversubscription.
 MAX_WORKERS = 2
 PREPARE_THREADS = 1  # a job started beside another prepares on one thread (JobSpec.prepare_threads)
+PREPARE_NICE = 10  # a preparing job yields the CPU to the measuring one; back to 0 before it measures
 # Work every job of a model shares (made once, under a lock): the next job starts only once the running one is
 # past it, so that it is built on all threads rather than by a job held to one
 SHARED_PHASES = frozenset({"start", "dequantize", "convert", "reference"})
@@ -91,9 +92,9 @@ class TimedGate:
             if self._measuring is not None and self._measuring != pgid:
                 self._waiting.add(pgid)
                 return None
-            order = list(self._workers)
-            if any(order.index(other) < order.index(pgid) for other in self._waiting
-                   if other != pgid and other in self._workers and pgid in self._workers):
+            order = list(self._workers)  # in the order they started
+            older = order[:order.index(pgid)] if pgid in self._workers else []
+            if self._waiting.intersection(older):
                 self._waiting.add(pgid)
                 return None
             self._waiting.discard(pgid)
@@ -136,9 +137,6 @@ class TimedGate:
             return any(p != pgid and p not in self._paused for p in self._workers)
 
 
-PREPARE_NICE = 10  # a preparing job yields the CPU to the measuring one; back to 0 before it measures
-
-
 def set_tree_nice(pid: int, value: int) -> bool:
     """Set the scheduling priority of a process and all its descendants (a worker and its vLLM server);
     False where that is not allowed (raising it back needs root or CAP_SYS_NICE)."""
@@ -173,8 +171,8 @@ def can_restore_priority() -> bool:
 
 
 def fits_together(planned_peaks: Iterable[int | None], headroom_bytes: int | None) -> bool:
-    """Whether jobs may run at once: every planned peak known, and their sum within a share of the headroom
-    (on unified memory the pool's, on a discrete GPU the smaller of the host's and the card's)."""
+    """Whether jobs may run at once: every planned peak known, and their sum within a share of the headroom the
+    caller measured (the queue passes the host's: on unified memory that is the pool)."""
     peaks = list(planned_peaks)
     if headroom_bytes is None or any(p is None for p in peaks):
         return False

@@ -176,13 +176,8 @@ class JobRunner:
             )
         finally:
             log.close()
-        assert proc.stdin is not None
         # one line; stdin stays open for the go after each timed phase (jobs.overlap), closed when the job ends
-        try:
-            proc.stdin.write(json.dumps(job.to_json()) + "\n")
-            proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass  # a child that exits at once; its exit code says why
+        _write_line(proc, json.dumps(job.to_json()))
         return proc
 
     def run(self, job: JobSpec, on_event: Callable[[JobEvent], None] | None = None,
@@ -243,7 +238,7 @@ class JobRunner:
                     held_s += now - last_tick
                 elif waiting_go:
                     held_s += now - last_tick
-                elif not waiting_go and phase not in shared and self.gate.others_running(proc.pid):
+                elif phase not in shared and self.gate.others_running(proc.pid):
                     shared.append(phase)
                 if waiting_go and stop_reason is None:
                     paused = self.gate.try_enter(proc.pid)
@@ -255,7 +250,7 @@ class JobRunner:
                             if niced and on_event:
                                 on_event(Log(f"its priority could not be raised back from nice {PREPARE_NICE}: "
                                              "the speed was measured at that priority", level="warning"))
-                        _send_go(proc)
+                        _write_line(proc, "go")  # everything else is paused now
                     elif not announced_wait and on_event:
                         announced_wait = True
                         on_event(Log("waiting: another job's timed phase runs alone"))
@@ -411,18 +406,20 @@ HELD_PHASE = "held"  # time a job spent paused for another's timed phase or wait
 def _split(phase: str, seconds: float, held_s: float) -> list[tuple[str, float]]:
     """A phase's wall time without the time it was held, which is listed on its own (not the phase's cost)."""
     held_s = min(held_s, seconds)
-    return [(phase, seconds - held_s)] + ([(HELD_PHASE, held_s)] if held_s > 0.05 else [])
+    if held_s <= 0.05:  # the sampling loop's granularity: not worth a row
+        return [(phase, seconds)]
+    return [(phase, seconds - held_s), (HELD_PHASE, held_s)]
 
 
-def _send_go(proc: subprocess.Popen[str]) -> None:
-    """The line a worker waits for after announcing a timed phase: everything else is paused now."""
+def _write_line(proc: subprocess.Popen[str], line: str) -> None:
+    """One line to a worker's stdin: the job, then a go after each timed phase it announces."""
     if proc.stdin is None:
         return
     try:
-        proc.stdin.write("go\n")
+        proc.stdin.write(line + "\n")
         proc.stdin.flush()
     except (BrokenPipeError, OSError):
-        pass  # it died meanwhile; its exit code says why
+        pass  # it exited (at once, or meanwhile); its exit code says why
 
 
 def _kill_group(pgid: int) -> None:
