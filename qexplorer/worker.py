@@ -19,7 +19,17 @@ import sys
 import threading
 import traceback
 
-from qexplorer.core.jobs.events import Cancelled, Completed, Failed, Phase, WireEvent, event_to_line
+from qexplorer.core.jobs.events import (
+    Cancelled,
+    Completed,
+    Failed,
+    Phase,
+    ReuseQuery,
+    WireEvent,
+    event_to_line,
+    reuse_answer_from_line,
+)
+from qexplorer.core.jobs.record import RunRecord
 
 
 def emit(event: WireEvent) -> None:
@@ -34,6 +44,12 @@ def set_threads(count: int) -> None:
         os.environ[name] = str(count)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(count)
+
+
+def ask_reuse(query: ReuseQuery) -> RunRecord | None:
+    """Ask the parent for an earlier measurement (it alone opens the results store) and read its answer."""
+    emit(query)
+    return reuse_answer_from_line(sys.stdin.readline())
 
 
 def main() -> int:
@@ -51,13 +67,13 @@ def main() -> int:
         return 2
     if job.prepare_threads:
         set_threads(job.prepare_threads)
-    steps = run_job(job, cancel)
+    steps = run_job(job, cancel, ask_reuse)
     try:
         while True:
             try:
                 event = next(steps)
                 emit(event)
-                if isinstance(event, Phase) and event.timed:
+                if isinstance(event, Phase) and event.alone:
                     sys.stdin.readline()  # wait for the go: the parent has paused every other job
                     if job.prepare_threads:  # measuring from here on: the benchmark's threads
                         set_threads(job.bench.thread_count)

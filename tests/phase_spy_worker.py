@@ -1,6 +1,8 @@
 """A stand-in worker for the overlap tests: it speaks the worker's protocol (the job on stdin's first line, events
-on stdout, a go line awaited after a timed phase) and, in every phase, burns CPU while it appends heartbeats
-``<precision> <phase> <wall time>`` to ``<data_dir>/spy.log``. A heartbeat is proof that the process ran then."""
+on stdout, a go line awaited before a phase that runs alone) and, in every phase, burns CPU while it appends
+heartbeats ``<precision> <phase> <wall time>`` to ``<data_dir>/spy.log`` and reports progress every 0.1 s. A
+heartbeat is proof that the process ran then. The job's ``engine_args`` may name the phases as ``phase:seconds``
+(default: quantize 0.8 s, benchmark 0.6 s, quality 0.8 s, calibrate 0.2 s - the real worker's order)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from qexplorer.core.jobs.events import Completed, Phase, event_to_line
+from qexplorer.core.jobs.events import Completed, Phase, Progress, event_to_line
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.jobs.record import ModelIdentity, RunRecord
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import Family
 
-PHASES = (("quantize", 0.8), ("benchmark", 0.6), ("quality", 0.8))
+PHASES = ((PhaseKind.QUANTIZE, 0.8), (PhaseKind.BENCHMARK, 0.6), (PhaseKind.QUALITY, 0.8),
+          (PhaseKind.CALIBRATE, 0.2))
 
 
 def emit(event: object) -> None:
@@ -25,17 +29,22 @@ def emit(event: object) -> None:
 def main() -> None:
     job = JobSpec.from_json(json.loads(sys.stdin.readline()))
     spy = Path(job.data_dir) / "spy.log"
-    for name, seconds in PHASES:
+    phases = [(PhaseKind(a.split(":")[0]), float(a.split(":")[1])) for a in job.engine_args] or PHASES
+    for name, seconds in phases:
         phase = Phase(name)
         emit(phase)
-        if phase.timed:
+        if phase.alone:
             sys.stdin.readline()
-        end = time.monotonic() + seconds
+        started = time.monotonic()
+        end, next_progress = started + seconds, started
         with open(spy, "a", encoding="utf-8") as handle:
-            while time.monotonic() < end:
+            while (now := time.monotonic()) < end:
                 handle.write(f"{job.precision} {name} {time.time():.6f}\n")
                 handle.flush()
                 sum(range(20_000))  # CPU work between heartbeats
+                if now >= next_progress:
+                    emit(Progress(name, now - started, seconds))
+                    next_progress = now + 0.1
     emit(Completed(RunRecord(model=ModelIdentity(name="spy", path="spy"), precision=job.precision,
                              precision_label=job.precision, family=Family.GGUF)))
 

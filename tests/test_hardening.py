@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from apps import feed_samples, settle, sim_app
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from models import LLAMA_31_8B, write_config
 
 from qexplorer.cli import main
 from qexplorer.core.bench import BenchConfig
-from qexplorer.core.catalog import bundled_model_path
+from qexplorer.core.catalog import Catalog, bundled_model_path
 from qexplorer.core.errors import UserError
 from qexplorer.core.gguf_header import read_gguf_header
 from qexplorer.core.jobs.events import Phase
@@ -245,6 +245,8 @@ def _fuzz_base(factory) -> bytes:
     return _BASE[0]
 
 
+_BASE_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128}
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
@@ -259,6 +261,10 @@ config_keys = st.sampled_from(["architectures", "hidden_size", "num_hidden_layer
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(config=st.dictionaries(config_keys, json_values | st.just(["LlamaForCausalLM"]) | st.integers(0, 4096),
                               max_size=16))
+@example(config={"architectures": ["LlamaForCausalLM"], **_BASE_SHAPE, "num_experts": ":"})
+@example(config={"architectures": ["LlamaForCausalLM"], **_BASE_SHAPE, "moe_intermediate_size": [1]})
+@example(config={"architectures": ["LlamaForCausalLM"], **_BASE_SHAPE, "num_experts_per_tok": [2, 3]})
+@example(config={"architectures": ["LlamaForCausalLM"], **_BASE_SHAPE, "num_experts": 4, "num_experts_per_tok": {}})
 def test_fuzz_config_reader(tmp_path_factory, config):
     folder = tmp_path_factory.getbasetemp() / "fuzzcfg"
     folder.mkdir(exist_ok=True)
@@ -267,6 +273,38 @@ def test_fuzz_config_reader(tmp_path_factory, config):
         spec_from_folder(folder)
     except UserError:
         pass
+
+
+BAD_MOE_FIELDS = [("num_experts", ":"), ("moe_intermediate_size", [1536]), ("num_experts_per_tok", [8]),
+                  ("num_local_experts", -1), ("num_experts_per_tok", True)]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_MOE_FIELDS)
+def test_a_bad_config_field_is_one_sentence_and_exit_2(tmp_path: Path, capsys, key, value):
+    folder = write_config(tmp_path / "bad", {**LLAMA_31_8B, key: value})
+    with pytest.raises(UserError, match=f"no valid '{key}'"):
+        spec_from_folder(folder)
+    assert main(["plan", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and key in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_catalog_survives_a_bad_config_in_the_hf_cache(tmp_path: Path, monkeypatch):
+    snapshot = tmp_path / "hub" / "models--acme--bad" / "snapshots" / "abc"
+    write_config(snapshot, {**LLAMA_31_8B, "num_experts": ":"})
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    entries = {e.ref: e for e in Catalog(include_app_dirs=False).scan()}
+    assert entries["acme/bad"].spec is None and "num_experts" in entries["acme/bad"].error
+
+
+def test_a_corrupt_tensor_shape_in_a_safetensors_header_is_one_sentence(tmp_path: Path):
+    folder = write_config(tmp_path / "m", LLAMA_31_8B)
+    raw = json.dumps({"w": {"dtype": "BF16", "shape": ["x", 4], "data_offsets": [0, 8]}}).encode()
+    (folder / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 8)
+    with pytest.raises(UserError, match="corrupt safetensors header"):
+        spec_from_folder(folder)
 
 
 # ------------------------------------------------------------------ safe defaults

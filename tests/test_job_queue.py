@@ -22,8 +22,9 @@ from qexplorer.core.jobs.record import (
     RunRecord,
     Speed,
 )
-from qexplorer.core.jobs.runner import JobOutcome, MemorySample
+from qexplorer.core.jobs.runner import JobOutcome
 from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.jobs.watch import MemorySample
 from qexplorer.core.kinds import Engine, Family, JobStatus, SupportMode
 from qexplorer.core.results import ResultsStore, flat_row
 

@@ -42,12 +42,13 @@ def test_no_preparation_overlaps_a_timed_phase(tmp_path: Path):
     views = {v.label: v for v in queue.views()}
     assert all(v.status == JobStatus.OK for v in views.values()), [v.error for v in views.values()]
     for job, other in (("first", "second"), ("second", "first")):
-        timed = beats[(job, "benchmark")]
-        start, end = min(timed), max(timed)
-        intruders = [t for (name, _), stamps in beats.items() if name == other for t in stamps if start < t < end]
-        assert intruders == [], f"{other} ran {len(intruders)} times inside {job}'s timed phase"
+        for alone in ("benchmark", "calibrate"):  # the speed and the roofline's bandwidth both run alone
+            timed = beats[(job, alone)]
+            start, end = min(timed), max(timed)
+            intruders = [t for (name, _), stamps in beats.items() if name == other for t in stamps if start < t < end]
+            assert intruders == [], f"{other} ran {len(intruders)} times inside {job}'s {alone} phase"
         record = views[job].record
-        assert record is not None and "benchmark" not in record.shared_phases
+        assert record is not None and {"benchmark", "calibrate"}.isdisjoint(record.shared_phases)
     # and the overlap is real: the second job prepared while the first one was still in an untimed phase
     first_untimed = beats[("first", "quantize")] + beats[("first", "quality")]
     second_prep = beats[("second", "quantize")]
@@ -55,7 +56,7 @@ def test_no_preparation_overlaps_a_timed_phase(tmp_path: Path):
     # measurements never share the CPU: one job's measuring stretch (its benchmark to its end) is over before the
     # other's begins; the one that measured first paused the other, which was still alive, and says so
     def stretch(job: str) -> tuple[float, float]:
-        return min(beats[(job, "benchmark")]), max(beats[(job, "quality")])
+        return min(beats[(job, "benchmark")]), max(beats[(job, "calibrate")])
 
     early, late = sorted(("first", "second"), key=lambda job: stretch(job)[0])
     assert stretch(early)[1] < stretch(late)[0]
@@ -83,7 +84,7 @@ def test_the_gate_pauses_others_and_continues_them():
     assert sent[-1] == (2, signal.SIGCONT) and gate.others_running(1)
     assert gate.try_enter(2) is None  # 1 is still measuring (its quality pass): 2 waits
     gate.leave(1)
-    assert gate.try_enter(2) == () and gate.held
+    assert gate.try_enter(2) == () and gate.running_alone
     assert gate.spawn("d", lambda: 4, lambda pgid: pgid) is None
     gate.release(2)
     assert gate.spawn("d", lambda: 4, lambda pgid: pgid) == 4

@@ -15,7 +15,7 @@ from qexplorer.core.eta import JobEstimate, PhaseEstimate
 from qexplorer.core.jobs.events import Phase, Progress
 from qexplorer.core.jobs.queue import JobView
 from qexplorer.core.jobs.record import HardwareFacts, ModelIdentity, RunRecord, Speed
-from qexplorer.core.jobs.runner import GPU_BY_PID, MemorySample
+from qexplorer.core.jobs.watch import GPU_BY_PID, MemorySample
 from qexplorer.core.kinds import Family, JobAction, JobStatus
 from qexplorer.core.results import ResultsStore
 from qexplorer.core.units import GIB, MIB

@@ -21,10 +21,13 @@ from qexplorer.core.model import ModelSpec
 
 
 def model_key(spec: ModelSpec) -> str:
-    """A folder name for a model's artifacts, from the file alone: readable, and unique per file version."""
+    """A folder name for a model's artifacts, from the files alone: readable, and unique per file version. A
+    folder is keyed by each of its files' name, size and modification time (weights overwritten in place change
+    neither the folder's size nor its mtime)."""
     path = Path(spec.path).resolve()
-    stat = path.stat()
-    digest = hashlib.sha256(f"{path}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    stamps = [f"{p.name}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files]
+    digest = hashlib.sha256("\n".join([str(path), *stamps]).encode()).hexdigest()[:10]
     stem = path.stem if path.is_file() else path.name
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in stem)[:60]
     return f"{safe}-{digest}"

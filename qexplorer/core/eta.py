@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qexplorer.core.jobs.phases import PHASES, EtaUnit, PhaseKind
 from qexplorer.core.kinds import Engine, ModelFormat, Producer
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import BY_KEY, Precision
@@ -33,26 +35,35 @@ KEEP = 5
 PP_FACTOR = 6.0  # a prompt token costs about a sixth of a generated one (pp512 ≈ 4-6 × tg128's t/s here)
 # Seconds per unit on the 2-core AVX2 development machine: the medians of the default ladder run cold and warm
 # (scripts/bench_jobs.py decision, SmolLM2-135M, 2026-12-02). Marked "guess" where that run had no such phase.
+
+
+def rate_key(phase: PhaseKind, *qualifiers: str) -> str:
+    """The key a rate is learned under: the phase, and what makes its cost differ (the engine, the producer)."""
+    return ":".join([str(phase), *qualifiers])
+
+
+# Each rate is seconds per the phase's unit (phases.PHASES[...].eta_unit).
 DEFAULT_RATES: dict[str, float] = {
-    "start": 3.3,  # per job: the worker's interpreter, imports, resolving the model, hashing a cached artifact
-    "dequantize": 136.0,  # per GiB of BF16 weights (a GGUF model to the BF16 checkpoint, once)
-    "reference": 0.021,  # per billion parameter-tokens (the BF16 forward pass over the evaluation text, once)
-    "convert": 60.0,  # guess; per GiB of BF16 weights (llama.cpp's convert_hf_to_gguf.py)
-    "quantize:llama.cpp quantize": 10.0,  # per GiB of BF16 weights
-    "quantize:cast": 10.0,  # guess
-    "quantize:llm-compressor": 30.0,
-    "quantize:llm-compressor:calibrated": 300.0,  # guess: GPTQ / AWQ calibration passes
-    "engine:vllm": 41.0,  # per start (eager mode on 2 cores)
-    "load:llama.cpp": 1.4,  # per GiB of the artifact
-    "load:transformers": 10.0,  # guess, like the quality pass's load below
-    "load:vllm": 10.0,  # the artifact's own quality pass loads it in transformers
-    "benchmark:llama.cpp": 0.12,  # per GiB-token (tokens timed × GiB read per token)
-    "benchmark:vllm": 0.14,
-    "benchmark:transformers": 0.3,  # guess: eager PyTorch, about half vLLM-CPU's speed
-    "quality:llama.cpp": 0.039,  # per billion parameter-tokens
-    "log-probs:vllm": 0.025,  # vLLM's prompt log-probs on the reference's chunks
-    "quality:transformers": 0.015,  # the artifact's own pass in transformers (beside vLLM, or the fallback's)
-    "calibrate": 1.3,  # per job: the bandwidth test (cached per CPU after the first)
+    # the worker's interpreter, imports, resolving the model, hashing a cached artifact
+    rate_key(PhaseKind.START): 3.3,
+    rate_key(PhaseKind.DEQUANTIZE): 136.0,  # a GGUF model to the BF16 checkpoint, once
+    rate_key(PhaseKind.REFERENCE): 0.021,  # the BF16 forward pass over the evaluation text, once
+    rate_key(PhaseKind.CONVERT): 60.0,  # guess (llama.cpp's convert_hf_to_gguf.py)
+    rate_key(PhaseKind.QUANTIZE, "llama.cpp quantize"): 10.0,
+    rate_key(PhaseKind.QUANTIZE, "cast"): 10.0,  # guess
+    rate_key(PhaseKind.QUANTIZE, "llm-compressor"): 30.0,
+    rate_key(PhaseKind.QUANTIZE, "llm-compressor", "calibrated"): 300.0,  # guess: GPTQ / AWQ calibration
+    rate_key(PhaseKind.ENGINE, "vllm"): 41.0,  # eager mode on 2 cores
+    rate_key(PhaseKind.LOAD, "llama.cpp"): 1.4,
+    rate_key(PhaseKind.LOAD, "transformers"): 10.0,  # guess, like the quality pass's load below
+    rate_key(PhaseKind.LOAD, "vllm"): 10.0,  # the artifact's own quality pass loads it in transformers
+    rate_key(PhaseKind.BENCHMARK, "llama.cpp"): 0.12,
+    rate_key(PhaseKind.BENCHMARK, "vllm"): 0.14,
+    rate_key(PhaseKind.BENCHMARK, "transformers"): 0.3,  # guess: eager PyTorch, about half vLLM-CPU's speed
+    rate_key(PhaseKind.QUALITY, "llama.cpp"): 0.039,
+    rate_key(PhaseKind.LOG_PROBS, "vllm"): 0.025,  # vLLM's prompt log-probs on the reference's chunks
+    rate_key(PhaseKind.QUALITY, "transformers"): 0.015,  # the artifact's own pass (beside vLLM, or the fallback)
+    rate_key(PhaseKind.CALIBRATE): 1.3,  # the bandwidth test (cached per CPU after the first quiet one)
 }
 
 
@@ -131,44 +142,52 @@ def _quantizes(precision: Precision) -> bool:
 
 
 def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str,
-               cached: Cached) -> tuple[list[tuple[str, str, float]], Cached]:
-    """(phase, rate key, units) in the order the worker runs them, and what is cached after this job."""
-    from qexplorer.core.planner import weight_bytes
+               cached: Cached) -> tuple[list[tuple[PhaseKind, str, float]], Cached]:
+    """(phase, rate key, units) in the order the worker runs them, and what is cached after this job. Each
+    phase's units are its :class:`~qexplorer.core.jobs.phases.EtaUnit`; a forward pass counts the *active*
+    parameters (a MoE reads only its routed experts), the benchmark the active share of the artifact."""
+    from qexplorer.core.planner import active_weight_fraction, weight_bytes
 
-    bf16_gib = weight_bytes(spec, BY_KEY["bf16"]) / GIB
-    artifact_gib = weight_bytes(spec, precision) / GIB
-    param_tokens = (spec.total_params or 0) * job.quality_tokens / 1e9
-    phases: list[tuple[str, str, float]] = [("start", "start", 1.0)]
-    needs_bf16 = not precision.is_gguf or job.quality or spec.format == ModelFormat.HF
-    if needs_bf16 and spec.format == ModelFormat.GGUF and not cached.bf16_checkpoint:
-        phases.append(("dequantize", "dequantize", bf16_gib))
-    if job.quality and not cached.reference:
-        phases.append(("reference", "reference", param_tokens))
-    if precision.key not in cached.artifacts:
-        if precision.is_gguf and spec.format == ModelFormat.HF and not cached.bf16_gguf:
-            phases.append(("convert", "convert", bf16_gib))
-        if _quantizes(precision):
-            method = str(precision.producer) + (":calibrated" if precision.needs_calibration else "")
-            phases.append(("quantize", f"quantize:{method}", bf16_gib))
     bench = job.bench
     timed = bench.repetitions * sum(bench.gen_tokens + (bench.prompt_tokens + depth) / PP_FACTOR
                                     for depth in bench.depths)
     if bench.warmup:  # llama-bench's: the first depth's prompt and one token
         timed += 1 + (bench.prompt_tokens + bench.depths[0]) / PP_FACTOR
+    artifact_gib = weight_bytes(spec, precision) / GIB
+    units = {EtaUnit.JOB: 1.0, EtaUnit.BF16_GIB: weight_bytes(spec, BY_KEY["bf16"]) / GIB,
+             EtaUnit.ARTIFACT_GIB: artifact_gib,
+             EtaUnit.PARAM_TOKENS: (spec.active_params or 0) * job.quality_tokens / 1e9,
+             EtaUnit.GIB_TOKENS: timed * artifact_gib * active_weight_fraction(spec, precision)}
+    phases: list[tuple[PhaseKind, str, float]] = []
+
+    def add(phase: PhaseKind, *qualifiers: str) -> None:
+        phases.append((phase, rate_key(phase, *qualifiers), units[PHASES[phase].eta_unit]))
+
+    add(PhaseKind.START)
+    needs_bf16 = not precision.is_gguf or job.quality or spec.format == ModelFormat.HF
+    if needs_bf16 and spec.format == ModelFormat.GGUF and not cached.bf16_checkpoint:
+        add(PhaseKind.DEQUANTIZE)
+    if job.quality and not cached.reference:
+        add(PhaseKind.REFERENCE)
+    if precision.key not in cached.artifacts:
+        if precision.is_gguf and spec.format == ModelFormat.HF and not cached.bf16_gguf:
+            add(PhaseKind.CONVERT)
+        if _quantizes(precision):
+            add(PhaseKind.QUANTIZE, str(precision.producer), *(["calibrated"] if precision.needs_calibration else []))
     is_reference = precision.key == job.reference_precision and not precision.is_gguf
     if engine == str(Engine.VLLM):  # the artifact's own pass first (untimed preparation), then vLLM
         if job.quality and not is_reference:
-            phases.append(("load", "load:vllm", artifact_gib))
-            phases.append(("quality", "quality:transformers", param_tokens))
-        phases.append(("engine", "engine:vllm", 1.0))
+            add(PhaseKind.LOAD, engine)
+            add(PhaseKind.QUALITY, str(Engine.TRANSFORMERS))
+        add(PhaseKind.ENGINE, engine)
     else:
-        phases.append(("load", f"load:{engine}", artifact_gib))
-    phases.append(("benchmark", f"benchmark:{engine}", timed * artifact_gib))
+        add(PhaseKind.LOAD, engine)
+    add(PhaseKind.BENCHMARK, engine)
     if job.quality and engine == str(Engine.VLLM):  # vLLM's own log-probs, its cross-check
-        phases.append(("log-probs", "log-probs:vllm", param_tokens))
+        add(PhaseKind.LOG_PROBS, engine)
     elif job.quality and not is_reference:
-        phases.append(("quality", f"quality:{engine}", param_tokens))
-    phases.append(("calibrate", "calibrate", 1.0))
+        add(PhaseKind.QUALITY, engine)
+    add(PhaseKind.CALIBRATE)
     after = Cached(bf16_checkpoint=cached.bf16_checkpoint or needs_bf16, reference=cached.reference or job.quality,
                    bf16_gguf=cached.bf16_gguf or (precision.is_gguf and spec.format == ModelFormat.HF),
                    artifacts=cached.artifacts | {precision.key})
@@ -206,8 +225,11 @@ class DurationBook:
 
     def record(self, estimate: JobEstimate, actual: Iterable[tuple[str, float]],
                skip: Iterable[str] = ()) -> None:
-        """What each phase of a finished job cost, against its estimate; the file is rewritten whole. Phases in
-        ``skip`` (they ran beside another job, slowed by it) are kept in the job's entry but teach no rate."""
+        """What each phase of a finished job cost, against its estimate. Phases in ``skip`` (they ran beside
+        another job, slowed by it) are kept in the job's entry but teach no rate. Read, changed and rewritten
+        under a file lock: the app's job threads and a CLI run may record at once."""
+        from qexplorer.core.artifacts import file_lock
+
         actual = list(actual)
         spent: dict[str, float] = {}
         for name, seconds in actual:
@@ -215,25 +237,27 @@ class DurationBook:
         expected: dict[str, list[PhaseEstimate]] = {}
         for phase in estimate.phases:
             expected.setdefault(phase.name, []).append(phase)
-        rates = self._data["rates"]
         skipped = set(skip)
+        learned: list[tuple[str, float]] = []
         for name, seconds in spent.items():
             parts = None if name in skipped else expected.get(name)
             units = sum(p.units for p in parts) if parts else 0.0
             if not parts or units <= 0:
                 continue
             # a phase name that two estimates share (load + the quality pass's load) splits by their units
-            for part in parts:
-                rates[part.key] = (rates.get(part.key, []) + [seconds / units])[-KEEP:]
-        self._data["jobs"] = (self._data.get("jobs", []) + [{
-            "precision": estimate.precision, "predicted_s": round(estimate.total_s, 1),
-            "actual_s": round(sum(s for _, s in actual), 1), "source": estimate.source, "at": int(time.time()),
-            "phases": [[name, round(seconds, 2)] for name, seconds in actual],
-        }])[-200:]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".partial")
-        tmp.write_text(json.dumps(self._data, indent=1), encoding="utf-8")
-        os.replace(tmp, self.path)
+            learned.extend((part.key, seconds / units) for part in parts)
+        entry = {"precision": estimate.precision, "predicted_s": round(estimate.total_s, 1),
+                 "actual_s": round(sum(s for _, s in actual), 1), "source": estimate.source, "at": int(time.time()),
+                 "phases": [[name, round(seconds, 2)] for name, seconds in actual]}
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            self._data = self._load()
+            rates = self._data["rates"]
+            for key, rate in learned:
+                rates[key] = (rates.get(key, []) + [rate])[-KEEP:]
+            self._data["jobs"] = (self._data.get("jobs", []) + [entry])[-200:]
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+            tmp.write_text(json.dumps(self._data, indent=1), encoding="utf-8")
+            os.replace(tmp, self.path)
 
 
 def estimate_jobs(spec: ModelSpec, jobs: Sequence[Any], data_dir: Path | str, *, cuda: bool = False,

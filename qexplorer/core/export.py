@@ -22,6 +22,7 @@ from pathlib import Path
 from qexplorer.core.artifacts import content_sha256
 from qexplorer.core.errors import UserError
 from qexplorer.core.jobs.events import JobEvent, Phase
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.jobs.record import ExportRecord
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
@@ -54,7 +55,7 @@ def export_model(spec: ModelSpec, precision: Precision, out: Path, work_dir: Pat
     if not out.parent.exists():
         raise UserError(f"The folder {out.parent} does not exist; create it or choose another --out.")
     artifact = yield from produce(spec, precision, work_dir, threads)
-    yield Phase("export", f"writing {out.name}")
+    yield Phase(PhaseKind.EXPORT, f"writing {out.name}")
     partial = _partial(out)
     try:
         if artifact.is_file():

@@ -16,7 +16,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -30,16 +30,15 @@ from qexplorer.core.bench.bandwidth import roofline_note
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import JobEvent, Log, Phase, checked
+from qexplorer.core.jobs.events import JobEvent, Log, Phase, ReuseQuery, checked
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.jobs.record import ExportRecord, HardwareFacts, ModelIdentity, RunRecord
-from qexplorer.core.jobs.runner import CALIBRATE_PHASE
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import Engine, JobAction
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.planner import decode_bytes_per_token
 from qexplorer.core.precisions import Hardware, Precision, get
 from qexplorer.core.quantize.artifact import produce
-from qexplorer.core.results import ResultsStore
 
 LIBRARIES = ("torch", "transformers", "compressed_tensors", "llmcompressor", "llama_cpp_python", "textual")
 T = TypeVar("T")
@@ -67,8 +66,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunRecord | ExportRecord]:
-    """The whole job for one precision, as events; returns its record or raises."""
+def run_job(job: JobSpec, cancel: threading.Event | None = None,
+            ask_reuse: Callable[[ReuseQuery], RunRecord | None] | None = None) -> Step[RunRecord | ExportRecord]:
+    """The whole job for one precision, as events; returns its record or raises. ``ask_reuse`` asks the parent
+    for an earlier measurement with the same key (the worker's stdin; the worker never opens the store)."""
     precision = get(job.precision)
     spec = Catalog(extra_paths=job.model_paths, include_hf_cache=True, include_app_dirs=False).resolve(job.model_ref)
     from qexplorer.core.quantize import torch_quant
@@ -98,14 +99,14 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
     yield Log(f"artifact {artifact.name}: hashing it, so the export can be checked against what was measured")
     sha256 = content_sha256(artifact)
     ctx = _context(spec, precision, job, artifact, reference, cancel)
-    key = reuse.reuse_key(job, sha256, library_versions(), _engine_version(precision), cpu_name(), ctx.gpu_name)
-    if job.reuse:
-        earlier = reuse.find_reusable(ResultsStore.in_dir(Path(job.data_dir)), spec.path, precision.key, key)
-        if earlier is not None:
-            yield Log(f"{precision.label}: the same artifact (sha256 {sha256[:12]}), engine, versions, machine and "
-                      f"settings were measured as result #{earlier.id}; showing that measurement again "
-                      "(--remeasure times it anew)")
-            return reuse.reused(earlier)
+    key = reuse.reuse_key(job, sha256, library_versions(), _engine_version(precision), cpu_name(), ctx.gpu_name,
+                          corpus_sha256=reference[0].corpus_sha256 if reference is not None else None)
+    earlier = ask_reuse(ReuseQuery(spec.path, precision.key, key)) if job.reuse and ask_reuse else None
+    if earlier is not None:
+        yield Log(f"{precision.label}: the same artifact (sha256 {sha256[:12]}), engine, versions, machine and "
+                  f"settings were measured as result #{earlier.reused_from}; showing that measurement again "
+                  "(--remeasure times it anew)")
+        return earlier
     measured = yield from checked(_measure(ctx), cancel)
     measured = replace(measured, engine=replace(measured.engine, artifact_path=str(artifact),
                                                 artifact_bytes=_size(artifact), artifact_sha256=sha256))
@@ -113,10 +114,10 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
                      planned_peak_bytes=job.planned_peak_bytes, planned_total_bytes=job.planned_total_bytes)
     if memory.bytes_per_token:  # the engine's weight bytes → what one decoded token reads (MoE, KV cache)
         memory = replace(memory, bytes_per_token=decode_bytes_per_token(
-            spec, precision, memory.bytes_per_token, measured.speed.gen_tokens))
+            spec, precision, memory.bytes_per_token, measured.speed.gen_tokens, depth=measured.speed.depth))
     # Bandwidth for the roofline is measured after the peak is recorded (its buffers
     # would count), in a phase the parent leaves out of its own peak.
-    yield Phase(CALIBRATE_PHASE, "memory bandwidth for the roofline")
+    yield Phase(PhaseKind.CALIBRATE, "memory bandwidth for the roofline")
     hardware = _hardware(measured.gpu_name, Path(job.data_dir), measured.speed.threads)
     roofline = None
     if memory.bytes_per_token:
@@ -133,14 +134,22 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None) -> Step[RunReco
     )
 
 
-def _engine_version(precision: Precision) -> str | None:
-    """The serving engine's installed version where it is not a library of this environment (vLLM's own)."""
+def _engine_version(precision: Precision) -> str:
+    """What decides which engine serves the artifact and how, beyond library_versions(): llama.cpp's build (its
+    CPU features and whether it offloads to a GPU: a CPU and a CUDA build share a version number); vLLM's own
+    version, where it comes from, and whether every format is forced through it (QEXPLORER_VLLM_TRY_ALL)."""
     if precision.engine == Engine.LLAMA_CPP:
-        return None  # llama-cpp-python is in library_versions()
+        import llama_cpp
+
+        info = llama_cpp.llama_print_system_info().decode(errors="replace")
+        return f"llama.cpp gpu_offload={llama_cpp.llama_supports_gpu_offload()} {info}"
     from qexplorer.core.engines.vllm import find_vllm, installed_version
 
     command = find_vllm()
-    return installed_version(command) if command is not None else "absent"
+    if command is None:
+        return "vllm absent"
+    return (f"{installed_version(command)} from {command.source} ({command.argv[0]}); "
+            f"try_all={bool(os.environ.get('QEXPLORER_VLLM_TRY_ALL'))}")
 
 
 def _context(spec: ModelSpec, precision: Precision, job: JobSpec, artifact: Path, reference: Any,

@@ -35,7 +35,8 @@ from typing import Any
 
 from qexplorer.core.errors import UserError
 from qexplorer.core.jobs.events import JobEvent, Progress
-from qexplorer.core.jobs.record import QualityStats
+from qexplorer.core.jobs.phases import PhaseKind
+from qexplorer.core.jobs.record import QualityStats, ServerQuality
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 PROSE_FILE = DATA_DIR / "prose.txt"
@@ -254,7 +255,7 @@ def build_reference(folder: Path, logits_fn: LogitsFn, chunks: list[list[int]], 
         topk_logp[rows] = np.take_along_axis(logp, top, axis=-1)
         target_logp[rows] = logp[np.arange(per), targets]
         top1[rows] = logp.argmax(axis=-1)
-        yield Progress("reference", index + 1, len(chunks), f"reference chunk {index + 1}/{len(chunks)}")
+        yield Progress(PhaseKind.REFERENCE, index + 1, len(chunks), f"reference chunk {index + 1}/{len(chunks)}")
     for array in (chunk_arr, topk_ids, topk_logp, target_logp, top1):
         array.flush()
     del chunk_arr, topk_ids, topk_logp, target_logp, top1
@@ -303,7 +304,7 @@ def candidate_pass(reference: tuple[ReferenceMeta, dict[str, Any]], logits_fn: L
         nll_q[rows] = -q_target
         delta_p[rows] = np.exp(q_target) - np.exp(target_logp)
         same_top1[rows] = logq.argmax(axis=-1) == np.asarray(arrays["top1"][rows])
-        yield Progress("quality", index + 1, meta.n_chunks, f"candidate chunk {index + 1}/{meta.n_chunks}")
+        yield Progress(PhaseKind.QUALITY, index + 1, meta.n_chunks, f"candidate chunk {index + 1}/{meta.n_chunks}")
     nll_ref = -np.asarray(arrays["target_logp"], dtype=np.float64)
     return QualityStats(**summarize(kld, nll_q, nll_ref, delta_p, same_top1))
 
@@ -332,6 +333,43 @@ def coarse_kld(top_logp: Any, top_logq: Any) -> Any:
     with np.errstate(divide="ignore", invalid="ignore"):
         tail = np.where(p_tail > 1e-12, p_tail * (np.log(np.maximum(p_tail, 1e-30)) - np.log(q_tail)), 0.0)
     return np.maximum(head + tail, 0.0)
+
+
+class TopkScorer:
+    """The one scorer of a server's top-k log-probabilities against the reference's top-k, position by position
+    (vLLM's prompt log-probs and bench-server's echoed ones): KL(reference ‖ server) over the outcomes both lists
+    share plus one lumped bucket (:func:`coarse_kld`, a lower bound), and top-1 agreement.
+
+    A position where the server returned nothing, or where the two lists share no outcome, is where the two
+    models disagree most: skipping it would bias both figures toward agreement. It counts as a top-1 miss, its
+    KLD cannot be bounded from the lists (it is left out of the mean), and how many there were is reported."""
+
+    def __init__(self) -> None:
+        self.klds: list[float] = []
+        self.agree: list[bool] = []
+        self.disjoint = 0
+
+    def add(self, server: dict[int, float], server_top1: int | None, ref_ids: Any, ref_logp: Any,
+            ref_top1: int) -> None:
+        import numpy as np
+
+        p = dict(zip(ref_ids.tolist(), ref_logp.tolist(), strict=True))
+        shared = [t for t in server if t in p]
+        self.agree.append(server_top1 is not None and int(server_top1) == int(ref_top1))
+        if not shared:
+            self.disjoint += 1
+            return
+        self.klds.append(float(coarse_kld(np.array([[p[t] for t in shared]]),
+                                          np.array([[server[t] for t in shared]]))[0]))
+
+    def result(self, top_k: int, approximation: str, alignment: str) -> ServerQuality:
+        n = len(self.agree)
+        share = sum(self.agree) / n if n else 0.0
+        return ServerQuality(
+            kld_mean=sum(self.klds) / len(self.klds) if self.klds else None, n_positions=n, top_k=top_k,
+            same_top1_pct=100.0 * share if n else None,
+            same_top1_se_pct=100.0 * math.sqrt(share * (1 - share) / n) if n else None,
+            approximation=approximation, logprob_alignment=alignment, n_disjoint=self.disjoint)
 
 
 def summarize(kld: Any, nll_q: Any, nll_ref: Any, delta_p: Any, same_top1: Any) -> dict[str, Any]:

@@ -155,6 +155,11 @@ def spec_from_gguf(path: Path, *, source: str = "path", name: str | None = None)
 
 
 # ------------------------------------------------------------------- Hugging Face folders
+def _non_negative_ints(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of one safetensors file (8-byte length, then JSON)."""
     try:
@@ -174,8 +179,14 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         raise ModelReadError(f"{path.name} has a corrupt safetensors header.") from None
     if not isinstance(header, dict):
         raise ModelReadError(f"{path.name} has a corrupt safetensors header.")
-    data_end = max((int(v["data_offsets"][1]) for k, v in header.items()
-                    if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    data_end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(info, dict) and _non_negative_ints(info.get("shape"))
+                and _non_negative_ints(info.get("data_offsets")) and len(info["data_offsets"]) == 2):
+            raise ModelReadError(f"{path.name} has a corrupt safetensors header (tensor {name!r}).")
+        data_end = max(data_end, info["data_offsets"][1])
     if 8 + length + data_end > size:
         raise ModelReadError(
             f"{path.name} is truncated: its tensors end at byte {8 + length + data_end:,} "
@@ -197,12 +208,22 @@ def _hf_role(name: str, shape: list[int]) -> TensorRole:
 
 
 def _config_int(config: dict[str, Any], key: str, folder: Path, default: int | None = None) -> int:
-    value = config.get(key, default)
+    """The one check every integer field of config.json passes: a non-negative JSON integer
+    (not a bool, a string or a list), or the default where the key is absent or null."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        if default is not None and value is None:
-            return default
         raise ModelReadError(f"config.json in {folder} has no valid {key!r}; qexplorer cannot plan this model.")
     return value
+
+
+def _config_first_int(config: dict[str, Any], keys: tuple[str, ...], folder: Path, default: int) -> int:
+    """The first of several synonymous keys that is present (``num_experts`` / ``num_local_experts``)."""
+    for key in keys:
+        if config.get(key) is not None:
+            return _config_int(config, key, folder)
+    return default
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -242,9 +263,9 @@ def spec_from_folder(folder: Path, *, source: str = "path", name: str | None = N
     head_dim = _config_int(config, "head_dim", folder, hidden // heads)
     vocab = _config_int(config, "vocab_size", folder)
     intermediate = _config_int(config, "intermediate_size", folder, 0)
-    n_experts = config.get("num_experts") or config.get("num_local_experts") or 0
-    n_active = config.get("num_experts_per_tok") or 0
-    moe_intermediate = config.get("moe_intermediate_size") or intermediate
+    n_experts = _config_first_int(config, ("num_experts", "num_local_experts"), folder, 0)
+    n_active = _config_int(config, "num_experts_per_tok", folder, 0)
+    moe_intermediate = _config_int(config, "moe_intermediate_size", folder, intermediate) or intermediate
     tied = bool(config.get("tie_word_embeddings", False))
     quant = config.get("quantization_config") or {}
     stored = str(quant.get("quant_method") if isinstance(quant, dict) and quant.get("quant_method")
@@ -258,9 +279,9 @@ def spec_from_folder(folder: Path, *, source: str = "path", name: str | None = N
         found = []
         for shard in shards:
             for tensor_name, info in read_safetensors_header(shard).items():
-                if tensor_name == "__metadata__" or not isinstance(info, dict):
+                if tensor_name == "__metadata__":
                     continue
-                shape = [int(d) for d in info.get("shape", [])]
+                shape = info["shape"]
                 if not shape:
                     continue
                 rows = shape[0] if len(shape) > 1 else 1
@@ -273,8 +294,8 @@ def spec_from_folder(folder: Path, *, source: str = "path", name: str | None = N
     else:
         groups = groups_from_shape(
             hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-            intermediate=intermediate, vocab=vocab, tied=tied, n_experts=int(n_experts),
-            moe_intermediate=int(moe_intermediate), qk_norm=arch.startswith("Qwen3"),
+            intermediate=intermediate, vocab=vocab, tied=tied, n_experts=n_experts,
+            moe_intermediate=moe_intermediate, qk_norm=arch.startswith("Qwen3"),
         )
         params_source = "config shape"
         weights_format = "pickle" if pickles else "none"
@@ -296,8 +317,8 @@ def spec_from_folder(folder: Path, *, source: str = "path", name: str | None = N
         stored_dtype=stored,
         size_on_disk_bytes=size,
         groups=groups,
-        n_experts=int(n_experts),
-        n_active_experts=int(n_active),
+        n_experts=n_experts,
+        n_active_experts=n_active,
         params_source=params_source,
         weights_format=weights_format,
         needs_remote_code="auto_map" in config,

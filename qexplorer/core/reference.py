@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from qexplorer.core import quality
 from qexplorer.core.artifacts import file_lock, model_key
 from qexplorer.core.jobs.events import JobEvent, Log, Phase
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.kinds import ModelFormat
 from qexplorer.core.model import ModelSpec
 
@@ -53,7 +54,7 @@ def ensure_reference(spec: ModelSpec, job: JobSpec, work_dir: Path,
             return cached
         torch_quant.quiet_libraries()
         source = yield from torch_quant.bf16_checkpoint(spec, work_dir)
-        yield Phase("reference", f"{job.reference_precision} reference log-probs on {corpus.name} (once, {device})")
+        yield Phase(PhaseKind.REFERENCE, f"{job.reference_precision} reference log-probs on {corpus.name} (once, {device})")
         model, tokenizer = torch_quant.load_model(source, job.reference_precision, device)
         ids = tokenizer(corpus.text, add_special_tokens=False)["input_ids"][: job.quality_tokens]
         bos = tokenizer.bos_token_id if _adds_bos(spec, tokenizer) else None

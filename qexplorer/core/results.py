@@ -225,16 +225,19 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "n_threads": speed.threads if speed else None,
         "n_prompt": speed.prompt_tokens if speed else None, "n_gen": speed.gen_tokens if speed else None,
         "repetitions": speed.repetitions if speed else None,
-        "pp_avg_ts": speed.prefill_tok_s.mean if speed else None, "pp_stddev_ts": speed.prefill_tok_s.sd if speed else None,
-        "tg_avg_ts": speed.decode_tok_s.mean if speed else None, "tg_stddev_ts": speed.decode_tok_s.sd if speed else None,
-        "ttft_avg_s": speed.ttft_s.mean if speed else None, "ttft_stddev_s": speed.ttft_s.sd if speed else None,
+        "pp_avg_ts": speed.prefill_tok_s.known_mean if speed else None,
+        "pp_stddev_ts": speed.prefill_tok_s.known_sd if speed else None,
+        "tg_avg_ts": speed.decode_tok_s.known_mean if speed else None,
+        "tg_stddev_ts": speed.decode_tok_s.known_sd if speed else None,
+        "ttft_avg_s": speed.ttft_s.known_mean if speed else None, "ttft_stddev_s": speed.ttft_s.known_sd if speed else None,
         "n_depth": speed.depth if speed else None,
         "noisy": speed.noisy if speed else None,
         "noise_other_cpu_pct": speed.noise.other_cpu_pct if speed and speed.noise else None,
         "noise_busiest": speed.noise.busiest if speed and speed.noise else None,
         "noise_reason": speed.noise.reason if speed and speed.noise else None,
-        "depths": json.dumps([{"n_depth": s.depth, "pp_avg_ts": s.prefill_tok_s.mean, "pp_stddev_ts": s.prefill_tok_s.sd,
-                               "tg_avg_ts": s.decode_tok_s.mean, "tg_stddev_ts": s.decode_tok_s.sd, "noisy": s.noisy}
+        "depths": json.dumps([{"n_depth": s.depth, "pp_avg_ts": s.prefill_tok_s.known_mean,
+                               "pp_stddev_ts": s.prefill_tok_s.known_sd, "tg_avg_ts": s.decode_tok_s.known_mean,
+                               "tg_stddev_ts": s.decode_tok_s.known_sd, "noisy": s.noisy}
                               for s in r.depth_speeds]) if r.depth_speeds else None,
         "roofline_pct": r.roofline_pct, "roofline_note": r.roofline_note,
         "bandwidth_bytes_s": hw.bandwidth_bytes_s if hw else None,
@@ -245,7 +248,8 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "peak_gpu_source": memory.peak_gpu_source, "torch_peak_allocated_bytes": memory.torch_peak_allocated_bytes,
         "torch_peak_reserved_bytes": memory.torch_peak_reserved_bytes,
         "planned_peak_bytes": memory.planned_peak_bytes, "planned_total_bytes": memory.planned_total_bytes,
-        "load_s": r.timings.load_s, "quantize_s": r.timings.quantize_s,
+        "load_s": r.timings.load_s, "quantize_s": r.timings.quantize_s, "quality_s": r.timings.quality_s,
+        "shared_phases": ",".join(r.shared_phases) or None,
         "kld_mean": quality.kld_mean if quality else None, "same_top1_pct": quality.same_top1_pct if quality else None,
         "ppl": quality.ppl if quality else None, "ppl_ref": quality.ppl_ref if quality else None,
         "engine_kld_mean": r.engine_quality.kld_mean if r.engine_quality else None,
@@ -270,7 +274,7 @@ def to_json(results: list[StoredResult]) -> str:
 
 
 def _pm(stat: Stat | None, fmt: str = "{:.1f}") -> str:
-    if stat is None:
+    if stat is None or stat.n == 0:
         return "n/a"
     return f"{fmt.format(stat.mean)} ± {fmt.format(stat.sd)}"
 

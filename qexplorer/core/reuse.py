@@ -6,7 +6,8 @@ every library version, the machine (CPU, cores, GPU), the benchmark settings
 tokens, context, top-k, reference precision, or no quality at all). Their
 digest is the record's :attr:`~qexplorer.core.jobs.record.RunRecord.reuse_key`.
 A later job with the same key would redo the same measurement, so the worker
-returns the stored one instead, marked ``reused_from`` with the date it was
+asks the parent (which alone opens the results store) and returns the stored
+one instead, marked ``reused_from`` with the date it was
 measured - unless the user asked to re-measure (``--remeasure``; ``M`` on the
 plan screen), or the stored speed was timed while other processes were busy or
 beside other work, which are measured again.
@@ -20,27 +21,32 @@ import os
 import platform
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qexplorer.core.bench.noise import NOISY_OTHER_CPU_PCT
-from qexplorer.core.jobs.events import TIMED_PHASES
+from qexplorer.core.jobs.phases import TIMED
 from qexplorer.core.jobs.record import RunRecord
 from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import JobStatus
-from qexplorer.core.results import ResultsStore, StoredResult
 from qexplorer.core.serial import to_jsonable
+
+if TYPE_CHECKING:  # the parent passes its store in; the worker, which computes keys, never opens one
+    from qexplorer.core.results import ResultsStore, StoredResult
 
 
 def reuse_key(job: JobSpec, artifact_sha256: str, versions: dict[str, str], engine_version: str | None,
-              cpu: str, gpu: str | None) -> str:
-    """The digest of everything a job's figures depend on."""
+              cpu: str, gpu: str | None, corpus_sha256: str | None = None) -> str:
+    """The digest of everything a job's figures depend on. The corpus by its content (an edited file is a new
+    measurement), the engine by what decides which one runs and how (``engine_version``: vLLM's build and the
+    choice of engine, or llama.cpp's build flags and GPU offload), the threads the engines are given."""
     quality: dict[str, Any] | None = None
     if job.quality:
-        quality = {"corpus": job.quality_corpus, "tokens": job.quality_tokens, "ctx": job.quality_ctx,
-                   "top_k": job.top_k, "reference": job.reference_precision}
+        quality = {"corpus": corpus_sha256 or job.quality_corpus, "tokens": job.quality_tokens,
+                   "ctx": job.quality_ctx, "top_k": job.top_k, "reference": job.reference_precision}
     facts = {"precision": job.precision, "artifact_sha256": artifact_sha256, "versions": versions,
              "engine": engine_version, "engine_args": list(job.engine_args), "bench": to_jsonable(job.bench),
-             "quality": quality, "cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "gpu": gpu}
+             "threads": job.bench.thread_count, "quality": quality, "cpu": cpu, "cores": os.cpu_count(),
+             "machine": platform.machine(), "gpu": gpu}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -50,7 +56,7 @@ def quiet(record: RunRecord) -> bool:
     would come back: such a result is shown again with its noise flag, as measured."""
     speeds = [s for s in (record.speed, *record.depth_speeds) if s is not None]
     busy = any(s.noise is not None and s.noise.other_cpu_pct >= NOISY_OTHER_CPU_PCT for s in speeds)
-    return bool(speeds) and not busy and TIMED_PHASES.isdisjoint(record.shared_phases)
+    return bool(speeds) and not busy and TIMED.isdisjoint(record.shared_phases)
 
 
 def find_reusable(store: ResultsStore, record_path: str, precision: str, key: str) -> StoredResult | None:

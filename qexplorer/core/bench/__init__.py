@@ -18,6 +18,35 @@ import statistics
 from dataclasses import dataclass
 
 
+def default_threads() -> int:
+    """One thread per physical core this process may run on, within its CPU quota - llama-bench's default
+    (``cpu_get_num_math``: physical cores), and the same for every engine. ``os.cpu_count()`` counts logical
+    CPUs, and inside a container the host's: two threads per core on an SMT host, and heavy oversubscription in
+    a cgroup. Physical cores are counted from sysfs topology (package, core) of the CPUs in the affinity mask."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topology}/physical_package_id") as package, open(f"{topology}/core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology (some VMs): each CPU counts as a core
+    count = len(cores) or 1
+    quota = _cpu_quota()
+    return max(1, min(count, int(quota + 0.5))) if quota else count
+
+
+def _cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
+    """The cgroup v2 CPU quota in CPUs ("200000 100000" → 2.0); None where there is none."""
+    try:
+        with open(path) as handle:
+            quota, period = handle.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     prompt_tokens: int = 512  # pp512
@@ -31,8 +60,9 @@ class BenchConfig:
 
     @property
     def thread_count(self) -> int:
-        """The threads asked for, or one per CPU: what an engine is given and what the result records."""
-        return self.threads or (os.cpu_count() or 1)
+        """The threads asked for, or :func:`default_threads`: what every engine is given and what the result
+        records."""
+        return self.threads or default_threads()
 
     @property
     def max_depth(self) -> int:
@@ -75,7 +105,19 @@ class Stat:
 
     @staticmethod
     def of(values: list[float]) -> Stat:
+        """Mean ± sd of the values; no values (an engine that returned no decode samples) is ``n == 0``, a
+        missing figure that exports as null, never a zero."""
+        if not values:
+            return Stat(0.0, 0.0, 0)
         return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+    @property
+    def known_mean(self) -> float | None:
+        return self.mean if self.n > 0 else None
+
+    @property
+    def known_sd(self) -> float | None:
+        return self.sd if self.n > 0 else None
 
     def to_json(self) -> dict[str, float]:
         return {"mean": self.mean, "sd": self.sd, "n": self.n}

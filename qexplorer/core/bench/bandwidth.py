@@ -70,7 +70,12 @@ def measure_host_bandwidth(threads: int = 1, size_bytes: int = 512 * 1024 * 1024
 
 
 def host_bandwidth(cache: Path, cpu: str, threads: int = 1) -> tuple[float, str]:
-    """The host's copy bandwidth on ``threads`` threads, measured once per CPU and thread count and cached."""
+    """The host's copy bandwidth on ``threads`` threads, measured once per CPU and thread count and cached -
+    only when the noise probe says the machine was quiet while it ran: a copy test beside other work measures
+    less than the bound and would inflate every later roofline. A noisy value is used once, labelled, and
+    measured again next time."""
+    from qexplorer.core.bench.noise import NoiseProbe
+
     key = f"{cpu} × {threads} threads"
     try:
         cached = json.loads(cache.read_text(encoding="utf-8"))
@@ -78,10 +83,14 @@ def host_bandwidth(cache: Path, cpu: str, threads: int = 1) -> tuple[float, str]
             return float(cached[key]), f"measured (STREAM copy, {threads} threads, cached)"
     except (OSError, ValueError, AttributeError):
         cached = {}
+    probe = NoiseProbe().start()
     value = measure_host_bandwidth(threads)
+    noise = probe.stop(None)
+    if noise.noisy:
+        return value, f"measured (STREAM copy, {threads} threads; not cached: {noise.reason})"
     try:
         known = cached if isinstance(cached, dict) else {}
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
         tmp.write_text(json.dumps({**{k: v for k, v in known.items() if isinstance(v, float)}, key: value}),
                        encoding="utf-8")
         os.replace(tmp, cache)

@@ -40,6 +40,7 @@ from typing import Any
 from qexplorer.core.bench import BenchConfig, Stat, rates
 from qexplorer.core.bench.noise import NoiseProbe
 from qexplorer.core.jobs.events import JobEvent, Progress
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.jobs.record import Speed
 
 N_BATCH = 2048  # llama-bench's defaults
@@ -140,7 +141,8 @@ def _timed(fn: Any, *args: Any) -> float:
 
 def run(llm: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, tuple[Speed, ...]]:
     """Warm-up, then ``repetitions`` of pp and tg at each depth; yields progress, returns one Speed per depth."""
-    ids = prompt_ids(llm, text, max(config.prompt_tokens, config.max_depth, config.gen_tokens, 1))
+    # deep enough for the deepest prefill and then one whole pp batch: a timed pp never wraps into two decodes
+    ids = prompt_ids(llm, text, max(config.max_depth + config.prompt_tokens, config.gen_tokens, 1))
     with Decoder(llm, ids, config) as decoder:
         return (yield from _run(decoder, config))
 
@@ -151,7 +153,7 @@ def _run(decoder: Decoder, config: BenchConfig) -> Generator[JobEvent, None, tup
     for d_index, depth in enumerate(config.depths):
         decoder.trim(0)
         if depth:
-            yield Progress("benchmark", d_index * config.repetitions, total, f"prefilling a depth of {depth} tokens")
+            yield Progress(PhaseKind.BENCHMARK, d_index * config.repetitions, total, f"prefilling a depth of {depth} tokens")
             decoder.prompt(depth)
         if config.warmup and d_index == 0:  # llama-bench's warm-up: the prompt once, then one generated token
             decoder.prompt(config.prompt_tokens, offset=depth)
@@ -167,7 +169,7 @@ def _run(decoder: Decoder, config: BenchConfig) -> Generator[JobEvent, None, tup
             decoder.trim(depth)
             tg_s.append(_timed(decoder.generate, config.gen_tokens))
             decoder.trim(depth)
-            yield Progress("benchmark", d_index * config.repetitions + len(pp_s), total,
+            yield Progress(PhaseKind.BENCHMARK, d_index * config.repetitions + len(pp_s), total,
                            f"repetition {len(pp_s)}" + (f" at depth {depth}" if depth else ""))
         decode = rates(config.gen_tokens, tg_s)
         speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=decode,

@@ -53,6 +53,7 @@ from qexplorer.core.bench import Stat
 from qexplorer.core.bench.noise import NoiseProbe, own_tree
 from qexplorer.core.errors import UserError
 from qexplorer.core.jobs.events import JobEvent, Log, Phase, Progress, drive
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.jobs.record import (
     EngineInfo,
     InterTokenLatency,
@@ -428,7 +429,7 @@ def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetition
         for depth in depths:
             for level in levels:
                 label = f"concurrency {level}" + (f" at depth {depth}" if depth else "")
-                yield Phase("server", f"{label}: warm-up")
+                yield Phase(PhaseKind.SERVER, f"{label}: warm-up")
                 with contextlib.ExitStack() as opened:
                     streams = [opened.enter_context(Stream(target)) for _ in range(level)]
                     for stream in streams:
@@ -440,7 +441,7 @@ def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetition
                         runs.append(run_level(streams, model, [prompts.make(depth, prompt_tokens) for _ in streams],
                                               max_tokens))
                         step += 1
-                        yield Progress("server", step, total, label)
+                        yield Progress(PhaseKind.SERVER, step, total, label)
                     exact_output = _exactness(runs, max_tokens, all(s.exact for s in streams), exact_output)
                     usage_seen |= any(t.usage_completion_tokens for r in runs for t in r.timings)
                 tg = [t.decode_tok_s for r in runs for t in r.timings if t.decode_tok_s]
@@ -523,7 +524,7 @@ class ServerWatcher:
         return own_tree(self.pid) if self.pid is not None else set()
 
     def _watch(self, interval_s: float) -> None:
-        from qexplorer.core.jobs.runner import tree_rss
+        from qexplorer.core.proc import tree_rss
 
         while not self._stop.is_set():
             self.peak = max(self.peak, tree_rss(self.pid)[0])
@@ -595,13 +596,15 @@ def server_quality(target: ServerTarget, model_id: str, reference: Any, tokenize
     import httpx
     import numpy as np
 
+    from qexplorer.core.quality import Chunking, TopkScorer
+
     meta, arrays = reference
-    first, per = meta.ctx // 2, meta.ctx - 1 - meta.ctx // 2
+    chunking = Chunking(meta.ctx, meta.n_chunks, meta.bos_id)
+    first, per = chunking.first_scored, chunking.scored_per_chunk
     piece_to_id: dict[str, int] = {}
     for token_id in range(meta.vocab_size):
         piece_to_id.setdefault(tokenizer.decode([token_id]), token_id)
-    klds: list[float] = []
-    agree: list[bool] = []
+    scorer = TopkScorer()
     offset: int | None = None
     chunks = min(max_chunks, meta.n_chunks)
     with _client(target) as client:
@@ -629,20 +632,17 @@ def server_quality(target: ServerTarget, model_id: str, reference: Any, tokenize
             ref_top1 = np.asarray(arrays["top1"][rows])
             if offset is None:
                 offset = logprob_alignment(tokens, tops, top_k)
-            chunk_kld, chunk_agree = _score(tops, piece_to_id, ref_ids, ref_logp, ref_top1, first, per, offset)
-            klds += chunk_kld
-            agree += chunk_agree
-            yield Progress("server-quality", index + 1, chunks, f"chunk {index + 1}/{chunks}")
-    n = len(klds)
-    return ServerQuality(
-        kld_mean=statistics.fmean(klds) if klds else None, n_positions=n, top_k=top_k,
-        same_top1_pct=100.0 * sum(agree) / n if n else None,
-        same_top1_se_pct=100.0 * math.sqrt((sum(agree) / n) * (1 - sum(agree) / n) / n) if n else None,
-        approximation=f"KLD over the server's top-{top_k} (shared with the reference's top-{meta.top_k}) "
-                      "plus one lumped bucket: a lower bound",
-        logprob_alignment="OpenAI (entry i predicts token i)" if offset == 1 else
-                          "shifted (entry i predicts token i + 1, as llama-cpp-python's server does)",
-    )
+            for j in range(per):
+                position = first + j + offset
+                top = (tops[position] if position < len(tops) else None) or {}
+                ranked = sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
+                q = {piece_to_id[s]: lp for s, lp in ranked if s in piece_to_id}
+                scorer.add(q, max(q, key=q.get) if q else None, ref_ids[j], ref_logp[j], ref_top1[j])
+            yield Progress(PhaseKind.SERVER_QUALITY, index + 1, chunks, f"chunk {index + 1}/{chunks}")
+    return scorer.result(top_k, f"KLD over the server's top-{top_k} (shared with the reference's top-{meta.top_k}) "
+                                "plus one lumped bucket: a lower bound",
+                         "OpenAI (entry i predicts token i)" if offset == 1 else
+                         "shifted (entry i predicts token i + 1, as llama-cpp-python's server does)")
 
 
 def logprob_alignment(tokens: list[str], tops: list[Any], top_k: int) -> int:
@@ -669,28 +669,6 @@ def logprob_alignment(tokens: list[str], tops: list[Any], top_k: int) -> int:
                           f"top-{top_k} at {100 * same:.0f} % / {100 * after:.0f} % of positions); quality "
                           "through it was not computed.")
     return 1 if same > after else 0
-
-
-def _score(tops: list[Any], piece_to_id: dict[str, int], ref_ids: Any, ref_logp: Any, ref_top1: Any, first: int,
-           per: int, offset: int) -> tuple[list[float], list[bool]]:
-    import numpy as np
-
-    from qexplorer.core.quality import coarse_kld
-
-    klds: list[float] = []
-    agree: list[bool] = []
-    for j in range(per):
-        index = first + j + offset
-        top = (tops[index] if index < len(tops) else None) or {}
-        q = {piece_to_id[s]: lp for s, lp in top.items() if s in piece_to_id}
-        if not q:
-            continue
-        p = dict(zip(ref_ids[j].tolist(), ref_logp[j].tolist(), strict=True))
-        shared = [i for i in q if i in p]
-        # the same coarsened KL as local candidates: shared outcomes plus one lumped bucket
-        klds.append(float(coarse_kld(np.array([[p[i] for i in shared]]), np.array([[q[i] for i in shared]]))[0]))
-        agree.append(max(q, key=q.get) == int(ref_top1[j]))
-    return klds, agree
 
 
 def run_server_spec(spec: ServerSpec, on_event: Callable[[JobEvent], None]) -> RunRecord:

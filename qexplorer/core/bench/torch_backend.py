@@ -18,7 +18,6 @@ users get.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Generator
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 from qexplorer.core.bench import BenchConfig, Stat, rates
 from qexplorer.core.bench.noise import NoiseProbe
 from qexplorer.core.jobs.events import JobEvent, Progress
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.jobs.record import Speed
 
 
@@ -41,9 +41,8 @@ def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Generator
     import torch
     from transformers import DynamicCache
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    threads = config.threads or torch.get_num_threads() or (os.cpu_count() or 1)
+    threads = config.thread_count  # the same default as every other engine (physical cores)
+    torch.set_num_threads(threads)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, text, config.max_depth + config.prompt_tokens)], device=device)
     token = ids[:, -1:]
@@ -72,7 +71,7 @@ def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Generator
         for d_index, depth in enumerate(config.depths):
             cache = DynamicCache()
             if depth:
-                yield Progress("benchmark", d_index * config.repetitions, total, f"prefilling a depth of {depth} tokens")
+                yield Progress(PhaseKind.BENCHMARK, d_index * config.repetitions, total, f"prefilling a depth of {depth} tokens")
                 forward(ids[:, :depth], cache)
             prompt = ids[:, depth: depth + config.prompt_tokens]
             if config.warmup and d_index == 0:  # llama-bench's warm-up: the prompt once, then one generated token
@@ -89,7 +88,7 @@ def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Generator
                 cache.crop(depth)
                 tg_s.append(timed(generate, cache, config.gen_tokens))
                 cache.crop(depth)
-                yield Progress("benchmark", d_index * config.repetitions + len(pp_s), total,
+                yield Progress(PhaseKind.BENCHMARK, d_index * config.repetitions + len(pp_s), total,
                                f"repetition {len(pp_s)}" + (f" at depth {depth}" if depth else ""))
             decode = rates(config.gen_tokens, tg_s)
             speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=decode,

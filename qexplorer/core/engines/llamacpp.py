@@ -10,6 +10,7 @@ from importlib import metadata
 
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, nvml_gpu_name
 from qexplorer.core.jobs.events import JobEvent, Phase
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, Timings
 from qexplorer.core.kinds import Engine, SupportMode
 
@@ -21,7 +22,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     from qexplorer.core.gguf_header import read_gguf_header
 
     job = ctx.job
-    yield Phase("load", f"loading {ctx.artifact.name} with llama.cpp")
+    yield Phase(PhaseKind.LOAD, f"loading {ctx.artifact.name} with llama.cpp")
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     ctx = replace(ctx, device="cuda" if gpu else "cpu")  # this engine's device, not torch's
     started = time.perf_counter()
@@ -30,7 +31,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     loaded_rss = current_rss_bytes()
     weight_bytes = sum(t.n_bytes for t in read_gguf_header(ctx.artifact).tensors)
     ctx.check()
-    yield Phase("benchmark", f"llama.cpp: {job.bench.describe()}, {job.bench.thread_count} threads")
+    yield Phase(PhaseKind.BENCHMARK, f"llama.cpp: {job.bench.describe()}, {job.bench.thread_count} threads")
     first, *deeper = yield from ctx.checked(llamacpp.run(llm, ctx.bench_text, job.bench))
     quality = quality_s = None
     if ctx.reference is not None:
@@ -38,7 +39,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         from qexplorer.core import quality as quality_mod
         from qexplorer.core.engines.transformers import quality_pass
 
-        yield Phase("quality", "KLD, top-1 and perplexity against the reference")
+        yield Phase(PhaseKind.QUALITY, "KLD, top-1 and perplexity against the reference")
         # flash attention on, as llama-server and llama-bench run it by default (auto): the logits scored are the
         # ones the user will be served (it also makes the pass about 12 % faster here)
         qllm = llama_cpp.Llama(model_path=str(ctx.artifact), n_ctx=job.quality_ctx, n_batch=job.quality_ctx,

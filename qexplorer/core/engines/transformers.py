@@ -21,6 +21,7 @@ from typing import Any
 
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
 from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, QualityStats, ReferenceInfo, Timings
 from qexplorer.core.kinds import Engine, SupportMode
 
@@ -47,7 +48,7 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None,
     from qexplorer.core.quantize import torch_quant
 
     job = ctx.job
-    yield Phase("load", f"loading {ctx.artifact.name} with transformers")
+    yield Phase(PhaseKind.LOAD, f"loading {ctx.artifact.name} with transformers")
     model, tokenizer, load_s = _load(ctx)
     resident = torch_quant.model_weight_bytes(model)
     loaded_rss = current_rss_bytes()
@@ -55,7 +56,7 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None,
     if ctx.precision.quantized:
         yield Log(f"{ctx.precision.label} measured with {FALLBACK_LABEL}", level="warning")
     ctx.check()
-    yield Phase("benchmark", f"transformers: {job.bench.describe()}")
+    yield Phase(PhaseKind.BENCHMARK, f"transformers: {job.bench.describe()}")
     first, *deeper = yield from ctx.checked(torch_backend.run(model, tokenizer, ctx.bench_text, job.bench))
     quality_stats, quality_s = quality if quality is not None else (None, None)
     if ctx.reference is not None and quality is None:
@@ -118,7 +119,7 @@ def artifact_quality(ctx: EngineContext) -> Generator[JobEvent, None, tuple[Qual
     """The quality of the served artifact itself (before another engine measures its speed)."""
     if is_reference(ctx):
         return (yield from reference_row(ctx))
-    yield Phase("load", f"loading {ctx.artifact.name} for the quality pass")
+    yield Phase(PhaseKind.LOAD, f"loading {ctx.artifact.name} for the quality pass")
     model, tokenizer, _ = _load(ctx)
     result = yield from _quality_of(ctx, model, tokenizer)
     return result
@@ -127,7 +128,7 @@ def artifact_quality(ctx: EngineContext) -> Generator[JobEvent, None, tuple[Qual
 def _quality_of(ctx: EngineContext, model: Any, tokenizer: Any) -> Generator[JobEvent, None, tuple[QualityStats, float]]:
     from qexplorer.core import quality as quality_mod
 
-    yield Phase("quality", "KLD, top-1 and perplexity of the artifact against the reference")
+    yield Phase(PhaseKind.QUALITY, "KLD, top-1 and perplexity of the artifact against the reference")
     probe = tokenizer(ctx.reference[0].probe_text, add_special_tokens=False)["input_ids"]
     quality_mod.check_alignment(ctx.reference[0], probe, int(model.config.vocab_size))
     result = yield from quality_pass(ctx, quality_mod.torch_logits_fn(model))

@@ -47,6 +47,7 @@ from qexplorer.core.bench.noise import NoiseProbe
 from qexplorer.core.engines.base import EngineContext, Measured
 from qexplorer.core.errors import UserError
 from qexplorer.core.jobs.events import JobEvent, Phase, Progress
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, ServerQuality, Speed, Timings
 from qexplorer.core.kinds import Engine, SupportMode
 
@@ -159,7 +160,7 @@ class VllmServer:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         finally:
             log.close()
-        yield Phase("engine", f"starting vLLM on port {self.port} (eager mode; 30-100 s on a small CPU)")
+        yield Phase(PhaseKind.ENGINE, f"starting vLLM on port {self.port} (eager mode; 30-100 s on a small CPU)")
         started = time.monotonic()
         while True:
             elapsed = time.monotonic() - started
@@ -175,7 +176,7 @@ class VllmServer:
                     return
             except httpx.HTTPError:
                 pass
-            yield Progress("engine", elapsed, START_TIMEOUT_S, f"vLLM starting: {elapsed:.0f} s")
+            yield Progress(PhaseKind.ENGINE, elapsed, START_TIMEOUT_S, f"vLLM starting: {elapsed:.0f} s")
             time.sleep(1.0)
 
     def stop(self) -> None:
@@ -293,7 +294,7 @@ class VllmServer:
                     if generated > 1 and last > first:
                         decode_tok_s.append((generated - 1) / (last - first))
                     rep += 1
-                    yield Progress("benchmark", d_index * config.repetitions + rep, total,
+                    yield Progress(PhaseKind.BENCHMARK, d_index * config.repetitions + rep, total,
                                    f"repetition {rep}" + (f" at depth {depth}" if depth else ""))
                 decode = Stat.of(decode_tok_s)
                 speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, ttft_s), decode_tok_s=decode,
@@ -307,13 +308,12 @@ class VllmServer:
         import httpx
         import numpy as np
 
-        from qexplorer.core.quality import Chunking, coarse_kld
+        from qexplorer.core.quality import Chunking, TopkScorer
 
         meta, arrays = reference
         chunking = Chunking(meta.ctx, meta.n_chunks, meta.bos_id)
         first, per = chunking.first_scored, chunking.scored_per_chunk
-        klds: list[float] = []
-        agree: list[bool] = []
+        scorer = TopkScorer()
         with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False) as client:
             for index in range(meta.n_chunks):
                 ids = [int(t) for t in arrays["chunks"][index]]
@@ -326,25 +326,15 @@ class VllmServer:
                 ref_top1 = np.asarray(arrays["top1"][rows])
                 for j in range(per):
                     entry = entries[first + j + 1] or {}  # entry i: P(token i | tokens before it)
-                    q = {int(t): float(v["logprob"]) for t, v in entry.items()}
-                    best = min(entry.items(), key=lambda kv: kv[1].get("rank", 10**9))[0] if entry else None
-                    p = dict(zip(ref_ids[j].tolist(), ref_logp[j].tolist(), strict=True))
-                    shared = [t for t in q if t in p]
-                    if not shared:
-                        continue
-                    klds.append(float(coarse_kld(np.array([[p[t] for t in shared]]),
-                                                 np.array([[q[t] for t in shared]]))[0]))
-                    agree.append(best is not None and int(best) == int(ref_top1[j]))
-                yield Progress("log-probs", index + 1, meta.n_chunks, f"vLLM log-probs, chunk {index + 1}")
-        n = len(klds)
-        share = sum(agree) / n if n else 0.0
-        return ServerQuality(
-            kld_mean=sum(klds) / n if n else None, n_positions=n, top_k=MAX_LOGPROBS,
-            same_top1_pct=100.0 * share if n else None,
-            same_top1_se_pct=100.0 * math.sqrt(share * (1 - share) / n) if n else None,
-            approximation=f"vLLM prompt_logprobs: KLD over its top-{MAX_LOGPROBS} shared with the reference's "
-                          f"top-{meta.top_k}, plus one lumped bucket: a lower bound",
-            logprob_alignment="by token id (prompt sent as ids)")
+                    # vLLM adds the actual prompt token's own entry beyond the top k: only the top k count, so
+                    # that the outcomes compared do not depend on the ground truth
+                    ranked = sorted(entry.items(), key=lambda kv: kv[1].get("rank", 10**9))[:MAX_LOGPROBS]
+                    q = {int(t): float(v["logprob"]) for t, v in ranked}
+                    scorer.add(q, int(ranked[0][0]) if ranked else None, ref_ids[j], ref_logp[j], ref_top1[j])
+                yield Progress(PhaseKind.LOG_PROBS, index + 1, meta.n_chunks, f"vLLM log-probs, chunk {index + 1}")
+        return scorer.result(MAX_LOGPROBS, f"vLLM prompt_logprobs: KLD over its top-{MAX_LOGPROBS} shared with the "
+                                           f"reference's top-{meta.top_k}, plus one lumped bucket: a lower bound",
+                             "by token id (prompt sent as ids)")
 
 
 EMULATING_KERNELS = re.compile(r"Torch|Emulat|Dequant", re.IGNORECASE)
@@ -402,11 +392,11 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         ids = tokenizer(ctx.bench_text, add_special_tokens=False)["input_ids"]
         while len(ids) < bench.max_depth + bench.prompt_tokens:
             ids = ids + ids
-        yield Phase("benchmark", f"vLLM: {bench.describe()}")
+        yield Phase(PhaseKind.BENCHMARK, f"vLLM: {bench.describe()}")
         first, *deeper = yield from ctx.checked(server.measure_speed(ids, bench))
         engine_quality = None
         if ctx.reference is not None:
-            yield Phase("log-probs", "vLLM prompt log-probs against the reference (cross-check)")
+            yield Phase(PhaseKind.LOG_PROBS, "vLLM prompt log-probs against the reference (cross-check)")
             engine_quality = yield from ctx.checked(server.measure_logprobs(ctx.reference))
         kernel = server.kernels()
     finally:

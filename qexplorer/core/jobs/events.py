@@ -7,11 +7,10 @@ carrying the record; the parent (:mod:`qexplorer.core.jobs.runner`) reads them
 back with :func:`event_from_line`.
 
 =============  ==========================================================
-``phase``      a new phase begins (``dequantize``, ``quantize``, ``load``,
-               ``benchmark``, ``reference``, ``quality``, ...); after a
-               timed one (``benchmark``) the worker waits for a line on
-               stdin: the parent's go, once nothing else runs
-               (:mod:`qexplorer.core.jobs.overlap`)
+``phase``      a new phase begins (a :class:`~.phases.PhaseKind`); after one
+               that runs alone (the benchmark, the bandwidth test) the
+               worker waits for a line on stdin: the parent's go, once
+               nothing else runs (:mod:`qexplorer.core.jobs.overlap`)
 ``progress``   ``done`` of ``total`` units in the current phase
 ``log``        a line for the user (info or warning)
 ``metric``     one named measurement with its unit, as soon as it exists
@@ -28,26 +27,26 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from qexplorer.core.jobs.phases import PHASES, PhaseKind
 from qexplorer.core.jobs.record import ExportRecord, RunRecord
 from qexplorer.core.serial import from_jsonable, to_jsonable
-
-TIMED_PHASES = frozenset({"benchmark"})  # phases whose wall time is a figure: they run alone (jobs.overlap)
 
 
 @dataclass(frozen=True)
 class Phase:
-    name: str
+    name: PhaseKind
     message: str = ""
 
     @property
-    def timed(self) -> bool:
-        """A timed phase: the worker waits for the parent's go (one stdin line) before it starts the clock."""
-        return self.name in TIMED_PHASES
+    def alone(self) -> bool:
+        """A phase that runs alone (:mod:`.phases`): the worker waits for the parent's go (one stdin line)
+        before it starts the clock."""
+        return PHASES[self.name].alone
 
 
 @dataclass(frozen=True)
 class Progress:
-    phase: str
+    phase: PhaseKind
     done: float
     total: float
     message: str = ""
@@ -81,12 +80,23 @@ class Completed:
     record: RunRecord | ExportRecord
 
 
+@dataclass(frozen=True)
+class ReuseQuery:
+    """The worker asks whether this artifact was measured already with the same key (:mod:`qexplorer.core.reuse`).
+    Only the parent opens the results store: it answers with one line on the worker's stdin, the earlier record
+    or nothing (:func:`reuse_answer_line`)."""
+
+    model_path: str
+    precision: str
+    key: str
+
+
 JobEvent = Phase | Progress | Log | Metric | Failed
 T = TypeVar("T")
-WireEvent = JobEvent | Completed
+WireEvent = JobEvent | Completed | ReuseQuery
 
 _TAGS: dict[type, str] = {Phase: "phase", Progress: "progress", Log: "log", Metric: "metric", Failed: "failed",
-                          Completed: "completed"}
+                          Completed: "completed", ReuseQuery: "reuse-query"}
 _BY_TAG = {tag: cls for cls, tag in _TAGS.items()}
 
 
@@ -112,6 +122,19 @@ def event_from_line(line: str) -> WireEvent:
         record = ExportRecord.from_json(data) if payload.get("kind") == "export" else RunRecord.from_json(data)
         return Completed(record)
     return from_jsonable(_BY_TAG[tag], payload)
+
+
+def reuse_answer_line(record: RunRecord | None) -> str:
+    return json.dumps({"record": record.to_json() if record is not None else None}, default=str)
+
+
+def reuse_answer_from_line(line: str) -> RunRecord | None:
+    """The parent's answer; an empty or unreadable line (stdin closed, a parent without a store) is no."""
+    try:
+        data = json.loads(line or "{}").get("record")
+        return RunRecord.from_json(data) if isinstance(data, dict) else None
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return None
 
 
 def drive(steps: Generator[JobEvent, None, T], on_event: Callable[[JobEvent], None] | None = None) -> T:

@@ -16,10 +16,13 @@ the job when :meth:`MemoryGuard.check` returns a reason. Three rules (FACTS §1,
 * **VRAM** - on a discrete card, a job that holds GPU memory is stopped when the
   card's free memory falls below ``vram_reserve_bytes``.
 
-While a job loads, quantizes, converts or starts a server - every phase but the
-timed ones (``SLOW_PHASES``), where a busy parent would perturb the timing - the
-runner samples at ``FAST_INTERVAL_S`` (4 Hz) so that the trend has points to
-fit; during timed phases, at the user's rate.
+Jobs that overlap share one :class:`GuardPool`: one headroom series, and the
+job whose footprint grew is the one stopped.
+
+While a job loads, quantizes, converts or starts a server the runner samples at
+``FAST_INTERVAL_S`` (4 Hz) so that the trend has points to fit; during timed
+phases, where a busy parent would perturb the timing, at the user's rate (each
+phase's rate is in :mod:`.phases`).
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from qexplorer.core.jobs.phases import GuardRate, spec_of
 from qexplorer.core.units import MIB, format_gib
 
 FAST_INTERVAL_S = 0.25  # ≥ 4 Hz while a job loads
-SLOW_PHASES = frozenset({"benchmark", "calibrate"})  # timed phases: the user's rate
 TREND_WINDOW_S = 2.0
 TREND_HORIZON_S = 3.0
 TREND_MIN_POINTS = 4
@@ -84,7 +87,9 @@ class MemoryGuard:
         return None
 
     def interval_s(self, phase: str, user_interval_s: float) -> float:
-        return user_interval_s if phase in SLOW_PHASES else min(user_interval_s, FAST_INTERVAL_S)
+        if spec_of(phase).guard == GuardRate.USER:
+            return user_interval_s
+        return min(user_interval_s, FAST_INTERVAL_S)
 
     def slope_bytes_s(self) -> float | None:
         """Least-squares slope of headroom over the window; None with too few points or too short a span."""
@@ -98,3 +103,49 @@ class MemoryGuard:
         if var <= 0:
             return None
         return sum((t - mean_t) * (h - mean_h) for t, h in points) / var
+
+
+class GuardPool:
+    """One guard over the machine's headroom for every job a runner runs at once (overlapping jobs share one
+    pool of memory). Each job's samples feed the same headroom series; when a rule fires, the job stopped is the
+    one whose footprint (RSS + GPU) grew most over the trend window - the one causing the plunge - not whichever
+    sampled first. Its verdict waits for it if another job's sample tripped the rule. Thread-safe."""
+
+    def __init__(self, guard: MemoryGuard | None = None) -> None:
+        import threading
+
+        self.guard = guard or MemoryGuard()
+        self._lock = threading.Lock()
+        self._footprints: dict[int, deque[tuple[float, int]]] = {}
+        self._pending: dict[int, GuardStop] = {}
+
+    def check(self, job: int, now_s: float, sample: GuardSample, footprint_bytes: int) -> GuardStop | None:
+        """``sample.elapsed_s`` is ignored: the pool's clock is ``now_s`` (monotonic, shared by its jobs)."""
+        with self._lock:
+            series = self._footprints.setdefault(job, deque())
+            series.append((now_s, footprint_bytes))
+            while len(series) > 1 and now_s - series[0][0] > self.guard.window_s:
+                series.popleft()
+            if job in self._pending:
+                return self._pending.pop(job)
+            stop = self.guard.check(GuardSample(now_s, sample.host_headroom_bytes, sample.vram_free_bytes,
+                                                sample.job_gpu_bytes))
+            if stop is None:
+                return None
+            culprit = self._culprit() if stop.rule != "vram" else job
+            if culprit == job:
+                return stop
+            self._pending[culprit] = stop
+            return None
+
+    def _culprit(self) -> int:
+        def growth(item: tuple[int, deque[tuple[float, int]]]) -> tuple[int, int]:
+            series = item[1]
+            return series[-1][1] - series[0][1], series[-1][1]
+
+        return max(self._footprints.items(), key=growth)[0]
+
+    def leave(self, job: int) -> None:
+        with self._lock:
+            self._footprints.pop(job, None)
+            self._pending.pop(job, None)

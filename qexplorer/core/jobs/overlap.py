@@ -3,22 +3,23 @@
 While one job runs a phase that produces no timed figure (dequantize, quantize,
 convert, a reference or quality pass, a vLLM start), the next jobs (up to
 :data:`MAX_WORKERS` workers in all) prepare in their own workers, up to their
-first timed phase. There a job waits until no other job is *measuring* (from
-its first timed phase to its end: the benchmark, then its log-prob and quality
-passes); among jobs that are ready, the oldest goes first. So measurements
+first phase that runs alone. There a job waits until no other job is
+*measuring* (from its first such phase to its end: the benchmark, its log-prob
+and quality passes, the bandwidth test); among jobs that are ready, the oldest
+goes first. So measurements
 never share the CPU, and a job whose preparation is short (a GGUF
 re-quantization) is measured while a slow one (a vLLM start) still prepares.
-A timed phase (:data:`~qexplorer.core.jobs.events.TIMED_PHASES`: the speed
-benchmark) runs alone:
+A phase that runs alone (``alone`` in :mod:`.phases`: the speed benchmark, the
+bandwidth test) does so this way:
 
 * the worker announces it (a ``Phase`` event) and then waits for one line on its
   stdin before it starts the clock;
-* the parent asks the :class:`TimedGate` for the slot. The gate gives it to one
-  worker at a time, and before it does it **stops every other worker's process
-  group** (SIGSTOP: the worker and the vLLM server it started). Only then does
-  the parent write the line;
-* when the holder's timed phase ends (its next phase, or its end), the gate
-  continues the others (SIGCONT).
+* the parent asks the :class:`TimedGate` to let it in. The gate lets one job
+  measure at a time, and before the phase starts it **stops every other
+  worker's process group** (SIGSTOP: the worker and the vLLM server it
+  started). Only then does the parent write the line;
+* when that phase ends (its next phase, or its end), the gate continues the
+  others (SIGCONT); the job stays the measuring one until it ends.
 
 A stopped process uses no CPU, so nothing of another job runs while a figure is
 timed; the record says which jobs were paused for it (``paused_for_timing``) and
@@ -29,11 +30,12 @@ Only jobs whose planned peaks fit the live headroom together are overlapped
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
 from typing import TypeVar
+
+from qexplorer.core.proc import signal_group
 
 T = TypeVar("T")
 TOGETHER_SHARE = 0.8  # the running jobs' planned peaks together may take at most this share of the headroom
@@ -42,81 +44,73 @@ TOGETHER_SHARE = 0.8  # the running jobs' planned peaks together may take at mos
 MAX_WORKERS = 2
 PREPARE_THREADS = 1  # a job started beside another prepares on one thread (JobSpec.prepare_threads)
 PREPARE_NICE = 10  # a preparing job yields the CPU to the measuring one; back to 0 before it measures
-# Work every job of a model shares (made once, under a lock): the next job starts only once the running one is
-# past it, so that it is built on all threads rather than by a job held to one
-SHARED_PHASES = frozenset({"start", "dequantize", "convert", "reference"})
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class TimedGate:
-    """Who may run a timed phase now, and the pausing of everyone else while it does. Thread-safe: each job's
-    runner thread calls it. ``signal_group`` is the seam for tests (default: ``os.killpg``)."""
+    """Which job is measuring, and the pausing of everyone else while it runs a phase alone. One state: the
+    *measuring* job, from its first phase that runs alone to its end; while it is inside such a phase
+    (``running_alone``) every other worker is stopped. Thread-safe: each job's runner thread calls it.
+    ``signal_group`` is the seam for tests (default: ``os.killpg``)."""
 
-    def __init__(self, signal_group: Callable[[int, int], None] = _signal_group) -> None:
+    def __init__(self, signal_group: Callable[[int, int], None] = signal_group) -> None:
         self._signal = signal_group
         self._lock = threading.Lock()
-        self._workers: dict[int, str] = {}  # process group → the job's label
-        self._holder: int | None = None  # in a timed phase now: everyone else is paused
-        self._measuring: int | None = None  # past its first timed phase, until it ends
-        self._waiting: set[int] = set()  # announced a timed phase, not let in yet
+        self._workers: dict[int, str] = {}  # process group → the job's label, in the order they started
+        self._measuring: int | None = None
+        self._alone = False  # the measuring job is inside a phase that runs alone: the others are stopped
+        self._waiting: set[int] = set()  # announced a phase that runs alone, not let in yet
         self._paused: set[int] = set()
 
     @property
-    def held(self) -> bool:
+    def running_alone(self) -> bool:
         with self._lock:
-            return self._holder is not None
+            return self._alone
 
     def spawn(self, label: str, start: Callable[[], T], pgid_of: Callable[[T], int]) -> T | None:
-        """Start a worker and register it, unless a timed phase is running (then None: try again later). The
-        lock is held while it starts, so no timed phase can begin half-way through."""
+        """Start a worker and register it, unless a phase runs alone now (then None: try again later). The
+        lock is held while it starts, so no such phase can begin half-way through."""
         with self._lock:
-            if self._holder is not None:
+            if self._alone:
                 return None
             started = start()
             self._workers[pgid_of(started)] = label
             return started
 
     def try_enter(self, pgid: int) -> tuple[str, ...] | None:
-        """Take the timed slot: every other worker is stopped first. None while another job is measuring (its
-        timed phase or the quality passes after it: two measurements never share the CPU), or while an older job
-        is ready too (the oldest ready job goes first)."""
+        """Run a phase alone: every other worker is stopped first; returns the labels of those paused. None while
+        another job is measuring (two measurements never share the CPU), or while an older job is ready too (the
+        oldest ready job goes first). The measuring job itself is always let in again (its bandwidth test after
+        its benchmark)."""
         with self._lock:
-            if self._holder is not None and self._holder != pgid:
-                return None
             if self._measuring is not None and self._measuring != pgid:
                 self._waiting.add(pgid)
                 return None
-            order = list(self._workers)  # in the order they started
-            older = order[:order.index(pgid)] if pgid in self._workers else []
-            if self._waiting.intersection(older):
-                self._waiting.add(pgid)
-                return None
+            if self._measuring is None:
+                order = list(self._workers)
+                older = order[:order.index(pgid)] if pgid in self._workers else []
+                if self._waiting.intersection(older):
+                    self._waiting.add(pgid)
+                    return None
             self._waiting.discard(pgid)
-            self._holder = self._measuring = pgid
-            others = [p for p in self._workers if p != pgid and p not in self._paused]
-            for other in others:
-                self._signal(other, signal.SIGSTOP)
-                self._paused.add(other)
+            self._measuring, self._alone = pgid, True
+            for other in self._workers:
+                if other != pgid and other not in self._paused:
+                    self._signal(other, signal.SIGSTOP)
+                    self._paused.add(other)
             return tuple(self._workers[p] for p in sorted(self._paused))
 
     def release(self, pgid: int) -> None:
-        """The holder's timed phase ended: continue everyone it paused."""
+        """The measuring job's phase that ran alone ended: continue everyone it paused (it stays measuring)."""
         with self._lock:
-            if self._holder != pgid:
+            if self._measuring != pgid or not self._alone:
                 return
-            self._holder = None
+            self._alone = False
             for other in sorted(self._paused):
                 self._signal(other, signal.SIGCONT)
             self._paused.clear()
 
     def leave(self, pgid: int) -> None:
-        """A worker ended (or is being stopped): let go of the slot if it held it, and forget it."""
+        """A worker ended (or is being stopped): let go of the gate if it was measuring, and forget it."""
         self.release(pgid)
         with self._lock:
             self._workers.pop(pgid, None)

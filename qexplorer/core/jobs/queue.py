@@ -26,10 +26,12 @@ from dataclasses import dataclass, replace
 from qexplorer.core.errors import UserError
 from qexplorer.core.eta import DurationBook, JobEstimate
 from qexplorer.core.jobs.events import Failed, JobEvent, Log, Metric, Phase, Progress
-from qexplorer.core.jobs.overlap import MAX_WORKERS, PREPARE_THREADS, SHARED_PHASES, fits_together
+from qexplorer.core.jobs.overlap import MAX_WORKERS, PREPARE_THREADS, fits_together
+from qexplorer.core.jobs.phases import PhaseKind, spec_of
 from qexplorer.core.jobs.record import ExportRecord, RunRecord
-from qexplorer.core.jobs.runner import GPU_BY_DELTA, JobOutcome, JobRunner, MemorySample, failure_record
+from qexplorer.core.jobs.runner import JobOutcome, JobRunner, failure_record
 from qexplorer.core.jobs.spec import JobSpec, ServerSpec
+from qexplorer.core.jobs.watch import GPU_BY_DELTA, MemorySample
 from qexplorer.core.kinds import JobAction, JobStatus
 from qexplorer.core.results import ResultsStore
 
@@ -74,7 +76,7 @@ class JobView:
             return 0.0
         if self.status == JobStatus.QUEUED or self.phase_started_s is None:
             return self.estimate.total_s
-        return self.estimate.left_s(self.phase or "start", now - self.phase_started_s)
+        return self.estimate.left_s(self.phase or PhaseKind.START, now - self.phase_started_s)
 
     @property
     def finished(self) -> bool:
@@ -234,7 +236,7 @@ class JobQueue:
         if any(isinstance(o, ServerSpec) for o in others):
             return False
         views = [self._views[j] for j in running]
-        if any(v.phase in SHARED_PHASES for v in views):
+        if any(spec_of(v.phase).shared_work for v in views):
             return False  # the shared BF16 checkpoint / reference is being built: on all threads, by that job
         latest = [v.memory[-1] for v in views if v.memory]
         if len(latest) != len(views) or any(m.headroom_bytes is None for m in latest):
@@ -260,7 +262,7 @@ class JobQueue:
                 return None
             self._consuming = True
             view = self._set(replace(self._views[job_id], status=JobStatus.RUNNING, message="starting",
-                                     phase="start", phase_started_s=time.monotonic()))
+                                     phase=PhaseKind.START, phase_started_s=time.monotonic()))
             spec = self._specs[job_id]
         self.on_change(view)
         return job_id, spec

@@ -241,6 +241,7 @@ class ServerQuality:
     same_top1_se_pct: float | None
     approximation: str
     logprob_alignment: str
+    n_disjoint: int = 0  # positions where the two top-k lists shared nothing: top-1 misses, outside the KLD mean
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,20 @@
 """One job = one child process, watched from outside.
 
 :class:`JobRunner` starts ``python -m qexplorer.worker`` with the job on stdin
-(an argument list, never a shell string), reads its JSON-line events on a
-thread, and once per sample period:
+(an argument list, never a shell string) and supervises it with three small
+collaborators that one loop composes:
 
-* measures the child's memory from outside (RSS of the child and its children;
-  the GPU memory NVML attributes to that process tree - or, in a container where
-  NVML lists host PIDs, the device's growth since the job started) and keeps the
-  peaks;
-* runs the **memory guard** (:mod:`qexplorer.core.jobs.guard`: headroom level,
-  its trend, free VRAM) on **real** telemetry - ``--simulate`` changes what is
-  drawn, never what guards a real job - and stops the child at once when it
-  says so, with why and what the plan had predicted. On unified memory this is
-  what keeps the box from freezing. While the job loads it samples at 4 Hz;
-* enforces a per-phase timeout and honours cancellation.
+* :class:`~.channel.WorkerChannel` - the worker's event lines (read on a
+  thread), the go lines on its stdin, its stop (the whole process group);
+* :class:`~.watch.MemoryWatch` - the job's memory from outside, its peaks, and
+  the runner's one :class:`~.guard.GuardPool`, which stops the job whose
+  footprint grew before the machine runs out (on unified memory, before the box
+  freezes);
+* :class:`~.clock.PhaseClock` - each phase's cost with the time spent waiting
+  split off, the phases that ran beside another job, and the stall timeout;
 
-A crash, an OOM kill or a cancel ends the child only; memory goes back to the
+plus the :class:`~.overlap.TimedGate` handshake for phases that run alone. A
+crash, an OOM kill or a cancel ends the child only; memory goes back to the
 system when it exits.
 """
 
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -33,58 +31,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qexplorer.core.jobs.events import Completed, Failed, JobEvent, Log, Phase, event_from_line
-from qexplorer.core.jobs.guard import GuardSample, MemoryGuard
+from qexplorer.core.jobs.channel import WorkerChannel
+from qexplorer.core.jobs.clock import PhaseClock, timings_from
+from qexplorer.core.jobs.events import (
+    Completed,
+    Failed,
+    JobEvent,
+    Log,
+    Phase,
+    ReuseQuery,
+    event_from_line,
+    reuse_answer_line,
+)
+from qexplorer.core.jobs.guard import GuardPool, MemoryGuard
 from qexplorer.core.jobs.overlap import PREPARE_NICE, TimedGate, can_restore_priority, set_tree_nice
 from qexplorer.core.jobs.record import ExportRecord, ModelIdentity, RunRecord
 from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.jobs.watch import MemorySample, MemoryWatch
 from qexplorer.core.kinds import Family, JobStatus
-from qexplorer.core.telemetry import TelemetrySampler, TelemetrySnapshot
+from qexplorer.core.telemetry import TelemetrySampler
 from qexplorer.core.units import format_gib
-
-CALIBRATE_PHASE = "calibrate"  # the roofline's bandwidth test: its buffers are not the job's memory
-
-TERMINATE_GRACE_S = 3.0
-SERVER_STOP_S = 15.0  # a worker that runs vLLM stops it on SIGTERM before it exits
-
-
-@dataclass(frozen=True)
-class MemorySample:
-    elapsed_s: float
-    rss_bytes: int
-    gpu_bytes: int | None
-    headroom_bytes: int | None
-    phase: str
-    gpu_source: str = ""  # how gpu_bytes was attributed to the job
-
-
-GPU_BY_PID = "NVML per-process (the job's process tree)"
-GPU_BY_DELTA = "NVML device growth since the job started (container: NVML lists host PIDs)"
-
-
-def attribute_gpu(snapshot: TelemetrySnapshot, tree_pids: set[int], baseline_used: int | None) -> tuple[int | None, str]:
-    """The GPU memory that is the job's: NVML's per-process figures for its process tree; where NVML's PIDs are
-    another namespace's (a container), the growth of the devices' used memory since the job started."""
-    if not snapshot.devices:
-        return None, ""
-    matched = [p.gpu_bytes for p in snapshot.processes if p.pid in tree_pids and p.gpu_bytes is not None]
-    if matched or not snapshot.foreign_gpu_pids:
-        return sum(matched), GPU_BY_PID
-    used = devices_used_bytes(snapshot)
-    if used is None or baseline_used is None:
-        return None, GPU_BY_DELTA
-    return max(0, used - baseline_used), GPU_BY_DELTA
-
-
-def devices_used_bytes(snapshot: TelemetrySnapshot) -> int | None:
-    values = [d.gpu_used_bytes.value for d in snapshot.devices]
-    return None if any(v is None for v in values) else int(sum(values))
-
-
-def discrete_free_bytes(snapshot: TelemetrySnapshot) -> int | None:
-    """The smallest free memory of the discrete cards (the one a job runs out of first); None on unified memory."""
-    values = [d.headroom_bytes.value for d in snapshot.devices if d.unified is False and d.headroom_bytes.available]
-    return int(min(values)) if values else None
 
 
 @dataclass(frozen=True)
@@ -109,24 +75,6 @@ class JobOutcome:
         return self.status == JobStatus.OK
 
 
-def tree_rss(pid: int) -> tuple[int, set[int]]:
-    """RSS of a process and its descendants (a vLLM server the worker started), and their PIDs."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        total, pids = proc.memory_info().rss, {pid}
-        for child in proc.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-                pids.add(child.pid)
-            except psutil.Error:
-                continue
-        return int(total), pids
-    except psutil.Error:
-        return 0, {pid}
-
-
 def describe_exit(code: int | None) -> str:
     if code is None:
         return "the worker did not exit"
@@ -140,7 +88,7 @@ def describe_exit(code: int | None) -> str:
 class JobRunner:
     """Runs jobs in worker processes. ``sampler`` is the telemetry the guard reads: the real machine's (tests
     pass a simulated one to drive the guard); ``display`` is the sampler the screens draw from, told which
-    PIDs are qexplorer's jobs."""
+    PIDs are qexplorer's jobs. Jobs run by one runner share its gate and its guard pool."""
 
     def __init__(self, sampler: TelemetrySampler | None = None, interval_s: float = 1.0,
                  python: str = sys.executable, log_dir: Path | None = None,
@@ -148,7 +96,6 @@ class JobRunner:
                  display: TelemetrySampler | None = None, guard: type[MemoryGuard] = MemoryGuard) -> None:
         self.sampler = sampler
         self.display = display
-        self.guard_factory = guard
         # The seam for fault tests: a different child (one that hangs, say) in place of the worker.
         self.worker_command = worker_command or [python, "-m", "qexplorer.worker"]
         self.interval_s = interval_s
@@ -158,10 +105,11 @@ class JobRunner:
         self.current_pid: int | None = None
         self._own_lock = threading.Lock()
         self._can_nice: bool | None = None  # may a preparing job be niced and raised back (overlap.PREPARE_NICE)
-        self.gate = TimedGate()  # shared by every job this runner runs: timed phases run alone (jobs.overlap)
-        self._gpu_unified: bool | None = None
+        self.gate = TimedGate()
+        self.guard_pool = GuardPool(guard())
 
     def _spawn(self, job: JobSpec, log_path: Path) -> subprocess.Popen[str]:
+        from qexplorer.core.jobs.channel import send_line
         from qexplorer.core.safety import OFFLINE_ENV
 
         # workers never download: an --allow-download parent has already fetched what it needs
@@ -176,258 +124,228 @@ class JobRunner:
             )
         finally:
             log.close()
-        # one line; stdin stays open for the go after each timed phase (jobs.overlap), closed when the job ends
-        _write_line(proc, json.dumps(job.to_json()))
+        # one line; stdin stays open for the go before each phase that runs alone, closed when the job ends
+        send_line(proc, json.dumps(job.to_json()))
         return proc
+
+    def _start(self, job: JobSpec, log_path: Path, cancel: threading.Event | None) -> subprocess.Popen[str] | None:
+        """The worker, once no phase runs alone; None if cancelled first."""
+        while True:
+            proc = self.gate.spawn(job.precision, lambda: self._spawn(job, log_path), lambda p: p.pid)
+            if proc is not None:
+                return proc
+            if cancel is not None and cancel.is_set():
+                return None
+            time.sleep(0.05)
 
     def run(self, job: JobSpec, on_event: Callable[[JobEvent], None] | None = None,
             cancel: threading.Event | None = None,
             on_memory: Callable[[MemorySample], None] | None = None) -> JobOutcome:
         log_dir = self.log_dir or Path(job.data_dir) / "logs"
         log_path = log_dir / f"job-{int(time.time() * 1000)}-{job.precision}.log"
-        proc = None
-        while proc is None:  # no worker starts while another job runs a timed phase
-            proc = self.gate.spawn(job.precision, lambda: self._spawn(job, log_path), lambda p: p.pid)
-            if proc is None:
-                if cancel is not None and cancel.is_set():
-                    return JobOutcome(job=job, status=JobStatus.CANCELLED, error="Cancelled by the user.")
-                time.sleep(0.05)
+        proc = self._start(job, log_path, cancel)
+        if proc is None:
+            return JobOutcome(job=job, status=JobStatus.CANCELLED, error="Cancelled by the user.")
         self.current_pid = proc.pid  # the newest worker (tests and the CLI's interrupt use it)
         niced = bool(job.prepare_threads) and self._may_nice() and set_tree_nice(proc.pid, PREPARE_NICE)
-        watchers = {id(s): s for s in (self.sampler, self.display) if s is not None}.values()
-        with self._own_lock:  # two jobs' threads may start and end at once
-            for watcher in watchers:
-                watcher.own_pids = watcher.own_pids | {proc.pid}
-        guard = self.guard_factory()
-        gpu_baseline: list[int | None] = [None]  # this job's own: two jobs may run at once
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        reader = threading.Thread(target=read, name=f"job-{proc.pid}-reader", daemon=True)
-        reader.start()
-        memory: list[MemorySample] = []
-        completed: Completed | None = None
-        error: str | None = None
-        peak_rss, peak_gpu, gpu_source = 0, None, ""
-        started = last_activity = time.monotonic()
-        next_sample = started
-        phase = "start"
-        phase_started = started
-        phases: list[tuple[str, float]] = []
-        stop_reason: tuple[JobStatus, str] | None = None
-        stream_done = False
-        waiting_go = holding = announced_wait = was_paused = False  # announced a timed phase / holds the slot
-        paused_for: set[str] = set()  # jobs paused while this one's timed phases ran
-        shared: list[str] = []  # this job's phases during which another job's worker ran
-        held_s = 0.0  # of the current phase: paused for another job's timing, or waiting for the timed slot
-        last_tick = started
+        self._own(proc.pid, True)
+        job_run = _Supervision(self, job, proc, niced, on_event, cancel, on_memory)
         try:
-            while not stream_done or proc.poll() is None:
-                now = time.monotonic()
-                paused_now = self.gate.is_paused(proc.pid)
-                if paused_now != was_paused and on_event:
-                    on_event(Log("paused while another job's benchmark runs alone" if paused_now else "resumed"))
-                was_paused = paused_now
-                if paused_now:
-                    last_activity = now  # a paused job makes no progress by design: not a stall
-                    held_s += now - last_tick
-                elif waiting_go:
-                    held_s += now - last_tick
-                elif phase not in shared and self.gate.others_running(proc.pid):
-                    shared.append(phase)
-                if waiting_go and stop_reason is None:
-                    paused = self.gate.try_enter(proc.pid)
-                    if paused is not None:
-                        waiting_go, holding = False, True
-                        paused_for.update(paused)
-                        if niced:  # measured at the priority it is served at
-                            niced = not set_tree_nice(proc.pid, 0)
-                            if niced and on_event:
-                                on_event(Log(f"its priority could not be raised back from nice {PREPARE_NICE}: "
-                                             "the speed was measured at that priority", level="warning"))
-                        _write_line(proc, "go")  # everything else is paused now
-                    elif not announced_wait and on_event:
-                        announced_wait = True
-                        on_event(Log("waiting: another job's timed phase runs alone"))
-                last_tick = now
-                if now >= next_sample:
-                    next_sample = now + guard.interval_s(phase, self.interval_s)
-                    sample, vram_free = self._measure(proc.pid, now - started, phase, gpu_baseline)
-                    memory.append(sample)
-                    if phase != CALIBRATE_PHASE:
-                        peak_rss = max(peak_rss, sample.rss_bytes)
-                        if sample.gpu_bytes is not None:
-                            peak_gpu, gpu_source = max(peak_gpu or 0, sample.gpu_bytes), sample.gpu_source
-                    if on_memory:
-                        on_memory(sample)
-                    stop = guard.check(GuardSample(sample.elapsed_s, sample.headroom_bytes, vram_free,
-                                                   sample.gpu_bytes))
-                    if stop_reason is None and stop is not None:
-                        stop_reason = (JobStatus.STOPPED, self._guard_message(job, sample, stop.reason))
-                        self._stop(proc, graceful=False)  # memory is running out: no grace period
-                if stop_reason is None and cancel is not None and cancel.is_set():
-                    stop_reason = (JobStatus.CANCELLED, "Cancelled by the user.")
-                    self._stop(proc, graceful=not self.gate.is_paused(proc.pid))  # paused: it must not wake
-                if stop_reason is None and now - last_activity > job.phase_timeout_s:
-                    stop_reason = (JobStatus.TIMEOUT, f"The {phase} phase made no progress for "
-                                                      f"{job.phase_timeout_s:g} s; the worker was stopped.")
-                    self._stop(proc, graceful=not self.gate.is_paused(proc.pid))
-                if stream_done:
-                    try:
-                        proc.wait(timeout=max(0.01, next_sample - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        pass
-                    continue
-                try:
-                    line = lines.get(timeout=max(0.01, next_sample - time.monotonic()))
-                except queue.Empty:
-                    continue
-                if line is None:
-                    stream_done = True
-                    continue
-                try:
-                    event = event_from_line(line)
-                except ValueError:
-                    continue  # a stray print from a library; the log has stderr
-                last_activity = time.monotonic()
-                if isinstance(event, Completed):
-                    completed = event
-                    continue
-                if isinstance(event, Phase):
-                    phases.extend(_split(phase, last_activity - phase_started, held_s))
-                    phase, phase_started, held_s, announced_wait = event.name, last_activity, 0.0, False
-                    if holding and not event.timed:
-                        self.gate.release(proc.pid)
-                        holding = False
-                    waiting_go = event.timed and not holding
-                elif isinstance(event, Failed) and error is None:
-                    error = event.message
-                if on_event:
-                    on_event(event)
+            job_run.loop()
         finally:
             self.gate.leave(proc.pid)  # continues it first if it was paused: it must see the SIGTERM
-            if proc.poll() is None:
-                self._stop(proc)
-            _kill_group(proc.pid)  # whatever a crashed worker left behind (a vLLM server) goes too
-            reader.join(timeout=2)
+            self.guard_pool.leave(proc.pid)
+            job_run.channel.close()
             if self.current_pid == proc.pid:
                 self.current_pid = None
-            if proc.stdin is not None:
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
-            with self._own_lock:
-                for watcher in watchers:
-                    watcher.own_pids = watcher.own_pids - {proc.pid}
-        phases.extend(_split(phase, time.monotonic() - phase_started, held_s))
-        if stop_reason is not None:
-            status, error = stop_reason
-            completed = None
-        elif completed is not None and proc.returncode == 0:
-            status = JobStatus.OK
-        else:
-            status = JobStatus.FAILED
-            error = error or describe_exit(proc.returncode)
-            completed = None
-        record = export = None
-        if completed is not None and isinstance(completed.record, RunRecord) and completed.record.reused_from:
-            record = completed.record  # an earlier measurement shown again (core.reuse): its own figures stand
-        elif completed is not None and isinstance(completed.record, RunRecord):
-            # the child's own high-water mark catches peaks between samples
-            peak_rss = max(completed.record.memory.peak_rss_bytes or 0, peak_rss)
-            record = completed.record.with_memory(peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu,
-                                                  peak_gpu_source=gpu_source or None)
-            if record.hardware is not None:  # what only the parent knows: the real GPU's kind, the screen's profile
-                record = replace(record, hardware=replace(record.hardware, gpu_unified=self._gpu_unified,
-                                                          shown_profile=job.shown_profile))
-            record = replace(record, paused_for_timing=tuple(sorted(paused_for)), shared_phases=tuple(shared))
-        elif completed is not None:
-            export = completed.record
-        return JobOutcome(job=job, status=status, error=error, record=record, export=export,
-                          peak_rss_bytes=peak_rss, peak_gpu_bytes=peak_gpu, gpu_source=gpu_source,
-                          exit_code=proc.returncode,
-                          log_path=log_path, memory=tuple(memory), phase_seconds=tuple(phases))
+            self._own(proc.pid, False)
+        return job_run.outcome(log_path)
+
+    def _own(self, pid: int, add: bool) -> None:
+        """Tell the samplers which PIDs are qexplorer's jobs (two jobs' threads may start and end at once)."""
+        with self._own_lock:
+            for watcher in {id(s): s for s in (self.sampler, self.display) if s is not None}.values():
+                watcher.own_pids = watcher.own_pids | {pid} if add else watcher.own_pids - {pid}
 
     def _may_nice(self) -> bool:
         if self._can_nice is None:
             self._can_nice = can_restore_priority()
         return self._can_nice
 
-    def _measure(self, pid: int, elapsed_s: float, phase: str,
-                 gpu_baseline: list[int | None]) -> tuple[MemorySample, int | None]:
-        """One sample of the job's memory, and the discrete cards' free memory for the guard."""
-        rss, pids = tree_rss(pid)
-        gpu = headroom = vram_free = None
-        source = ""
-        if self.sampler is not None:
-            snapshot = self.sampler.sample()
-            value = snapshot.host_headroom_bytes.value
-            headroom = None if value is None else int(value)
-            if gpu_baseline[0] is None:
-                gpu_baseline[0] = devices_used_bytes(snapshot)
-            self._gpu_unified = snapshot.unified if snapshot.devices else None
-            gpu, source = attribute_gpu(snapshot, pids, gpu_baseline[0])
-            vram_free = discrete_free_bytes(snapshot)
-        return MemorySample(elapsed_s, rss, gpu, headroom, phase, source), vram_free
 
-    def _guard_message(self, job: JobSpec, sample: MemorySample, reason: str) -> str:
+class _Turn:
+    """One job's side of the gate: it asks to run a phase alone, raises its priority back before it measures,
+    writes the go, and says when it was paused for another job."""
+
+    def __init__(self, gate: TimedGate, channel: WorkerChannel, niced: bool,
+                 on_event: Callable[[JobEvent], None] | None) -> None:
+        self.gate, self.channel, self.niced, self.on_event = gate, channel, niced, on_event
+        self.waiting = self.announced = self.was_paused = self.alone = False
+        self.paused_for: set[str] = set()
+
+    def tick(self, may_enter: bool) -> bool:
+        """Whether the job is held now: stopped for another job's phase, or waiting for its own turn."""
+        paused = self.gate.is_paused(self.channel.pid)
+        if paused != self.was_paused:
+            self._log("paused while another job's benchmark runs alone" if paused else "resumed")
+        self.was_paused = paused
+        held = paused or self.waiting
+        if self.waiting and may_enter:
+            self._try_enter()
+        return held
+
+    def _try_enter(self) -> None:
+        paused = self.gate.try_enter(self.channel.pid)
+        if paused is None:
+            if not self.announced:
+                self.announced = True
+                self._log("waiting: another job's timed phase runs alone")
+            return
+        self.waiting, self.alone = False, True
+        self.paused_for.update(paused)
+        if self.niced:  # measured at the priority it is served at
+            self.niced = not set_tree_nice(self.channel.pid, 0)
+            if self.niced:
+                self._log(f"its priority could not be raised back from nice {PREPARE_NICE}: "
+                          "the speed was measured at that priority", "warning")
+        self.channel.send("go")  # everything else is paused now
+
+    def phase(self, event: Phase) -> None:
+        if self.alone and not event.alone:
+            self.gate.release(self.channel.pid)
+            self.alone = False
+        # every phase that runs alone is answered with a go (the measuring job is let in again at once)
+        self.waiting, self.announced = event.alone, False
+
+    def _log(self, message: str, level: str = "info") -> None:
+        if self.on_event:
+            self.on_event(Log(message, level=level))  # type: ignore[arg-type]
+
+
+class _Supervision:
+    """One job's run, seen from the parent: the loop that composes the channel, the turn, the clock and the
+    memory watch, and the outcome it leaves."""
+
+    def __init__(self, runner: JobRunner, job: JobSpec, proc: subprocess.Popen[str], niced: bool,
+                 on_event: Callable[[JobEvent], None] | None, cancel: threading.Event | None,
+                 on_memory: Callable[[MemorySample], None] | None) -> None:
+        now = time.monotonic()
+        self.runner, self.job, self.on_event, self.cancel = runner, job, on_event, cancel
+        self.channel = WorkerChannel(proc)
+        self.turn = _Turn(runner.gate, self.channel, niced, on_event)
+        self.clock = PhaseClock(job.phase_timeout_s, now)
+        self.watch = MemoryWatch(proc.pid, runner.sampler, runner.guard_pool, runner.interval_s, now, on_memory)
+        self.completed: Completed | None = None
+        self.error: str | None = None
+        self.stop_reason: tuple[JobStatus, str] | None = None
+
+    def loop(self) -> None:
+        pid = self.channel.pid
+        while not self.channel.finished:
+            now = time.monotonic()
+            held = self.turn.tick(may_enter=self.stop_reason is None)
+            self.clock.tick(now, waiting=held, others_running=self.runner.gate.others_running(pid))
+            if self.watch.due(now):
+                sample, stop = self.watch.take(now, self.clock.phase)
+                if stop is not None:
+                    self._stop(JobStatus.STOPPED, self._guard_message(sample, stop.reason), graceful=False)
+            if self.cancel is not None and self.cancel.is_set():
+                self._stop(JobStatus.CANCELLED, "Cancelled by the user.")
+            if self.clock.stalled(now):
+                self._stop(JobStatus.TIMEOUT, f"The {self.clock.phase} phase made no progress for "
+                                              f"{self.job.phase_timeout_s:g} s; the worker was stopped.")
+            line = self.channel.next_line(self.watch.next_sample_s - time.monotonic())
+            if line:
+                self._handle(line)
+
+    def _stop(self, status: JobStatus, message: str, graceful: bool = True) -> None:
+        """The first reason to stop wins; memory running out allows no grace, nor does a paused worker."""
+        if self.stop_reason is not None:
+            return
+        self.stop_reason = (status, message)
+        self.channel.stop(graceful=graceful and not self.runner.gate.is_paused(self.channel.pid))
+
+    def _handle(self, line: str) -> None:
+        try:
+            event = event_from_line(line)
+        except ValueError:
+            return  # a stray print from a library; the log has stderr
+        now = time.monotonic()
+        self.clock.activity(now)
+        if isinstance(event, Completed):
+            self.completed = event
+            return
+        if isinstance(event, ReuseQuery):
+            self.channel.send(reuse_answer_line(self._reusable(event)))
+            return
+        if isinstance(event, Phase):
+            self.clock.enter(event.name, now)
+            self.turn.phase(event)
+        elif isinstance(event, Failed) and self.error is None:
+            self.error = event.message
+        if self.on_event:
+            self.on_event(event)
+
+    def _reusable(self, query: ReuseQuery) -> RunRecord | None:
+        """An earlier measurement for the worker's key, looked up here: the worker never opens the store, and a
+        store that cannot be read costs the shortcut, never the job."""
+        import sqlite3
+
+        from qexplorer.core import reuse
+        from qexplorer.core.errors import UserError
+        from qexplorer.core.results import ResultsStore
+
+        try:
+            stored = reuse.find_reusable(ResultsStore.in_dir(Path(self.job.data_dir)), query.model_path,
+                                         query.precision, query.key)
+        except (UserError, sqlite3.Error, OSError) as exc:
+            if self.on_event:
+                self.on_event(Log(f"no earlier measurement could be looked up ({str(exc)[:200]}); "
+                                  "measuring anew", level="warning"))
+            return None
+        return reuse.reused(stored) if stored is not None else None
+
+    def _guard_message(self, sample: MemorySample, reason: str) -> str:
+        job = self.job
         planned = (f"; the plan predicted a peak of {format_gib(job.planned_peak_bytes)}"
                    if job.planned_peak_bytes else "")
         gpu = f" + {format_gib(sample.gpu_bytes)} on the GPU" if sample.gpu_bytes else ""
         return (f"Stopped {job.precision} to protect the machine: {reason} while the job held "
                 f"{format_gib(sample.rss_bytes)}{gpu} during {sample.phase}{planned}.")
 
-    @staticmethod
-    def _stop(proc: subprocess.Popen[str], graceful: bool = True) -> None:
-        """SIGTERM, a short grace, then SIGKILL - to the worker's whole process group, so that a server it
-        started (vLLM) goes with it. A worker given SIGTERM stops its server itself first."""
-        if graceful and proc.poll() is None:
-            try:
-                proc.terminate()
-                proc.wait(timeout=TERMINATE_GRACE_S + SERVER_STOP_S)
-            except subprocess.TimeoutExpired:
-                pass
-            except ProcessLookupError:
-                pass
-        _kill_group(proc.pid)
-        if proc.poll() is None:
-            proc.wait(timeout=10)
+    def outcome(self, log_path: Path) -> JobOutcome:
+        phases = self.clock.close(time.monotonic())
+        watch, code = self.watch, self.channel.proc.returncode
+        status, error, completed = JobStatus.OK, self.error, self.completed
+        if self.stop_reason is not None:
+            (status, error), completed = self.stop_reason, None
+        elif completed is None or code != 0:
+            status, error, completed = JobStatus.FAILED, error or describe_exit(code), None
+        record = export = None
+        if completed is not None and isinstance(completed.record, RunRecord):
+            record = self._finish(completed.record, phases)
+        elif completed is not None:
+            export = completed.record
+        return JobOutcome(job=self.job, status=status, error=error, record=record, export=export,
+                          peak_rss_bytes=watch.peak_rss_bytes, peak_gpu_bytes=watch.peak_gpu_bytes,
+                          gpu_source=watch.gpu_source, exit_code=code, log_path=log_path,
+                          memory=tuple(watch.samples), phase_seconds=phases)
 
-
-HELD_PHASE = "held"  # time a job spent paused for another's timed phase or waiting for its own turn
-
-
-def _split(phase: str, seconds: float, held_s: float) -> list[tuple[str, float]]:
-    """A phase's wall time without the time it was held, which is listed on its own (not the phase's cost)."""
-    held_s = min(held_s, seconds)
-    if held_s <= 0.05:  # the sampling loop's granularity: not worth a row
-        return [(phase, seconds)]
-    return [(phase, seconds - held_s), (HELD_PHASE, held_s)]
-
-
-def _write_line(proc: subprocess.Popen[str], line: str) -> None:
-    """One line to a worker's stdin: the job, then a go after each timed phase it announces."""
-    if proc.stdin is None:
-        return
-    try:
-        proc.stdin.write(line + "\n")
-        proc.stdin.flush()
-    except (BrokenPipeError, OSError):
-        pass  # it exited (at once, or meanwhile); its exit code says why
-
-
-def _kill_group(pgid: int) -> None:
-    """SIGKILL whatever is left of the job's process group (the worker is its leader: start_new_session)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    def _finish(self, record: RunRecord, phases: tuple[tuple[str, float], ...]) -> RunRecord:
+        """What only the parent knows, added to the worker's record: peaks seen from outside, the phases' costs
+        without waiting, the real GPU's kind and the screen's profile, who was paused and what ran shared."""
+        if record.reused_from:
+            return record  # an earlier measurement shown again (core.reuse): its own figures stand
+        watch = self.watch
+        # the child's own high-water mark catches peaks between samples
+        peak_rss = max(record.memory.peak_rss_bytes or 0, watch.peak_rss_bytes)
+        record = record.with_memory(peak_rss_bytes=peak_rss, peak_gpu_bytes=watch.peak_gpu_bytes,
+                                    peak_gpu_source=watch.gpu_source or None)
+        if record.hardware is not None:
+            record = replace(record, hardware=replace(record.hardware, gpu_unified=watch.gpu_unified,
+                                                      shown_profile=self.job.shown_profile))
+        return replace(record, timings=timings_from(phases), paused_for_timing=tuple(sorted(self.turn.paused_for)),
+                       shared_phases=tuple(self.clock.shared))
 
 
 def failure_record(outcome: JobOutcome) -> RunRecord:

@@ -23,6 +23,7 @@ from pathlib import Path
 from qexplorer.core.artifacts import file_lock
 from qexplorer.core.errors import UserError
 from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.kinds import ModelFormat
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
@@ -125,12 +126,12 @@ def gguf_for(spec: ModelSpec, precision: Precision, work_dir: Path, bf16_folder:
         source = work_dir / BF16_GGUF
         with file_lock(source.with_name(source.name + ".lock")):
             if not source.exists():
-                yield Phase("convert", "converting the checkpoint to a BF16 GGUF (llama.cpp's convert_hf_to_gguf.py)")
+                yield Phase(PhaseKind.CONVERT, "converting the checkpoint to a BF16 GGUF (llama.cpp's convert_hf_to_gguf.py)")
                 yield from hf_to_gguf(bf16_folder, source)
     with file_lock(out.with_name(out.name + ".lock")):
         if out.exists():  # made by an earlier job for this very model file (the folder is keyed by it)
             yield Log(f"reusing {out.name}")
             return out
-        yield Phase("quantize", f"llama.cpp quantize → {precision.gguf_type}")
+        yield Phase(PhaseKind.QUANTIZE, f"llama.cpp quantize → {precision.gguf_type}")
         yield from quantize_gguf(source, out, precision, threads)
     return out

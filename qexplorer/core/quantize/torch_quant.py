@@ -28,6 +28,7 @@ from typing import Any
 
 from qexplorer.core.artifacts import file_lock
 from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
+from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.kinds import ModelFormat, Producer
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
@@ -98,7 +99,7 @@ def bf16_checkpoint(spec: ModelSpec, cache_dir: Path) -> Generator[JobEvent, Non
         if saved_folder(target):
             yield Log(f"using the cached BF16 checkpoint {target}")
             return target
-        yield Phase("dequantize", f"dequantizing {Path(spec.path).name} to a BF16 checkpoint (once)")
+        yield Phase(PhaseKind.DEQUANTIZE, f"dequantizing {Path(spec.path).name} to a BF16 checkpoint (once)")
         _dequantize(spec, target)
         yield Log(f"cached the BF16 checkpoint in {target}")
         return target
@@ -215,7 +216,7 @@ def produce_artifact(spec: ModelSpec, precision: Precision, work_dir: Path) -> G
         if saved_folder(out):
             yield Log(f"reusing the {precision.label} artifact {out.name}")
             return out
-        yield Phase("quantize", precision.method)
+        yield Phase(PhaseKind.QUANTIZE, precision.method)
         if precision.producer == Producer.CAST:
             _save_cast(source, out, precision.key)
         elif precision.scheme is not None:
