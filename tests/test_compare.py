@@ -215,3 +215,43 @@ def test_exported_compressed_tensors_folder_loads_in_transformers_and_generates(
     ids = tokenizer("The capital of France is", return_tensors="pt")
     generated = model.generate(**ids, max_new_tokens=6, do_sample=False)
     assert generated.shape[1] > ids["input_ids"].shape[1]
+
+
+def _stored_row(store: ResultsStore, path: str, key: str, decode: float, prompt: int, depth: int = 0,
+                quality: bool = True) -> None:
+    record = legacy({"model_name": "m", "model_path": path, "precision": key, "precision_label": key.upper(),
+                     "family": "gguf", "mode": "native", "backend": "llama.cpp", "weight_bytes": 100 * MIB,
+                     "decode_tok_s": {"mean": decode, "sd": 1.0, "n": 5},
+                     "prefill_tok_s": {"mean": 10 * decode, "sd": 1.0, "n": 5}, "prompt_tokens": prompt,
+                     "gen_tokens": 128 if prompt == 512 else 16, "repetitions": 5, "threads": 2,
+                     **({"quality": {"kld_mean": 0.01, "same_top1_pct": 95.0, "ppl": 14.0, "ppl_ref": 13.9}}
+                        if quality else {})})
+    if depth:
+        record = replace(record, speed=replace(record.speed, depth=depth))
+    store.add(record)
+
+
+def test_rows_measured_with_other_settings_are_shown_marked_and_never_ranked(tmp_path: Path):
+    """A5: Q8_0 at pp512/tg128 beside Q2_K from a quick run (pp64/tg16) measured under other settings. Before,
+    the newest row per precision was ranked whatever its settings, and the markdown footer gave the first
+    row's settings for all."""
+    store = ResultsStore.in_dir(tmp_path)
+    _stored_row(store, "/m", "q2_k", 1.6, prompt=64)  # an old quick run
+    _stored_row(store, "/m", "q4_k_m", 130.0, prompt=512)
+    _stored_row(store, "/m", "q4_k_m", 60.0, prompt=512, depth=2048, quality=False)  # a later depth run
+    _stored_row(store, "/m", "q8_0", 126.0, prompt=512)
+    compared = store.comparable("/m")
+    assert [r.precision for r in compared.rows] == ["q4_k_m", "q8_0"]
+    assert [r.record.speed.decode_tok_s.mean for r in compared.rows] == [130.0, 126.0]  # not the depth run's 60
+    assert [r.precision for r in compared.others] == ["q2_k"]
+    from qexplorer.core.compare import row_from_result
+    from qexplorer.core.results import to_json, to_markdown
+
+    rows = [row_from_result(r) for r in compared.rows] + [row_from_result(r, compared=False) for r in compared.others]
+    assert recommend(rows, CPU, 10 * GIB, priority="speed").precision == "q4_k_m"
+    assert all(r.precision != "q2_k" for r in pareto_front(rows))
+    markdown = to_markdown(compared.all)
+    assert "Q2_K (llama.cpp) (other settings, not compared: pp64/tg16" in markdown
+    assert "Compared rows: pp512/tg128 at depth 0, 2 threads" in markdown
+    flat = {r["precision"]: r for r in json.loads(to_json(compared.all))["results"]}
+    assert flat["q8_0"]["compared"] and not flat["q2_k"]["compared"]

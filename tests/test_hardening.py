@@ -330,3 +330,17 @@ def test_worker_files_are_user_only(tmp_path: Path):
     for path in [outcome.log_path, Path(outcome.record.engine.artifact_path)]:
         assert path.stat().st_mode & 0o077 == 0, path
     assert bundled_model_path() is not None
+
+
+@pytest.mark.e2e
+def test_a_damaged_store_costs_the_reuse_lookup_not_the_job(tmp_path: Path):
+    """J2, with the real worker: the reuse lookup is the parent's; before, the worker opened the store and a
+    damaged one failed the job after it had quantized."""
+    (tmp_path / "results.sqlite3").write_bytes(b"this is not a database" * 100)
+    warnings: list[str] = []
+    outcome = JobRunner(interval_s=0.2).run(
+        JobSpec(model_ref="default", precision="q8_0", data_dir=str(tmp_path), bench=QUICK),
+        on_event=lambda e: warnings.append(e.message) if getattr(e, "level", "") == "warning" else None)
+    assert outcome.ok, outcome.error
+    assert outcome.record is not None and outcome.record.speed is not None
+    assert any("no earlier measurement could be looked up" in w for w in warnings)

@@ -8,6 +8,7 @@ import pytest
 from apps import feed_samples, settle, sim_app
 from models import LLAMA_31_8B, QWEN3_CODER_30B_A3B, write_config
 
+from qexplorer.core.session import RunOrder
 from qexplorer.ui.screens.models import ModelPickerScreen
 from qexplorer.ui.screens.plan import PlanScreen
 
@@ -125,3 +126,42 @@ async def test_unreadable_model_is_listed_with_its_error(tmp_path: Path):
         await pilot.pause()
         assert app.model.name.startswith("SmolLM2")  # nothing lost, still on the previous model
         assert any("implausible" in n.message for n in app._notifications)
+
+
+async def test_the_app_sets_every_run_option_the_cli_has(tmp_path: Path):
+    """One run plan for both front ends (core.session): corpus and reference set in the plan screen's options
+    dialog reach every planned job, as `qexplorer run --corpus … --reference fp32` does."""
+    corpus = tmp_path / "eval.txt"
+    corpus.write_text("A short evaluation text. " * 200, encoding="utf-8")
+    app = sim_app("none")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await feed_samples(app, pilot, 1)
+        await settle(app, pilot)
+        await pilot.press("p")
+        await pilot.pause()
+        await pilot.press("o")
+        await pilot.pause()
+        dialog = app.screen
+        dialog.query_one("#opt-corpus").value = str(corpus)
+        dialog.query_one("#opt-reference").value = "fp32"
+        dialog.query_one("#opt-tokens").value = "1024"
+        dialog.query_one("#opt-engine").value = "--max-num-seqs 4"
+        dialog.query_one("#opt-order").value = RunOrder.ONE_AT_A_TIME
+        await pilot.click("#opt-save")
+        await pilot.pause()
+        assert isinstance(app.screen, PlanScreen)
+        options = app.run_options()
+        assert (options.corpus, options.reference, options.quality_tokens) == (str(corpus), "fp32", 1024)
+        assert options.engine_args == ("--max-num-seqs", "4") and not options.overlap
+        plan = app.planned_jobs()
+        assert plan.specs and all(s.quality_corpus == str(corpus) and s.reference_precision == "fp32"
+                                  and s.quality_tokens == 1024 for s in plan.specs)
+        assert "corpus " + str(corpus) in str(app.screen.query_one("#plan-summary").render())
+        # a bad value is one sentence, and nothing is saved
+        await pilot.press("o")
+        await pilot.pause()
+        app.screen.query_one("#opt-corpus").value = str(tmp_path / "missing.txt")
+        await pilot.click("#opt-save")
+        await pilot.pause()
+        assert app.run_options().corpus == str(corpus)
+        assert any("does not exist" in n.message for n in app._notifications)

@@ -250,7 +250,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = results_mod.ResultsStore.in_dir(settings.results_path)
     model_path = Catalog(extra_paths=settings.models).resolve(args.model).path if args.model else None
-    rows = store.latest_per_precision(model_path)
+    rows = store.comparable(model_path).all
     render = {"csv": results_mod.to_csv, "json": results_mod.to_json, "md": results_mod.to_markdown}[args.format]
     sys.stdout.write(render(rows))
     return 0

@@ -14,15 +14,16 @@ from qexplorer.core import precisions
 from qexplorer.core.bench import BenchConfig, parse_depths
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.errors import UserError
-from qexplorer.core.eta import cost_order, estimate_jobs, format_duration, start_order
+from qexplorer.core.eta import format_duration
 from qexplorer.core.jobs.events import JobEvent, Log, Phase, Progress
 from qexplorer.core.jobs.queue import JobQueue, JobView
 from qexplorer.core.jobs.runner import JobRunner
-from qexplorer.core.jobs.spec import JobSpec, plan_jobs
+from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import JobAction
 from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.results import ResultsStore, flat_row, to_markdown
 from qexplorer.core.safety import check_loadable
+from qexplorer.core.session import RunOptions, RunOrder, plan_run
 from qexplorer.core.settings import Settings, engine_env
 from qexplorer.core.telemetry import local_sampler
 from qexplorer.core.units import format_bytes
@@ -118,6 +119,16 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
                        args.threads or bench.threads, depths=parse_depths(getattr(args, "depth", "0")))
 
 
+def run_options(args: argparse.Namespace) -> RunOptions:
+    order = (RunOrder.AS_LISTED if getattr(args, "as_listed", False) else
+             RunOrder.ONE_AT_A_TIME if getattr(args, "one_at_a_time", False) else RunOrder.OVERLAP)
+    return RunOptions(bench=bench_config(args), quality=args.quality, corpus=args.corpus,
+                      quality_tokens=args.quality_tokens, quality_ctx=args.quality_ctx, reference=args.reference,
+                      engine_args=tuple(shlex.split(args.engine_args or "")),
+                      trust_remote_code=args.trust_remote_code, reuse=not getattr(args, "remeasure", False),
+                      order=order, force=args.force, shown_profile=args.simulate)
+
+
 def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     chosen = precisions.parse_list(args.precision)
     if args.corpus:  # a bad evaluation file is caught before any worker starts
@@ -128,16 +139,9 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     check_loadable(spec, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     # --simulate changes what is drawn, never what plans and guards real jobs: this machine does both
     sampler = local_sampler(reserve_bytes=settings.reserve_bytes)
-    template = JobSpec(
-        model_ref=args.model, precision="", data_dir=str(settings.results_path), bench=bench_config(args),
-        model_paths=tuple(settings.models), quality=args.quality, quality_corpus=args.corpus,
-        quality_tokens=args.quality_tokens, quality_ctx=args.quality_ctx, reference_precision=args.reference,
-        trust_remote_code=args.trust_remote_code, engine_args=tuple(shlex.split(args.engine_args or "")),
-        shown_profile=args.simulate, reuse=not getattr(args, "remeasure", False),
-    )
-    if not getattr(args, "as_listed", False):  # overlapping: the long preparations start early (eta.start_order)
-        chosen = cost_order(spec, chosen) if getattr(args, "one_at_a_time", False) else start_order(spec, chosen)
-    planned = plan_jobs(spec, chosen, sampler.sample(), template, force=args.force)
+    snapshot = sampler.sample()
+    planned = plan_run(args.model, spec, chosen, run_options(args), snapshot, settings.results_path,
+                       settings.models, cuda=hardware_from_snapshot(snapshot).cuda)
     if planned.refused:
         first = planned.refused[0]
         sampler.close()
@@ -148,17 +152,15 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     store = ResultsStore.in_dir(settings.results_path)
     count = len(planned.specs)
     labels = [f"[{i}/{count}] {s.precision}" for i, s in enumerate(planned.specs, start=1)]
-    estimates = estimate_jobs(spec, planned.specs, settings.results_path,
-                              cuda=hardware_from_snapshot(sampler.sample()).cuda)
-    for label, estimate in zip(labels, estimates, strict=True):
+    for label, estimate in zip(labels, planned.estimates, strict=True):
         sys.stderr.write(f"{label} ~{format_duration(estimate.total_s)} (estimated {estimate.source}: "
                          + ", ".join(f"{p.name} {format_duration(p.seconds)}" for p in estimate.phases) + ")\n")
-    sys.stderr.write(f"queue: {count} jobs, at most ~{format_duration(sum(e.total_s for e in estimates))} "
+    sys.stderr.write(f"queue: {count} jobs, at most ~{format_duration(planned.total_s)} "
                      "estimated (one after another; overlapping shortens it)\n")
     reporter = _Reporter({})
     queue = JobQueue(JobRunner(sampler=sampler, interval_s=settings.refresh_s, extra_env=engine_env(settings)), store,
-                     on_change=reporter, overlap=not getattr(args, "one_at_a_time", False))
-    ids = queue.submit(planned.specs, labels, estimates)
+                     on_change=reporter, overlap=planned.overlap)
+    ids = queue.submit(planned.specs, labels, planned.estimates)
     reporter.bars.update({job_id: StderrProgress(sys.stderr, label) for job_id, label in zip(ids, labels,
                                                                                               strict=True)})
     interrupted = False

@@ -87,13 +87,15 @@ class CompareRow:
     noise: str | None = None  # why a speed figure of this row is noisy (busy host, spread); None: measured quiet
     depths: tuple[DepthSpeed, ...] = ()  # decode / prefill at the context depths after the first
     depth: int = 0  # the context depth of the main speed figures
+    compared: bool = True  # measured with the compared settings (results.compare_groups); else shown, never ranked
+    settings: str = ""  # those settings in words
 
     @property
     def memory_bytes(self) -> int | None:
         return self.weight_bytes
 
 
-def row_from_result(result: StoredResult) -> CompareRow:
+def row_from_result(result: StoredResult, compared: bool = True) -> CompareRow:
     r = result.record
     q, speed = r.quality, r.speed
     precision = BY_KEY.get(result.precision)
@@ -115,6 +117,7 @@ def row_from_result(result: StoredResult) -> CompareRow:
         noise=next((s.noise.reason for s in (speed, *r.depth_speeds) if s is not None and s.noisy and s.noise), None),
         depths=tuple(DepthSpeed(s.depth, s.prefill_tok_s.mean if s.prefill_tok_s.n else None, s.decode_tok_s.mean,
                                 s.decode_tok_s.sd, s.noisy) for s in r.depth_speeds),
+        compared=compared, settings=r.settings_text(),
     )
 
 
@@ -137,7 +140,7 @@ def filter_rows(rows: list[CompareRow], family: str) -> list[CompareRow]:
 
 def pareto_front(rows: list[CompareRow]) -> list[CompareRow]:
     """Rows no other row beats on both memory and KLD (lower is better for both)."""
-    points = [r for r in rows if r.memory_bytes is not None and r.kld is not None]
+    points = [r for r in rows if r.compared and r.memory_bytes is not None and r.kld is not None]
     front = []
     for row in points:
         dominated = any(
@@ -221,7 +224,7 @@ def _first_of_tie(ranked: list[CompareRow], tied, hardware: Hardware,
 def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | None,
               priority: Priority = Priority.QUALITY) -> Recommendation:
     priority = Priority(priority)
-    measured = [r for r in rows if r.precision in BY_KEY]
+    measured = [r for r in rows if r.precision in BY_KEY and r.compared]  # other settings are never ranked
     if not measured:
         return Recommendation(None, "nothing measured", "Run some precisions first (p, select, r).", None, priority)
 

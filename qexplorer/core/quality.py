@@ -22,6 +22,7 @@ the per-position figures, independent of the corpus length's effect on logits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -79,11 +80,25 @@ def default_corpus(chars: int = 24_000) -> Corpus:
 
 
 def corpus_for(path: str | None, tokens: int) -> Corpus:
-    """The evaluation text of a job: the user's file or folder, or the default corpus cut to about ``tokens``."""
+    """The evaluation text of a job: the user's file or folder, or the default corpus cut to about ``tokens``.
+    Read once per version of its files (the plan screen asks every second: it must not read and hash the text
+    on the event loop each time)."""
     if path:
-        return load_corpus(Path(path))
+        files = _corpus_files(Path(path))
+        stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        return _corpus_cached(path, stamps)
     # ~6 characters per token leaves room for prose and code alike; the tokens are cut to size after
-    return default_corpus(chars=tokens * 6)
+    return _default_cached(tokens * 6)
+
+
+@functools.lru_cache(maxsize=8)
+def _corpus_cached(path: str, _stamps: tuple[tuple[str, int, int], ...]) -> Corpus:
+    return load_corpus(Path(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _default_cached(chars: int) -> Corpus:
+    return default_corpus(chars=chars)
 
 
 def reference_cached(data_dir: Path, model_key: str, corpus_path: str | None, precision: str, ctx: int,
@@ -96,16 +111,20 @@ def reference_cached(data_dir: Path, model_key: str, corpus_path: str | None, pr
     return (reference_dir(data_dir, model_key, corpus, precision, ctx, tokens, top_k) / "meta.json").is_file()
 
 
-def load_corpus(path: Path) -> Corpus:
-    """A UTF-8 text file, or a folder of .txt / .md / .jsonl files read in name order."""
+def _corpus_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".md", ".jsonl") and p.is_file())
         if not files:
             raise UserError(f"{path} holds no .txt, .md or .jsonl files to evaluate on.")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise UserError(f"The evaluation text {path} does not exist.")
+        return files
+    if path.is_file():
+        return [path]
+    raise UserError(f"The evaluation text {path} does not exist.")
+
+
+def load_corpus(path: Path) -> Corpus:
+    """A UTF-8 text file, or a folder of .txt / .md / .jsonl files read in name order."""
+    files = _corpus_files(path)
     texts = []
     for file in files:
         try:

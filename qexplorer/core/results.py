@@ -181,6 +181,19 @@ class ResultsStore:
             latest[(result.model_path, result.precision)] = result
         return sorted(latest.values(), key=lambda r: (r.model_name, r.family, r.precision))
 
+    def comparable(self, model_path: str | None = None) -> ComparedResults:
+        """The newest result of each precision among those measured with the same settings as the newest one,
+        and, apart, the precisions measured only with other settings (:meth:`RunRecord.settings_key`)."""
+        return compare_groups(self.latest_per_key(model_path))
+
+    def latest_per_key(self, model_path: str | None = None) -> list[StoredResult]:
+        """The newest finished result per model, precision and settings, oldest first."""
+        latest: dict[tuple[Any, ...], StoredResult] = {}
+        for result in self.all(model_path):
+            if result.status == JobStatus.OK and result.family != "server":
+                latest[(result.model_path, result.precision, result.record.settings_key())] = result
+        return sorted(latest.values(), key=lambda r: r.created_at)
+
     def latest_servers(self) -> list[StoredResult]:
         """The latest result of each served model (bench-server), whatever the local model."""
         latest: dict[str, StoredResult] = {}
@@ -195,6 +208,31 @@ class ResultsStore:
             return conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         finally:
             conn.close()
+
+
+@dataclass(frozen=True)
+class ComparedResults:
+    rows: tuple[StoredResult, ...]  # one per precision, all with the newest result's settings: ranked together
+    others: tuple[StoredResult, ...]  # precisions measured only with other settings: shown marked, never ranked
+
+    @property
+    def all(self) -> list[StoredResult]:
+        return [*self.rows, *self.others]
+
+
+def compare_groups(results: list[StoredResult]) -> ComparedResults:
+    """Group by settings; the group of the newest result is the one compared. ``results`` oldest first."""
+    if not results:
+        return ComparedResults((), ())
+    key = results[-1].record.settings_key()
+    rows: dict[tuple[str, str], StoredResult] = {}
+    others: dict[tuple[str, str], StoredResult] = {}
+    for result in results:
+        which = rows if result.record.settings_key() == key else others
+        which[(result.model_path, result.precision)] = result
+    order = lambda r: (r.model_name, str(r.family), r.precision)  # noqa: E731
+    return ComparedResults(tuple(sorted(rows.values(), key=order)),
+                           tuple(sorted((r for k, r in others.items() if k not in rows), key=order)))
 
 
 def _rewrite_rows(conn: sqlite3.Connection, rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
@@ -259,8 +297,17 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
     }
 
 
+def _compared_rows(results: list[StoredResult]) -> list[dict[str, Any]]:
+    """Flat rows, each saying whether it was measured with the compared settings (:func:`compare_groups`)."""
+    groups = compare_groups(sorted(results, key=lambda r: r.created_at))
+    compared = {id(r) for r in groups.rows}
+    others = [r for r in results if id(r) not in compared]
+    return [{**flat_row(r), "compared": id(r) in compared, "settings": r.record.settings_text()}
+            for r in [*groups.rows, *others]]
+
+
 def to_csv(results: list[StoredResult]) -> str:
-    rows = [flat_row(r) for r in results]
+    rows = _compared_rows(results)
     out = io.StringIO()
     if rows:
         writer = csv.DictWriter(out, fieldnames=list(rows[0]))
@@ -270,7 +317,7 @@ def to_csv(results: list[StoredResult]) -> str:
 
 
 def to_json(results: list[StoredResult]) -> str:
-    return json.dumps({"schema": "qexplorer.results/1", "results": [flat_row(r) for r in results]}, indent=2)
+    return json.dumps({"schema": "qexplorer.results/1", "results": _compared_rows(results)}, indent=2)
 
 
 def _pm(stat: Stat | None, fmt: str = "{:.1f}") -> str:
@@ -280,9 +327,11 @@ def _pm(stat: Stat | None, fmt: str = "{:.1f}") -> str:
 
 
 def to_markdown(results: list[StoredResult]) -> str:
-    """The seed's table: Quantization | Memory | Throughput | Quality, with measured values."""
+    """The seed's table: Quantization | Memory | Throughput | Quality, with measured values; the rows measured
+    with the newest result's settings first, any other row marked with its own settings."""
+    groups = compare_groups(sorted(results, key=lambda r: r.created_at))
     lines = ["| Quantization | Memory | Throughput | Quality |", "|---|---|---|---|"]
-    for result in results:
+    for result in [*groups.rows, *groups.others]:
         r = result.record
         label = r.precision_label
         if r.engine.mode == SupportMode.EMULATED:
@@ -306,15 +355,13 @@ def to_markdown(results: list[StoredResult]) -> str:
             qtext = f"KLD {q.kld_mean:.4f}, top-1 {q.same_top1_pct:.1f} %, PPL {q.ppl:.2f} (ref {q.ppl_ref:.2f})"
         else:
             qtext = "not measured"
+        if result in groups.others:
+            label += f" (other settings, not compared: {r.settings_text()})"
         lines.append(f"| {label} | {memory} | {throughput} | {qtext} |")
-    if results:
-        first = results[0].record
-        hw = first.hardware
-        where = (hw.gpu or hw.cpu) if hw else "?"
-        shape = (f"pp{first.speed.prompt_tokens}/tg{first.speed.gen_tokens} × {first.speed.repetitions}"
-                 if first.speed else "not benchmarked")
+    if groups.rows:
         lines.append("")
-        lines.append(f"Measured on {where}; {shape}, mean ± sd; engine per row.")
+        lines.append(f"Compared rows: {groups.rows[0].record.settings_text()}; mean ± sd over each row's own "
+                     "repetitions (adaptive, up to the configured count); engine per row.")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ from qexplorer.core.catalog import DEFAULT_ALIAS, CatalogEntry
 from qexplorer.core.errors import UserError
 from qexplorer.core.kinds import JobStatus
 from qexplorer.core.model import ModelSpec
+from qexplorer.core.session import RunOptions
 from qexplorer.core.settings import Settings
 from qexplorer.core.telemetry import TelemetrySnapshot
 from qexplorer.core.units import format_bytes
@@ -63,6 +64,10 @@ class QExplorerApp(App[int]):
     remeasure: reactive[bool] = reactive(False)  # False: a stored result with the same key is shown again (reuse)
     jobs: reactive[tuple[JobView, ...]] = reactive(())  # the queue's latest view of each job, oldest first
     compare_rows: reactive[tuple[CompareRow, ...]] = reactive(())  # measured results for the compare screen
+    quiet: reactive[bool] = reactive(False)  # a job is timed now: screens leave their plots (ui.screens.live)
+    # the run options the plan screen's keys do not toggle (corpus, reference, tokens, threads, engine args, ...):
+    # set in the options dialog (o); every option `qexplorer run` has
+    run_extras: reactive[RunOptions] = reactive(RunOptions, always_update=True)
 
     def __init__(self, settings: Settings, sources: Sources, *, dashboard_only: bool = False,
                  live: bool = True, model_ref: str = DEFAULT_ALIAS) -> None:
@@ -247,8 +252,11 @@ class QExplorerApp(App[int]):
         model_path = self.model.path if self.model else None
         try:
             store = ResultsStore.in_dir(self.settings.results_path)
-            results = store.latest_per_precision(model_path) + store.latest_servers()
-            rows, error = tuple(row_from_result(r) for r in results), None
+            compared = store.comparable(model_path)
+            rows = (tuple(row_from_result(r) for r in compared.rows)
+                    + tuple(row_from_result(r, compared=False) for r in compared.others)
+                    + tuple(row_from_result(r) for r in store.latest_servers()))
+            error = None
         except UserError as exc:
             rows, error = None, str(exc)
         self.post_message(ResultsLoaded(rows, error))
@@ -272,7 +280,7 @@ class QExplorerApp(App[int]):
 
         try:
             store = ResultsStore.in_dir(self.settings.results_path)
-            rows = store.latest_per_precision(self.model.path if self.model else None)
+            rows = store.comparable(self.model.path if self.model else None).all
             paths = write_exports(rows, self.settings.results_path / "exports")
             self.call_from_thread(self.notify, "Wrote " + ", ".join(str(p) for p in paths), timeout=10)
         except (UserError, OSError) as exc:
@@ -320,6 +328,7 @@ class QExplorerApp(App[int]):
         else:
             return  # an older view arrived late
         self.jobs = tuple(jobs)
+        self.quiet = any(j.measuring_now for j in jobs)
 
     def _announce(self, view) -> None:
         if view.status == JobStatus.OK:
@@ -365,31 +374,37 @@ class QExplorerApp(App[int]):
 
         from qexplorer.core.bench import BenchConfig
 
-        return replace(BenchConfig.quick() if self.quick_bench else BenchConfig(), depths=self.bench_depths)
+        bench = BenchConfig.quick() if self.quick_bench else BenchConfig()
+        extras = self.run_extras.bench
+        return replace(bench, depths=self.bench_depths, threads=extras.threads,
+                       repetitions=extras.repetitions if extras.repetitions != BenchConfig.repetitions
+                       else bench.repetitions)
+
+    def run_options(self) -> RunOptions:
+        """The dialog's options with the plan screen's toggles (quick, depth, quality, re-measure) applied."""
+        from dataclasses import replace
+
+        return replace(self.run_extras, bench=self.bench_config(), quality=self.measure_quality,
+                       reuse=not self.remeasure, shown_profile=self.sources.sampler.simulated)
 
     def planned_jobs(self):
-        """The chosen precisions as job specs, cheapest first (GGUF re-quantizations, data-free schemes, then
-        calibrated methods), with an estimate of each one's duration in that order."""
-        from qexplorer.core.eta import estimate_jobs, start_order
-        from qexplorer.core.jobs.spec import JobSpec, plan_jobs
+        """The chosen precisions as a core run plan (core.session: the CLI's too), each job with its estimate."""
         from qexplorer.core.planner import hardware_from_snapshot
         from qexplorer.core.precisions import PRECISIONS
+        from qexplorer.core.session import plan_run
 
-        template = JobSpec(model_ref=self.model.path, precision="", data_dir=str(self.settings.results_path),
-                           bench=self.bench_config(), model_paths=tuple(self.settings.models),
-                           quality=self.measure_quality, shown_profile=self.sources.sampler.simulated,
-                           reuse=not self.remeasure)
-        chosen = start_order(self.model, [p for p in PRECISIONS if p.key in self.chosen])  # the queue overlaps
+        options = self.run_options()
         # real jobs are planned against the real machine, whatever profile the screens show
         real = self.machine_snapshot if self.sources.separate_guard else self.snapshot
-        planned = plan_jobs(self.model, chosen, real, template)
         cuda = hardware_from_snapshot(real).cuda
-        # the plan screen asks every second; the estimate changes only with the jobs, the settings, or a job's end
-        key = (self.model.path, tuple(s.precision for s in planned.specs), template.bench, template.quality, cuda,
-               sum(j.finished for j in self.jobs))
-        if self._estimated is None or self._estimated[0] != key:
-            self._estimated = (key, estimate_jobs(self.model, planned.specs, self.settings.results_path, cuda=cuda))
-        return planned, self._estimated[1]
+        chosen = [p for p in PRECISIONS if p.key in self.chosen]
+        # the plan screen asks every second; the estimate changes only with the jobs, the options, or a job's end
+        key = (self.model.path, tuple(p.key for p in chosen), options, cuda, sum(j.finished for j in self.jobs))
+        cached = self._estimated[1] if self._estimated is not None and self._estimated[0] == key else None
+        plan = plan_run(self.model.path, self.model, chosen, options, real, self.settings.results_path,
+                        self.settings.models, cuda=cuda, estimates=cached)
+        self._estimated = (key, plan.estimates)
+        return plan
 
     def queue_chosen(self) -> None:
         """Queue one job per chosen precision that the plan says fits; then show the jobs screen."""
@@ -403,7 +418,7 @@ class QExplorerApp(App[int]):
         except UserError as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return
-        planned, estimates = self.planned_jobs()
+        planned = self.planned_jobs()
         if planned.refused:
             self.notify("Not queued, does not fit: " + "; ".join(
                 f"{r.label} ({format_bytes(r.need_bytes)} > {format_bytes(r.headroom_bytes)} headroom)"
@@ -412,7 +427,8 @@ class QExplorerApp(App[int]):
             self.notify("Select precisions with space first.", severity="warning")
         self.action_run_screen()
         if planned.specs:
-            self.job_queue.submit(planned.specs, estimates=estimates)
+            self.job_queue.overlap = planned.overlap
+            self.job_queue.submit(planned.specs, estimates=planned.estimates)
 
     def cancel_job(self, job_id: int) -> None:
         if self._job_queue is not None:

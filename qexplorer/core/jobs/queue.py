@@ -67,6 +67,12 @@ class JobView:
     phase_started_s: float | None = None  # time.monotonic() when the current phase began
     took_s: float | None = None  # once finished: the sum of its phases, seen from the parent
 
+    @property
+    def measuring_now(self) -> bool:
+        """In a phase that runs alone (or waiting to start one): a figure is being timed, and a front end that
+        shares the machine goes quiet (jobs.phases)."""
+        return self.status == JobStatus.RUNNING and spec_of(self.phase).alone
+
     def left_s(self, now: float) -> float | None:
         """Estimated seconds left: all of it while queued, the rest of the current and later phases while it runs,
         none once finished; None without an estimate."""

@@ -297,6 +297,34 @@ class RunRecord:
     reused_measured_at: str | None = None  # when that earlier measurement was made (ISO 8601, UTC)
     version: int = RECORD_VERSION
 
+    def settings_key(self) -> tuple[Any, ...]:
+        """What two results must share to be compared side by side: the benchmark's shape (pp, tg, depths) and
+        threads, the machine (CPU, GPU), and the quality settings (corpus by content, chunk length, tokens,
+        top-k, reference precision; None without quality). Rows with different keys are never ranked together."""
+        speed, hw = self.speed, self.hardware
+        bench = ((speed.prompt_tokens, speed.gen_tokens, speed.depth, tuple(s.depth for s in self.depth_speeds),
+                  speed.threads) if speed is not None else None)
+        ref = self.quality.reference if self.quality is not None else None
+        quality = ((ref.corpus_sha256, ref.ctx, ref.n_tokens, ref.top_k, ref.precision) if ref is not None
+                   else "measured" if self.quality is not None else None)
+        return (bench, hw.cpu if hw else None, hw.gpu if hw else None, quality)
+
+    def settings_text(self) -> str:
+        """The settings of :meth:`settings_key` in words, for a row shown beside others it cannot be ranked with."""
+        speed, hw = self.speed, self.hardware
+        parts = []
+        if speed is not None:
+            depths = ", ".join(str(d) for d in (speed.depth, *(s.depth for s in self.depth_speeds)))
+            parts.append(f"pp{speed.prompt_tokens}/tg{speed.gen_tokens} at depth {depths}, {speed.threads} threads")
+        if hw is not None:
+            parts.append(hw.gpu or hw.cpu or "unknown machine")
+        ref = self.quality.reference if self.quality is not None else None
+        if ref is not None:
+            parts.append(f"quality on {ref.corpus} ({ref.n_tokens} tokens, ctx {ref.ctx}) vs {ref.precision}")
+        elif self.quality is None:
+            parts.append("no quality")
+        return "; ".join(parts)
+
     def with_memory(self, **changes: Any) -> RunRecord:
         return replace(self, memory=replace(self.memory, **changes))
 

@@ -22,6 +22,7 @@ from qexplorer.core.compare import (
 from qexplorer.core.kinds import SupportMode
 from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.units import MIB, format_bytes
+from qexplorer.ui.screens.live import watch_while_shown
 from qexplorer.ui.widgets.plots import theme_rgb
 
 FAMILIES = ("all", "torch", "gguf", "server")
@@ -70,8 +71,7 @@ class CompareScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        for name in ("compare_rows", "snapshot"):
-            self.watch(self.app, name, lambda _: self._refresh(), init=False)
+        watch_while_shown(self, ("compare_rows", "snapshot"), self._refresh)
         self.app.load_results()
         self._refresh()
         self.query_one("#compare-table", DataTable).focus()
@@ -79,6 +79,9 @@ class CompareScreen(Screen):
     # ------------------------------------------------------------------ data
     def _visible(self) -> list[CompareRow]:
         return sort_rows(filter_rows(self.app.compare_rows, self.family), self.sort_key)
+
+    def on_screen_resume(self) -> None:
+        self._refresh()
 
     def _refresh(self) -> None:
         self._rows = self._visible()
@@ -88,7 +91,7 @@ class CompareScreen(Screen):
         front = {r.precision for r in pareto_front(self._rows)}
         for r in self._rows:
             marks = "*" if r.mode == SupportMode.EMULATED else "†" if r.mode == SupportMode.DEQUANTIZED else ""
-            label = r.label + marks + (" ◆" if r.precision in front else "")
+            label = ("≠ " if not r.compared else "") + r.label + marks + (" ◆" if r.precision in front else "")
             noisy = "~" if r.noise else ""
             at = f" d{r.depth}" if r.depth else ""
             table.add_row(
@@ -112,6 +115,8 @@ class CompareScreen(Screen):
             notes.append("~ noisy")
         if any(r.fallback for r in self._rows):
             notes.insert(1, "† fallback")
+        if any(not r.compared for r in self._rows):
+            notes.append("≠ other settings: shown, not ranked")
         if any(r.roofline_suspect for r in self._rows):
             notes.append("!roof > 100 %: a wrong bound, not a fact")
         sim = f"[reverse] SIMULATED {self.app.snapshot.simulated} [/reverse] " if (

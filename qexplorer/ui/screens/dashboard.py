@@ -15,6 +15,7 @@ from qexplorer.core.breakdown import breakdowns
 from qexplorer.core.kinds import NvmlState
 from qexplorer.core.telemetry import Reading, TelemetrySnapshot
 from qexplorer.core.units import GIB, format_bytes, format_gib
+from qexplorer.ui.screens.live import watch_while_shown
 from qexplorer.ui.widgets.memory_bar import MemoryBar
 from qexplorer.ui.widgets.plots import theme_rgb
 
@@ -55,9 +56,12 @@ class DashboardScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.watch(self.app, "snapshot", self._show_snapshot)
-        self.watch(self.app, "refresh_s", lambda _: self._show_snapshot(self.app.snapshot))
-        self.watch(self.app, "paused", lambda _: self._show_snapshot(self.app.snapshot))
+        watch_while_shown(self, ("snapshot", "refresh_s", "paused", "quiet"),
+                          lambda: self._show_snapshot(self.app.snapshot))
+        self._show_snapshot(self.app.snapshot)
+
+    def on_screen_resume(self) -> None:
+        self._show_snapshot(self.app.snapshot)
 
     # ------------------------------------------------------------------ actions
     def action_faster(self) -> None:
@@ -81,8 +85,9 @@ class DashboardScreen(Screen):
             self._show_banner(snapshot)
             self._show_bars(snapshot)
             self._show_gpu_stats(snapshot)
-            self._show_history()
-            self._show_processes(snapshot)
+            if not self.app.quiet:  # a job is timed: the plot and the process table wait for its figure
+                self._show_history()
+                self._show_processes(snapshot)
 
     def _show_banner(self, snapshot: TelemetrySnapshot) -> None:
         parts = []

@@ -73,7 +73,11 @@ estimates until a run measures them.
 benchmark, `D` cycles the context depths (llama-bench `-d`: pp and tg again
 after that many prefilled tokens, within the planned context), `v` toggles
 quality, `M` re-measures instead of showing stored results again, `[` / `]`
-halve / double the context, `k` cycles the KV-cache dtype.
+halve / double the context, `k` cycles the KV-cache dtype, `o` opens the run
+options `qexplorer run` takes as flags (evaluation text, reference, quality
+tokens and chunk length, threads, repetitions, engine arguments, order, force).
+While a job is timed the screens stop redrawing their plots, so that the app
+does not compete with the figure it shows; they catch up when it is taken.
 A precision that does not fit is not queued. The **est. time** column and the
 summary give each selected job's estimated duration, in the order they will
 run: cheapest first (GGUF re-quantizations, then data-free schemes, calibrated

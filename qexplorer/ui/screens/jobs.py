@@ -15,6 +15,7 @@ from qexplorer.core.eta import format_duration
 from qexplorer.core.jobs.queue import JobView
 from qexplorer.core.kinds import JobStatus
 from qexplorer.core.units import GIB, format_bytes
+from qexplorer.ui.screens.live import watch_while_shown
 from qexplorer.ui.widgets.plots import theme_rgb
 
 STATUS_STYLE = {"ok": "text-success", "failed": "text-error", "stopped": "text-error", "timeout": "text-error",
@@ -44,8 +45,8 @@ class JobsScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.watch(self.app, "jobs", lambda _: self._refresh(), init=False)
-        self.watch(self.app, "snapshot", lambda _: self._refresh_eta(), init=False)  # the clock moves on
+        watch_while_shown(self, ("jobs", "quiet"), self._refresh)
+        watch_while_shown(self, ("snapshot",), self._refresh_eta)  # the clock moves on
         self.query_one("#job-memory", PlotextPlot).border_title = "job memory (GiB, measured from outside)"
         self._refresh()
         self.query_one("#job-table", DataTable).focus()
@@ -80,6 +81,9 @@ class JobsScreen(Screen):
             running = next((i for i, j in enumerate(self.app.jobs) if j.status == JobStatus.RUNNING), None)
             table.move_cursor(row=min(row if row > 0 or running is None else running, table.row_count - 1))
         self._show_job(self._selected())
+
+    def on_screen_resume(self) -> None:
+        self._refresh()
 
     def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
         self._show_job(self._selected())
@@ -137,7 +141,8 @@ class JobsScreen(Screen):
         if job.finished and job.estimate is not None and job.took_s is not None:
             plan += f"\ntook {format_duration(job.took_s)}, estimated {format_duration(job.estimate.total_s)}"
         message.update(f"[b]{job.label}[/b] · {job.phase or job.status}: {text}{warnings}{log}{plan}")
-        self._plot(job)
+        if not self.app.quiet:  # a job is timed: the plot is drawn again once its figure is taken
+            self._plot(job)
 
     def _plot(self, job: JobView | None) -> None:
         widget = self.query_one("#job-memory", PlotextPlot)

@@ -11,6 +11,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 from qexplorer.core.eta import format_duration
 from qexplorer.core.planner import KV_DTYPE_BYTES, PlanRequest, PrecisionPlan, hardware_from_snapshot, plan_model
 from qexplorer.core.units import format_bytes, format_count, format_gib
+from qexplorer.ui.screens.live import watch_while_shown
 
 CONTEXT_MIN, CONTEXT_MAX = 256, 1 << 20
 VERDICT_STYLE = {"fits": "text-success", "tight": "text-warning", "does not fit": "text-error", "unknown": "text-muted"}
@@ -31,6 +32,7 @@ class PlanScreen(Screen):
         Binding("v", "toggle_quality", "Quality", show=False),
         Binding("M", "toggle_remeasure", "Re-measure", show=False),
         Binding("a", "select_all", "All/none", show=False),
+        Binding("o", "options", "Options", show=False),
     ]
 
     def compose(self) -> ComposeResult:
@@ -43,11 +45,13 @@ class PlanScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        for name in ("snapshot", "model", "context", "kv_dtype", "chosen", "quick_bench", "bench_depths",
-                     "measure_quality", "remeasure"):
-            self.watch(self.app, name, lambda _: self._refresh_plans(), init=False)
+        watch_while_shown(self, ("snapshot", "model", "context", "kv_dtype", "chosen", "quick_bench", "bench_depths",
+                                 "measure_quality", "remeasure"), self._refresh_plans)
         self._refresh_plans()
         self.query_one("#plan-table", DataTable).focus()
+
+    def on_screen_resume(self) -> None:
+        self._refresh_plans()
 
     def _plans(self) -> list[PrecisionPlan]:
         app = self.app
@@ -65,10 +69,11 @@ class PlanScreen(Screen):
         plans = self._plans()
         self._plans_cache = plans
         spec, snap = app.model, app.snapshot
-        planned, estimates = app.planned_jobs()
+        planned = app.planned_jobs()
+        estimates = planned.estimates
         eta = {e.precision: e for e in estimates}
-        queue_s = sum(e.total_s for e in estimates)
-        order = " → ".join(s.precision for s in planned.specs)
+        queue_s = planned.total_s
+        order = planned.order_text
         sources = {e.source for e in estimates}
         eta_line = (f"\n{len(estimates)} jobs, at most {format_duration(queue_s)} one after another (estimated "
                     f"{sources.pop() if len(sources) == 1 else 'partly from defaults'}; overlapping shortens it), "
@@ -83,8 +88,9 @@ class PlanScreen(Screen):
             f"{format_bytes(plans[0].kv_cache_bytes) if plans else 'n/a'} · "
             f"target {hardware.label}{sim}\nheadroom {format_gib(headroom)} "
             f"(reserve {format_gib(snap.reserve_bytes) if snap else 'n/a'}) · estimated\n"
-            f"benchmark {app.bench_config().describe()} · quality {'on' if app.measure_quality else 'off'} "
-            f"(b quick, D depth, v quality){' · re-measure (M)' if app.remeasure else ''}{eta_line}"
+            f"{app.bench_config().describe()} · quality {'on' if app.measure_quality else 'off'} "
+            f"(b quick, D depth, v quality, o options){' · re-measure (M)' if app.remeasure else ''}"
+            f"{_options_line(app.run_options())}{eta_line}"
         )
         row = table.cursor_row
         table.clear()
@@ -170,6 +176,42 @@ class PlanScreen(Screen):
         self.notify("Stored results with the same artifact, engine and settings: " +
                     ("measured again" if self.app.remeasure else "shown again, marked reused"), timeout=4)
 
+    def action_options(self) -> None:
+        from qexplorer.ui.screens.options import RunOptionsScreen
+
+        def saved(options) -> None:
+            if options is not None:
+                self.app.run_extras = options
+
+        from dataclasses import replace
+
+        # the dialog edits the extras; quick / depth / quality / re-measure stay the screen's own toggles
+        self.app.push_screen(RunOptionsScreen(replace(self.app.run_options(), bench=self.app.run_extras.bench)),
+                             saved)
+
     def action_kv_dtype(self) -> None:
         names = list(KV_DTYPE_BYTES)
         self.app.kv_dtype = names[(names.index(self.app.kv_dtype) + 1) % len(names)]
+
+
+def _options_line(options) -> str:
+    """The options that differ from `qexplorer run`'s defaults, so that what will run is on screen."""
+    from qexplorer.core.session import RunOptions
+
+    default = RunOptions()
+    parts = []
+    if options.corpus:
+        parts.append(f"corpus {options.corpus}")
+    if options.reference != default.reference:
+        parts.append(f"reference {options.reference}")
+    if (options.quality_tokens, options.quality_ctx) != (default.quality_tokens, default.quality_ctx):
+        parts.append(f"quality {options.quality_tokens} tokens in {options.quality_ctx}-token chunks")
+    if options.bench.threads:
+        parts.append(f"{options.bench.threads} threads")
+    if options.engine_args:
+        parts.append("engine args " + " ".join(options.engine_args))
+    if options.order != default.order:
+        parts.append(str(options.order))
+    if options.force:
+        parts.append("force")
+    return ("\noptions: " + ", ".join(parts)) if parts else ""

@@ -1,0 +1,90 @@
+"""One run plan for both front ends: what the CLI's ``qexplorer run`` and the app's ``r`` queue.
+
+A front end gathers :class:`RunOptions` (its flags, or the plan screen's settings and options dialog), takes
+one telemetry snapshot and calls :func:`plan_run`; it renders the :class:`RunPlan` it gets (the order, what
+does not fit, each job's estimate) and submits its specs. Nothing here orders, plans or estimates twice, so the
+two front ends cannot drift: every option the CLI has, the app has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from qexplorer.core.bench import BenchConfig
+from qexplorer.core.eta import JobEstimate, cost_order, estimate_jobs, start_order
+from qexplorer.core.jobs.spec import JobSpec, Refusal, plan_jobs
+from qexplorer.core.model import ModelSpec
+from qexplorer.core.precisions import Precision
+from qexplorer.core.telemetry import TelemetrySnapshot
+
+
+class RunOrder(StrEnum):
+    OVERLAP = "overlap"  # the next job prepares beside the running one; long preparations start early
+    ONE_AT_A_TIME = "one-at-a-time"  # cheapest first, nothing beside the running job
+    AS_LISTED = "as-listed"  # the user's order, overlapping
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a run can be told, the CLI's flags and the app's settings alike."""
+
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    quality: bool = False
+    corpus: str | None = None  # a UTF-8 file or folder; None: the shipped prose + stdlib
+    quality_tokens: int = 4096
+    quality_ctx: int = 512
+    reference: str = "bf16"
+    engine_args: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+    reuse: bool = True
+    order: RunOrder = RunOrder.OVERLAP
+    force: bool = False
+    shown_profile: str | None = None  # --simulate's profile, recorded on each result
+
+    @property
+    def overlap(self) -> bool:
+        return self.order != RunOrder.ONE_AT_A_TIME
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    specs: tuple[JobSpec, ...]
+    refused: tuple[Refusal, ...]
+    estimates: tuple[JobEstimate, ...]
+    overlap: bool
+
+    @property
+    def total_s(self) -> float:
+        return sum(e.total_s for e in self.estimates)
+
+    @property
+    def order_text(self) -> str:
+        return " → ".join(s.precision for s in self.specs)
+
+
+def ordered(model: ModelSpec, chosen: Sequence[Precision], order: RunOrder) -> list[Precision]:
+    if order == RunOrder.AS_LISTED:
+        return list(chosen)
+    return cost_order(model, chosen) if order == RunOrder.ONE_AT_A_TIME else start_order(model, chosen)
+
+
+def plan_run(model_ref: str, model: ModelSpec, chosen: Sequence[Precision], options: RunOptions,
+             snapshot: TelemetrySnapshot | None, data_dir: Path, model_paths: Sequence[str] = (), *,
+             cuda: bool = False, estimates: tuple[JobEstimate, ...] | None = None) -> RunPlan:
+    """The jobs for these precisions in the order they start, planned against ``snapshot`` (the real
+    machine's), each with its estimate. ``estimates`` from an earlier call for the same jobs and settings skip
+    the estimate (the plan screen re-plans every sample; the estimate changes only with the jobs)."""
+    template = JobSpec(
+        model_ref=model_ref, precision="", data_dir=str(data_dir), bench=options.bench,
+        model_paths=tuple(model_paths), quality=options.quality, quality_corpus=options.corpus,
+        quality_tokens=options.quality_tokens, quality_ctx=options.quality_ctx,
+        reference_precision=options.reference, trust_remote_code=options.trust_remote_code,
+        engine_args=options.engine_args, shown_profile=options.shown_profile, reuse=options.reuse,
+    )
+    planned = plan_jobs(model, ordered(model, chosen, options.order), snapshot, template, force=options.force)
+    if estimates is None or len(estimates) != len(planned.specs):
+        estimates = estimate_jobs(model, planned.specs, data_dir, cuda=cuda)
+    return RunPlan(planned.specs, planned.refused, estimates, options.overlap)
