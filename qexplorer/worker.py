@@ -1,6 +1,6 @@
 """The worker process: ``python -m qexplorer.worker`` < job.json > events.jsonl
 
-Thin on purpose: read a :class:`~qexplorer.core.jobs.spec.JobSpec` from the
+Thin on purpose: read a :class:`~qexplorer.core.domain.spec.JobSpec` from the
 first line of stdin, run :func:`~qexplorer.core.pipeline.run_job`, print one
 event per line and, at the end, one ``completed`` line with the record. After a
 timed phase's event it reads one more line (the parent's go: nothing else runs
@@ -19,7 +19,7 @@ import sys
 import threading
 import traceback
 
-from qexplorer.core.jobs.events import (
+from qexplorer.core.domain.events import (
     Cancelled,
     Completed,
     Failed,
@@ -29,7 +29,7 @@ from qexplorer.core.jobs.events import (
     event_to_line,
     reuse_answer_from_line,
 )
-from qexplorer.core.jobs.record import RunRecord
+from qexplorer.core.domain.record import RunRecord
 
 
 def emit(event: WireEvent) -> None:
@@ -53,8 +53,8 @@ def ask_reuse(query: ReuseQuery) -> RunRecord | None:
 
 
 def main() -> int:
+    from qexplorer.core.domain.spec import JobSpec
     from qexplorer.core.errors import UserError
-    from qexplorer.core.jobs.spec import JobSpec
     from qexplorer.core.pipeline import run_job
 
     os.umask(0o077)  # everything the worker writes (checkpoints, GGUF files, caches) is the user's alone

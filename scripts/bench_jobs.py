@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 from qexplorer.core import precisions
-from qexplorer.core.bench import BenchConfig, llamacpp
+from qexplorer.core.bench import llamacpp
 from qexplorer.core.catalog import Catalog
-from qexplorer.core.jobs.events import drive
+from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.events import drive
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.jobs.runner import JobRunner
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.quantize.torch_quant import CALIBRATION_FILE
 
 
@@ -138,7 +139,7 @@ def phase_peaks(outcome) -> str:
 def peaks(args: argparse.Namespace, model_ref: str | None = None, extra_paths: tuple[str, ...] = ()) -> None:
     """Planned vs measured job peak for each precision, as ``qexplorer run`` plans and runs them: one fresh data
     dir, the jobs in the order given (so the first quality job builds the reference and the rest reuse it)."""
-    from qexplorer.core.jobs.spec import plan_jobs
+    from qexplorer.core.session import plan_jobs
     from qexplorer.core.telemetry import local_sampler
 
     model_ref = model_ref or args.model

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from qexplorer.core.bench import BenchConfig
+from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.jobs.runner import JobRunner
-from qexplorer.core.jobs.spec import JobSpec
 
 
 def memory(args: argparse.Namespace) -> None:

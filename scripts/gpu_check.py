@@ -96,11 +96,12 @@ def missing_producer(precision: str) -> str | None:
 
 
 def job_checks(folder: Path, data_dir: Path) -> list[Check]:
-    from qexplorer.core.bench import BenchConfig
     from qexplorer.core.catalog import Catalog
+    from qexplorer.core.domain.bench import BenchConfig
+    from qexplorer.core.domain.spec import JobSpec
     from qexplorer.core.jobs.runner import JobRunner
-    from qexplorer.core.jobs.spec import JobSpec, plan_jobs
     from qexplorer.core.precisions import get
+    from qexplorer.core.session import plan_jobs
     from qexplorer.core.settings import engine_env, load_settings
     from qexplorer.core.telemetry import local_sampler
 

@@ -52,7 +52,7 @@ def bundled_tokenizer(data_dir: Path) -> Path:
     """The bundled model's tokenizer, from its BF16 checkpoint (made once in ``data_dir``)."""
     from qexplorer.core.artifacts import model_work_dir
     from qexplorer.core.catalog import Catalog
-    from qexplorer.core.jobs.events import drive
+    from qexplorer.core.domain.events import drive
     from qexplorer.core.quantize.torch_quant import bf16_checkpoint
 
     bundled = Catalog().resolve("default")

@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from qexplorer.core.jobs.events import Completed, Phase, Progress, event_to_line
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import ModelIdentity, RunRecord
-from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.domain.events import Completed, Phase, Progress, event_to_line
+from qexplorer.core.domain.phases import PhaseKind
+from qexplorer.core.domain.record import ModelIdentity, RunRecord
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.kinds import Family
 
 PHASES = ((PhaseKind.QUANTIZE, 0.8), (PhaseKind.BENCHMARK, 0.6), (PhaseKind.QUALITY, 0.8),

@@ -12,7 +12,7 @@ from apps import feed_samples, settle, sim_app
 from qexplorer.cli import main
 from qexplorer.core.catalog import bundled_model_path
 from qexplorer.core.compare import CompareRow, pareto_front, recommend
-from qexplorer.core.jobs.record import record_from_legacy as legacy
+from qexplorer.core.domain.record import record_from_legacy as legacy
 from qexplorer.core.precisions import Hardware
 from qexplorer.core.results import ResultsStore
 from qexplorer.core.units import GIB, MIB

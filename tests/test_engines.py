@@ -46,7 +46,7 @@ def test_vllm_serves_bf16_int8_fp8_and_the_export_is_the_measured_artifact(capsy
     # BF16 is the reference: its row comes from the reference pass, exact, without a second quality pass
     assert records["bf16"]["quality"]["kld_mean"] == 0.0 and records["bf16"]["quality"]["same_top1_pct"] == 100.0
     assert records["bf16"]["quality"]["ppl"] == records["bf16"]["quality"]["ppl_ref"]
-    assert records["bf16"]["timings"]["quality_s"] == 0.0
+    assert records["bf16"]["timings"]["quality_s"] is None  # no quality pass of its own ran (the parent's clock)
     # activation quantization is part of the measured error: W8A8 and FP8 dynamic cost more than BF16
     assert records["int8"]["quality"]["kld_mean"] > records["bf16"]["quality"]["kld_mean"]
     for key in ("int8", "fp8"):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qexplorer.core.bench import BenchConfig
 from qexplorer.core.catalog import Catalog
+from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.eta import (
     DEFAULT_RATES,
     DurationBook,
@@ -16,7 +17,6 @@ from qexplorer.core.eta import (
     format_duration,
     start_order,
 )
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.precisions import BY_KEY
 
 

@@ -13,10 +13,10 @@ import pytest
 from apps import settle, sim_app
 
 from qexplorer.cli import main
+from qexplorer.core.domain.record import ModelIdentity, RunRecord
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.jobs.guard import FAST_INTERVAL_S, GuardSample, MemoryGuard
-from qexplorer.core.jobs.record import ModelIdentity, RunRecord
 from qexplorer.core.jobs.runner import JobRunner
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.jobs.watch import GPU_BY_DELTA, GPU_BY_PID
 from qexplorer.core.kinds import Family
 from qexplorer.core.results import ResultsStore

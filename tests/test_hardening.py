@@ -21,14 +21,14 @@ from hypothesis import strategies as st
 from models import LLAMA_31_8B, write_config
 
 from qexplorer.cli import main
-from qexplorer.core.bench import BenchConfig
 from qexplorer.core.catalog import Catalog, bundled_model_path
+from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.events import Phase
+from qexplorer.core.domain.record import record_from_legacy as legacy
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.errors import UserError
 from qexplorer.core.gguf_header import read_gguf_header
-from qexplorer.core.jobs.events import Phase
-from qexplorer.core.jobs.record import record_from_legacy as legacy
 from qexplorer.core.jobs.runner import JobRunner
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.readers import spec_from_folder
 from qexplorer.core.results import ResultsStore
 

@@ -70,3 +70,92 @@ def test_listed_packages_match_the_tree():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "qexplorer").rglob("__init__.py")}
     assert on_disk | {"qexplorer.themes", "qexplorer.data"} == listed
+
+
+# ------------------------------------------------------------------ layers (review C4)
+def _module_imports() -> dict[str, dict[str, bool]]:
+    """Each qexplorer module's qexplorer imports, and whether each is at module level (else inside a function or
+    under TYPE_CHECKING), read from the source."""
+    import ast
+    from pathlib import Path
+
+    root = Path(qexplorer.core.__file__).parents[1]
+    found: dict[str, dict[str, bool]] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {id(node) for node in tree.body}
+        imports: dict[str, bool] = {}
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qexplorer"):
+                targets = [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("qexplorer")]
+            for target in targets:
+                imports[target] = imports.get(target, False) or id(node) in top
+        found[name] = imports
+    return found
+
+
+def test_the_import_graph_has_no_circles():
+    graph = {m: {t for t, top in deps.items() if top} for m, deps in _module_imports().items()}
+    state: dict[str, int] = {}
+    cycles: list[str] = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join(path[path.index(target):] + [target]) if target in path else target)
+            elif target in graph and state.get(target) is None:
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+DATA_MODEL_MAY_IMPORT = ("qexplorer.core.domain", "qexplorer.core.serial", "qexplorer.core.kinds",
+                         "qexplorer.core.units", "qexplorer.core.errors")
+WORKER_ONLY = ("qexplorer.worker", "qexplorer.core.pipeline", "qexplorer.core.engines", "qexplorer.core.quantize",
+               "qexplorer.core.bench.loop", "qexplorer.core.bench.llamacpp", "qexplorer.core.bench.torch_backend",
+               "qexplorer.core.reference", "qexplorer.core.export")
+PARENT_ONLY = ("qexplorer.core.jobs", "qexplorer.core.results", "qexplorer.core.session", "qexplorer.ui",
+               "qexplorer.cli")
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_the_data_model_sits_at_the_bottom():
+    """core/domain (BenchConfig, Stat, RunRecord, the events, the phases, JobSpec) imports nothing above
+    serialisation, anywhere in its code."""
+    offenders = [f"{m} -> {t}" for m, deps in _module_imports().items() if _under(m, ("qexplorer.core.domain",))
+                 for t in deps if not _under(t, DATA_MODEL_MAY_IMPORT)]
+    assert offenders == []
+
+
+def test_worker_code_never_reaches_the_parents_side():
+    """The worker runs the pipeline; the queue, the runner, the results store and the front ends are the
+    parent's. Before: the pipeline imported the runner for a constant and opened the results store."""
+    offenders = [f"{m} -> {t}" for m, deps in _module_imports().items() if _under(m, WORKER_ONLY)
+                 for t in deps if _under(t, PARENT_ONLY)]
+    assert offenders == []
+
+
+def test_the_job_machinery_is_small_functions():
+    """Every function in core/jobs/ under 60 lines (JobRunner.run was one 173-line loop)."""
+    import ast
+    from pathlib import Path
+
+    long = []
+    for path in (Path(qexplorer.core.__file__).parent / "jobs").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

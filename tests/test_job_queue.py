@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qexplorer.core.bench import BenchConfig, Stat
-from qexplorer.core.jobs.events import Completed, Failed, Log, Metric, Phase, Progress, event_from_line, event_to_line
-from qexplorer.core.jobs.queue import JobQueue, JobView
-from qexplorer.core.jobs.record import (
+from qexplorer.core.domain.bench import BenchConfig, Stat
+from qexplorer.core.domain.events import Completed, Failed, Log, Metric, Phase, Progress, event_from_line, event_to_line
+from qexplorer.core.domain.record import (
     EngineInfo,
     ExportRecord,
     ModelIdentity,
@@ -22,8 +21,9 @@ from qexplorer.core.jobs.record import (
     RunRecord,
     Speed,
 )
+from qexplorer.core.domain.spec import JobSpec
+from qexplorer.core.jobs.queue import JobQueue, JobView
 from qexplorer.core.jobs.runner import JobOutcome
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.jobs.watch import MemorySample
 from qexplorer.core.kinds import Engine, Family, JobStatus, SupportMode
 from qexplorer.core.results import ResultsStore, flat_row

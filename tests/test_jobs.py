@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from qexplorer.cli import main
-from qexplorer.core.bench import BenchConfig
-from qexplorer.core.jobs.events import Phase
+from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.events import Phase
+from qexplorer.core.domain.record import RunRecord
+from qexplorer.core.domain.record import record_from_legacy as legacy
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.jobs.queue import store_outcome
-from qexplorer.core.jobs.record import RunRecord
-from qexplorer.core.jobs.record import record_from_legacy as legacy
 from qexplorer.core.jobs.runner import JobRunner
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.results import ResultsStore, to_markdown
 from qexplorer.core.reuse import quiet
 from qexplorer.core.simulate import simulated_sampler

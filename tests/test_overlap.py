@@ -8,10 +8,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.jobs.overlap import TimedGate, fits_together
 from qexplorer.core.jobs.queue import JobQueue
 from qexplorer.core.jobs.runner import JobRunner
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import JobStatus
 from qexplorer.core.simulate import simulated_sampler
 from qexplorer.core.units import MIB

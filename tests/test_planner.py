@@ -137,10 +137,10 @@ def test_qwen3_coder_roofline_reads_the_active_experts_not_all_of_them(tmp_path:
 
 
 def test_a_roofline_above_100_percent_is_never_shown_as_a_fact():
-    from qexplorer.core.bench import roofline_pct
     from qexplorer.core.bench.bandwidth import roofline_note
     from qexplorer.core.compare import row_from_result
-    from qexplorer.core.jobs.record import ModelIdentity, RunRecord
+    from qexplorer.core.domain.bench import roofline_pct
+    from qexplorer.core.domain.record import ModelIdentity, RunRecord
     from qexplorer.core.results import StoredResult
 
     pct = roofline_pct(decode_tok_s=300.0, bytes_per_token=100e6, bandwidth_bytes_s=20e9)  # 30 GB/s > 20 GB/s
@@ -170,9 +170,10 @@ def test_host_bandwidth_is_measured_on_the_benchmarks_thread_count(tmp_path: Pat
 def test_the_job_peak_covers_the_quality_pass_and_the_reference_only_where_it_is_built(tmp_path: Path):
     """The first quality job of a model computes the reference (PyTorch + the BF16 model + logits); the jobs
     after it reuse it. A llama.cpp candidate holds every position's logits; a vLLM one its prompt log-probs."""
-    from qexplorer.core.bench import BenchConfig
-    from qexplorer.core.jobs.spec import JobSpec, plan_jobs
+    from qexplorer.core.domain.bench import BenchConfig
+    from qexplorer.core.domain.spec import JobSpec
     from qexplorer.core.planner import logits_bytes, plan_job_peak, reference_peak
+    from qexplorer.core.session import plan_jobs
 
     spec = Catalog().resolve("default")
     bench = BenchConfig.quick()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from qexplorer.core import quality
+from qexplorer.core.domain.events import drive
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import drive
 
 VOCAB = 64
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from test_job_queue import a_record
 
-from qexplorer.core.bench import BenchConfig
-from qexplorer.core.jobs.record import Noise
-from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.record import Noise
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.results import ResultsStore
 from qexplorer.core.reuse import find_reusable, quiet, reuse_key, reused
 

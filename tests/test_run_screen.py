@@ -10,11 +10,11 @@ from dataclasses import replace
 import pytest
 from apps import feed_samples, settle, sim_app
 
-from qexplorer.core.bench import Stat
+from qexplorer.core.domain.bench import Stat
+from qexplorer.core.domain.events import Phase, Progress
+from qexplorer.core.domain.record import HardwareFacts, ModelIdentity, RunRecord, Speed
 from qexplorer.core.eta import JobEstimate, PhaseEstimate
-from qexplorer.core.jobs.events import Phase, Progress
 from qexplorer.core.jobs.queue import JobView
-from qexplorer.core.jobs.record import HardwareFacts, ModelIdentity, RunRecord, Speed
 from qexplorer.core.jobs.watch import GPU_BY_PID, MemorySample
 from qexplorer.core.kinds import Family, JobAction, JobStatus
 from qexplorer.core.results import ResultsStore

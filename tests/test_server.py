@@ -14,10 +14,11 @@ import time
 import pytest
 
 from qexplorer.cli import main
-from qexplorer.core.bench import Stat, server
+from qexplorer.core.bench import server
 from qexplorer.core.catalog import bundled_model_path
-from qexplorer.core.jobs.events import Progress, drive
-from qexplorer.core.jobs.record import RunRecord, ServerLevel, ServerSweep
+from qexplorer.core.domain.bench import Stat
+from qexplorer.core.domain.events import Progress, drive
+from qexplorer.core.domain.record import RunRecord, ServerLevel, ServerSweep
 from qexplorer.core.results import ResultsStore
 
 

@@ -174,3 +174,34 @@ def test_discrete_used_memory_leaves_out_the_drivers_reservation_like_nvidia_smi
     assert backend.memory_info(0) == (80 * GIB, 0, 80 * GIB - 480 * 2**20)
     backend._nvml = fake_nvml(has_v2=False)
     assert backend.memory_info(0)[1] == 480 * 2**20  # v1 where v2 does not exist
+
+
+def test_unified_formulas_against_a_pool_built_from_independent_parts():
+    """The pool is the kernel's memory, each process's RSS, shared memory and the GPU allocations; MemAvailable is
+    what they leave (not the formula run backwards). A process with compute and graphics contexts is listed by
+    NVML in both lists (A7): counted once, shown as C+G."""
+    procs = [SimulatedProcess(10, "vllm", 2 * GIB, gpu_bytes=30 * GIB),
+             SimulatedProcess(11, "python3", 1 * GIB, gpu_bytes=512 * MIB),
+             SimulatedProcess(12, "Xorg", 100 * MIB, gpu_bytes=64 * MIB, gpu_kind="C+G"),
+             SimulatedProcess(13, "sshd", 10 * MIB)]
+    m = machine([GB10], procs, total=120 * GIB)
+    m.kernel_bytes, m.shmem_bytes = 3 * GIB, 2 * GIB
+    snap = sampler(m, reserve=8 * GIB).sample()
+    device = snap.devices[0]
+    assert device.gpu_used_bytes.value == 30 * GIB + 512 * MIB + 64 * MIB  # Xorg once, not twice
+    host_parts = 3 * GIB + (2 * GIB + 1 * GIB + 100 * MIB + 10 * MIB) + 2 * GIB
+    assert device.other_host_bytes.value == host_parts
+    assert device.other_host_bytes.value >= 0
+    assert snap.host_headroom_bytes.value == 120 * GIB - host_parts - device.gpu_used_bytes.value - 8 * GIB
+    xorg = next(p for p in snap.processes if p.pid == 12)
+    assert xorg.gpu_bytes == 64 * MIB
+
+
+def test_nvml_lists_are_merged_by_pid():
+    from qexplorer.core.kinds import ProcessKind
+    from qexplorer.core.telemetry import GpuProcessUsage, merge_by_pid
+
+    merged = merge_by_pid([GpuProcessUsage(5, 100, ProcessKind.COMPUTE), GpuProcessUsage(6, 7, ProcessKind.COMPUTE),
+                           GpuProcessUsage(5, 100, ProcessKind.GRAPHICS), GpuProcessUsage(7, None, ProcessKind.GRAPHICS)])
+    assert merged == [GpuProcessUsage(5, 100, ProcessKind.COMPUTE_GRAPHICS), GpuProcessUsage(6, 7, ProcessKind.COMPUTE),
+                      GpuProcessUsage(7, None, ProcessKind.GRAPHICS)]

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import TextIO
 
 from qexplorer.core import precisions
-from qexplorer.core.bench import BenchConfig, parse_depths
 from qexplorer.core.catalog import Catalog
+from qexplorer.core.domain.bench import BenchConfig, parse_depths
+from qexplorer.core.domain.events import JobEvent, Log, Phase, Progress
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.errors import UserError
 from qexplorer.core.eta import format_duration
-from qexplorer.core.jobs.events import JobEvent, Log, Phase, Progress
 from qexplorer.core.jobs.queue import JobQueue, JobView
 from qexplorer.core.jobs.runner import JobRunner
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import JobAction
 from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.results import ResultsStore, flat_row, to_markdown

@@ -9,10 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from qexplorer.cli.run import StderrProgress
-from qexplorer.core.bench import parse_depths, server
+from qexplorer.core.bench import server
+from qexplorer.core.domain.bench import parse_depths
+from qexplorer.core.domain.events import drive
+from qexplorer.core.domain.record import ServerQuality, ServerSweep
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import drive
-from qexplorer.core.jobs.record import ServerQuality, ServerSweep
 from qexplorer.core.results import ResultsStore
 from qexplorer.core.serial import to_jsonable
 from qexplorer.core.settings import Settings
@@ -33,7 +34,7 @@ def _quality(target: server.ServerTarget, model_id: str, args: argparse.Namespac
              settings: Settings, progress: StderrProgress) -> ServerQuality:
     from qexplorer.core.artifacts import model_work_dir
     from qexplorer.core.catalog import Catalog
-    from qexplorer.core.jobs.spec import JobSpec
+    from qexplorer.core.domain.spec import JobSpec
     from qexplorer.core.quantize.torch_quant import bf16_checkpoint
     from qexplorer.core.reference import ensure_reference
 

@@ -1,6 +1,6 @@
 """How long a job will take, before it runs, and how long it took: the ETA on the plan and jobs screens.
 
-A job is a sequence of phases (the worker's own :class:`~qexplorer.core.jobs.events.Phase` names). Each phase
+A job is a sequence of phases (the worker's own :class:`~qexplorer.core.domain.events.Phase` names). Each phase
 costs ``units × seconds per unit``; the units come from the model and the job (GiB of weights, billions of
 parameter-tokens for a forward pass over the evaluation text, tokens timed in the benchmark), the rate from
 the jobs that already ran on this machine (``durations.json`` in the data dir: the median of the last
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qexplorer.core.jobs.phases import PHASES, EtaUnit, PhaseKind
+from qexplorer.core.domain.phases import PHASES, EtaUnit, PhaseKind
 from qexplorer.core.kinds import Engine, ModelFormat, Producer
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import BY_KEY, Precision
@@ -144,7 +144,7 @@ def _quantizes(precision: Precision) -> bool:
 def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str,
                cached: Cached) -> tuple[list[tuple[PhaseKind, str, float]], Cached]:
     """(phase, rate key, units) in the order the worker runs them, and what is cached after this job. Each
-    phase's units are its :class:`~qexplorer.core.jobs.phases.EtaUnit`; a forward pass counts the *active*
+    phase's units are its :class:`~qexplorer.core.domain.phases.EtaUnit`; a forward pass counts the *active*
     parameters (a MoE reads only its routed experts), the benchmark the active share of the artifact."""
     from qexplorer.core.planner import active_weight_fraction, weight_bytes
 

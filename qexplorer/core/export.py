@@ -20,10 +20,10 @@ from collections.abc import Generator
 from pathlib import Path
 
 from qexplorer.core.artifacts import content_sha256
+from qexplorer.core.domain.events import JobEvent, Phase
+from qexplorer.core.domain.phases import PhaseKind
+from qexplorer.core.domain.record import ExportRecord
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import JobEvent, Phase
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import ExportRecord
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
 from qexplorer.core.quantize.artifact import produce

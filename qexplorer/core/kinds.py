@@ -99,6 +99,7 @@ class NvmlState(StrEnum):
 class ProcessKind(StrEnum):
     COMPUTE = "compute"
     GRAPHICS = "graphics"
+    COMPUTE_GRAPHICS = "C+G"  # in both of NVML's lists (nvidia-smi's name for it)
 
 
 class RunsOn(StrEnum):

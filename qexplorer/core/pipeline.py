@@ -2,9 +2,9 @@
 
 :func:`run_job` runs inside the worker process (``python -m qexplorer.worker``),
 never in the UI process. It is a generator of job events
-(:mod:`qexplorer.core.jobs.events`) that *returns* a
-:class:`~qexplorer.core.jobs.record.RunRecord` (or, for an export, an
-:class:`~qexplorer.core.jobs.record.ExportRecord`); every step below returns
+(:mod:`qexplorer.core.domain.events`) that *returns* a
+:class:`~qexplorer.core.domain.record.RunRecord` (or, for an export, an
+:class:`~qexplorer.core.domain.record.ExportRecord`); every step below returns
 what it made the same way (``speed = yield from backend.run(...)``). It checks
 ``cancel`` between steps. The parent adds what only it can see (peak memory
 from outside, the guard) and stores the record.
@@ -25,15 +25,15 @@ from typing import Any, TypeVar
 from qexplorer import __version__
 from qexplorer.core import reuse
 from qexplorer.core.artifacts import content_sha256, model_work_dir
-from qexplorer.core.bench import roofline_pct
 from qexplorer.core.bench.bandwidth import roofline_note
 from qexplorer.core.catalog import Catalog
+from qexplorer.core.domain.bench import roofline_pct
+from qexplorer.core.domain.events import JobEvent, Log, Phase, ReuseQuery, checked
+from qexplorer.core.domain.phases import PhaseKind
+from qexplorer.core.domain.record import ExportRecord, HardwareFacts, ModelIdentity, RunRecord
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import JobEvent, Log, Phase, ReuseQuery, checked
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import ExportRecord, HardwareFacts, ModelIdentity, RunRecord
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.kinds import Engine, JobAction
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.planner import decode_bytes_per_token

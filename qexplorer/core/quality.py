@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qexplorer.core.domain.events import JobEvent, Progress
+from qexplorer.core.domain.phases import PhaseKind
+from qexplorer.core.domain.record import QualityStats, ServerQuality
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import JobEvent, Progress
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import QualityStats, ServerQuality
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 PROSE_FILE = DATA_DIR / "prose.txt"

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from qexplorer.core import quality
 from qexplorer.core.artifacts import file_lock, model_key
-from qexplorer.core.jobs.events import JobEvent, Log, Phase
-from qexplorer.core.jobs.phases import PhaseKind
+from qexplorer.core.domain.events import JobEvent, Log, Phase
+from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.kinds import ModelFormat
 from qexplorer.core.model import ModelSpec
 
 if TYPE_CHECKING:
-    from qexplorer.core.jobs.spec import JobSpec
+    from qexplorer.core.domain.spec import JobSpec
 
 Reference = tuple[quality.ReferenceMeta, dict[str, Any]]
 

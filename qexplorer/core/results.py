@@ -2,7 +2,7 @@
 
 Identity columns (model, precision, backend, status, time) are real columns;
 every measured figure lives in the ``record`` column as a
-:class:`~qexplorer.core.jobs.record.RunRecord` in JSON, so a new metric is a
+:class:`~qexplorer.core.domain.record.RunRecord` in JSON, so a new metric is a
 new field of that record and needs no table change. ``PRAGMA user_version``
 holds the schema: bump ``SCHEMA_VERSION`` and add a step to ``MIGRATIONS``
 (SQL) or ``REWRITES`` (a Python rewrite of each record) when either changes.
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qexplorer.core.bench import Stat
+from qexplorer.core.domain.bench import Stat
+from qexplorer.core.domain.record import RunRecord, record_from_legacy
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.record import RunRecord, record_from_legacy
 from qexplorer.core.kinds import JobStatus, SupportMode
 from qexplorer.core.units import format_bytes
 

@@ -4,7 +4,7 @@ A job's figures depend on: the artifact's bytes (its SHA-256), the engine and
 every library version, the machine (CPU, cores, GPU), the benchmark settings
 (pp, tg, repetitions, threads, depths) and the quality settings (corpus,
 tokens, context, top-k, reference precision, or no quality at all). Their
-digest is the record's :attr:`~qexplorer.core.jobs.record.RunRecord.reuse_key`.
+digest is the record's :attr:`~qexplorer.core.domain.record.RunRecord.reuse_key`.
 A later job with the same key would redo the same measurement, so the worker
 asks the parent (which alone opens the results store) and returns the stored
 one instead, marked ``reused_from`` with the date it was
@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from qexplorer.core.bench.noise import NOISY_OTHER_CPU_PCT
-from qexplorer.core.jobs.phases import TIMED
-from qexplorer.core.jobs.record import RunRecord
-from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.domain.phases import TIMED
+from qexplorer.core.domain.record import RunRecord
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.kinds import JobStatus
 from qexplorer.core.serial import to_jsonable
 

@@ -8,14 +8,15 @@ two front ends cannot drift: every option the CLI has, the app has.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from qexplorer.core.bench import BenchConfig
+from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.eta import JobEstimate, cost_order, estimate_jobs, start_order
-from qexplorer.core.jobs.spec import JobSpec, Refusal, plan_jobs
+from qexplorer.core.kinds import Verdict
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
 from qexplorer.core.telemetry import TelemetrySnapshot
@@ -88,3 +89,48 @@ def plan_run(model_ref: str, model: ModelSpec, chosen: Sequence[Precision], opti
     if estimates is None or len(estimates) != len(planned.specs):
         estimates = estimate_jobs(model, planned.specs, data_dir, cuda=cuda)
     return RunPlan(planned.specs, planned.refused, estimates, options.overlap)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    precision: str
+    label: str
+    need_bytes: int | None
+    headroom_bytes: int | None
+
+
+@dataclass(frozen=True)
+class PlannedJobs:
+    specs: tuple[JobSpec, ...]
+    refused: tuple[Refusal, ...]
+
+
+def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: TelemetrySnapshot | None,
+              template: JobSpec, *, force: bool = False) -> PlannedJobs:
+    """One spec per precision, in the order given, with the plan's figures; what does not fit is refused
+    (or, with ``force``, queued anyway). ``template`` carries the options every job shares."""
+    from qexplorer.core.planner import PlanRequest, QualityPlan, plan_job_peak, plan_precision
+    bench = template.bench
+    request = PlanRequest(context=bench.context_tokens)  # depth + pp + tg: the deepest test's KV cache
+    specs, refused = [], []
+    builds_reference = False
+    if template.quality:  # the first job with quality computes the reference (unless cached); the rest reuse it
+        from qexplorer.core.artifacts import model_key
+        from qexplorer.core.quality import reference_cached
+
+        builds_reference = not reference_cached(
+            Path(template.data_dir), model_key(model), template.quality_corpus, template.reference_precision,
+            template.quality_ctx, template.quality_tokens, template.top_k)
+    for precision in dict.fromkeys(precisions):  # each once, first mention wins
+        plan = plan_precision(model, precision, request, snapshot)
+        if plan.verdict == Verdict.DOES_NOT_FIT and not force:
+            refused.append(Refusal(precision.key, precision.label, plan.total_bytes, plan.headroom_bytes))
+            continue
+        quality = QualityPlan(template.quality_ctx, builds_reference and not specs) if template.quality else None
+        specs.append(replace(
+            template, precision=precision.key, model_name=model.name, model_path=model.path,
+            planned_peak_bytes=plan_job_peak(model, precision, bench, on_gpu=plan.runs_on == "GPU",
+                                             vllm=plan.engine == "vllm", quality=quality),
+            planned_total_bytes=plan.total_bytes,
+        ))
+    return PlannedJobs(tuple(specs), tuple(refused))

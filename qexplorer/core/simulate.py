@@ -86,6 +86,10 @@ class SimulatedMachine:
     plunge_bytes_s: float = 0.0
     plunge_s: float = 0.0
     plunge_started: float | None = None
+    # None: MemAvailable from other_host_bytes (the profiles). Set: from independent parts - the kernel's own
+    # memory, each process's host memory (RSS), shared memory and, on unified memory, the GPU allocations -
+    # so that a test of the formulas is not the formulas run backwards
+    kernel_bytes: int | None = None
     host_fallback: LocalHostProbe = field(default_factory=LocalHostProbe)
 
     def start_plunge(self) -> None:
@@ -109,7 +113,11 @@ class SimulatedMachine:
         return any(d.memory_total_bytes is None or d.shim for d in self.devices)
 
     def mem_available_bytes(self) -> int:
-        used = self.other_host_bytes + self.extra_used_bytes + self.plunged_bytes()
+        if self.kernel_bytes is not None:
+            host = self.kernel_bytes + sum(p.rss_bytes for p in self.processes) + self.shmem_bytes
+        else:
+            host = self.other_host_bytes
+        used = host + self.extra_used_bytes + self.plunged_bytes()
         if self.unified:
             used += sum(self.gpu_bytes(p) for p in self.processes)
         return max(0, self.mem_total_bytes - used)
@@ -153,10 +161,12 @@ class SimulatedNvml:
 
     def processes(self, index: int) -> list[GpuProcessUsage]:
         self._device(index)
+        # as NVML answers: the compute list, then the graphics list; a "C+G" process is in both
         return [
-            GpuProcessUsage(p.pid + self.machine.container_pid_offset, self.machine.gpu_bytes(p), p.gpu_kind)
+            GpuProcessUsage(p.pid + self.machine.container_pid_offset, self.machine.gpu_bytes(p), kind)
+            for kind in ("compute", "graphics")
             for p in self.machine.processes
-            if p.gpu_bytes
+            if p.gpu_bytes and p.gpu_kind in (kind, "C+G")
         ]
 
     def utilization_pct(self, index: int) -> int:

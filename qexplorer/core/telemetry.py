@@ -458,6 +458,22 @@ class TelemetrySnapshot:
 
 
 # --------------------------------------------------------------------------- formulas
+def merge_by_pid(processes: Iterable[GpuProcessUsage]) -> list[GpuProcessUsage]:
+    """One entry per process: NVML lists a process with both a compute and a graphics context in both lists,
+    each with the same ``usedGpuMemory`` (a desktop GB10, GL interop); summing them counts it twice. nvidia-smi,
+    nvitop and gpustat show it once, as "C+G"."""
+    merged: dict[int, GpuProcessUsage] = {}
+    for proc in processes:
+        seen = merged.get(proc.pid)
+        if seen is None:
+            merged[proc.pid] = proc
+            continue
+        used = max((v for v in (seen.used_bytes, proc.used_bytes) if v is not None), default=None)
+        kind = seen.kind if seen.kind == proc.kind else ProcessKind.COMPUTE_GRAPHICS
+        merged[proc.pid] = GpuProcessUsage(proc.pid, used, kind)
+    return list(merged.values())
+
+
 def unified_gpu_used_bytes(processes: Iterable[GpuProcessUsage]) -> int:
     """GPU memory on unified memory: the sum of per-process allocations."""
     return sum(p.used_bytes or 0 for p in processes)
@@ -588,7 +604,7 @@ class TelemetrySampler:
         except (NvmlNotSupported, NvmlQueryError) as exc:
             name = f"GPU {index} ({exc})"
         try:
-            usage = self.nvml.processes(index)
+            usage = merge_by_pid(self.nvml.processes(index))
             usage_ok = True
         except (NvmlNotSupported, NvmlQueryError):
             usage, usage_ok = [], False

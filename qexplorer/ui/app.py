@@ -344,7 +344,7 @@ class QExplorerApp(App[int]):
 
     def export_model(self, precision_key: str) -> None:
         """Export the selected precision as a servable artifact, in a worker process."""
-        from qexplorer.core.jobs.spec import JobSpec
+        from qexplorer.core.domain.spec import JobSpec
         from qexplorer.core.kinds import JobAction
         from qexplorer.core.precisions import get as get_precision
 
@@ -360,7 +360,7 @@ class QExplorerApp(App[int]):
 
     def add_server_target(self, url: str) -> None:
         """Benchmark a running OpenAI-compatible server; it shows up as a job and then beside local results."""
-        from qexplorer.core.jobs.spec import ServerSpec
+        from qexplorer.core.domain.spec import ServerSpec
 
         self.job_queue.submit([ServerSpec(url.strip())])
 
@@ -372,7 +372,7 @@ class QExplorerApp(App[int]):
     def bench_config(self):
         from dataclasses import replace
 
-        from qexplorer.core.bench import BenchConfig
+        from qexplorer.core.domain.bench import BenchConfig
 
         bench = BenchConfig.quick() if self.quick_bench else BenchConfig()
         extras = self.run_extras.bench

@@ -37,11 +37,10 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from qexplorer.core.bench import BenchConfig, Stat, rates
-from qexplorer.core.bench.noise import NoiseProbe
-from qexplorer.core.jobs.events import JobEvent, Progress
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import Speed
+from qexplorer.core.bench.loop import Repetition, run_series
+from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.events import JobEvent
+from qexplorer.core.domain.record import Speed
 
 N_BATCH = 2048  # llama-bench's defaults
 N_UBATCH = 512
@@ -144,36 +143,31 @@ def run(llm: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, t
     # deep enough for the deepest prefill and then one whole pp batch: a timed pp never wraps into two decodes
     ids = prompt_ids(llm, text, max(config.max_depth + config.prompt_tokens, config.gen_tokens, 1))
     with Decoder(llm, ids, config) as decoder:
-        return (yield from _run(decoder, config))
+        return (yield from run_series(_Timed(decoder, config), config))
 
 
-def _run(decoder: Decoder, config: BenchConfig) -> Generator[JobEvent, None, tuple[Speed, ...]]:
-    total = config.repetitions * len(config.depths)
-    speeds = []
-    for d_index, depth in enumerate(config.depths):
-        decoder.trim(0)
+class _Timed:
+    """llama-bench's test_prompt / test_gen on one :class:`Decoder`, for :func:`~.loop.run_series`."""
+
+    def __init__(self, decoder: Decoder, config: BenchConfig) -> None:
+        self.decoder, self.config = decoder, config
+
+    def start_depth(self, depth: int) -> None:
+        self.decoder.trim(0)
         if depth:
-            yield Progress(PhaseKind.BENCHMARK, d_index * config.repetitions, total, f"prefilling a depth of {depth} tokens")
-            decoder.prompt(depth)
-        if config.warmup and d_index == 0:  # llama-bench's warm-up: the prompt once, then one generated token
-            decoder.prompt(config.prompt_tokens, offset=depth)
-            decoder.trim(depth)
-            decoder.generate(1)
-            decoder.trim(depth)
-        noise = NoiseProbe().start()
-        pp_s, tg_s, ttft_s = [], [], []
-        while not pp_s or not config.settled(pp_s, tg_s):  # adaptive: see BenchConfig.settled
-            pp = _timed(decoder.prompt, config.prompt_tokens, depth)
-            ttft_s.append(pp + _timed(decoder.generate, 1))
-            pp_s.append(pp)
-            decoder.trim(depth)
-            tg_s.append(_timed(decoder.generate, config.gen_tokens))
-            decoder.trim(depth)
-            yield Progress(PhaseKind.BENCHMARK, d_index * config.repetitions + len(pp_s), total,
-                           f"repetition {len(pp_s)}" + (f" at depth {depth}" if depth else ""))
-        decode = rates(config.gen_tokens, tg_s)
-        speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=decode,
-                            ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens, gen_tokens=config.gen_tokens,
-                            repetitions=len(pp_s), threads=config.thread_count, depth=depth,
-                            noise=noise.stop(decode.cv_pct)))
-    return tuple(speeds)
+            self.decoder.prompt(depth)
+
+    def warm_up(self, depth: int) -> None:
+        self.decoder.prompt(self.config.prompt_tokens, offset=depth)
+        self.decoder.trim(depth)
+        self.decoder.generate(1)
+        self.decoder.trim(depth)
+
+    def repetition(self, depth: int, index: int) -> Repetition:
+        decoder, config = self.decoder, self.config
+        pp = _timed(decoder.prompt, config.prompt_tokens, depth)
+        ttft = pp + _timed(decoder.generate, 1)
+        decoder.trim(depth)
+        tg = _timed(decoder.generate, config.gen_tokens)
+        decoder.trim(depth)
+        return Repetition(pp, ttft, config.gen_tokens / tg if tg > 0 else None)

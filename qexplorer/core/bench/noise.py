@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
-from qexplorer.core.jobs.record import Noise
+from qexplorer.core.domain.record import Noise
 
 NOISY_OTHER_CPU_PCT = 10.0
 NOISY_CV_PCT = 5.0

@@ -49,12 +49,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from qexplorer.core.bench import Stat
 from qexplorer.core.bench.noise import NoiseProbe, own_tree
-from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import JobEvent, Log, Phase, Progress, drive
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import (
+from qexplorer.core.domain.bench import Stat
+from qexplorer.core.domain.events import JobEvent, Log, Phase, Progress, drive
+from qexplorer.core.domain.phases import PhaseKind
+from qexplorer.core.domain.record import (
     EngineInfo,
     InterTokenLatency,
     MemoryFigures,
@@ -67,7 +66,8 @@ from qexplorer.core.jobs.record import (
     ServerSweep,
     Speed,
 )
-from qexplorer.core.jobs.spec import ServerSpec
+from qexplorer.core.domain.spec import ServerSpec
+from qexplorer.core.errors import UserError
 from qexplorer.core.kinds import Engine, Family, SupportMode
 
 # Ends mid-sentence so that base and instruction-tuned models alike keep writing.

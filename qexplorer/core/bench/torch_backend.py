@@ -22,11 +22,10 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from qexplorer.core.bench import BenchConfig, Stat, rates
-from qexplorer.core.bench.noise import NoiseProbe
-from qexplorer.core.jobs.events import JobEvent, Progress
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import Speed
+from qexplorer.core.bench.loop import Repetition, run_series
+from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.events import JobEvent
+from qexplorer.core.domain.record import Speed
 
 
 def prompt_ids(tokenizer: Any, text: str, count: int) -> list[int]:
@@ -39,60 +38,65 @@ def prompt_ids(tokenizer: Any, text: str, count: int) -> list[int]:
 def run(model: Any, tokenizer: Any, text: str, config: BenchConfig) -> Generator[JobEvent, None, tuple[Speed, ...]]:
     """Warm-up, then ``repetitions`` of pp and tg at each depth; yields progress, returns one Speed per depth."""
     import torch
-    from transformers import DynamicCache
 
-    threads = config.thread_count  # the same default as every other engine (physical cores)
-    torch.set_num_threads(threads)
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, text, config.max_depth + config.prompt_tokens)], device=device)
-    token = ids[:, -1:]
+    torch.set_num_threads(config.thread_count)  # the same default as every other engine (physical cores)
+    with torch.inference_mode():
+        return (yield from run_series(_Timed(model, tokenizer, text, config), config))
 
-    def sync() -> None:
-        if device.type == "cuda":
+
+class _Timed:
+    """pp / TTFT / tg as forward passes on a DynamicCache, for :func:`~.loop.run_series`."""
+
+    def __init__(self, model: Any, tokenizer: Any, text: str, config: BenchConfig) -> None:
+        import torch
+
+        self.model, self.config = model, config
+        self.device = next(model.parameters()).device
+        self.ids = torch.tensor([prompt_ids(tokenizer, text, config.max_depth + config.prompt_tokens)],
+                                device=self.device)
+        self.token = self.ids[:, -1:]
+        self.cache: Any = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize()
 
-    def forward(batch: Any, cache: Any) -> None:
-        model(batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    def _forward(self, batch: Any) -> None:
+        self.model(batch, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
 
-    def timed(fn: Any, *args: Any) -> float:
-        sync()
+    def _generate(self, steps: int) -> None:
+        for _ in range(steps):
+            self._forward(self.token)
+
+    def _timed(self, fn: Any, *args: Any) -> float:
+        self._sync()
         start = time.perf_counter()
         fn(*args)
-        sync()
+        self._sync()
         return time.perf_counter() - start
 
-    def generate(cache: Any, steps: int) -> None:
-        for _ in range(steps):
-            forward(token, cache)
+    def _prompt(self, depth: int) -> Any:
+        return self.ids[:, depth: depth + self.config.prompt_tokens]
 
-    total = config.repetitions * len(config.depths)
-    speeds = []
-    with torch.inference_mode():
-        for d_index, depth in enumerate(config.depths):
-            cache = DynamicCache()
-            if depth:
-                yield Progress(PhaseKind.BENCHMARK, d_index * config.repetitions, total, f"prefilling a depth of {depth} tokens")
-                forward(ids[:, :depth], cache)
-            prompt = ids[:, depth: depth + config.prompt_tokens]
-            if config.warmup and d_index == 0:  # llama-bench's warm-up: the prompt once, then one generated token
-                forward(prompt, cache)
-                cache.crop(depth)
-                generate(cache, 1)
-                cache.crop(depth)
-            noise = NoiseProbe().start()
-            pp_s, tg_s, ttft_s = [], [], []
-            while not pp_s or not config.settled(pp_s, tg_s):  # adaptive: see BenchConfig.settled
-                pp = timed(forward, prompt, cache)
-                ttft_s.append(pp + timed(forward, token, cache))
-                pp_s.append(pp)
-                cache.crop(depth)
-                tg_s.append(timed(generate, cache, config.gen_tokens))
-                cache.crop(depth)
-                yield Progress(PhaseKind.BENCHMARK, d_index * config.repetitions + len(pp_s), total,
-                               f"repetition {len(pp_s)}" + (f" at depth {depth}" if depth else ""))
-            decode = rates(config.gen_tokens, tg_s)
-            speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, pp_s), decode_tok_s=decode,
-                                ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens,
-                                gen_tokens=config.gen_tokens, repetitions=len(pp_s), threads=threads,
-                                depth=depth, noise=noise.stop(decode.cv_pct)))
-    return tuple(speeds)
+    def start_depth(self, depth: int) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        if depth:
+            self._forward(self.ids[:, :depth])
+
+    def warm_up(self, depth: int) -> None:
+        self._forward(self._prompt(depth))
+        self.cache.crop(depth)
+        self._generate(1)
+        self.cache.crop(depth)
+
+    def repetition(self, depth: int, index: int) -> Repetition:
+        pp = self._timed(self._forward, self._prompt(depth))
+        ttft = pp + self._timed(self._forward, self.token)
+        self.cache.crop(depth)
+        tg = self._timed(self._generate, self.config.gen_tokens)
+        self.cache.crop(depth)
+        return Repetition(pp, ttft, self.config.gen_tokens / tg if tg > 0 else None)

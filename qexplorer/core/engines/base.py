@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qexplorer.core.jobs.events import Cancelled, JobEvent, checked
-from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, QualityStats, ServerQuality, Speed, Timings
-from qexplorer.core.jobs.spec import JobSpec
+from qexplorer.core.domain.events import Cancelled, JobEvent, checked
+from qexplorer.core.domain.record import EngineInfo, MemoryFigures, QualityStats, ServerQuality, Speed, Timings
+from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.kinds import SupportMode
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision

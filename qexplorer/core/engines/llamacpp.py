@@ -8,10 +8,10 @@ from collections.abc import Generator
 from dataclasses import replace
 from importlib import metadata
 
+from qexplorer.core.domain.events import JobEvent, Phase
+from qexplorer.core.domain.phases import PhaseKind
+from qexplorer.core.domain.record import EngineInfo, MemoryFigures, Timings
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, nvml_gpu_name
-from qexplorer.core.jobs.events import JobEvent, Phase
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, Timings
 from qexplorer.core.kinds import Engine, SupportMode
 
 

@@ -19,10 +19,10 @@ import time
 from collections.abc import Generator
 from typing import Any
 
+from qexplorer.core.domain.events import JobEvent, Log, Metric, Phase
+from qexplorer.core.domain.phases import PhaseKind
+from qexplorer.core.domain.record import EngineInfo, MemoryFigures, QualityStats, ReferenceInfo, Timings
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
-from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, QualityStats, ReferenceInfo, Timings
 from qexplorer.core.kinds import Engine, SupportMode
 
 FALLBACK_LABEL = "transformers, weights dequantized - not serving speed"

@@ -42,13 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qexplorer.core.bench import BenchConfig, Stat, rates
-from qexplorer.core.bench.noise import NoiseProbe
+from qexplorer.core.bench.loop import Repetition
+from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.events import JobEvent, Phase, Progress
+from qexplorer.core.domain.phases import PhaseKind
+from qexplorer.core.domain.record import EngineInfo, MemoryFigures, ServerQuality, Speed, Timings
 from qexplorer.core.engines.base import EngineContext, Measured
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import JobEvent, Phase, Progress
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import EngineInfo, MemoryFigures, ServerQuality, Speed, Timings
 from qexplorer.core.kinds import Engine, SupportMode
 
 START_TIMEOUT_S = 900.0
@@ -263,45 +263,16 @@ class VllmServer:
         return start, stamps[0], stamps[-1], generated or len(stamps)
 
     def measure_speed(self, prompt_ids: list[int], config: BenchConfig) -> Generator[JobEvent, None, tuple[Speed, ...]]:
-        """One Speed per depth. At depth d > 0 each repetition first sends its own d-token context (untimed, with
-        prefix caching on, so vLLM keeps it), then the timed request: that context and pp new tokens - llama-bench's
-        -d through the API: only the pp tokens are processed in the timing."""
+        """One Speed per depth, through :func:`~qexplorer.core.bench.loop.run_series`. At depth d > 0 each
+        repetition first sends its own d-token context (untimed, with prefix caching on, so vLLM keeps it), then
+        the timed request: that context and pp new tokens - llama-bench's -d through the API: only the pp tokens
+        are processed in the timing."""
         import httpx
 
-        def window(rep: int, count: int, salt: int = 0) -> list[int]:  # a different slice each time
-            shift = (rep * 7919 + salt * 104729) % len(prompt_ids)
-            rotated = prompt_ids[shift:] + prompt_ids[:shift]
-            while len(rotated) < count:
-                rotated = rotated + rotated
-            return rotated[:count]
+        from qexplorer.core.bench.loop import run_series
 
-        speeds = []
         with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False) as client:
-            if config.warmup:  # llama-bench's warm-up, untimed: the prompt once and one decode step
-                self._stream(client, window(config.repetitions + 1, config.prompt_tokens), 2)
-            total = config.repetitions * len(config.depths)
-            for d_index, depth in enumerate(config.depths):
-                noise = NoiseProbe().start()  # the worker's tree holds the vLLM server: its CPU is the measurement
-                ttft_s, decode_tok_s = [], []
-                rep = 0
-                while not ttft_s or not config.settled(ttft_s, decode_tok_s):  # adaptive: BenchConfig.settled
-                    context = window(rep, depth, salt=1 + d_index) if depth else []
-                    if depth:
-                        self._stream(client, context, 1)  # prefilled and cached, outside the timing
-                    start, first, last, generated = self._stream(client, context + window(rep, config.prompt_tokens),
-                                                                 config.gen_tokens)
-                    ttft_s.append(first - start)
-                    if generated > 1 and last > first:
-                        decode_tok_s.append((generated - 1) / (last - first))
-                    rep += 1
-                    yield Progress(PhaseKind.BENCHMARK, d_index * config.repetitions + rep, total,
-                                   f"repetition {rep}" + (f" at depth {depth}" if depth else ""))
-                decode = Stat.of(decode_tok_s)
-                speeds.append(Speed(prefill_tok_s=rates(config.prompt_tokens, ttft_s), decode_tok_s=decode,
-                                    ttft_s=Stat.of(ttft_s), prompt_tokens=config.prompt_tokens,
-                                    gen_tokens=config.gen_tokens, repetitions=rep,
-                                    threads=config.thread_count, depth=depth, noise=noise.stop(decode.cv_pct)))
-        return tuple(speeds)
+            return (yield from run_series(_StreamTimer(self, client, prompt_ids, config), config))
 
     def measure_logprobs(self, reference: Any) -> Generator[JobEvent, None, ServerQuality]:
         """KLD and top-1 agreement from vLLM's prompt log-probabilities on the reference's chunks."""
@@ -335,6 +306,36 @@ class VllmServer:
         return scorer.result(MAX_LOGPROBS, f"vLLM prompt_logprobs: KLD over its top-{MAX_LOGPROBS} shared with the "
                                            f"reference's top-{meta.top_k}, plus one lumped bucket: a lower bound",
                              "by token id (prompt sent as ids)")
+
+
+class _StreamTimer:
+    """One streamed completion per repetition, for :func:`~qexplorer.core.bench.loop.run_series`: TTFT is the
+    prompt's time, decode the rate between the first and the last streamed token."""
+
+    def __init__(self, server: VllmServer, client: Any, prompt_ids: list[int], config: BenchConfig) -> None:
+        self.server, self.client, self.ids, self.config = server, client, prompt_ids, config
+
+    def _window(self, rep: int, count: int, salt: int = 0) -> list[int]:  # a different slice each time
+        shift = (rep * 7919 + salt * 104729) % len(self.ids)
+        rotated = self.ids[shift:] + self.ids[:shift]
+        while len(rotated) < count:
+            rotated = rotated + rotated
+        return rotated[:count]
+
+    def start_depth(self, depth: int) -> None:
+        """Each repetition sends its own context (a cached prefix), so nothing is kept between them."""
+
+    def warm_up(self, depth: int) -> None:
+        self.server._stream(self.client, self._window(self.config.repetitions + 1, self.config.prompt_tokens), 2)
+
+    def repetition(self, depth: int, index: int) -> Repetition:
+        context = self._window(index, depth, salt=1 + depth) if depth else []
+        if depth:
+            self.server._stream(self.client, context, 1)  # prefilled and cached, outside the timing
+        start, first, last, generated = self.server._stream(
+            self.client, context + self._window(index, self.config.prompt_tokens), self.config.gen_tokens)
+        decode = (generated - 1) / (last - first) if generated > 1 and last > first else None
+        return Repetition(first - start, first - start, decode)
 
 
 EMULATING_KERNELS = re.compile(r"Torch|Emulat|Dequant", re.IGNORECASE)

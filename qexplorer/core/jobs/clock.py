@@ -7,7 +7,7 @@ phase's cost, and it never counts as a stall (a job that waits longer than the p
 A phase during which another job's worker ran is listed in :attr:`PhaseClock.shared`: its wall time was slowed
 by that job, so the ETA learns no rate from it and the record says so.
 
-The record's :class:`~qexplorer.core.jobs.record.Timings` come from here (:func:`timings_from`), not from the
+The record's :class:`~qexplorer.core.domain.record.Timings` come from here (:func:`timings_from`), not from the
 worker's own clock, which would include the pauses.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from qexplorer.core.jobs.phases import PhaseKind
-from qexplorer.core.jobs.record import Timings
+from qexplorer.core.domain.phases import PhaseKind
+from qexplorer.core.domain.record import Timings
 
 MIN_WAIT_ROW_S = 0.05  # the runner loop's granularity: a shorter wait stays in its phase
 
@@ -77,8 +77,9 @@ def timings_from(phases: Iterable[tuple[str, float]]) -> Timings:
 
     * ``quantize_s``: making the artifact (dequantize, convert, quantize);
     * ``load_s``: the serving engine's start (vLLM's ``engine`` phase), else the first ``load``;
-    * ``quality_s``: the quality and log-prob passes, and, beside vLLM, the ``load`` of the artifact for its own
-      quality pass (it runs before the engine starts).
+    * ``quality_s``: the artifact's own quality pass, with, beside vLLM, the ``load`` of the artifact for it (it
+      runs before the engine starts); vLLM's log-prob cross-check is not the quality pass and is not in it. None
+      where no quality pass ran (the reference precision's row comes from the reference itself).
     """
     phases = [(PhaseKind(name), seconds) for name, seconds in phases]
     kinds = [kind for kind, _ in phases]
@@ -88,7 +89,7 @@ def timings_from(phases: Iterable[tuple[str, float]]) -> Timings:
 
     engine = [s for k, s in phases if k == PhaseKind.ENGINE]
     loads = [s for k, s in phases if k == PhaseKind.LOAD]
-    quality = [s for k, s in phases if k in (PhaseKind.QUALITY, PhaseKind.LOG_PROBS)]
+    quality = [s for k, s in phases if k == PhaseKind.QUALITY]
     if PhaseKind.ENGINE in kinds:
         quality += loads
     return Timings(quantize_s=total([s for k, s in phases if k in _QUANTIZE]),

@@ -22,7 +22,7 @@ job whose footprint grew is the one stopped.
 While a job loads, quantizes, converts or starts a server the runner samples at
 ``FAST_INTERVAL_S`` (4 Hz) so that the trend has points to fit; during timed
 phases, where a busy parent would perturb the timing, at the user's rate (each
-phase's rate is in :mod:`.phases`).
+phase's rate is in :mod:`qexplorer.core.domain.phases`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from qexplorer.core.jobs.phases import GuardRate, spec_of
+from qexplorer.core.domain.phases import GuardRate, spec_of
 from qexplorer.core.units import MIB, format_gib
 
 FAST_INTERVAL_S = 0.25  # ≥ 4 Hz while a job loads

@@ -9,7 +9,7 @@ and quality passes, the bandwidth test); among jobs that are ready, the oldest
 goes first. So measurements
 never share the CPU, and a job whose preparation is short (a GGUF
 re-quantization) is measured while a slow one (a vLLM start) still prepares.
-A phase that runs alone (``alone`` in :mod:`.phases`: the speed benchmark, the
+A phase that runs alone (``alone`` in :mod:`qexplorer.core.domain.phases`: the speed benchmark, the
 bandwidth test) does so this way:
 
 * the worker announces it (a ``Phase`` event) and then waits for one line on its

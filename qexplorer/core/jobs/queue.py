@@ -23,14 +23,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
+from qexplorer.core.domain.events import Failed, JobEvent, Log, Metric, Phase, Progress
+from qexplorer.core.domain.phases import PhaseKind, spec_of
+from qexplorer.core.domain.record import ExportRecord, RunRecord
+from qexplorer.core.domain.spec import JobSpec, ServerSpec
 from qexplorer.core.errors import UserError
 from qexplorer.core.eta import DurationBook, JobEstimate
-from qexplorer.core.jobs.events import Failed, JobEvent, Log, Metric, Phase, Progress
 from qexplorer.core.jobs.overlap import MAX_WORKERS, PREPARE_THREADS, fits_together
-from qexplorer.core.jobs.phases import PhaseKind, spec_of
-from qexplorer.core.jobs.record import ExportRecord, RunRecord
 from qexplorer.core.jobs.runner import JobOutcome, JobRunner, failure_record
-from qexplorer.core.jobs.spec import JobSpec, ServerSpec
 from qexplorer.core.jobs.watch import GPU_BY_DELTA, MemorySample
 from qexplorer.core.kinds import JobAction, JobStatus
 from qexplorer.core.results import ResultsStore
@@ -70,7 +70,7 @@ class JobView:
     @property
     def measuring_now(self) -> bool:
         """In a phase that runs alone (or waiting to start one): a figure is being timed, and a front end that
-        shares the machine goes quiet (jobs.phases)."""
+        shares the machine goes quiet (domain.phases)."""
         return self.status == JobStatus.RUNNING and spec_of(self.phase).alone
 
     def left_s(self, now: float) -> float | None:

@@ -31,9 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qexplorer.core.jobs.channel import WorkerChannel
-from qexplorer.core.jobs.clock import PhaseClock, timings_from
-from qexplorer.core.jobs.events import (
+from qexplorer.core.domain.events import (
     Completed,
     Failed,
     JobEvent,
@@ -43,10 +41,12 @@ from qexplorer.core.jobs.events import (
     event_from_line,
     reuse_answer_line,
 )
+from qexplorer.core.domain.record import ExportRecord, ModelIdentity, RunRecord
+from qexplorer.core.domain.spec import JobSpec
+from qexplorer.core.jobs.channel import WorkerChannel
+from qexplorer.core.jobs.clock import PhaseClock, timings_from
 from qexplorer.core.jobs.guard import GuardPool, MemoryGuard
 from qexplorer.core.jobs.overlap import PREPARE_NICE, TimedGate, can_restore_priority, set_tree_nice
-from qexplorer.core.jobs.record import ExportRecord, ModelIdentity, RunRecord
-from qexplorer.core.jobs.spec import JobSpec
 from qexplorer.core.jobs.watch import MemorySample, MemoryWatch
 from qexplorer.core.kinds import Family, JobStatus
 from qexplorer.core.telemetry import TelemetrySampler

@@ -4,7 +4,7 @@ Each sample measures the job's process tree (RSS of the worker and of any server
 memory NVML attributes to it - per process, or, in a container where NVML lists host PIDs, the device's growth
 since the job started - and hands the machine's headroom to the runner's :class:`~.guard.GuardPool`. Guarding
 reads **real** telemetry only: ``--simulate`` changes what is drawn, never what guards a real job. The sampling
-rate follows the phase (:mod:`.phases`): 4 Hz while memory moves, the user's rate while a figure is timed.
+rate follows the phase (:mod:`qexplorer.core.domain.phases`): 4 Hz while memory moves, the user's rate while a figure is timed.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from qexplorer.core.domain.phases import spec_of
 from qexplorer.core.jobs.guard import GuardPool, GuardSample, GuardStop
-from qexplorer.core.jobs.phases import spec_of
 from qexplorer.core.proc import tree_rss
 from qexplorer.core.telemetry import TelemetrySampler, TelemetrySnapshot
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from pathlib import Path
 
-from qexplorer.core.jobs.events import JobEvent
+from qexplorer.core.domain.events import JobEvent
 from qexplorer.core.kinds import ModelFormat
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision

@@ -21,9 +21,9 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 from qexplorer.core.artifacts import file_lock
+from qexplorer.core.domain.events import JobEvent, Log, Metric, Phase
+from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.errors import UserError
-from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
-from qexplorer.core.jobs.phases import PhaseKind
 from qexplorer.core.kinds import ModelFormat
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision

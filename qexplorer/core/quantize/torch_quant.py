@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from qexplorer.core.artifacts import file_lock
-from qexplorer.core.jobs.events import JobEvent, Log, Metric, Phase
-from qexplorer.core.jobs.phases import PhaseKind
+from qexplorer.core.domain.events import JobEvent, Log, Metric, Phase
+from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.kinds import ModelFormat, Producer
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision

@@ -3,7 +3,7 @@
 A screen under another one (the dashboard under the jobs screen, the plan screen under compare) used to redraw
 on every sample: plots and tables nobody saw, on the event loop, on the CPU a benchmark was timing. A screen
 redraws while it is the one shown and once more when it is shown again. While a job is timed (the app's
-``quiet``: a phase that runs alone, core.jobs.phases) the screens also leave their plots as they are and draw
+``quiet``: a phase that runs alone, core.domain.phases) the screens also leave their plots as they are and draw
 them again when the figure is taken.
 """
 

@@ -161,7 +161,7 @@ class PlanScreen(Screen):
                     + (" (quick)" if self.app.quick_bench else " (llama-bench default)"), timeout=4)
 
     def action_depth(self) -> None:
-        from qexplorer.core.bench import depth_choices
+        from qexplorer.core.domain.bench import depth_choices
 
         choices = depth_choices(self.app.context, self.app.bench_config())
         current = self.app.bench_depths

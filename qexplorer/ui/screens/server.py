@@ -14,7 +14,7 @@ class ServerTargetScreen(ModalScreen[str | None]):
     BINDINGS = [Binding("escape", "dismiss", "Cancel")]
 
     def compose(self) -> ComposeResult:
-        from qexplorer.core.jobs.spec import ServerSpec
+        from qexplorer.core.domain.spec import ServerSpec
 
         spec = ServerSpec("")
         levels = ", ".join(str(level) for level in spec.levels)

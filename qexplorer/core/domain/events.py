@@ -7,7 +7,7 @@ carrying the record; the parent (:mod:`qexplorer.core.jobs.runner`) reads them
 back with :func:`event_from_line`.
 
 =============  ==========================================================
-``phase``      a new phase begins (a :class:`~.phases.PhaseKind`); after one
+``phase``      a new phase begins (a :class:`~qexplorer.core.domain.phases.PhaseKind`); after one
                that runs alone (the benchmark, the bandwidth test) the
                worker waits for a line on stdin: the parent's go, once
                nothing else runs (:mod:`qexplorer.core.jobs.overlap`)
@@ -27,8 +27,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from qexplorer.core.jobs.phases import PHASES, PhaseKind
-from qexplorer.core.jobs.record import ExportRecord, RunRecord
+from qexplorer.core.domain.phases import PHASES, PhaseKind
+from qexplorer.core.domain.record import ExportRecord, RunRecord
 from qexplorer.core.serial import from_jsonable, to_jsonable
 
 
@@ -39,7 +39,7 @@ class Phase:
 
     @property
     def alone(self) -> bool:
-        """A phase that runs alone (:mod:`.phases`): the worker waits for the parent's go (one stdin line)
+        """A phase that runs alone (:mod:`qexplorer.core.domain.phases`): the worker waits for the parent's go (one stdin line)
         before it starts the clock."""
         return PHASES[self.name].alone
 

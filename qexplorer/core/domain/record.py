@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qexplorer.core.bench import BenchConfig, Stat
+from qexplorer.core.domain.bench import BenchConfig, Stat
 from qexplorer.core.kinds import Engine, Family, SupportMode
 from qexplorer.core.serial import from_jsonable, to_jsonable
 
