@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from qexplorer.core import precisions
-from qexplorer.core.bench import llamacpp
+from qexplorer.core.bench import llamacpp_timer
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.domain.bench import BenchConfig
 from qexplorer.core.domain.events import drive
@@ -66,12 +66,12 @@ def backend(args: argparse.Namespace) -> None:
               f"{args.rounds} alternating rounds; tok/s mean over rounds")
         print(f"{'file':28} {'test':>12} {'qexplorer':>16} {'llama-bench':>16} {'ratio':>6}  noisy rounds")
         for path in files.values():
-            llm = llamacpp.load(path, config, n_gpu_layers=0)
+            llm = llamacpp_timer.load(path, config, n_gpu_layers=0)
             ours: dict[tuple[str, int], list[float]] = {}
             theirs: dict[tuple[str, int], list[float]] = {}
             noisy = 0
             for _ in range(args.rounds):
-                for speed in drive(llamacpp.run(llm, text, config)):
+                for speed in drive(llamacpp_timer.run(llm, text, config)):
                     ours.setdefault(("pp", speed.depth), []).append(speed.prefill_tok_s.mean)
                     ours.setdefault(("tg", speed.depth), []).append(speed.decode_tok_s.mean)
                     noisy += speed.noisy
@@ -98,12 +98,12 @@ def served(args: argparse.Namespace) -> None:
     import subprocess
     import sys
 
-    from qexplorer.core.bench import server
+    from qexplorer.core import server
     from qexplorer.core.catalog import bundled_model_path
 
     path = bundled_model_path()
     config = BenchConfig(prompt_tokens=64, gen_tokens=128, repetitions=args.reps, threads=args.threads)
-    local = drive(llamacpp.run(llamacpp.load(path, config, n_gpu_layers=0), CALIBRATION_FILE.read_text(),
+    local = drive(llamacpp_timer.run(llamacpp_timer.load(path, config, n_gpu_layers=0), CALIBRATION_FILE.read_text(),
                                config))[0].decode_tok_s
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

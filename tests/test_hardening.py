@@ -167,9 +167,20 @@ def test_ctrl_c_in_the_cli_keeps_finished_results_and_ends_the_child(isolated_us
         if store.path.exists() and store.all():
             break
         time.sleep(0.2)
-    time.sleep(1.0)  # the second job's worker is starting
     import psutil
 
+    def workers() -> list[psutil.Process]:
+        found = []
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "qexplorer.worker" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:
+                continue
+        return found
+
+    while time.monotonic() < deadline and not workers():  # the second job's worker has started
+        time.sleep(0.05)
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

@@ -122,7 +122,7 @@ def test_the_import_graph_has_no_circles():
 DATA_MODEL_MAY_IMPORT = ("qexplorer.core.domain", "qexplorer.core.serial", "qexplorer.core.kinds",
                          "qexplorer.core.units", "qexplorer.core.errors")
 WORKER_ONLY = ("qexplorer.worker", "qexplorer.core.pipeline", "qexplorer.core.engines", "qexplorer.core.quantize",
-               "qexplorer.core.bench.loop", "qexplorer.core.bench.llamacpp", "qexplorer.core.bench.torch_backend",
+               "qexplorer.core.bench.loop", "qexplorer.core.bench.llamacpp_timer", "qexplorer.core.bench.torch_timer",
                "qexplorer.core.reference", "qexplorer.core.export")
 PARENT_ONLY = ("qexplorer.core.jobs", "qexplorer.core.results", "qexplorer.core.session", "qexplorer.ui",
                "qexplorer.cli")

@@ -42,7 +42,7 @@ async def inject_jobs(app, pilot) -> None:
     queued = JobEstimate("q4_k_m", (PhaseEstimate("start", "start", 1, 6.0, True),
                                     PhaseEstimate("benchmark", "benchmark:llama.cpp", 24.0, 4.0, True)))
     done = post(JobView(id=1, label="GGUF Q8_0", action=JobAction.RUN, planned_peak_bytes=int(1.1 * GIB)))
-    running = post(JobView(id=2, label="INT8 w-only", action=JobAction.RUN, planned_peak_bytes=int(1.1 * GIB),
+    running = post(JobView(id=2, label="INT8 W8A8", action=JobAction.RUN, planned_peak_bytes=int(1.1 * GIB),
                            estimate=estimate))
     post(JobView(id=3, label="GGUF Q4_K_M", action=JobAction.RUN, estimate=queued))
     running = post(running.applied(Phase("load", "loading")))

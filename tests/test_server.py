@@ -14,7 +14,7 @@ import time
 import pytest
 
 from qexplorer.cli import main
-from qexplorer.core.bench import server
+from qexplorer.core import server
 from qexplorer.core.catalog import bundled_model_path
 from qexplorer.core.domain.bench import Stat
 from qexplorer.core.domain.events import Progress, drive

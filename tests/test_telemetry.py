@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 from fakes import machine, sampler
 
+from qexplorer.core.procfs import parse_pressure, read_meminfo
 from qexplorer.core.simulate import SimulatedDevice, SimulatedProcess, simulated_sampler
-from qexplorer.core.telemetry import (
-    ADDRESSING_MODE_ATS,
-    is_unified,
-    parse_pressure,
-    read_meminfo,
-)
+from qexplorer.core.telemetry import ADDRESSING_MODE_ATS, is_unified
 from qexplorer.core.units import GIB, MIB
 
 GB10 = SimulatedDevice(name="NVIDIA GB10", compute_capability=(12, 1), memory_total_bytes=None)
@@ -151,7 +147,7 @@ def test_discrete_used_memory_leaves_out_the_drivers_reservation_like_nvidia_smi
     card where nvidia-smi said 0 MiB - v1 counts the driver's reservation. The backend asks for v2 first."""
     from types import SimpleNamespace
 
-    from qexplorer.core.telemetry import PynvmlBackend
+    from qexplorer.core.nvml import PynvmlBackend
 
     class NVMLError(Exception):
         def __init__(self, value):
@@ -199,7 +195,8 @@ def test_unified_formulas_against_a_pool_built_from_independent_parts():
 
 def test_nvml_lists_are_merged_by_pid():
     from qexplorer.core.kinds import ProcessKind
-    from qexplorer.core.telemetry import GpuProcessUsage, merge_by_pid
+    from qexplorer.core.nvml import GpuProcessUsage
+    from qexplorer.core.telemetry import merge_by_pid
 
     merged = merge_by_pid([GpuProcessUsage(5, 100, ProcessKind.COMPUTE), GpuProcessUsage(6, 7, ProcessKind.COMPUTE),
                            GpuProcessUsage(5, 100, ProcessKind.GRAPHICS), GpuProcessUsage(7, None, ProcessKind.GRAPHICS)])

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qexplorer.cli.run import StderrProgress
-from qexplorer.core.bench import server
+from qexplorer.core import server
 from qexplorer.core.domain.bench import parse_depths
 from qexplorer.core.domain.events import drive
 from qexplorer.core.domain.record import ServerQuality, ServerSweep

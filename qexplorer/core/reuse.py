@@ -23,7 +23,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from qexplorer.core.bench.noise import NOISY_OTHER_CPU_PCT
 from qexplorer.core.domain.phases import TIMED
 from qexplorer.core.domain.record import RunRecord
 from qexplorer.core.domain.spec import JobSpec
@@ -55,8 +54,7 @@ def quiet(record: RunRecord) -> bool:
     again would give a different figure). A wide spread on an otherwise idle machine belongs to the machine and
     would come back: such a result is shown again with its noise flag, as measured."""
     speeds = [s for s in (record.speed, *record.depth_speeds) if s is not None]
-    busy = any(s.noise is not None and s.noise.other_cpu_pct >= NOISY_OTHER_CPU_PCT for s in speeds)
-    return bool(speeds) and not busy and TIMED.isdisjoint(record.shared_phases)
+    return bool(speeds) and not record.busy_host and TIMED.isdisjoint(record.shared_phases)
 
 
 def find_reusable(store: ResultsStore, record_path: str, precision: str, key: str) -> StoredResult | None:

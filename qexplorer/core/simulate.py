@@ -18,17 +18,9 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
-from qexplorer.core.telemetry import (
-    DEFAULT_RESERVE_BYTES,
-    GpuProcessUsage,
-    LocalHostProbe,
-    NvmlNotSupported,
-    NvmlQueryError,
-    NvmlUnavailable,
-    PressureStall,
-    TelemetrySampler,
-    local_sampler,
-)
+from qexplorer.core.nvml import GpuProcessUsage, NvmlNotSupported, NvmlQueryError, NvmlUnavailable
+from qexplorer.core.procfs import LocalHostProbe, PressureStall
+from qexplorer.core.telemetry import DEFAULT_RESERVE_BYTES, TelemetrySampler, local_sampler
 from qexplorer.core.units import GIB, MIB
 
 PROFILES = ("none", "h100", "gb10", "gb10-plunge", "gb10-container", "gb10-shim", "jetson", "thor")

@@ -2,10 +2,11 @@
 
 Two probes feed one sampler:
 
-* an :class:`NvmlBackend` - NVIDIA's management library (``nvidia-ml-py``), or a
-  simulated one from :mod:`qexplorer.core.simulate` that raises the same errors;
-* a :class:`HostProbe` - ``psutil`` plus ``/proc/meminfo`` and
-  ``/proc/pressure/memory``, or a simulated one.
+* an :class:`~qexplorer.core.nvml.NvmlBackend` - NVIDIA's management library
+  (``nvidia-ml-py``, :mod:`qexplorer.core.nvml`), or a simulated one from
+  :mod:`qexplorer.core.simulate` that raises the same errors;
+* a :class:`~qexplorer.core.procfs.HostProbe` - ``psutil`` plus ``/proc/meminfo``
+  and ``/proc/pressure/memory`` (:mod:`qexplorer.core.procfs`), or a simulated one.
 
 :meth:`TelemetrySampler.sample` turns one reading of both into a frozen
 :class:`TelemetrySnapshot`. The formulas (FACTS §1) live in small pure functions
@@ -25,15 +26,23 @@ Every figure is a :class:`Reading`: a value plus where it came from.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from qexplorer.core.kinds import NvmlState, ProcessKind
+from qexplorer.core.nvml import (
+    GpuProcessUsage,
+    NvmlBackend,
+    NvmlNotSupported,
+    NvmlQueryError,
+    NvmlUnavailable,
+    PynvmlBackend,
+)
+from qexplorer.core.procfs import HostProbe, LocalHostProbe, PressureStall
 from qexplorer.core.units import GIB, format_gib
 
 DEFAULT_RESERVE_BYTES = 8 * GIB
@@ -45,301 +54,6 @@ INTEGRATED_NAME_PATTERN = re.compile(r"GB10|Jetson|Thor|Orin|Xavier|Tegra|nvgpu"
 ADDRESSING_MODE_ATS = 2  # NVML_DEVICE_ADDRESSING_MODE_ATS
 
 TOP_HOST_PROCESSES = 8
-
-
-# --------------------------------------------------------------------------- errors
-class NvmlUnavailable(Exception):
-    """NVML cannot be used at all: no library, no driver, or no GPU."""
-
-
-class NvmlNotSupported(Exception):
-    """A query that this device does not answer (NVML_ERROR_NOT_SUPPORTED)."""
-
-
-class NvmlQueryError(Exception):
-    """Any other NVML failure for one query (GPU lost, permission, ...)."""
-
-
-# --------------------------------------------------------------------------- probes
-@dataclass(frozen=True)
-class GpuProcessUsage:
-    pid: int
-    used_bytes: int | None  # None: the driver did not say
-    kind: ProcessKind
-
-
-class NvmlBackend(Protocol):
-    """The handful of NVML queries qexplorer uses; real or simulated.
-
-    Every query method raises :class:`NvmlNotSupported` or
-    :class:`NvmlQueryError`; ``init`` raises :class:`NvmlUnavailable`.
-    """
-
-    def init(self) -> None: ...
-    def shutdown(self) -> None: ...
-    def device_count(self) -> int: ...
-    def name(self, index: int) -> str: ...
-    def memory_info(self, index: int) -> tuple[int, int, int]: ...  # total, used, free
-    def processes(self, index: int) -> list[GpuProcessUsage]: ...
-    def utilization_pct(self, index: int) -> int: ...
-    def temperature_c(self, index: int) -> int: ...
-    def power_w(self, index: int) -> float: ...
-    def sm_clock_mhz(self, index: int) -> int: ...
-    def compute_capability(self, index: int) -> tuple[int, int]: ...
-    def addressing_mode(self, index: int) -> int: ...
-
-
-@dataclass(frozen=True)
-class PressureStall:
-    """``/proc/pressure/memory``: % of wall time tasks were stalled on memory."""
-
-    some_avg10: float
-    full_avg10: float
-
-
-class HostProbe(Protocol):
-    """Host memory and processes; real (psutil + /proc) or simulated."""
-
-    def meminfo(self) -> dict[str, int]:
-        """Bytes for MemTotal, MemAvailable, MemFree, Cached, SReclaimable, Shmem,
-        Mlocked, SwapTotal, SwapFree, Hugetlb - whichever the platform has."""
-        ...
-
-    def pressure(self) -> PressureStall | None: ...
-    def process(self, pid: int) -> tuple[str, int] | None: ...  # name, rss bytes
-    def top_processes(self, count: int) -> list[tuple[int, str, int]]: ...  # pid, name, rss
-    def in_container(self) -> bool: ...  # NVML then reports host PIDs that this namespace cannot see
-
-
-class PynvmlBackend:
-    """:class:`NvmlBackend` over ``nvidia-ml-py`` (imported lazily)."""
-
-    def __init__(self) -> None:
-        self._nvml: Any = None
-        self._handles: list[Any] = []
-
-    def init(self) -> None:
-        try:
-            import pynvml
-        except ImportError as exc:  # nvidia-ml-py not installed
-            raise NvmlUnavailable("nvidia-ml-py is not installed") from exc
-        try:
-            pynvml.nvmlInit()
-            count = pynvml.nvmlDeviceGetCount()
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        except pynvml.NVMLError as exc:
-            raise NvmlUnavailable(_nvml_unavailable_reason(exc)) from exc
-        self._nvml = pynvml
-
-    def shutdown(self) -> None:
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except self._nvml.NVMLError:
-                pass
-            self._nvml = None
-
-    def _call(self, fn_name: str, index: int, *args: Any) -> Any:
-        nvml = self._nvml
-        if nvml is None:
-            raise NvmlQueryError("NVML is not initialised")
-        try:
-            return getattr(nvml, fn_name)(self._handles[index], *args)
-        except nvml.NVMLError as exc:
-            if exc.value == nvml.NVML_ERROR_NOT_SUPPORTED:
-                raise NvmlNotSupported(fn_name) from exc
-            raise NvmlQueryError(str(exc)) from exc
-        except AttributeError as exc:  # an older library without this function
-            raise NvmlNotSupported(fn_name) from exc
-
-    def device_count(self) -> int:
-        return len(self._handles)
-
-    def name(self, index: int) -> str:
-        name = self._call("nvmlDeviceGetName", index)
-        return name.decode() if isinstance(name, bytes) else str(name)
-
-    def memory_info(self, index: int) -> tuple[int, int, int]:
-        """total, used, free - ``used`` as nvidia-smi reports it: without the driver's reserved memory.
-
-        The v1 query counts the driver's reservation as used (480 MiB on an idle H100 80GB HBM3 where
-        nvidia-smi said 0 MiB, seen with scripts/gpu_check.py); the v2 query reports it apart."""
-        version = getattr(self._nvml, "nvmlMemory_v2", None)
-        if version is not None:
-            try:
-                info = self._call("nvmlDeviceGetMemoryInfo", index, version)
-                return int(info.total), int(info.used), int(info.free)
-            except NvmlQueryError:
-                pass  # a driver without the v2 query: the v1 figures below
-        info = self._call("nvmlDeviceGetMemoryInfo", index)
-        return int(info.total), int(info.used), int(info.free)
-
-    def processes(self, index: int) -> list[GpuProcessUsage]:
-        found: list[GpuProcessUsage] = []
-        for fn_name, kind in (
-            ("nvmlDeviceGetComputeRunningProcesses", ProcessKind.COMPUTE),
-            ("nvmlDeviceGetGraphicsRunningProcesses", ProcessKind.GRAPHICS),
-        ):
-            try:
-                rows = self._call(fn_name, index)
-            except NvmlNotSupported:
-                continue
-            for row in rows:
-                used = row.usedGpuMemory
-                found.append(GpuProcessUsage(int(row.pid), None if used is None else int(used), kind))
-        return found
-
-    def utilization_pct(self, index: int) -> int:
-        return int(self._call("nvmlDeviceGetUtilizationRates", index).gpu)
-
-    def temperature_c(self, index: int) -> int:
-        return int(self._call("nvmlDeviceGetTemperature", index, 0))  # NVML_TEMPERATURE_GPU
-
-    def power_w(self, index: int) -> float:
-        return self._call("nvmlDeviceGetPowerUsage", index) / 1000.0  # mW
-
-    def sm_clock_mhz(self, index: int) -> int:
-        return int(self._call("nvmlDeviceGetClockInfo", index, 1))  # NVML_CLOCK_SM
-
-    def compute_capability(self, index: int) -> tuple[int, int]:
-        major, minor = self._call("nvmlDeviceGetCudaComputeCapability", index)
-        return int(major), int(minor)
-
-    def addressing_mode(self, index: int) -> int:
-        return int(self._call("nvmlDeviceGetAddressingMode", index))
-
-
-def _nvml_unavailable_reason(exc: Exception) -> str:
-    text = str(exc)
-    if "Library Not Found" in text or "LibraryNotFound" in type(exc).__name__:
-        return "no NVIDIA driver library (libnvidia-ml) on this machine"
-    if "Driver Not Loaded" in text:
-        return "the NVIDIA driver is not loaded"
-    return f"NVML failed to start: {text}"
-
-
-_MEMINFO_KEYS = ("Cached", "SReclaimable", "Hugetlb", "MemFree", "Shmem", "Mlocked")
-
-
-class LocalHostProbe:
-    """:class:`HostProbe` for this machine: psutil, plus /proc where Linux has it."""
-
-    def __init__(self, proc_root: str = "/proc") -> None:
-        self._proc_root = proc_root
-        self._last_top: list[tuple[int, str, int]] = []
-        self._last_top_at = 0.0
-        self._in_container: bool | None = None
-
-    def meminfo(self) -> dict[str, int]:
-        import psutil
-
-        vm = psutil.virtual_memory()
-        swap = psutil.swap_memory()
-        values = {
-            "MemTotal": int(vm.total),
-            "MemAvailable": int(vm.available),
-            "SwapTotal": int(swap.total),
-            "SwapFree": int(swap.free),
-        }
-        values.update(read_meminfo(os.path.join(self._proc_root, "meminfo"), _MEMINFO_KEYS))
-        return values
-
-    def pressure(self) -> PressureStall | None:
-        return read_pressure(os.path.join(self._proc_root, "pressure", "memory"))
-
-    def process(self, pid: int) -> tuple[str, int] | None:
-        import psutil
-
-        try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                return proc.name(), int(proc.memory_info().rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            return None
-
-    def in_container(self) -> bool:
-        """A container (docker, podman) or a nested PID namespace: NVML's PIDs are not ours (FACTS §9).
-        It does not change while the process runs: looked up once, not at every sample."""
-        if self._in_container is None:
-            marked = bool(os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
-                          or os.environ.get("container"))
-            status = read_proc_fields(os.path.join(self._proc_root, "self", "status"), ("NSpid",))
-            self._in_container = marked or len(status.get("NSpid", "").split()) > 1
-        return self._in_container
-
-    def top_processes(self, count: int) -> list[tuple[int, str, int]]:
-        # Walking every process costs a few ms; the table does not need it at
-        # the sampling rate, so it is refreshed at most every 5 s.
-        now = time.monotonic()
-        if self._last_top and now - self._last_top_at < 5.0:
-            return self._last_top
-        import psutil
-
-        rows = []
-        for proc in psutil.process_iter(["pid", "name", "memory_info"]):
-            info = proc.info
-            mem = info.get("memory_info")
-            if mem is not None:
-                rows.append((int(info["pid"]), str(info.get("name") or "?"), int(mem.rss)))
-        rows.sort(key=lambda row: row[2], reverse=True)
-        self._last_top = rows[:count]
-        self._last_top_at = now
-        return self._last_top
-
-
-def read_proc_fields(path: str, keys: Iterable[str]) -> dict[str, str]:
-    """The text after ``key:`` for each named field of a ``/proc`` key-value file (absent file or key: absent)."""
-    wanted = set(keys)
-    found: dict[str, str] = {}
-    try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                key, _, rest = line.partition(":")
-                if key in wanted:
-                    found[key] = rest.strip()
-    except OSError:
-        return {}
-    return found
-
-
-def read_meminfo(path: str, keys: Iterable[str]) -> dict[str, int]:
-    """The named ``/proc/meminfo`` (or ``/proc/self/status``) fields in bytes (absent file or key: absent)."""
-    found: dict[str, int] = {}
-    try:
-        for key, text in read_proc_fields(path, keys).items():
-            parts = text.split()
-            if parts:
-                scale = 1024 if len(parts) > 1 and parts[1] == "kB" else 1
-                found[key] = int(parts[0]) * scale
-    except ValueError:
-        return {}
-    return found
-
-
-def read_pressure(path: str) -> PressureStall | None:
-    """Parse ``/proc/pressure/memory``; None where the kernel has no PSI."""
-    try:
-        with open(path, encoding="ascii") as handle:
-            text = handle.read()
-    except OSError:
-        return None
-    return parse_pressure(text)
-
-
-def parse_pressure(text: str) -> PressureStall | None:
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        kind, _, rest = line.partition(" ")
-        for field_text in rest.split():
-            name, _, number = field_text.partition("=")
-            if name == "avg10":
-                try:
-                    values[kind] = float(number)
-                except ValueError:
-                    return None
-    if "some" not in values:
-        return None
-    return PressureStall(some_avg10=values["some"], full_avg10=values.get("full", 0.0))
 
 
 # --------------------------------------------------------------------------- snapshot

@@ -291,10 +291,10 @@ class QExplorerApp(App[int]):
     def job_queue(self):
         """The session's headless job queue (core); created, with its one consumer thread, on first use."""
         if self._job_queue is None:
-            from qexplorer.core.bench.server import run_server_spec
             from qexplorer.core.jobs.queue import JobQueue
             from qexplorer.core.jobs.runner import JobRunner
             from qexplorer.core.results import ResultsStore
+            from qexplorer.core.server import run_server_spec
             from qexplorer.core.settings import engine_env
 
             self._job_queue = JobQueue(

@@ -32,10 +32,8 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
-from qexplorer.core.domain.record import Noise
+from qexplorer.core.domain.record import NOISY_CV_PCT, NOISY_OTHER_CPU_PCT, Noise
 
-NOISY_OTHER_CPU_PCT = 10.0
-NOISY_CV_PCT = 5.0
 _BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")
 
 

@@ -114,6 +114,12 @@ class Timings:
     quality_s: float | None = None
 
 
+# When a timed figure is noisy (the reasons are in qexplorer.core.bench.noise): other processes took this share
+# of the machine, or the repetitions spread by this much
+NOISY_OTHER_CPU_PCT = 10.0
+NOISY_CV_PCT = 5.0
+
+
 @dataclass(frozen=True)
 class Noise:
     """How quiet the machine was while a speed figure was timed (:mod:`qexplorer.core.bench.noise`)."""
@@ -296,6 +302,12 @@ class RunRecord:
     reused_from: int | None = None  # set when this result is an earlier measurement shown again (core.reuse)
     reused_measured_at: str | None = None  # when that earlier measurement was made (ISO 8601, UTC)
     version: int = RECORD_VERSION
+
+    @property
+    def busy_host(self) -> bool:
+        """Some speed of it was timed while other processes used the CPU (the noise probe's first rule)."""
+        return any(s is not None and s.noise is not None and s.noise.other_cpu_pct >= NOISY_OTHER_CPU_PCT
+                   for s in (self.speed, *self.depth_speeds))
 
     def settings_key(self) -> tuple[Any, ...]:
         """What two results must share to be compared side by side: the benchmark's shape (pp, tg, depths) and

@@ -86,7 +86,7 @@ def peak_rss_bytes() -> int:
 
     Not ``getrusage().ru_maxrss``: Linux keeps that across fork and exec, so a worker started by a large parent
     (a benchmark script that had built a model: 1,342 MiB) reported the parent's peak as its own."""
-    from qexplorer.core.telemetry import read_meminfo
+    from qexplorer.core.procfs import read_meminfo
 
     found = read_meminfo("/proc/self/status", ("VmHWM",)).get("VmHWM")
     if found:
@@ -98,7 +98,7 @@ def peak_rss_bytes() -> int:
 
 def nvml_gpu_name(index: int = 0) -> str | None:
     """The GPU's name as NVML gives it (for the published-bandwidth table), or None without a GPU."""
-    from qexplorer.core.telemetry import NvmlNotSupported, NvmlQueryError, NvmlUnavailable, PynvmlBackend
+    from qexplorer.core.nvml import NvmlNotSupported, NvmlQueryError, NvmlUnavailable, PynvmlBackend
 
     backend = PynvmlBackend()
     try:

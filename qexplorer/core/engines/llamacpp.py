@@ -18,7 +18,7 @@ from qexplorer.core.kinds import Engine, SupportMode
 def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     import llama_cpp
 
-    from qexplorer.core.bench import llamacpp
+    from qexplorer.core.bench import llamacpp_timer
     from qexplorer.core.gguf_header import read_gguf_header
 
     job = ctx.job
@@ -26,13 +26,13 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     ctx = replace(ctx, device="cuda" if gpu else "cpu")  # this engine's device, not torch's
     started = time.perf_counter()
-    llm = llamacpp.load(ctx.artifact, job.bench, n_gpu_layers=-1 if gpu else 0)
+    llm = llamacpp_timer.load(ctx.artifact, job.bench, n_gpu_layers=-1 if gpu else 0)
     load_s = time.perf_counter() - started
     loaded_rss = current_rss_bytes()
     weight_bytes = sum(t.n_bytes for t in read_gguf_header(ctx.artifact).tensors)
     ctx.check()
     yield Phase(PhaseKind.BENCHMARK, f"llama.cpp: {job.bench.describe()}, {job.bench.thread_count} threads")
-    first, *deeper = yield from ctx.checked(llamacpp.run(llm, ctx.bench_text, job.bench))
+    first, *deeper = yield from ctx.checked(llamacpp_timer.run(llm, ctx.bench_text, job.bench))
     quality = quality_s = None
     if ctx.reference is not None:
         del llm  # the quality pass needs every position's logits: a second context

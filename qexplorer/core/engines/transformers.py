@@ -44,7 +44,7 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None,
     quality."""
     import torch
 
-    from qexplorer.core.bench import torch_backend
+    from qexplorer.core.bench import torch_timer
     from qexplorer.core.quantize import torch_quant
 
     job = ctx.job
@@ -57,7 +57,7 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None,
         yield Log(f"{ctx.precision.label} measured with {FALLBACK_LABEL}", level="warning")
     ctx.check()
     yield Phase(PhaseKind.BENCHMARK, f"transformers: {job.bench.describe()}")
-    first, *deeper = yield from ctx.checked(torch_backend.run(model, tokenizer, ctx.bench_text, job.bench))
+    first, *deeper = yield from ctx.checked(torch_timer.run(model, tokenizer, ctx.bench_text, job.bench))
     quality_stats, quality_s = quality if quality is not None else (None, None)
     if ctx.reference is not None and quality is None:
         quality_stats, quality_s = yield from (reference_row(ctx) if is_reference(ctx) else _quality_of(ctx, model,

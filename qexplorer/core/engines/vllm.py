@@ -137,8 +137,10 @@ class VllmServer:
                      *extra_args]
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                     "DO_NOT_TRACK": "1"}
-        if threads:  # vLLM drops torch to one thread on small CPUs unless told
-            self.env["OMP_NUM_THREADS"] = str(threads)
+        if threads:  # vLLM drops torch to one thread on small CPUs unless told; a worker that prepared beside
+            # another job on one thread (worker.set_threads) must not hand its BLAS settings to the server
+            for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                self.env[name] = str(threads)
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url = f"http://127.0.0.1:{self.port}"
 

@@ -24,15 +24,21 @@ bandwidth test) does so this way:
 A stopped process uses no CPU, so nothing of another job runs while a figure is
 timed; the record says which jobs were paused for it (``paused_for_timing``) and
 which of its own untimed phases ran beside another job (``shared_phases``).
+Two qexplorer processes (the app and a CLI run) do not measure at once either:
+the measuring job holds a per-user file lock (:func:`machine_lock_path`).
 Only jobs whose planned peaks fit the live headroom together are overlapped
 (:func:`fits_together`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 
 from qexplorer.core.proc import signal_group
@@ -52,8 +58,11 @@ class TimedGate:
     (``running_alone``) every other worker is stopped. Thread-safe: each job's runner thread calls it.
     ``signal_group`` is the seam for tests (default: ``os.killpg``)."""
 
-    def __init__(self, signal_group: Callable[[int, int], None] = signal_group) -> None:
+    def __init__(self, signal_group: Callable[[int, int], None] = signal_group,
+                 machine_lock: Path | None = None) -> None:
         self._signal = signal_group
+        self._machine_lock = machine_lock  # a file every qexplorer process of this user locks while it measures
+        self._machine_fd: int | None = None
         self._lock = threading.Lock()
         self._workers: dict[int, str] = {}  # process group → the job's label, in the order they started
         self._measuring: int | None = None
@@ -88,7 +97,7 @@ class TimedGate:
             if self._measuring is None:
                 order = list(self._workers)
                 older = order[:order.index(pgid)] if pgid in self._workers else []
-                if self._waiting.intersection(older):
+                if self._waiting.intersection(older) or not self._lock_machine():
                     self._waiting.add(pgid)
                     return None
             self._waiting.discard(pgid)
@@ -117,9 +126,30 @@ class TimedGate:
             self._waiting.discard(pgid)
             if self._measuring == pgid:
                 self._measuring = None
+                self._unlock_machine()
             if pgid in self._paused:
                 self._paused.discard(pgid)
                 self._signal(pgid, signal.SIGCONT)  # a stopped process cannot act on the SIGTERM that follows
+
+    def _lock_machine(self) -> bool:
+        """Another qexplorer process (the app beside a CLI run) may be measuring: one flock for all of them,
+        taken without waiting (the caller retries), released when the measuring job ends or its process dies."""
+        if self._machine_lock is None or self._machine_fd is not None:
+            return True
+        fd = os.open(self._machine_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._machine_fd = fd
+        return True
+
+    def _unlock_machine(self) -> None:
+        if self._machine_fd is not None:
+            fcntl.flock(self._machine_fd, fcntl.LOCK_UN)
+            os.close(self._machine_fd)
+            self._machine_fd = None
 
     def is_paused(self, pgid: int) -> bool:
         with self._lock:
@@ -129,6 +159,11 @@ class TimedGate:
         """Whether another worker is running (not paused) beside this one now."""
         with self._lock:
             return any(p != pgid and p not in self._paused for p in self._workers)
+
+
+def machine_lock_path() -> Path:
+    """The lock file every qexplorer process of this user takes while it measures (one per user and machine)."""
+    return Path(tempfile.gettempdir()) / f"qexplorer-{os.getuid()}-measuring.lock"
 
 
 def set_tree_nice(pid: int, value: int) -> bool:

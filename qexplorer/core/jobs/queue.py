@@ -315,8 +315,11 @@ class JobQueue:
         estimate = self.view(job_id).estimate
         if outcome.ok and reused_from is None and estimate is not None and outcome.phase_seconds:
             try:  # predicted vs actual, so that the next estimate starts from this machine's rates
-                # a phase that ran beside another job learns nothing about this machine's rate for it alone
+                # a phase that ran beside another job learns nothing about this machine's rate for it alone, and a
+                # job timed while other processes were busy teaches no rate at all (its entry is kept)
                 shared = set(outcome.record.shared_phases) if outcome.record is not None else set()
+                if outcome.record is not None and outcome.record.busy_host:
+                    shared |= {name for name, _ in outcome.phase_seconds}
                 DurationBook.in_dir(spec.data_dir).record(estimate, outcome.phase_seconds, skip=shared)
             except OSError as exc:
                 store_error = store_error or f"the durations file could not be written ({exc})"

@@ -46,7 +46,13 @@ from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.jobs.channel import WorkerChannel
 from qexplorer.core.jobs.clock import PhaseClock, timings_from
 from qexplorer.core.jobs.guard import GuardPool, MemoryGuard
-from qexplorer.core.jobs.overlap import PREPARE_NICE, TimedGate, can_restore_priority, set_tree_nice
+from qexplorer.core.jobs.overlap import (
+    PREPARE_NICE,
+    TimedGate,
+    can_restore_priority,
+    machine_lock_path,
+    set_tree_nice,
+)
 from qexplorer.core.jobs.watch import MemorySample, MemoryWatch
 from qexplorer.core.kinds import Family, JobStatus
 from qexplorer.core.telemetry import TelemetrySampler
@@ -105,7 +111,7 @@ class JobRunner:
         self.current_pid: int | None = None
         self._own_lock = threading.Lock()
         self._can_nice: bool | None = None  # may a preparing job be niced and raised back (overlap.PREPARE_NICE)
-        self.gate = TimedGate()
+        self.gate = TimedGate(machine_lock=machine_lock_path())
         self.guard_pool = GuardPool(guard())
 
     def _spawn(self, job: JobSpec, log_path: Path) -> subprocess.Popen[str]:

@@ -58,10 +58,10 @@ class DashboardScreen(Screen):
     def on_mount(self) -> None:
         watch_while_shown(self, ("snapshot", "refresh_s", "paused", "quiet"),
                           lambda: self._show_snapshot(self.app.snapshot))
-        self._show_snapshot(self.app.snapshot)
+        self._show_snapshot(self.app.snapshot, full=True)
 
     def on_screen_resume(self) -> None:
-        self._show_snapshot(self.app.snapshot)
+        self._show_snapshot(self.app.snapshot, full=True)
 
     # ------------------------------------------------------------------ actions
     def action_faster(self) -> None:
@@ -78,14 +78,16 @@ class DashboardScreen(Screen):
         self.app.paused = not self.app.paused
 
     # ------------------------------------------------------------------ drawing
-    def _show_snapshot(self, snapshot: TelemetrySnapshot | None) -> None:
+    def _show_snapshot(self, snapshot: TelemetrySnapshot | None, full: bool = False) -> None:
+        """Everything from one sample; while a job is timed (``quiet``) the plot and the process table only when
+        the screen is shown (``full``), not on every sample."""
         if snapshot is None:
             return
         with self.app.batch_update():
             self._show_banner(snapshot)
             self._show_bars(snapshot)
             self._show_gpu_stats(snapshot)
-            if not self.app.quiet:  # a job is timed: the plot and the process table wait for its figure
+            if full or not self.app.quiet:
                 self._show_history()
                 self._show_processes(snapshot)
 

@@ -122,7 +122,8 @@ instead of measuring it twice. `M` on the plan screen (or
 **Benchmark figures** follow llama-bench: a warm-up (the prompt and one token), then up to N repetitions of
 prompt processing (pp, tokens/s) and generation (tg, tokens/s), mean ± sd;
 the series stops after 3 once both means are known to 2 % (standard error),
-and the count used is recorded with the result;
+and the count used is recorded with the result (a series stopped early reports
+an sd about 10 % low: it stopped because its spread looked small);
 TTFT is pp plus one decode step. *Roofline %* = decode tok/s × bytes read per
 token ÷ memory bandwidth. Bytes read per token = the active weights (a MoE
 reads its shared layers and top-k experts, an embedding table one row) + the

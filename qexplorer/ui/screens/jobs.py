@@ -47,8 +47,7 @@ class JobsScreen(Screen):
     def on_mount(self) -> None:
         watch_while_shown(self, ("jobs", "quiet"), self._refresh)
         watch_while_shown(self, ("snapshot",), self._refresh_eta)  # the clock moves on
-        self.query_one("#job-memory", PlotextPlot).border_title = "job memory (GiB, measured from outside)"
-        self._refresh()
+        self._refresh(plot=True)
         self.query_one("#job-table", DataTable).focus()
 
     def _selected(self) -> JobView | None:
@@ -58,7 +57,9 @@ class JobsScreen(Screen):
             return jobs[row]
         return next((j for j in jobs if j.status == "running"), jobs[-1] if jobs else None)
 
-    def _refresh(self) -> None:
+    def _refresh(self, plot: bool = False) -> None:
+        """The table and the selected job; its memory plot too unless a job is timed now (``quiet``): then only
+        when the screen is shown (``plot``), so that it never redraws beside a measurement."""
         table = self.query_one("#job-table", DataTable)
         row = table.cursor_row
         table.clear()
@@ -80,10 +81,10 @@ class JobsScreen(Screen):
         if table.row_count:
             running = next((i for i, j in enumerate(self.app.jobs) if j.status == JobStatus.RUNNING), None)
             table.move_cursor(row=min(row if row > 0 or running is None else running, table.row_count - 1))
-        self._show_job(self._selected())
+        self._show_job(self._selected(), plot=plot or not self.app.quiet)
 
     def on_screen_resume(self) -> None:
-        self._refresh()
+        self._refresh(plot=True)
 
     def on_data_table_row_highlighted(self, _event: DataTable.RowHighlighted) -> None:
         self._show_job(self._selected())
@@ -115,7 +116,7 @@ class JobsScreen(Screen):
             line = f"queue: {len(unfinished)} jobs (no estimate for some)"
         self.query_one("#queue-eta", Static).update(line)
 
-    def _show_job(self, job: JobView | None) -> None:
+    def _show_job(self, job: JobView | None, plot: bool = True) -> None:
         bar = self.query_one("#job-progress", ProgressBar)
         message = self.query_one("#job-message", Static)
         if job is None:
@@ -141,11 +142,13 @@ class JobsScreen(Screen):
         if job.finished and job.estimate is not None and job.took_s is not None:
             plan += f"\ntook {format_duration(job.took_s)}, estimated {format_duration(job.estimate.total_s)}"
         message.update(f"[b]{job.label}[/b] · {job.phase or job.status}: {text}{warnings}{log}{plan}")
-        if not self.app.quiet:  # a job is timed: the plot is drawn again once its figure is taken
+        if plot:
             self._plot(job)
 
     def _plot(self, job: JobView | None) -> None:
         widget = self.query_one("#job-memory", PlotextPlot)
+        widget.border_title = "job memory (GiB, measured from outside)" + (
+            " · held while a figure is timed" if self.app.quiet else "")
         plt = widget.plt
         plt.clear_data()
         plt.clear_figure()
