@@ -156,3 +156,20 @@ def test_the_label_follows_the_kernel_vllm_chose():
     assert mode_from_kernel("unquantized (dense BF16/FP16 matmuls)", SupportMode.NATIVE, "cpu") == SupportMode.NATIVE
     assert mode_from_kernel("MarlinLinearKernel for CompressedTensorsWNA16", SupportMode.NATIVE, "cuda") == \
         SupportMode.NATIVE
+
+
+def test_the_server_gets_the_users_thread_settings_not_the_preparing_workers():
+    """J6: a job that prepared beside another on one thread set MKL/OpenBLAS to 1 and its vLLM server inherited
+    it; raising them to the benchmark's count instead made W8A8 decode 100x slower (measured). The server gets
+    the user's own values back and only OMP_NUM_THREADS from the benchmark."""
+    import json as json_mod
+
+    from qexplorer.core.engines.vllm import THREAD_ENV_KEY, serving_env
+
+    user = {"MKL_NUM_THREADS": None, "OPENBLAS_NUM_THREADS": "4", "OMP_NUM_THREADS": None}
+    worker_env = {"PATH": "/bin", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                  THREAD_ENV_KEY: json_mod.dumps(user)}
+    env = serving_env(2, worker_env)
+    assert "MKL_NUM_THREADS" not in env and env["OPENBLAS_NUM_THREADS"] == "4" and env["OMP_NUM_THREADS"] == "2"
+    assert THREAD_ENV_KEY not in env and env["PATH"] == "/bin" and env["HF_HUB_OFFLINE"] == "1"
+    assert serving_env(2, {"MKL_NUM_THREADS": "3"})["MKL_NUM_THREADS"] == "3"  # a user's own setting stands
