@@ -175,12 +175,6 @@ class ResultsStore:
             results.append(StoredResult(row_id, created_at, state, error, record))
         return results
 
-    def latest_per_precision(self, model_path: str | None = None) -> list[StoredResult]:
-        latest: dict[tuple[str, str], StoredResult] = {}
-        for result in self.all(model_path):
-            latest[(result.model_path, result.precision)] = result
-        return sorted(latest.values(), key=lambda r: (r.model_name, r.family, r.precision))
-
     def comparable(self, model_path: str | None = None) -> ComparedResults:
         """The newest result of each precision among those measured with the same settings as the newest one,
         and, apart, the precisions measured only with other settings (:meth:`RunRecord.settings_key`)."""
