@@ -291,13 +291,16 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
     }
 
 
-def _compared_rows(results: list[StoredResult]) -> list[dict[str, Any]]:
-    """Flat rows, each saying whether it was measured with the compared settings (:func:`compare_groups`)."""
+def _grouped(results: list[StoredResult]) -> list[tuple[StoredResult, bool]]:
+    """Each export's rows, and whether each was measured with the compared settings: the compared group first,
+    then one row per precision measured only with other settings (:func:`compare_groups`)."""
     groups = compare_groups(sorted(results, key=lambda r: r.created_at))
-    compared = {id(r) for r in groups.rows}
-    others = [r for r in results if id(r) not in compared]
-    return [{**flat_row(r), "compared": id(r) in compared, "settings": r.record.settings_text()}
-            for r in [*groups.rows, *others]]
+    return [(r, True) for r in groups.rows] + [(r, False) for r in groups.others]
+
+
+def _compared_rows(results: list[StoredResult]) -> list[dict[str, Any]]:
+    return [{**flat_row(r), "compared": compared, "settings": r.record.settings_text()}
+            for r, compared in _grouped(results)]
 
 
 def to_csv(results: list[StoredResult]) -> str:
@@ -323,9 +326,9 @@ def _pm(stat: Stat | None, fmt: str = "{:.1f}") -> str:
 def to_markdown(results: list[StoredResult]) -> str:
     """The seed's table: Quantization | Memory | Throughput | Quality, with measured values; the rows measured
     with the newest result's settings first, any other row marked with its own settings."""
-    groups = compare_groups(sorted(results, key=lambda r: r.created_at))
+    grouped = _grouped(results)
     lines = ["| Quantization | Memory | Throughput | Quality |", "|---|---|---|---|"]
-    for result in [*groups.rows, *groups.others]:
+    for result, compared in grouped:
         r = result.record
         label = r.precision_label
         if r.engine.mode == SupportMode.EMULATED:
@@ -349,12 +352,12 @@ def to_markdown(results: list[StoredResult]) -> str:
             qtext = f"KLD {q.kld_mean:.4f}, top-1 {q.same_top1_pct:.1f} %, PPL {q.ppl:.2f} (ref {q.ppl_ref:.2f})"
         else:
             qtext = "not measured"
-        if result in groups.others:
+        if not compared:
             label += f" (other settings, not compared: {r.settings_text()})"
         lines.append(f"| {label} | {memory} | {throughput} | {qtext} |")
-    if groups.rows:
+    if grouped and grouped[0][1]:
         lines.append("")
-        lines.append(f"Compared rows: {groups.rows[0].record.settings_text()}; mean ± sd over each row's own "
+        lines.append(f"Compared rows: {grouped[0][0].record.settings_text()}; mean ± sd over each row's own "
                      "repetitions (adaptive, up to the configured count); engine per row.")
     return "\n".join(lines) + "\n"
 

@@ -82,7 +82,6 @@ def timings_from(phases: Iterable[tuple[str, float]]) -> Timings:
       where no quality pass ran (the reference precision's row comes from the reference itself).
     """
     phases = [(PhaseKind(name), seconds) for name, seconds in phases]
-    kinds = [kind for kind, _ in phases]
 
     def total(selected: list[float]) -> float | None:
         return sum(selected) if selected else None
@@ -90,7 +89,7 @@ def timings_from(phases: Iterable[tuple[str, float]]) -> Timings:
     engine = [s for k, s in phases if k == PhaseKind.ENGINE]
     loads = [s for k, s in phases if k == PhaseKind.LOAD]
     quality = [s for k, s in phases if k == PhaseKind.QUALITY]
-    if PhaseKind.ENGINE in kinds:
+    if engine:
         quality += loads
     return Timings(quantize_s=total([s for k, s in phases if k in _QUANTIZE]),
                    load_s=total(engine or loads[:1]), quality_s=total(quality))

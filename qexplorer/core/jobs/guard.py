@@ -27,8 +27,9 @@ phase's rate is in :mod:`qexplorer.core.domain.phases`).
 
 from __future__ import annotations
 
+import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qexplorer.core.domain.phases import GuardRate, spec_of
 from qexplorer.core.units import MIB, format_gib
@@ -112,8 +113,6 @@ class GuardPool:
     sampled first. Its verdict waits for it if another job's sample tripped the rule. Thread-safe."""
 
     def __init__(self, guard: MemoryGuard | None = None) -> None:
-        import threading
-
         self.guard = guard or MemoryGuard()
         self._lock = threading.Lock()
         self._footprints: dict[int, deque[tuple[float, int]]] = {}
@@ -128,8 +127,7 @@ class GuardPool:
                 series.popleft()
             if job in self._pending:
                 return self._pending.pop(job)
-            stop = self.guard.check(GuardSample(now_s, sample.host_headroom_bytes, sample.vram_free_bytes,
-                                                sample.job_gpu_bytes))
+            stop = self.guard.check(replace(sample, elapsed_s=now_s))
             if stop is None:
                 return None
             culprit = self._culprit() if stop.rule != "vram" else job
