@@ -19,6 +19,7 @@ import sys
 import threading
 import traceback
 
+from qexplorer.core.domain.bench import THREAD_ENV_KEY, THREAD_VARS
 from qexplorer.core.domain.events import (
     Cancelled,
     Completed,
@@ -37,15 +38,10 @@ def emit(event: WireEvent) -> None:
     sys.stdout.flush()
 
 
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
 def set_threads(count: int) -> None:
     """The intra-op threads of this worker's libraries (PyTorch, OpenMP, BLAS), now and for what it imports
     later. Engines given a thread count of their own (llama.cpp's n_threads, vLLM's OMP_NUM_THREADS) keep it; the
     user's own values are kept for the server a job starts (engines.vllm.serving_env)."""
-    from qexplorer.core.engines.vllm import THREAD_ENV_KEY
-
     os.environ.setdefault(THREAD_ENV_KEY, json.dumps({name: os.environ.get(name) for name in THREAD_VARS}))
     for name in THREAD_VARS:
         os.environ[name] = str(count)

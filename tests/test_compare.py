@@ -255,3 +255,47 @@ def test_rows_measured_with_other_settings_are_shown_marked_and_never_ranked(tmp
     assert "Compared rows: pp512/tg128 at depth 0, 2 threads" in markdown
     flat = {r["precision"]: r for r in json.loads(to_json(compared.all))["results"]}
     assert flat["q8_0"]["compared"] and not flat["q2_k"]["compared"]
+
+
+def test_speeds_tie_by_standard_error_like_klds():
+    """Review A14: one statistic for both tie rules. 100 vs 108 tok/s with sd 5 over 5 repetitions each differ
+    by 2.5 standard errors of the difference: told apart (the old rule, 2 sd of single runs, tied them)."""
+    from qexplorer.core.compare import speed_tied
+
+    a = replace(row("q8_0", "gguf", 1, 0.001, 100.0), decode_sd=5.0, decode_n=5)
+    b = replace(a, precision="q6_k", decode_tok_s=108.0)
+    assert not speed_tied(a, b)
+    assert speed_tied(a, replace(b, decode_tok_s=104.0))
+    assert speed_tied(replace(a, decode_n=0), replace(b, decode_n=0))  # a legacy row without n: its sd, as before
+
+
+def test_a_legacy_row_missing_a_figure_shows_it_as_missing_never_zero(tmp_path: Path):
+    """Review A15: a schema-1 row with a KLD but no PPL / SEs; before, PPL read 0.00 and every SE 0."""
+    from qexplorer.core.compare import row_from_result
+    from qexplorer.core.results import flat_row, to_markdown
+
+    store = ResultsStore.in_dir(tmp_path)
+    stored = store.by_ids([store.add(legacy({
+        "model_name": "m", "model_path": "/m", "precision": "q8_0", "family": "gguf",
+        "decode_tok_s": {"mean": 50.0, "sd": 1.0, "n": 3}, "quality": {"kld_mean": 0.002, "same_top1_pct": 98.0}}))])[0]
+    compared = row_from_result(stored)
+    assert (compared.kld, compared.top1_pct, compared.ppl, compared.kld_se) == (0.002, 98.0, None, None)
+    assert compared.prefill_tok_s is None
+    flat = flat_row(stored)
+    assert flat["ppl"] is None and flat["pp_avg_ts"] is None and flat["kld_mean"] == 0.002
+    assert "PPL n/a (ref n/a)" in to_markdown([stored]) and "PPL 0.00" not in to_markdown([stored])
+    json.dumps(flat, allow_nan=False)  # valid JSON: no NaN leaks out
+
+
+def test_depth_rooflines_reach_the_row_and_the_exports(tmp_path: Path):
+    from qexplorer.core.compare import row_from_result
+    from qexplorer.core.results import flat_row, to_markdown
+
+    store = ResultsStore.in_dir(tmp_path)
+    record = legacy({"model_name": "m", "model_path": "/m", "precision": "q8_0", "family": "gguf",
+                     "decode_tok_s": {"mean": 50.0, "sd": 1.0, "n": 3}})
+    record = replace(record, depth_speeds=(replace(record.speed, depth=512),), depth_rooflines=(61.4,))
+    stored = store.by_ids([store.add(record)])[0]
+    assert row_from_result(stored).depths[0].roofline_pct == 61.4
+    assert json.loads(flat_row(stored)["depths"])[0]["roofline_pct"] == 61.4
+    assert "at depth 512: 50.0 ± 1.0 tok/s decode" in to_markdown([stored]) and "61 % of roofline" in to_markdown([stored])

@@ -164,7 +164,8 @@ def test_the_server_gets_the_users_thread_settings_not_the_preparing_workers():
     the user's own values back and only OMP_NUM_THREADS from the benchmark."""
     import json as json_mod
 
-    from qexplorer.core.engines.vllm import THREAD_ENV_KEY, serving_env
+    from qexplorer.core.domain.bench import THREAD_ENV_KEY
+    from qexplorer.core.engines.vllm import serving_env
 
     user = {"MKL_NUM_THREADS": None, "OPENBLAS_NUM_THREADS": "4", "OMP_NUM_THREADS": None}
     worker_env = {"PATH": "/bin", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",

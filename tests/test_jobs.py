@@ -84,6 +84,8 @@ def test_cli_run_at_two_depths_reports_both(capsys, isolated_user_dirs):
     assert deep["noise"]["other_cpu_pct"] >= 0 and shallow["threads"] == deep["threads"] > 0
     row = json.loads(captured.out)["results"][0]
     assert row["n_depth"] == 0 and json.loads(row["depths"])[0]["n_depth"] == 512
+    # each depth has its own roofline (review A12), against its own KV term: it reads more per token than depth 0
+    assert json.loads(row["depths"])[0]["roofline_pct"] == result["depth_rooflines"][0] > 0
     assert main(["run", "default", "--precision", "q4_k_m", "--depth", "0,lots"]) == 2
     assert "--depth '0,lots' is not a list of token counts" in capsys.readouterr().err
 

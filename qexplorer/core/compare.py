@@ -19,8 +19,8 @@ measurement, the second a floor for what it cannot see - the corpus, and a
 reference that is itself quantized (the bundled model's is a dequantized Q4_1).
 0.005 is Q8_0's to Q6_K's KLD in FACTS §4 (0.0014 / 0.0055 on LLaMA-3-8B), a
 tenth of the step down to Q4_K_M (0.031): neighbours inside it are not told
-apart, the step to 4 bits always is. Two decode speeds tie within two standard deviations of their
-difference, or 2 %. Within a tie the framework orders: FP8 on FP8 tensor cores
+apart, the step to 4 bits always is. Two decode speeds tie by the same rule: within two standard errors
+of their difference (each mean's sd / √repetitions), or 2 %. Within a tie the framework orders: FP8 on FP8 tensor cores
 (quality, Ada / Hopper / Blackwell), AWQ then GPTQ (memory, and quality on
 older GPUs), GGUF Q4_K_M / Q5_K_M then Q6_K on a CPU, quantized before the
 unquantized reference, 4 bits or more before 2-3 bits; then the smaller file.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qexplorer.core.domain.bench import known
 from qexplorer.core.kinds import Family, Priority, SupportMode
 from qexplorer.core.precisions import BY_KEY, Hardware
 from qexplorer.core.results import StoredResult
@@ -55,6 +56,7 @@ class DepthSpeed:
     decode_tok_s: float
     decode_sd: float
     noisy: bool
+    roofline_pct: float | None = None  # against this depth's bytes per token (weights + its KV cache)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class CompareRow:
     depth: int = 0  # the context depth of the main speed figures
     compared: bool = True  # measured with the compared settings (results.compare_groups); else shown, never ranked
     settings: str = ""  # those settings in words
+    decode_n: int = 0  # repetitions behind decode_tok_s (its standard error is decode_sd / √n)
 
     @property
     def memory_bytes(self) -> int | None:
@@ -108,15 +111,17 @@ def row_from_result(result: StoredResult, compared: bool = True) -> CompareRow:
         prefill_sd=speed.prefill_tok_s.sd if speed and speed.prefill_tok_s.n else None,
         decode_tok_s=speed.decode_tok_s.mean if speed else None, decode_sd=speed.decode_tok_s.sd if speed else None,
         ttft_s=speed.ttft_s.mean if speed and speed.ttft_s.n else None, roofline_pct=r.roofline_pct,
-        kld=q.kld_mean if q else None, top1_pct=q.same_top1_pct if q else None,
-        ppl=q.ppl if q else None, ppl_ref=q.ppl_ref if q else None,
+        kld=known(q.kld_mean) if q else None, top1_pct=known(q.same_top1_pct) if q else None,
+        ppl=known(q.ppl) if q else None, ppl_ref=known(q.ppl_ref) if q else None,
         reference_quantized=r.model.stored_quantized,
         engine=str(r.engine.name) if r.engine.name else "", fallback=r.engine.is_fallback,
         peak_gpu_bytes=r.memory.peak_gpu_bytes, roofline_suspect=r.roofline_note is not None,
-        kld_se=q.kld_se if q else None, depth=speed.depth if speed else 0,
+        kld_se=known(q.kld_se) if q else None, depth=speed.depth if speed else 0,
         noise=next((s.noise.reason for s in (speed, *r.depth_speeds) if s is not None and s.noisy and s.noise), None),
         depths=tuple(DepthSpeed(s.depth, s.prefill_tok_s.mean if s.prefill_tok_s.n else None, s.decode_tok_s.mean,
-                                s.decode_tok_s.sd, s.noisy) for s in r.depth_speeds),
+                                s.decode_tok_s.sd, s.noisy, roof) for s, roof in zip(
+            r.depth_speeds, r.depth_rooflines or (None,) * len(r.depth_speeds), strict=True)),
+        decode_n=speed.decode_tok_s.n if speed else 0,
         compared=compared, settings=r.settings_text(),
     )
 
@@ -178,11 +183,16 @@ def kld_tied(a: CompareRow, b: CompareRow) -> bool:
     return abs(a.kld - b.kld) <= max(2 * se, KLD_TIE)
 
 
+def _se(sd: float | None, n: int) -> float:
+    """The standard error of a mean of n repetitions; the sd itself where n is unknown (a legacy row)."""
+    return (sd or 0.0) / n ** 0.5 if n > 0 else (sd or 0.0)
+
+
 def speed_tied(a: CompareRow, b: CompareRow) -> bool:
     if a.decode_tok_s is None or b.decode_tok_s is None:
         return a.decode_tok_s is None and b.decode_tok_s is None
-    sd = ((a.decode_sd or 0.0) ** 2 + (b.decode_sd or 0.0) ** 2) ** 0.5
-    return abs(a.decode_tok_s - b.decode_tok_s) <= max(2 * sd, SPEED_TIE_PCT / 100 * max(a.decode_tok_s,
+    se = (_se(a.decode_sd, a.decode_n) ** 2 + _se(b.decode_sd, b.decode_n) ** 2) ** 0.5
+    return abs(a.decode_tok_s - b.decode_tok_s) <= max(2 * se, SPEED_TIE_PCT / 100 * max(a.decode_tok_s,
                                                                                          b.decode_tok_s))
 
 

@@ -30,7 +30,7 @@ from qexplorer.core.catalog import Catalog
 from qexplorer.core.domain.bench import roofline_pct
 from qexplorer.core.domain.events import JobEvent, Log, Phase, ReuseQuery, checked
 from qexplorer.core.domain.phases import PhaseKind
-from qexplorer.core.domain.record import ExportRecord, HardwareFacts, ModelIdentity, RunRecord
+from qexplorer.core.domain.record import ExportRecord, HardwareFacts, ModelIdentity, RunRecord, Speed
 from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
 from qexplorer.core.errors import UserError
@@ -112,16 +112,24 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
                                                 artifact_bytes=_size(artifact), artifact_sha256=sha256))
     memory = replace(measured.memory, baseline_rss_bytes=baseline_rss, peak_rss_bytes=peak_rss_bytes(),
                      planned_peak_bytes=job.planned_peak_bytes, planned_total_bytes=job.planned_total_bytes)
-    if memory.bytes_per_token:  # the engine's weight bytes → what one decoded token reads (MoE, KV cache)
-        memory = replace(memory, bytes_per_token=decode_bytes_per_token(
-            spec, precision, memory.bytes_per_token, measured.speed.gen_tokens, depth=measured.speed.depth))
+    engine_weight_bytes = memory.bytes_per_token
+
+    def read_per_token(speed: Speed) -> int | None:  # the engine's weight bytes → one decoded token's (MoE, KV)
+        return decode_bytes_per_token(spec, precision, engine_weight_bytes, speed.gen_tokens,
+                                      depth=speed.depth) if engine_weight_bytes else None
+
+    if engine_weight_bytes:
+        memory = replace(memory, bytes_per_token=read_per_token(measured.speed))
     # Bandwidth for the roofline is measured after the peak is recorded (its buffers
     # would count), in a phase the parent leaves out of its own peak.
     yield Phase(PhaseKind.CALIBRATE, "memory bandwidth for the roofline")
     hardware = _hardware(measured.gpu_name, Path(job.data_dir), measured.speed.threads)
-    roofline = None
-    if memory.bytes_per_token:
-        roofline = roofline_pct(measured.speed.decode_tok_s.mean, memory.bytes_per_token, hardware.bandwidth_bytes_s)
+
+    def roofline_of(speed: Speed) -> float | None:  # each depth against its own bytes per token (its KV term)
+        per_token = read_per_token(speed)
+        return roofline_pct(speed.decode_tok_s.mean, per_token, hardware.bandwidth_bytes_s) if per_token else None
+
+    roofline = roofline_of(measured.speed)
     return RunRecord(
         model=ModelIdentity(name=spec.name, path=spec.path, ref=job.model_ref, params=spec.total_params,
                             stored_dtype=spec.stored_dtype, stored_quantized=spec.stored_quantized),
@@ -129,6 +137,7 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
         engine=measured.engine, hardware=hardware, versions=library_versions(), bench=job.bench,
         memory=memory, timings=replace(measured.timings, quantize_s=quantize_s, quality_s=measured.quality_s),
         speed=measured.speed, depth_speeds=measured.depth_speeds, roofline_pct=roofline,
+        depth_rooflines=tuple(roofline_of(s) for s in measured.depth_speeds),
         roofline_note=roofline_note(roofline, hardware.bandwidth_source),
         quality=measured.quality, engine_quality=measured.engine_quality, reuse_key=key,
     )

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qexplorer.core.domain.bench import Stat
+from qexplorer.core.domain.bench import Stat, known
 from qexplorer.core.domain.record import RunRecord, record_from_legacy
 from qexplorer.core.errors import UserError
 from qexplorer.core.kinds import JobStatus, SupportMode
@@ -269,8 +269,9 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "noise_reason": speed.noise.reason if speed and speed.noise else None,
         "depths": json.dumps([{"n_depth": s.depth, "pp_avg_ts": s.prefill_tok_s.known_mean,
                                "pp_stddev_ts": s.prefill_tok_s.known_sd, "tg_avg_ts": s.decode_tok_s.known_mean,
-                               "tg_stddev_ts": s.decode_tok_s.known_sd, "noisy": s.noisy}
-                              for s in r.depth_speeds]) if r.depth_speeds else None,
+                               "tg_stddev_ts": s.decode_tok_s.known_sd, "noisy": s.noisy, "roofline_pct": roof}
+                              for s, roof in zip(r.depth_speeds, r.depth_rooflines or (None,) * len(r.depth_speeds),
+                                                 strict=True)]) if r.depth_speeds else None,
         "roofline_pct": r.roofline_pct, "roofline_note": r.roofline_note,
         "bandwidth_bytes_s": hw.bandwidth_bytes_s if hw else None,
         "bandwidth_source": hw.bandwidth_source if hw else None,
@@ -282,8 +283,9 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "planned_peak_bytes": memory.planned_peak_bytes, "planned_total_bytes": memory.planned_total_bytes,
         "load_s": r.timings.load_s, "quantize_s": r.timings.quantize_s, "quality_s": r.timings.quality_s,
         "shared_phases": ",".join(r.shared_phases) or None,
-        "kld_mean": quality.kld_mean if quality else None, "same_top1_pct": quality.same_top1_pct if quality else None,
-        "ppl": quality.ppl if quality else None, "ppl_ref": quality.ppl_ref if quality else None,
+        "kld_mean": known(quality.kld_mean) if quality else None,
+        "same_top1_pct": known(quality.same_top1_pct) if quality else None,
+        "ppl": known(quality.ppl) if quality else None, "ppl_ref": known(quality.ppl_ref) if quality else None,
         "engine_kld_mean": r.engine_quality.kld_mean if r.engine_quality else None,
         "engine_same_top1_pct": r.engine_quality.same_top1_pct if r.engine_quality else None,
         "versions": json.dumps(r.versions, sort_keys=True),
@@ -343,13 +345,17 @@ def to_markdown(results: list[StoredResult]) -> str:
         throughput = (f"{_pm(speed.decode_tok_s if speed else None)} tok/s decode, "
                       f"{_pm(speed.prefill_tok_s if speed else None, '{:.0f}')} tok/s prefill{roof}")
         throughput += "".join(f"; at depth {s.depth}: {_pm(s.decode_tok_s)} tok/s decode, "
-                              f"{_pm(s.prefill_tok_s, '{:.0f}')} tok/s prefill" for s in r.depth_speeds)
+                              f"{_pm(s.prefill_tok_s, '{:.0f}')} tok/s prefill"
+                              + (f", {roof:.0f} % of roofline" if roof else "")
+                              for s, roof in zip(r.depth_speeds, r.depth_rooflines or (None,) * len(r.depth_speeds),
+                                                 strict=True))
         noisy = [s.noise.reason for s in (speed, *r.depth_speeds) if s is not None and s.noisy and s.noise]
         if noisy:
             throughput += f" - noisy: {noisy[0].removeprefix('Noisy: ')}"
         q = r.quality
         if q is not None:
-            qtext = f"KLD {q.kld_mean:.4f}, top-1 {q.same_top1_pct:.1f} %, PPL {q.ppl:.2f} (ref {q.ppl_ref:.2f})"
+            qtext = (f"KLD {_known(q.kld_mean, '{:.4f}')}, top-1 {_known(q.same_top1_pct, '{:.1f}')} %, "
+                     f"PPL {_known(q.ppl, '{:.2f}')} (ref {_known(q.ppl_ref, '{:.2f}')})")
         else:
             qtext = "not measured"
         if not compared:
@@ -360,6 +366,10 @@ def to_markdown(results: list[StoredResult]) -> str:
         lines.append(f"Compared rows: {grouped[0][0].record.settings_text()}; mean ± sd over each row's own "
                      "repetitions (adaptive, up to the configured count); engine per row.")
     return "\n".join(lines) + "\n"
+
+
+def _known(value: float | None, fmt: str) -> str:
+    return fmt.format(value) if known(value) is not None else "n/a"
 
 
 def write_exports(results: list[StoredResult], folder: Path) -> list[Path]:

@@ -13,6 +13,7 @@ the timing), so the figures say what a long session costs, not an empty one.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -159,6 +160,15 @@ def sem_pct(values: list[float]) -> float:
 def rates(tokens: int, seconds: list[float]) -> Stat:
     """Tokens per second for each repetition, then mean ± sd (as llama-bench does)."""
     return Stat.of([tokens / s for s in seconds if s > 0])
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # the libraries' intra-op threads
+THREAD_ENV_KEY = "QEXPLORER_THREAD_ENV"  # the user's own THREAD_VARS, kept by a worker that changed them
+
+
+def known(value: float | None) -> float | None:
+    """A figure, or None where it was never measured (a legacy row's missing field is NaN, never 0)."""
+    return None if value is None or math.isnan(value) else value
 
 
 def roofline_pct(decode_tok_s: float, bytes_per_token: float, bandwidth_bytes_s: float | None) -> float | None:

@@ -13,6 +13,7 @@ stores open and are migrated in place.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -291,6 +292,7 @@ class RunRecord:
     speed: Speed | None = None  # at the first depth asked for (0 unless told otherwise)
     depth_speeds: tuple[Speed, ...] = ()  # the other depths, deepest last
     roofline_pct: float | None = None
+    depth_rooflines: tuple[float | None, ...] = ()  # depth_speeds' rooflines, each with its depth's KV term
     roofline_note: str | None = None  # set when the figure is above 100 %: then it is a sign of an error, not a fact
     quality: QualityStats | None = None  # of the artifact itself (activation quantization included)
     engine_quality: ServerQuality | None = None  # the serving engine's own log-probs (vLLM: top-20, a lower bound)
@@ -402,7 +404,8 @@ def record_from_legacy(r: dict[str, Any]) -> RunRecord:
                                       n_chunks=int(q.get("n_chunks") or 0), top_k=int(q.get("top_k") or 0),
                                       chunking=str(q.get("chunking") or ""),
                                       cache_bytes=int(q.get("reference_cache_bytes") or 0))
-        values = {n: float(q.get(n) or 0.0) for n in names}
+        # a field this old row lacks is NaN (never measured), not 0.0: domain.bench.known() turns it into None
+        values = {n: float(q[n]) if q.get(n) is not None else math.nan for n in names}
         values["n_positions"] = int(q.get("n_positions") or 0)
         quality = QualityStats(**values, reference=reference,
                                quality_peak_rss_bytes=q.get("quality_peak_rss_bytes"))

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from qexplorer.core.bench.loop import Repetition
-from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.bench import THREAD_ENV_KEY, BenchConfig
 from qexplorer.core.domain.events import JobEvent, Phase, Progress
 from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.domain.record import EngineInfo, MemoryFigures, ServerQuality, Speed, Timings
@@ -116,9 +116,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-THREAD_ENV_KEY = "QEXPLORER_THREAD_ENV"  # the user's own thread variables, kept by a worker that changed them
 
 
 def serving_env(threads: int, environ: dict[str, str] | None = None) -> dict[str, str]:

@@ -102,6 +102,7 @@ class CompareScreen(Screen):
                 _pm(r.prefill_tok_s, r.prefill_sd, "{:.0f}") + noisy,
                 f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "n/a",
                 " ".join(f"d{d.depth} {d.decode_tok_s:.0f}±{d.decode_sd:.0f}" + ("~" if d.noisy else "")
+                         + (f" ({d.roofline_pct:.0f} %)" if d.roofline_pct is not None else "")
                          for d in r.depths) or "-",
                 ("!" if r.roofline_suspect else "") + f"{r.roofline_pct:.0f}" if r.roofline_pct is not None else "n/a",
                 format_bytes(r.peak_bytes), format_bytes(r.peak_gpu_bytes) if r.peak_gpu_bytes is not None else "no GPU",

@@ -138,7 +138,8 @@ llama.cpp runs with llama-bench's context parameters (flash attention auto,
 batch 2048 / micro-batch 512, the same thread count for pp and tg).
 
 **Depth**: every speed is measured at a context depth (0 unless `D` chose more);
-deeper figures sit in the compare table's *deeper* column as `d2048 85±1`.
+deeper figures sit in the compare table's *deeper* column as `d2048 85±1 (61 %)`,
+the last figure that depth's roofline (its own KV cache in the bytes per token).
 **Noise** (`~` after a speed): while each speed was timed, other processes
 used ≥ 10 % of the machine's CPU, or the repetitions spread by ≥ 5 % (CV). The
 busy process is named in the result; re-run on a quiet machine before trusting
