@@ -14,7 +14,9 @@ import pytest
 
 from qexplorer.cli import main
 from qexplorer.core.artifacts import content_sha256
-from qexplorer.core.engines.vllm import VllmServer, find_vllm, kv_cache_bytes
+from qexplorer.core.device import CPU_DEVICE
+from qexplorer.core.engines.vllm import VllmServer, find_vllm
+from qexplorer.core.engines.vllm_launch import LaunchSettings, kv_cache_bytes
 from qexplorer.core.kinds import SupportMode
 
 needs_vllm = pytest.mark.skipif(find_vllm() is None, reason="no vLLM here (scripts/setup.sh makes .venv-vllm)")
@@ -113,16 +115,20 @@ def test_hf_folder_to_q4_k_m_through_llama_cpps_own_converter(capsys, isolated_u
 
 
 def test_kv_cache_is_sized_from_the_plan_in_whole_blocks():
-    # SmolLM2: 23,040 bytes per token (bf16); 528 tokens -> 5 blocks of 128 (+1 spare) = 768 tokens
-    assert kv_cache_bytes(23_040, 528, 1) == 23_040 * 768
-    assert kv_cache_bytes(10, 100, 1) == 16 * 1024 * 1024  # never below 16 MiB
+    # SmolLM2: 23,040 bytes per token (bf16); 528 tokens -> 5 blocks of 128 (+1 spare) = 768 tokens on vLLM-CPU
+    assert kv_cache_bytes(23_040, 528, 1, CPU_DEVICE) == 23_040 * 768
+    from qexplorer.core.device import simulated_device
+
+    # CUDA blocks are 16 tokens: 33 blocks (+1 spare) = 544 tokens
+    assert kv_cache_bytes(23_040, 528, 1, simulated_device("h100")) == max(23_040 * 544, 16 * 1024 * 1024)
+    assert kv_cache_bytes(10, 100, 1, CPU_DEVICE) == 16 * 1024 * 1024  # never below 16 MiB
 
 
 def test_vllm_reason_is_vllms_own_root_cause(tmp_path: Path):
     from qexplorer.core.engines.vllm import VllmCommand
 
     server = VllmServer(VllmCommand(("python", "-m", "x"), "test", True), tmp_path, tmp_path / "v.log",
-                        max_model_len=64, max_num_seqs=1, kv_bytes=1, threads=1)
+                        LaunchSettings(64, 1, 1, False, "bfloat16", CPU_DEVICE), threads=1)
     (tmp_path / "v.log").write_text(
         "INFO starting\n(EngineCore) ERROR ValueError: Failed to find a kernel that can implement the WNA16 linear "
         "layer.\nRuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
@@ -147,14 +153,19 @@ def test_vllm_is_found_from_the_setting_then_the_path_then_the_set_up_environmen
 
 
 def test_the_label_follows_the_kernel_vllm_chose():
-    from qexplorer.core.engines.vllm import mode_from_kernel
+    from qexplorer.core.engines.vllm_kernels import mode_of, parse_log
+    from qexplorer.core.precisions import BY_KEY
 
-    cpu_w4 = "CPUWNA16LinearKernel for CompressedTensorsWNA16"
-    assert mode_from_kernel(cpu_w4, SupportMode.EMULATED, "cpu") == SupportMode.NATIVE  # vLLM's AVX-512 kernel
-    torch_fp8 = "ChannelWiseTorchFP8ScaledMMLinearKernel for CompressedTensorsW8A8Fp8"
-    assert mode_from_kernel(torch_fp8, SupportMode.NATIVE, "cuda") == SupportMode.EMULATED
-    assert mode_from_kernel("unquantized (dense BF16/FP16 matmuls)", SupportMode.NATIVE, "cpu") == SupportMode.NATIVE
-    assert mode_from_kernel("MarlinLinearKernel for CompressedTensorsWNA16", SupportMode.NATIVE, "cuda") == \
+    def mode(line: str, planned: SupportMode, device: str, key: str) -> SupportMode:
+        return mode_of(parse_log(line, device), planned, BY_KEY[key])
+
+    cpu_w4 = "Using CPUWNA16LinearKernel for CompressedTensorsWNA16"
+    assert mode(cpu_w4, SupportMode.EMULATED, "cpu", "int4_rtn") == SupportMode.NATIVE  # vLLM's AVX-512 kernel
+    torch_fp8 = "Selected ChannelWiseTorchFP8ScaledMMLinearKernel for CompressedTensorsW8A8Fp8"
+    assert mode(torch_fp8, SupportMode.NATIVE, "cpu", "fp8") == SupportMode.EMULATED
+    assert mode(torch_fp8, SupportMode.NATIVE, "cuda", "fp8") == SupportMode.NATIVE  # torch._scaled_mm on CUDA
+    assert mode("no kernel line", SupportMode.NATIVE, "cpu", "bf16") == SupportMode.NATIVE
+    assert mode("Using MarlinLinearKernel for CompressedTensorsWNA16", SupportMode.NATIVE, "cuda", "gptq") == \
         SupportMode.NATIVE
 
 

@@ -306,6 +306,8 @@ def _facts(row: CompareRow) -> str:
         parts.append("speed from the transformers fallback, not serving speed")
     if row.mode == SupportMode.EMULATED:
         parts.append("emulated here")
+    if row.mode == SupportMode.WEIGHT_ONLY:
+        parts.append("served weight-only here (activations not quantized)")
     return ", ".join(parts)
 
 

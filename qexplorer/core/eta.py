@@ -220,6 +220,21 @@ class DurationBook:
             return statistics.median(seen[-KEEP:]), True
         return DEFAULT_RATES.get(key, 1.0), False
 
+    def learned_bytes(self, key: str, device: str) -> int | None:
+        """The median of a memory figure learned on this device (e.g. vLLM's overhead on a GB10), None: none yet."""
+        seen = [v for v in self._data.get("bytes", {}).get(f"{key}:{device}", []) if isinstance(v, int) and v > 0]
+        return int(statistics.median(seen[-KEEP:])) if seen else None
+
+    def learn_bytes(self, key: str, device: str, value: int) -> None:
+        """Keep one measured memory figure for ``learned_bytes`` (under the same lock as ``record``)."""
+        from qexplorer.core.artifacts import file_lock
+
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            self._data = self._load()
+            figures = self._data.setdefault("bytes", {})
+            figures[f"{key}:{device}"] = (figures.get(f"{key}:{device}", []) + [int(value)])[-KEEP:]
+            self._write()
+
     def jobs(self) -> list[dict[str, Any]]:
         return list(self._data.get("jobs", []))
 
@@ -255,9 +270,12 @@ class DurationBook:
             for key, rate in learned:
                 rates[key] = (rates.get(key, []) + [rate])[-KEEP:]
             self._data["jobs"] = (self._data.get("jobs", []) + [entry])[-200:]
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-            tmp.write_text(json.dumps(self._data, indent=1), encoding="utf-8")
-            os.replace(tmp, self.path)
+            self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        tmp.write_text(json.dumps(self._data, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
 
 
 def estimate_jobs(spec: ModelSpec, jobs: Sequence[Any], data_dir: Path | str, *, cuda: bool = False,

@@ -58,6 +58,9 @@ class SupportMode(StrEnum):
     DEQUANTIZED = "dequantized"  # transformers fallback: weights decompressed to BF16, dense matmuls
     UNAVAILABLE = "unavailable"
     SERVED = "served"  # measured through a server; how it runs there is the server's business
+    # served through a weight-only kernel although the format quantizes activations (FP8 below CC 8.9, NVFP4
+    # below CC 10: Marlin): the speed and numerics are W8A16 / W4A16, not the format's own
+    WEIGHT_ONLY = "weight-only"
 
 
 class Verdict(StrEnum):

@@ -163,18 +163,17 @@ def _engine_version(precision: Precision) -> str:
 
 def _context(spec: ModelSpec, precision: Precision, job: JobSpec, artifact: Path, reference: Any,
              cancel: threading.Event | None) -> EngineContext:
-    cuda, cc, gpu_name = False, None, None
-    if not precision.is_gguf:
-        import torch
+    from qexplorer.core.device import local_device
 
-        cuda = torch.cuda.is_available()
-        cc = torch.cuda.get_device_capability(0) if cuda else None
-        gpu_name = torch.cuda.get_device_name(0) if cuda else None
-    support = precision.support(Hardware(cuda=cuda, compute_capability=cc))
+    device = local_device(use_cuda=not precision.is_gguf)  # QEXPLORER_SIMULATE_DEVICE: a simulated GPU, labelled
+    cuda = device.cuda and not precision.is_gguf
+    gpu_name = device.name if cuda else None
+    support = precision.support(Hardware(cuda=cuda, compute_capability=device.compute_capability))
     weights = (artifact.stat().st_size if artifact.is_file()
                else sum(p.stat().st_size for p in artifact.glob("*.safetensors")))
     return EngineContext(spec=spec, precision=precision, job=job, artifact=artifact, artifact_weight_bytes=weights,
-                         reference=reference, support_mode=support.mode, device="cuda" if cuda else "cpu",
+                         reference=reference, support_mode=support.mode,
+                         device="cuda" if cuda and not device.simulated else "cpu", target=device,
                          gpu_name=gpu_name, bench_text=_bench_text(), cancel=cancel)
 
 

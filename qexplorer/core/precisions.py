@@ -75,6 +75,12 @@ class Precision:
     scheme: str | None = None  # llm-compressor preset scheme (FP8_DYNAMIC, W8A8, NVFP4A16, NVFP4); None: W4A16 groups
     fixed_group_size: int | None = None  # NVFP4: one FP8 scale per 16 weights, whatever the row length
     vllm_cpu_gap: str | None = None  # why vLLM's CPU build cannot serve it usefully (then: transformers fallback)
+    below_min_cc: SupportMode = SupportMode.EMULATED  # how vLLM serves it below min_cc
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """FP8 dynamic, INT8 W8A8 and NVFP4 W4A4 quantize activations too; a weight-only kernel drops that."""
+        return self.scheme in ("FP8_DYNAMIC", "W8A8", "NVFP4")
 
     @property
     def is_gguf(self) -> bool:
@@ -130,7 +136,7 @@ class Precision:
             return Support(self.cpu, self.cpu_note or "runs on CPU")
         cc = hardware.compute_capability
         if self.min_cc and cc is not None and cc < self.min_cc:
-            return Support(SupportMode.EMULATED, self.gpu_fallback_note)
+            return Support(self.below_min_cc, self.gpu_fallback_note)
         return Support(SupportMode.NATIVE, self.native_note or "CUDA")
 
 
@@ -164,7 +170,8 @@ PRECISIONS: tuple[Precision, ...] = (
     Precision("fp8", "FP8", Family.TORCH, Producer.LLMCOMPRESSOR, "llm-compressor FP8_DYNAMIC", 8.0,
               f"FP8 weights and dynamic per-token FP8 activations; {_CT}", ("vLLM",), scheme="FP8_DYNAMIC",
               min_cc=(8, 9), native_note="FP8 tensor cores (CC ≥ 8.9)",
-              gpu_fallback_note="no FP8 tensor cores below CC 8.9: vLLM runs FP8 weights through Marlin (W8A16)",
+              gpu_fallback_note="served weight-only below CC 8.9: vLLM runs FP8 weights through Marlin (W8A16), "
+                                "activations not quantized", below_min_cc=SupportMode.WEIGHT_ONLY,
               cpu=SupportMode.EMULATED, cpu_note="emulated on CPU: vLLM upcasts FP8 for each matmul (slow)",
               vllm_cpu_gap="vLLM only emulates FP8 on a CPU (ChannelWiseTorchFP8ScaledMMLinearKernel: 0.1 tok/s "
                            "decode measured on 2 cores), which is no serving speed"),
@@ -186,17 +193,22 @@ PRECISIONS: tuple[Precision, ...] = (
               min_cc=(8, 0), gpu_fallback_note=_TORCH_INT4_GPU, scale_bits_per_group=16,
               needs_calibration=True, cpu=SupportMode.EMULATED, cpu_note=_W4A16_CPU),
     Precision("nvfp4a16", "NVFP4A16", Family.TORCH, Producer.LLMCOMPRESSOR, "llm-compressor NVFP4A16", 4.0,
-              "FP4 (E2M1) weights with an FP8 scale per 16 and a global scale, BF16 activations; Blackwell's "
-              f"format (GB10's FP4 tensor cores); {_CT}", ("vLLM",), scheme="NVFP4A16",
-              scale_bits_per_group=8, fixed_group_size=16, min_cc=(10, 0), native_note="FP4 tensor cores (CC ≥ 10)",
-              gpu_fallback_note="no FP4 tensor cores below CC 10: vLLM dequantizes FP4 weights (emulated)",
+              "FP4 (E2M1) weights with an FP8 scale per 16 and a global scale, BF16 activations: weight-only, "
+              f"a quarter of BF16's memory; {_CT}", ("vLLM",), scheme="NVFP4A16",
+              scale_bits_per_group=8, fixed_group_size=16, min_cc=(7, 5),
+              # vLLM forces FP4-Marlin for W4A16 on every CC but 9.0 / 10.x (model_executor/kernels/linear/
+              # __init__.py l. 1174-1185, vLLM 0.32): never the FP4 tensor cores, on a GB10 neither
+              native_note="weight-only (FP4-Marlin: FP4 weights dequantized in the kernel, BF16 maths), CC ≥ 7.5",
+              gpu_fallback_note="no FP4-Marlin kernel below CC 7.5: vLLM's NVFP4 emulation backend",
               cpu=SupportMode.EMULATED, cpu_note="no FP4 kernel on CPU: weights dequantized",
               vllm_cpu_gap="vLLM has no NVFP4 kernel on a CPU (FP4 needs a GPU; native on CC ≥ 10)"),
     Precision("nvfp4", "NVFP4 W4A4", Family.TORCH, Producer.LLMCOMPRESSOR, "llm-compressor NVFP4 (calibrated)", 4.0,
               "FP4 weights and FP4 activations (global activation scales from calibration); "
               f"{_CT}", ("vLLM",), scheme="NVFP4", scale_bits_per_group=8, fixed_group_size=16, min_cc=(10, 0),
-              native_note="FP4 tensor cores (CC ≥ 10)", needs_calibration=True,
-              gpu_fallback_note="no FP4 tensor cores below CC 10: emulated",
+              native_note="FP4 tensor cores (CC ≥ 10; FlashInfer CUTLASS on CC 12.x)", needs_calibration=True,
+              gpu_fallback_note="served weight-only below CC 10: vLLM runs FP4-Marlin, activations not quantized "
+                                "(its quality is measured on the W4A4 artifact in transformers)",
+              below_min_cc=SupportMode.WEIGHT_ONLY,
               cpu=SupportMode.EMULATED, cpu_note="no FP4 kernel on CPU: emulated",
               vllm_cpu_gap="vLLM has no NVFP4 kernel on a CPU (FP4 needs a GPU; native on CC ≥ 10)"),
     _gguf("q8_0", 8.5, 8.5, "8-bit blocks: near-lossless GGUF"),

@@ -48,6 +48,10 @@ class EngineInfo:
     kernel: str = ""  # what the engine says it chose (vLLM: "CPUInt8ScaledMMLinearKernel for ...")
     serve_command: str = ""  # the command that serves this artifact the way it was measured
     fallback_reason: str | None = None  # why the serving engine could not run it (then: transformers)
+    expected_kernel: str = ""  # what the plan said the engine would pick here (vLLM: vllm_kernels.expected)
+    dtype: str = ""  # the dtype the engine ran in, from its own log (vLLM: "bfloat16")
+    graphs: str = ""  # vLLM: eager, or the CUDA graphs captured
+    start_check: str = ""  # vLLM on CUDA: the utilization passed and the free memory it was computed from
 
     @property
     def is_fallback(self) -> bool:
@@ -81,6 +85,7 @@ class MemoryFigures:
     weight_bytes: int | None = None  # the artifact's weights (what is served)
     resident_weight_bytes: int | None = None  # what the engine holds in memory while it runs
     bytes_per_token: int | None = None  # bytes read per decoded token (the roofline's denominator)
+    kv_cache_bytes: int | None = None  # the KV cache the engine was given (vLLM: --kv-cache-memory-bytes)
 
 
     def plan_check(self, gpu_unified: bool | None) -> PlanCheck:

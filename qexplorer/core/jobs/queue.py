@@ -32,7 +32,7 @@ from qexplorer.core.eta import DurationBook, JobEstimate
 from qexplorer.core.jobs.overlap import MAX_WORKERS, PREPARE_THREADS, fits_together
 from qexplorer.core.jobs.runner import JobOutcome, JobRunner, failure_record
 from qexplorer.core.jobs.watch import GPU_BY_DELTA, MemorySample
-from qexplorer.core.kinds import JobAction, JobStatus
+from qexplorer.core.kinds import Engine, JobAction, JobStatus
 from qexplorer.core.results import ResultsStore
 
 MAX_MEMORY_SAMPLES = 3600  # an hour at 1 Hz per job; older samples drop off the front
@@ -321,6 +321,7 @@ class JobQueue:
                 if outcome.record is not None and outcome.record.busy_host:
                     shared |= {name for name, _ in outcome.phase_seconds}
                 DurationBook.in_dir(spec.data_dir).record(estimate, outcome.phase_seconds, skip=shared)
+                _learn_vllm_overhead(spec.data_dir, outcome.record)
             except OSError as exc:
                 store_error = store_error or f"the durations file could not be written ({exc})"
         self._update(job_id, lambda v: _finished(v, outcome, stored_id, store_error))
@@ -378,3 +379,16 @@ def _label(spec: JobSpec | ServerSpec) -> str:
     precision = BY_KEY.get(spec.precision)
     label = precision.label if precision else spec.precision
     return f"export {label}" if spec.action == JobAction.EXPORT else label
+
+
+def _learn_vllm_overhead(data_dir: str, record: RunRecord | None) -> None:
+    """A vLLM job on a real GPU refits the planner's vLLM overhead for that GPU (GB10's default is a field
+    report's; the first runs here replace it)."""
+    from qexplorer.core.engines.vllm_launch import OVERHEAD_KEY, measured_overhead
+
+    if record is None or record.engine.name != Engine.VLLM or record.engine.device != "cuda" or not record.hardware:
+        return
+    memory = record.memory
+    overhead = measured_overhead(memory.peak_gpu_bytes, memory.weight_bytes, memory.kv_cache_bytes)
+    if overhead is not None and record.hardware.gpu:
+        DurationBook.in_dir(data_dir).learn_bytes(OVERHEAD_KEY, record.hardware.gpu, overhead)

@@ -90,7 +90,7 @@ class CompareScreen(Screen):
         table.clear()
         front = {r.precision for r in pareto_front(self._rows)}
         for r in self._rows:
-            marks = "*" if r.mode == SupportMode.EMULATED else "†" if r.mode == SupportMode.DEQUANTIZED else ""
+            marks = {SupportMode.EMULATED: "*", SupportMode.DEQUANTIZED: "†", SupportMode.WEIGHT_ONLY: "ʷ"}.get(r.mode, "")
             label = ("≠ " if not r.compared else "") + r.label + marks + (" ◆" if r.precision in front else "")
             noisy = "~" if r.noise else ""
             at = f" d{r.depth}" if r.depth else ""
@@ -116,6 +116,8 @@ class CompareScreen(Screen):
             notes.append("~ noisy")
         if any(r.fallback for r in self._rows):
             notes.insert(1, "† fallback")
+        if any(r.mode == SupportMode.WEIGHT_ONLY for r in self._rows):
+            notes.append("ʷ served weight-only (activations not quantized)")
         if any(not r.compared for r in self._rows):
             notes.append("≠ other settings: shown, not ranked")
         if any(r.roofline_suspect for r in self._rows):

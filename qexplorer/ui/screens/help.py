@@ -131,9 +131,14 @@ KV cache at the mean decode depth; bandwidth is the device's published figure
 (GB10 273 GB/s) or, on a CPU, a copy test on the benchmark's thread count. A
 value above 100 % is marked `!`: the bound is wrong there, not the speed.
 *Native* means the engine has a kernel for the format on this device (the
-label follows the kernel vLLM says it chose); *emulated* means it runs through
-a generic path (FP8 on a CPU); *dequantized* (†) means the transformers
-fallback expanded the weights to BF16 - not serving speed.
+label follows the kernel vLLM says it chose: its log lines are read for the
+linear layers, the FP4 GEMMs and the MoE experts); *emulated* means it runs
+through a generic path (FP8 on a CPU); *weight-only* (ʷ) means vLLM served a
+format that quantizes activations through a weight-only kernel (Marlin: FP8
+below CC 8.9, NVFP4 below CC 10), so speed and numerics are W8A16 / W4A16;
+NVFP4A16 is weight-only by design (FP4-Marlin on every GPU, never the FP4
+tensor cores); *dequantized* (†) means the transformers fallback expanded the
+weights to BF16 - not serving speed.
 llama.cpp runs with llama-bench's context parameters (flash attention auto,
 batch 2048 / micro-batch 512, the same thread count for pp and tg).
 

