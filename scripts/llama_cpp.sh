@@ -9,11 +9,15 @@
 # smoke test decodes a few tokens of the bundled model before set-up succeeds.
 #
 #   x86_64 without nvcc: AVX2 + FMA + F16C (x86-64-v3), which every supported x86 machine has
-#   nvcc on PATH and a GPU that nvidia-smi lists (GB10, H100 boxes): CUDA on, for that card's compute
-#     capability (GB10: 12.1 → CMAKE_CUDA_ARCHITECTURES=121), said on stderr
+#   nvcc (on the PATH, in CUDACXX, or under /usr/local/cuda*/bin - QEXPLORER_CUDA_ROOTS) and a GPU
+#     that nvidia-smi lists (GB10, H100 boxes): CUDA on, for that card's compute capability
+#     (GB10: 12.1 → CMAKE_CUDA_ARCHITECTURES=121), said on stderr; a GPU without nvcc is warned about
 #   QEXPLORER_LLAMA_CMAKE_ARGS overrides both.
+# The smoke test also decodes a token with every layer on the GPU when the build can offload.
 set -euo pipefail
 VERSION="${QEXPLORER_LLAMA_CPP_VERSION:-0.3.36}"
+# shellcheck source=scripts/gpu.sh
+source "$(dirname "$0")/gpu.sh"
 
 smoke() {
     python - <<'PY'
@@ -28,34 +32,30 @@ ggufs = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
 if ggufs:  # before the bundled model is installed there is nothing to decode yet
     llm = llama_cpp.Llama(model_path=str(ggufs[0]), n_ctx=64, n_threads=1, verbose=False)
     llm.eval(llm.tokenize(b"The lighthouse keeper"))
+    print("cpu-decoded", flush=True)
+    if llama_cpp.llama_supports_gpu_offload():  # exercise the CUDA kernels too, not only the CPU ones
+        llm = llama_cpp.Llama(model_path=str(ggufs[0]), n_ctx=64, n_gpu_layers=-1, verbose=False)
+        llm.eval(llm.tokenize(b"The", add_bos=False)[:1])
 PY
 }
 
 if [[ "${1:-}" == "--check" ]]; then
-    if ! smoke 2>/dev/null; then
-        echo "setup: llama-cpp-python crashed in its first decode; run set-up with QEXPLORER_LLAMA_CMAKE_ARGS set" \
-             "(for example \"-DGGML_NATIVE=OFF\") to rebuild it." >&2
+    if ! decoded="$(smoke 2>/dev/null)"; then
+        if [[ "$decoded" == *cpu-decoded* ]]; then
+            echo "setup: llama-cpp-python decodes on the CPU but failed its one-token decode on the GPU" \
+                 "(n_gpu_layers=-1); check the driver with nvidia-smi, or run set-up with QEXPLORER_LLAMA_CMAKE_ARGS" \
+                 "set (for example \"-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=121a-real\") to rebuild it." >&2
+        else
+            echo "setup: llama-cpp-python crashed in its first decode; run set-up with QEXPLORER_LLAMA_CMAKE_ARGS set" \
+                 "(for example \"-DGGML_NATIVE=OFF\") to rebuild it." >&2
+        fi
         exit 1
     fi
     exit 0
 fi
 
-if [[ -n "${QEXPLORER_LLAMA_CMAKE_ARGS:-}" ]]; then
-    flags="$QEXPLORER_LLAMA_CMAKE_ARGS"
-elif command -v nvcc >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU "; then
-    # a toolkit alone (no GPU, no cuBLAS) is not enough: seen on CPU build machines
-    archs="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | tr -d ' .' | sort -u | paste -sd';')"
-    flags="-DGGML_CUDA=on${archs:+ -DCMAKE_CUDA_ARCHITECTURES=$archs}"
-    echo "setup: nvcc and $(nvidia-smi -L | head -1 | cut -d'(' -f1) found: llama-cpp-python with CUDA" \
-         "(compute capability ${archs:-as nvcc chooses})" >&2
-elif [[ "$(uname -m)" == "x86_64" ]]; then
-    if command -v nvcc >/dev/null 2>&1; then
-        echo "setup: nvcc found but nvidia-smi lists no GPU: llama-cpp-python for the CPU" >&2
-    fi
-    flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
-else
-    flags=""
-fi
+choose_llama_flags
+flags="$LLAMA_FLAGS"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/qexplorer/llama-cpp-python"
 sdist="$cache/llama_cpp_python-$VERSION.tar.gz"
 if [[ ! -f "$sdist" ]]; then
@@ -70,7 +70,14 @@ if [[ ! -f "$converter/convert_hf_to_gguf.py" ]]; then
         "llama_cpp_python-$VERSION/vendor/llama.cpp/conversion" "llama_cpp_python-$VERSION/vendor/llama.cpp/gguf-py"
 fi
 installed="$(python -c 'from importlib.metadata import version; print(version("llama-cpp-python"))' 2>/dev/null || true)"
-if [[ "$installed" == "$VERSION" && -z "${QEXPLORER_LLAMA_CMAKE_ARGS:-}" ]] && smoke 2>/dev/null; then
+# A CPU build is not kept where CUDA is now possible (nvcc installed after the first set-up).
+if [[ "${flags,,}" == *"-dggml_cuda=on"* ]]; then
+    offload="import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())"
+else
+    offload="pass"
+fi
+if [[ "$installed" == "$VERSION" && -z "${QEXPLORER_LLAMA_CMAKE_ARGS:-}" ]] && python -c "$offload" 2>/dev/null \
+    && smoke >/dev/null 2>&1; then
     exit 0  # installed and decoding: keep it (a CUDA build you made yourself stays)
 fi
 wheels="$cache/$(printf '%s|%s' "$VERSION" "$flags" | sha256sum | cut -c1-12)"
