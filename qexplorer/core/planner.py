@@ -71,6 +71,9 @@ class PlanRequest:
     context: int = 4096
     batch: int = 1
     kv_dtype: str = "f16"
+    # vLLM's overhead on this machine's GPU as its own runs measured it (DurationBook.learned_bytes); None: the
+    # published default for the device (vllm_launch.overhead_bytes)
+    vllm_overhead_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.context < 1:
@@ -101,11 +104,26 @@ class PrecisionPlan:
     support_note: str
     servers: tuple[str, ...]
     engine: Engine  # the engine that serves it (vLLM for Hugging Face formats, llama.cpp for GGUF)
+    vllm: VllmServePlan | None = None  # how vLLM will be started for it on this device
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["servers"] = list(self.servers)
         return data
+
+
+@dataclass(frozen=True)
+class VllmServePlan:
+    """The ``vllm serve`` a job will run for one precision on this device, decided before anything loads."""
+
+    command: str  # with ARTIFACT for the folder the job makes
+    utilization: float | None  # --gpu-memory-utilization (CUDA), from the live free memory
+    graphs: str
+    dtype: str
+    expected_kernel: str
+    overhead_bytes: int  # vLLM beyond weights and KV cache on this device (CUDA: GB10's field figure or a refit)
+    overhead_source: str
+    start_refusal: str | None  # why vLLM would not be started (its start-up check could not pass)
 
 
 def hardware_from_snapshot(snapshot: TelemetrySnapshot | None) -> Hardware:
@@ -125,10 +143,16 @@ def kv_bytes_per_token(spec: ModelSpec, kv_dtype: str) -> int:
 
 
 def overhead_bytes(spec: ModelSpec, precision: Precision, request: PlanRequest, on_gpu: bool) -> int:
+    if not precision.is_gguf and on_gpu:
+        # vLLM on a GPU: CUDA context, activations, CUDA-graph pool, API server and engine core, as one measured
+        # figure (vllm_launch.VLLM_CUDA_OVERHEAD_BYTES: 5.4-6.7 GiB on a DGX Spark) or this machine's refit
+        from qexplorer.core.engines.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES
+
+        return request.vllm_overhead_bytes or VLLM_CUDA_OVERHEAD_BYTES
     if precision.is_gguf:
         base = LLAMA_CPP_RUNTIME_BYTES
-    else:  # vLLM: on a GPU its device-side runtime is the torch one; on a CPU its whole server tree is host memory
-        base = TORCH_RUNTIME_BYTES if on_gpu or precision.vllm_cpu_gap else VLLM_RUNTIME_BYTES
+    else:  # vLLM-CPU: its whole server tree is host memory; the transformers fallback: PyTorch
+        base = TORCH_RUNTIME_BYTES if precision.vllm_cpu_gap else VLLM_RUNTIME_BYTES
     if on_gpu:
         base += CUDA_CONTEXT_BYTES[precision.family]
     chunk = min(request.context, PREFILL_CHUNK_TOKENS)
@@ -202,7 +226,41 @@ def plan_precision(spec: ModelSpec, precision: Precision, request: PlanRequest,
         f"{precision.vllm_cpu_gap}; measured with transformers, weights dequantized - not serving speed",
         servers=precision.servers,
         engine=Engine.TRANSFORMERS if not on_gpu and precision.vllm_cpu_gap else precision.engine,
+        vllm=None if precision.is_gguf or (not on_gpu and precision.vllm_cpu_gap) else
+        vllm_serve_plan(spec, precision, request, snapshot, weights),
     )
+
+
+def vllm_serve_plan(spec: ModelSpec, precision: Precision, request: PlanRequest, snapshot: TelemetrySnapshot | None,
+                    weights: int) -> VllmServePlan:
+    """The command, start-up check and kernel of the vLLM a job would start for ``precision`` (the job itself
+    re-reads the free memory just before it starts)."""
+    from qexplorer.core.device import device_from_snapshot
+    from qexplorer.core.engines.vllm_kernels import expected
+    from qexplorer.core.engines.vllm_launch import (
+        LaunchSettings,
+        dtype_for,
+        kv_cache_bytes,
+        overhead_bytes,
+        start_check,
+    )
+
+    device = device_from_snapshot(snapshot)
+    max_model_len = request.context + 16
+    kv = kv_cache_bytes(kv_bytes_per_token(spec, "bf16"), max_model_len, request.batch, device)
+    overhead = overhead_bytes(device, request.vllm_overhead_bytes)
+    check = start_check(device, weights + kv + overhead)
+    settings = LaunchSettings(max_model_len, request.batch, kv, False, dtype_for(precision), device,
+                              utilization=check.utilization)
+    source = ("vLLM-CPU 0.32 server tree, measured here" if not device.cuda else
+              "refitted from this machine's vLLM runs" if request.vllm_overhead_bytes else
+              "DGX Spark field figure, 5.4-6.7 GiB (llamastash#80/#81); refitted after the first real run")
+    return VllmServePlan(
+        command=" ".join(["vllm", "serve", "ARTIFACT", *(f"'{f}'" if f.startswith("{") else f
+                                                         for f in settings.flags())]),
+        utilization=check.utilization, graphs=settings.graphs, dtype=settings.dtype,
+        expected_kernel=expected(precision, device.kind, device.compute_capability), overhead_bytes=overhead,
+        overhead_source=source, start_refusal=check.refusal)
 
 
 def plan_model(spec: ModelSpec, request: PlanRequest, snapshot: TelemetrySnapshot | None,
@@ -289,7 +347,9 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     if vllm is None:
         vllm = on_gpu or not precision.vllm_cpu_gap
     if vllm:
-        server = (VLLM_RUNTIME_BYTES + weight_bytes(spec, precision)
+        from qexplorer.core.engines.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES
+
+        server = ((VLLM_CUDA_OVERHEAD_BYTES if on_gpu else VLLM_RUNTIME_BYTES) + weight_bytes(spec, precision)
                   + kv_bytes_per_token(spec, "bf16") * (request.context + 16))
         return max(worker + server + SERVER_LOGPROB_COPIES * logits, reference)
     fallback = worker + weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context + \

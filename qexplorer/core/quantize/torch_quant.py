@@ -92,17 +92,29 @@ def bf16_checkpoint(spec: ModelSpec, cache_dir: Path) -> Generator[JobEvent, Non
 
     Two jobs (say the CLI and the app) that need it at once: the second waits for the first's lock and
     then finds the finished folder."""
-    if spec.format == ModelFormat.HF:
-        return Path(spec.path)
+    if spec.format == ModelFormat.HF and not needs_bf16_cast(spec):
+        return Path(spec.path)  # BF16 already, or a quantized checkpoint measured as stored (labelled so)
     target = cache_dir / BF16_CHECKPOINT
     with file_lock(target.with_name(target.name + ".lock")):
         if saved_folder(target):
             yield Log(f"using the cached BF16 checkpoint {target}")
             return target
-        yield Phase(PhaseKind.DEQUANTIZE, f"dequantizing {Path(spec.path).name} to a BF16 checkpoint (once)")
-        _dequantize(spec, target)
+        if spec.format == ModelFormat.HF:  # an FP16 / FP32 folder: the BF16 artifact is a cast, not the source
+            yield Phase(PhaseKind.DEQUANTIZE, f"casting the {spec.stored_dtype} checkpoint to BF16 (once)")
+            model, tokenizer = load_model(Path(spec.path), "bf16")
+            _save_folder(model, tokenizer, target)
+            del model
+        else:
+            yield Phase(PhaseKind.DEQUANTIZE, f"dequantizing {Path(spec.path).name} to a BF16 checkpoint (once)")
+            _dequantize(spec, target)
         yield Log(f"cached the BF16 checkpoint in {target}")
         return target
+
+
+def needs_bf16_cast(spec: ModelSpec) -> bool:
+    """A Hugging Face folder stored in FP16 or FP32: its BF16 artifact is a cast (a quantized one is kept)."""
+    return (spec.format == ModelFormat.HF and not spec.stored_quantized
+            and spec.stored_dtype.upper() not in ("BF16", "BFLOAT16"))
 
 
 def _dequantize(spec: ModelSpec, target: Path) -> None:
