@@ -111,3 +111,20 @@ def test_jobs_overlap_only_when_both_planned_peaks_fit():
     assert not fits_together([6 * MIB, 4 * MIB], 10 * MIB)  # 80 % of the headroom at most
     assert not fits_together([4 * MIB, None], 100 * MIB)  # an unplanned job runs alone
     assert not fits_together([4 * MIB, 4 * MIB], None)
+
+
+def test_overlap_on_a_discrete_card_is_admitted_against_its_vram_not_the_hosts_ram():
+    """Review J4 / issue 23 item 6: before, a second GPU job was admitted against host headroom (an H100 host has
+    hundreds of GiB), so two jobs that each fit in VRAM but not together started, and the second's vLLM failed
+    its start-up check. Now the card decides, with room left for vLLM's check."""
+    from qexplorer.core.jobs.overlap import fits_on_card, fits_together
+
+    gib = 1024**3
+    assert fits_together([30 * gib, 40 * gib], 200 * gib)  # the host alone would admit it
+    # an 80 GiB card: job A plans 30 GiB and holds 10 now, 69 GiB free
+    assert not fits_on_card([30 * gib], [10 * gib], 40 * gib, 69 * gib)
+    assert fits_on_card([30 * gib], [10 * gib], 20 * gib, 69 * gib)
+    # vLLM's start-up check: after A grows to its plan only 20 GiB would be free, less than B's plan + margin
+    assert not fits_on_card([50 * gib], [1 * gib], 19.5 * gib, 70 * gib)
+    assert fits_on_card([None], [None], None, None)  # CPU jobs: the card does not matter
+    assert not fits_on_card([30 * gib], [10 * gib], 5 * gib, None)  # a GPU plan and no reading: one at a time

@@ -263,3 +263,30 @@ def test_fp32_on_vllm_cpu_is_served_in_float32(capsys, isolated_user_dirs):
     assert "--enforce-eager" in engine["serve_command"] and engine["graphs"].startswith("eager")
     log = next((isolated_user_dirs / "data" / "logs").glob("vllm-fp32-*.log")).read_text()
     assert "dtype=torch.float32" in log and "Downcasting" not in log
+
+
+@pytest.mark.e2e
+def test_container_mode_runs_vllm_serve_in_the_image_and_removes_it(capsys, monkeypatch, isolated_user_dirs,
+                                                                     tmp_path):
+    """QEXPLORER_VLLM=docker:IMAGE: `docker run` with the artifact mounted read-only, host networking on
+    loopback, every GPU; the server answers on the host; the container is removed by name when the job ends."""
+    bin_dir = tmp_path / "runtime-bin"
+    bin_dir.mkdir()
+    runtime = bin_dir / "docker"
+    runtime.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_container_runtime.py"}" "$@"\n')
+    runtime.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE_RUNTIME_DIR", str(tmp_path / "runtime-state"))
+    monkeypatch.setenv("QEXPLORER_VLLM", "docker:nvcr.io/nvidia/vllm:26.04-py3")
+    engine = run_on(capsys, monkeypatch, "gb10", "bf16")["result"]["engine"]
+    assert engine["name"] == "vllm" and engine["version"] == "vLLM 0.32.0-contract-fake"
+    calls = [json.loads(line) for line in (tmp_path / "runtime-state" / "calls.jsonl").read_text().splitlines()]
+    run = next(c for c in calls if c[0] == "run")
+    artifact = engine["artifact_path"]
+    assert ["-v", f"{artifact}:{artifact}:ro"] == run[run.index("-v"):run.index("-v") + 2]
+    assert run[run.index("--network") + 1] == "host" and "--gpus" in run and "--rm" in run
+    assert run[run.index("--host") + 1] == "127.0.0.1" and "nvcr.io/nvidia/vllm:26.04-py3" in run
+    name = run[run.index("--name") + 1]
+    assert ["rm", "-f", name] in calls  # stopped with the container
+    assert engine["serve_command"].startswith(f"vllm serve {artifact} ")
+    assert not list((tmp_path / "runtime-state").glob("*.pid"))  # nothing left running

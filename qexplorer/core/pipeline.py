@@ -96,6 +96,12 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
     started = time.perf_counter()
     artifact = yield from checked(produce(spec, precision, work_dir, job.bench.threads), cancel)
     quantize_s = time.perf_counter() - started
+    if not precision.is_gguf:
+        from qexplorer.core.engines.transformers import release_memory
+
+        # llm-compressor leaves its session and PyTorch's cached GPU blocks behind (llm-compressor#2319): on a
+        # card they would count against vLLM's start-up check in this same worker
+        release_memory()
     yield Log(f"artifact {artifact.name}: hashing it, so the export can be checked against what was measured")
     sha256 = content_sha256(artifact)
     ctx = _context(spec, precision, job, artifact, reference, cancel)

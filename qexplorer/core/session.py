@@ -132,5 +132,7 @@ def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: Telem
             planned_peak_bytes=plan_job_peak(model, precision, bench, on_gpu=plan.runs_on == "GPU",
                                              vllm=plan.engine == "vllm", quality=quality),
             planned_total_bytes=plan.total_bytes,
+            planned_gpu_bytes=plan.total_bytes if plan.runs_on == "GPU" and snapshot is not None
+            and snapshot.devices and snapshot.devices[0].unified is False else None,
         ))
     return PlannedJobs(tuple(specs), tuple(refused))

@@ -29,6 +29,7 @@ class JobSpec:
     phase_timeout_s: float = 1800.0
     planned_peak_bytes: int | None = None
     planned_total_bytes: int | None = None
+    planned_gpu_bytes: int | None = None  # on a discrete card: the plan's VRAM (its serving total); else None
     model_name: str = ""  # filled by the parent for failure records
     model_path: str = ""
     action: JobAction = JobAction.RUN

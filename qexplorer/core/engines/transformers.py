@@ -78,12 +78,17 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None,
 
 
 def release_memory() -> None:
-    """Give back what a finished pass held (Python's garbage, PyTorch's cached GPU blocks) before an engine
-    loads the same weights beside this worker."""
+    """Give back what a finished pass held (llm-compressor's session, Python's garbage, PyTorch's cached GPU
+    blocks) before an engine loads the same weights beside this worker."""
     import gc
+    import sys
 
     import torch
 
+    if "llmcompressor" in sys.modules:  # its session keeps the model and modifiers alive after oneshot
+        from llmcompressor.core import reset_session
+
+        reset_session()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

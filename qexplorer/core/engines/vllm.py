@@ -64,6 +64,7 @@ from qexplorer.core.engines.vllm_kernels import (
 )
 from qexplorer.core.engines.vllm_launch import (
     OVERHEAD_KEY,
+    ContainerVllm,
     LaunchSettings,
     StartCheck,
     dtype_for,
@@ -90,13 +91,18 @@ class VllmCannotRun(UserError):
 @dataclass(frozen=True)
 class VllmCommand:
     argv: tuple[str, ...]  # what comes before the model path
-    source: str  # "QEXPLORER_VLLM", "PATH" or ".venv-vllm"
+    source: str  # "QEXPLORER_VLLM", "PATH", ".venv-vllm" or "container"
     model_flag: bool  # api_server wants --model PATH; `vllm serve` takes PATH as its argument
+    container: ContainerVllm | None = None  # QEXPLORER_VLLM=docker:IMAGE / podman:IMAGE
 
 
 def find_vllm(project_root: Path | None = None) -> VllmCommand | None:
     """The vLLM to use, or None when there is none."""
     named = os.environ.get("QEXPLORER_VLLM")
+    container = ContainerVllm.parse(named)
+    if container is not None:
+        runtime = shutil.which(container.runtime)
+        return VllmCommand((runtime,), "container", False, container) if runtime else None
     if named:
         return _command(Path(named), "QEXPLORER_VLLM")
     on_path = shutil.which("vllm")
@@ -111,7 +117,10 @@ def find_vllm(project_root: Path | None = None) -> VllmCommand | None:
 
 
 def installed_version(command: VllmCommand) -> str | None:
-    """vLLM's version from its environment's package metadata, without starting it (None: not found)."""
+    """vLLM's version from its environment's package metadata, without starting it (None: not found); a
+    container's is its image (the server's /version names the vLLM inside once it runs)."""
+    if command.container is not None:
+        return f"vLLM in {command.container.runtime} image {command.container.image}"
     python = Path(command.argv[0])
     if not python.name.startswith("python"):
         try:  # a `vllm` console script: its first line names its python
@@ -167,19 +176,26 @@ class VllmServer:
         self.artifact = artifact
         self.log_path = log_path
         self.settings = settings
-        model = ("--model", str(artifact)) if command.model_flag else (str(artifact),)
-        self.argv = [*command.argv, *model, "--host", "127.0.0.1", "--port", str(self.port),
+        self.container = command.container
+        self.container_name = ContainerVllm.name_for(os.getpid())
+        self.env = serving_env(threads, cuda=settings.device.cuda)
+        if self.container is not None:  # only qexplorer's own variables cross into the image
+            inside = {k: v for k, v in self.env.items() if k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                                 "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK")}
+            prefix = self.container.run_argv(self.container_name, str(artifact), inside)
+        else:
+            prefix = [*command.argv, *(("--model", str(artifact)) if command.model_flag else (str(artifact),))]
+        self.argv = [*prefix, "--host", "127.0.0.1", "--port", str(self.port),
                      "--served-model-name", SERVED_NAME, *settings.flags(), "--max-logprobs", str(MAX_LOGPROBS),
                      *extra_args]
-        self.env = serving_env(threads, cuda=settings.device.cuda)
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url = f"http://127.0.0.1:{self.port}"
 
     @property
     def serve_command(self) -> str:
         """How a user serves this artifact the way it was measured (port and host are the user's to choose)."""
-        keep = [a for a in self.argv[self.argv.index("--max-model-len"):]]
-        if "--model" in self.argv:
+        keep = [f"'{a}'" if a.startswith("{") else a for a in self.argv[self.argv.index("--max-model-len"):]]
+        if "--model" in self.argv or self.container is not None:
             return " ".join(["vllm", "serve", str(self.artifact), *keep])
         return " ".join([*self.argv[:2], str(self.artifact), *keep])
 
@@ -215,6 +231,9 @@ class VllmServer:
             time.sleep(1.0)
 
     def stop(self) -> None:
+        if self.container is not None:  # the server is the container's, not this child's: remove it by name
+            subprocess.run(self.container.stop_argv(self.container_name), capture_output=True, timeout=60,
+                           check=False)
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -386,8 +405,11 @@ def cannot_run_reason(ctx: EngineContext) -> str | None:
     if not ctx.target.cuda and ctx.precision.vllm_cpu_gap and not os.environ.get("QEXPLORER_VLLM_TRY_ALL"):
         return ctx.precision.vllm_cpu_gap  # measured before; QEXPLORER_VLLM_TRY_ALL=1 starts it anyway
     if find_vllm() is None:
-        return ("vLLM is not installed here (scripts/setup.sh makes .venv-vllm on x86 CPUs; on a GPU box set "
-                "QEXPLORER_VLLM to your vLLM)")
+        named = os.environ.get("QEXPLORER_VLLM", "")
+        if ContainerVllm.parse(named) is not None:
+            return f"QEXPLORER_VLLM names a container image ({named}) but {named.split(':')[0]} is not on the PATH"
+        return ("vLLM is not installed here (scripts/setup.sh makes .venv-vllm on x86 CPUs, scripts/setup.sh --vllm "
+                "on a GPU box; or set QEXPLORER_VLLM to your vLLM, or to docker:IMAGE for a vLLM container)")
     return None
 
 

@@ -160,3 +160,38 @@ def measured_overhead(peak_gpu_bytes: int | None, weight_bytes: int | None, kv_c
         return None
     rest = peak_gpu_bytes - weight_bytes - kv_cache_bytes
     return rest if rest > 0 else None
+
+
+# ------------------------------------------------------------------ container mode
+CONTAINER_RUNTIMES = ("docker", "podman")
+
+
+@dataclass(frozen=True)
+class ContainerVllm:
+    """``QEXPLORER_VLLM=docker:IMAGE`` (or ``podman:IMAGE``): ``vllm serve`` in NVIDIA's or the community's vLLM
+    image (nvcr.io/nvidia/vllm, vllm/vllm-openai, eugr/spark-vllm-docker), as most GB10 owners run it."""
+
+    runtime: str  # "docker" or "podman"
+    image: str
+
+    @staticmethod
+    def parse(value: str | None) -> ContainerVllm | None:
+        runtime, sep, image = (value or "").partition(":")
+        return ContainerVllm(runtime, image) if sep and runtime in CONTAINER_RUNTIMES and image else None
+
+    @staticmethod
+    def name_for(worker_pid: int) -> str:
+        """The container a worker's server runs in: the parent removes it by this name if the worker dies."""
+        return f"qexplorer-vllm-{worker_pid}"
+
+    def run_argv(self, name: str, artifact: str, env: dict[str, str]) -> list[str]:
+        """``RUNTIME run`` up to and including ``serve ARTIFACT``: the artifact mounted read-only at its own path,
+        host networking (the server binds 127.0.0.1 on the host), the host's IPC (vLLM's shared memory), every
+        GPU (docker's ``--gpus``; podman's CDI device), removed when it stops."""
+        gpus = ["--gpus", "all"] if self.runtime == "docker" else ["--device", "nvidia.com/gpu=all"]
+        envs = [item for key, value in sorted(env.items()) for item in ("-e", f"{key}={value}")]
+        return [self.runtime, "run", "--rm", "--name", name, "--network", "host", "--ipc", "host", *gpus,
+                "-v", f"{artifact}:{artifact}:ro", *envs, "--entrypoint", "vllm", self.image, "serve", artifact]
+
+    def stop_argv(self, name: str) -> list[str]:
+        return [self.runtime, "rm", "-f", name]

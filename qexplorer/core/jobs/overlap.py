@@ -206,3 +206,25 @@ def fits_together(planned_peaks: Iterable[int | None], headroom_bytes: int | Non
     if headroom_bytes is None or any(p is None for p in peaks):
         return False
     return sum(int(p) for p in peaks if p is not None) <= TOGETHER_SHARE * headroom_bytes
+
+
+def fits_on_card(running_planned_gpu: Iterable[int | None], running_gpu_now: Iterable[int | None],
+                 new_planned_gpu: int | None, vram_free_bytes: int | None) -> bool:
+    """Whether a job may start beside others on a discrete card (review J4, issue 23 item 6): the planned VRAM
+    of all of them within a share of the card's memory the running jobs do not hold, and - once the running jobs
+    grow to their plans - still room for the new job's vLLM to pass its start-up check (its plan plus
+    ``START_MARGIN_BYTES`` free; vLLM's ``v1/worker/utils.py`` l. 724-768). A job with no GPU plan adds nothing."""
+    from qexplorer.core.engines.vllm_launch import START_MARGIN_BYTES
+
+    planned = [int(p) for p in running_planned_gpu if p]
+    if not planned and not new_planned_gpu:
+        return True
+    if vram_free_bytes is None:
+        return False  # a GPU plan and no reading of the card: one at a time
+    held_now = sum(int(g) for g in running_gpu_now if g)
+    card = vram_free_bytes + held_now  # what the running jobs and the new one have between them
+    new = int(new_planned_gpu or 0)
+    if sum(planned) + new > TOGETHER_SHARE * card:
+        return False
+    free_at_start = vram_free_bytes - max(0, sum(planned) - held_now)  # after the others reach their plans
+    return not new or free_at_start >= new + START_MARGIN_BYTES

@@ -29,7 +29,7 @@ from qexplorer.core.domain.record import ExportRecord, RunRecord
 from qexplorer.core.domain.spec import JobSpec, ServerSpec
 from qexplorer.core.errors import UserError
 from qexplorer.core.eta import DurationBook, JobEstimate
-from qexplorer.core.jobs.overlap import MAX_WORKERS, PREPARE_THREADS, fits_together
+from qexplorer.core.jobs.overlap import MAX_WORKERS, PREPARE_THREADS, fits_on_card, fits_together
 from qexplorer.core.jobs.runner import JobOutcome, JobRunner, failure_record
 from qexplorer.core.jobs.watch import GPU_BY_DELTA, MemorySample
 from qexplorer.core.kinds import Engine, JobAction, JobStatus
@@ -250,8 +250,12 @@ class JobQueue:
         if any(m.gpu_source == GPU_BY_DELTA for m in latest):
             return False  # GPU memory read as the device's growth would count both jobs as each one's
         headroom = sum(m.rss_bytes for m in latest) + min(int(m.headroom_bytes or 0) for m in latest)
-        return fits_together([getattr(o, "planned_peak_bytes", None) for o in others] + [spec.planned_peak_bytes],
-                             headroom)
+        if not fits_together([getattr(o, "planned_peak_bytes", None) for o in others] + [spec.planned_peak_bytes],
+                             headroom):
+            return False
+        vram_free = [m.vram_free_bytes for m in latest if m.vram_free_bytes is not None]
+        return fits_on_card([getattr(o, "planned_gpu_bytes", None) for o in others], [m.gpu_bytes for m in latest],
+                            spec.planned_gpu_bytes, min(vram_free) if vram_free else None)
 
     def _take(self, may_finish: bool = True,
               allowed: Callable[[JobSpec | ServerSpec], bool] = lambda spec: True,

@@ -43,6 +43,7 @@ from qexplorer.core.domain.events import (
 )
 from qexplorer.core.domain.record import ExportRecord, ModelIdentity, RunRecord
 from qexplorer.core.domain.spec import JobSpec
+from qexplorer.core.engines.vllm_launch import ContainerVllm
 from qexplorer.core.jobs.channel import WorkerChannel
 from qexplorer.core.jobs.clock import PhaseClock, timings_from
 from qexplorer.core.jobs.guard import GuardPool, MemoryGuard
@@ -155,17 +156,25 @@ class JobRunner:
         self.current_pid = proc.pid  # the newest worker (tests and the CLI's interrupt use it)
         niced = bool(job.prepare_threads) and self._may_nice() and set_tree_nice(proc.pid, PREPARE_NICE)
         self._own(proc.pid, True)
-        job_run = _Supervision(self, job, proc, niced, on_event, cancel, on_memory)
+        container = self.container_vllm()
+        job_run = _Supervision(self, job, proc, niced, on_event, cancel, on_memory, by_growth=container is not None)
         try:
             job_run.loop()
         finally:
             self.gate.leave(proc.pid)  # continues it first if it was paused: it must see the SIGTERM
             self.guard_pool.leave(proc.pid)
             job_run.channel.close()
+            if container is not None:  # a killed worker cannot stop its server's container: removed by name
+                remove_container(container, proc.pid)
             if self.current_pid == proc.pid:
                 self.current_pid = None
             self._own(proc.pid, False)
         return job_run.outcome(log_path)
+
+    def container_vllm(self) -> ContainerVllm | None:
+        """vLLM in a container (QEXPLORER_VLLM=docker:IMAGE): its processes are not the worker's children, so
+        the job's GPU memory is the device's growth, and the parent removes the container when the job ends."""
+        return ContainerVllm.parse(self.extra_env.get("QEXPLORER_VLLM") or os.environ.get("QEXPLORER_VLLM"))
 
     def _own(self, pid: int, add: bool) -> None:
         """Tell the samplers which PIDs are qexplorer's jobs (two jobs' threads may start and end at once)."""
@@ -234,13 +243,14 @@ class _Supervision:
 
     def __init__(self, runner: JobRunner, job: JobSpec, proc: subprocess.Popen[str], niced: bool,
                  on_event: Callable[[JobEvent], None] | None, cancel: threading.Event | None,
-                 on_memory: Callable[[MemorySample], None] | None) -> None:
+                 on_memory: Callable[[MemorySample], None] | None, by_growth: bool = False) -> None:
         now = time.monotonic()
         self.runner, self.job, self.on_event, self.cancel = runner, job, on_event, cancel
         self.channel = WorkerChannel(proc)
         self.turn = _Turn(runner.gate, self.channel, niced, on_event)
         self.clock = PhaseClock(job.phase_timeout_s, now)
-        self.watch = MemoryWatch(proc.pid, runner.sampler, runner.guard_pool, runner.interval_s, now, on_memory)
+        self.watch = MemoryWatch(proc.pid, runner.sampler, runner.guard_pool, runner.interval_s, now, on_memory,
+                                 by_growth=by_growth)
         self.completed: Completed | None = None
         self.error: str | None = None
         self.stop_reason: tuple[JobStatus, str] | None = None
@@ -368,3 +378,12 @@ def failure_record(outcome: JobOutcome) -> RunRecord:
     ).with_memory(peak_rss_bytes=outcome.peak_rss_bytes, peak_gpu_bytes=outcome.peak_gpu_bytes,
                   peak_gpu_source=outcome.gpu_source or None,
                   planned_peak_bytes=job.planned_peak_bytes, planned_total_bytes=job.planned_total_bytes)
+
+
+def remove_container(container: ContainerVllm, worker_pid: int) -> None:
+    """Remove the container a worker's vLLM ran in (none: nothing happens)."""
+    try:
+        subprocess.run(container.stop_argv(ContainerVllm.name_for(worker_pid)), capture_output=True, timeout=60,
+                       check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        pass

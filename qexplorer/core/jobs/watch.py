@@ -29,15 +29,18 @@ class MemorySample:
     headroom_bytes: int | None
     phase: str
     gpu_source: str = ""  # how gpu_bytes was attributed to the job
+    vram_free_bytes: int | None = None  # a discrete card's free memory (None: no card, or unified memory)
 
 
-def attribute_gpu(snapshot: TelemetrySnapshot, tree_pids: set[int], baseline_used: int | None) -> tuple[int | None, str]:
+def attribute_gpu(snapshot: TelemetrySnapshot, tree_pids: set[int], baseline_used: int | None,
+                  by_growth: bool = False) -> tuple[int | None, str]:
     """The GPU memory that is the job's: NVML's per-process figures for its process tree; where NVML's PIDs are
-    another namespace's (a container), the growth of the devices' used memory since the job started."""
+    another namespace's (qexplorer in a container), or the job's server is not in its tree (vLLM in a container:
+    ``by_growth``), the growth of the devices' used memory since the job started."""
     if not snapshot.devices:
         return None, ""
     matched = [p.gpu_bytes for p in snapshot.processes if p.pid in tree_pids and p.gpu_bytes is not None]
-    if matched or not snapshot.foreign_gpu_pids:
+    if not by_growth and (matched or not snapshot.foreign_gpu_pids):
         return sum(matched), GPU_BY_PID
     used = devices_used_bytes(snapshot)
     if used is None or baseline_used is None:
@@ -60,8 +63,10 @@ class MemoryWatch:
     """Samples one job's memory when due, keeps its peaks, and asks the pool whether to stop it."""
 
     def __init__(self, pid: int, sampler: TelemetrySampler | None, pool: GuardPool, user_interval_s: float,
-                 started_s: float, on_memory: Callable[[MemorySample], None] | None = None) -> None:
+                 started_s: float, on_memory: Callable[[MemorySample], None] | None = None,
+                 by_growth: bool = False) -> None:
         self.pid, self.sampler, self.pool = pid, sampler, pool
+        self.by_growth = by_growth  # the job's server runs outside its process tree (a container)
         self.user_interval_s, self.started_s, self.on_memory = user_interval_s, started_s, on_memory
         self.next_sample_s = started_s
         self.samples: list[MemorySample] = []
@@ -101,6 +106,6 @@ class MemoryWatch:
             if self._baseline_used is None:
                 self._baseline_used = devices_used_bytes(snapshot)
             self.gpu_unified = snapshot.unified if snapshot.devices else None
-            gpu, source = attribute_gpu(snapshot, pids, self._baseline_used)
+            gpu, source = attribute_gpu(snapshot, pids, self._baseline_used, by_growth=self.by_growth)
             vram_free = discrete_free_bytes(snapshot)
-        return MemorySample(elapsed_s, rss, gpu, headroom, phase, source), vram_free
+        return MemorySample(elapsed_s, rss, gpu, headroom, phase, source, vram_free), vram_free
