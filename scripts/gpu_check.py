@@ -7,9 +7,14 @@
    the sum of the per-process allocations ``nvidia-smi`` lists, where
    ``nvidia-smi``'s own memory column is blank.
 2. A 1 B-shaped random-weight Llama built from a config (no download), run as
-   ``qexplorer run`` runs it - bf16, fp8 and int4 (W4A16), vLLM when it is
-   installed, else the labelled transformers fallback: decode tok/s, % of the
-   roofline, the job's peak GPU memory against the plan.
+   ``qexplorer run`` runs it - bf16, fp8, int4 (W4A16) and nvfp4a16, vLLM when
+   it is installed, else the labelled transformers fallback: decode tok/s, % of
+   the roofline, the job's peak GPU memory against the plan.
+3. vLLM as served (issue 23): a transformers fallback while vLLM is installed is
+   a contradiction (its start-up check or a flag failed: the reason is printed);
+   so is a label that disagrees with the kernel lines in vLLM's own log, a dtype
+   other than the precision's, no CUDA-graph capture in the log, and a kernel
+   other than the one the plan expected.
 
 Prints one table and exits 1 on a contradiction (figures that disagree, a
 roofline above 100 %, a GPU peak far off its plan, a job that fails). Without a
@@ -28,7 +33,7 @@ from pathlib import Path
 
 PLAN_TOLERANCE = 0.25  # a GPU peak more than 25 % off its plan is a contradiction
 MEMORY_TOLERANCE = 0.05  # NVML vs nvidia-smi, sampled a moment apart
-PRECISIONS = ("bf16", "fp8", "int4_rtn")
+PRECISIONS = ("bf16", "fp8", "int4_rtn", "nvfp4a16")
 MIB = 1024**2
 
 
@@ -129,6 +134,7 @@ def job_checks(folder: Path, data_dir: Path) -> list[Check]:
         roof = record.roofline_pct
         checks.append(Check(f"{job.precision} roofline ({record.hardware.bandwidth_source})", "≤ 100 %",
                             "n/a" if roof is None else f"{roof:.0f} %", roof is not None and roof <= 100))
+        checks += served_checks(job.precision, record, data_dir)
         plan = record.memory.plan_check(record.hardware.gpu_unified)
         error = plan.error_pct
         checks.append(Check(f"{job.precision} peak {plan.term} vs plan",
@@ -138,6 +144,38 @@ def job_checks(folder: Path, data_dir: Path) -> list[Check]:
                             error is not None and abs(error) <= 100 * PLAN_TOLERANCE))
     sampler.close()
     return checks
+
+
+def served_checks(precision_key: str, record, data_dir: Path) -> list[Check]:
+    """vLLM as the job served it, against vLLM's own log (issue 23)."""
+    from qexplorer.core.engines.vllm import find_vllm
+    from qexplorer.core.engines.vllm_kernels import mismatch, mode_of, parse_log, served_dtype
+    from qexplorer.core.engines.vllm_launch import dtype_for
+    from qexplorer.core.kinds import Engine
+    from qexplorer.core.precisions import get
+
+    precision, engine = get(precision_key), record.engine
+    if engine.is_fallback:
+        installed = find_vllm() is not None
+        return [Check(f"{precision_key} served by vLLM", "vLLM" if installed else "vLLM (not installed)",
+                      f"transformers fallback: {engine.fallback_reason}", not installed)]
+    if engine.name != Engine.VLLM:
+        return []
+    logs = sorted((data_dir / "logs").glob(f"vllm-{precision_key}-*.log"))
+    log = logs[-1].read_text(encoding="utf-8", errors="replace") if logs else ""
+    from_log = mode_of(parse_log(log, "cuda"), engine.mode, precision)
+    differs = mismatch(engine.expected_kernel, engine.kernel)
+    return [
+        Check(f"{precision_key} label vs vLLM's log", str(from_log), f"{engine.mode}: {engine.kernel}",
+              from_log == engine.mode),
+        Check(f"{precision_key} dtype", dtype_for(precision), served_dtype(log) or "not in the log",
+              served_dtype(log) == dtype_for(precision)),
+        Check(f"{precision_key} CUDA graphs", "captured (no --enforce-eager)",
+              "captured" if "Graph capturing finished" in log else "no capture in the log",
+              "Graph capturing finished" in log and "--enforce-eager" not in engine.serve_command),
+        Check(f"{precision_key} kernel vs plan", engine.expected_kernel or "?", differs or "as planned",
+              differs is None),
+    ]
 
 
 def main() -> int:

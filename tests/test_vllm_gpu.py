@@ -290,3 +290,45 @@ def test_container_mode_runs_vllm_serve_in_the_image_and_removes_it(capsys, monk
     assert ["rm", "-f", name] in calls  # stopped with the container
     assert engine["serve_command"].startswith(f"vllm serve {artifact} ")
     assert not list((tmp_path / "runtime-state").glob("*.pid"))  # nothing left running
+
+
+def test_a_kernel_other_than_the_planned_one_is_a_mismatch():
+    from qexplorer.core.engines.vllm_kernels import describe, mismatch
+
+    gb10 = (12, 1)
+    picked = describe(parse_log(LOGS[("nvfp4", "cuda")], "cuda"), "compressed-tensors")
+    assert mismatch(expected(BY_KEY["nvfp4"], "cuda", gb10), picked) is None
+    marlin = describe(parse_log(LOGS[("nvfp4-h100", "cuda")], "cuda"), "compressed-tensors")  # SM121 fallback
+    assert mismatch(expected(BY_KEY["nvfp4"], "cuda", gb10), marlin) == (
+        "the plan expected FlashInferCutlassNvFp4LinearKernel; vLLM logged MarlinNvFp4LinearKernel for NVFP4 GEMM")
+    assert mismatch(expected(BY_KEY["bf16"], "cuda", gb10), describe((), None)) is None
+
+
+def test_the_gpu_check_calls_a_fallback_and_a_wrong_label_contradictions(tmp_path: Path, monkeypatch):
+    """scripts/gpu_check.py on a GPU box: a transformers fallback while vLLM is installed, and a label that
+    disagrees with vLLM's log, fail the check."""
+    from dataclasses import replace
+
+    from qexplorer.core.domain.record import EngineInfo
+    from qexplorer.core.domain.record import record_from_legacy as legacy
+    from qexplorer.core.kinds import Engine
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_check
+
+    monkeypatch.setenv("QEXPLORER_VLLM", "/usr/local/bin/vllm")  # "installed"
+    record = legacy({"model_name": "m", "model_path": "/m", "precision": "nvfp4", "family": "torch"})
+    fallback = replace(record, engine=EngineInfo(name=Engine.TRANSFORMERS, fallback_reason="vLLM could not start"))
+    [check] = gpu_check.served_checks("nvfp4", fallback, tmp_path)
+    assert not check.ok and "vLLM could not start" in check.measured
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "vllm-nvfp4-1.log").write_text(
+        "Initializing a V1 LLM engine (v0.32.0) with config: dtype=torch.bfloat16, quantization=compressed-tensors\n"
+        f"{LOGS[('nvfp4-h100', 'cuda')]}\nGraph capturing finished in 3 secs, took 0.10 GiB\n")
+    served = replace(record, engine=EngineInfo(
+        name=Engine.VLLM, mode=SupportMode.NATIVE, kernel="MarlinNvFp4LinearKernel for NVFP4 GEMM (weight-only)",
+        expected_kernel="FlashInferCutlassNvFp4LinearKernel (FP4 tensor cores)", serve_command="vllm serve /a"))
+    checks = {c.name: c for c in gpu_check.served_checks("nvfp4", served, tmp_path)}
+    assert not checks["nvfp4 label vs vLLM's log"].ok  # the log says weight-only, the row said native
+    assert checks["nvfp4 dtype"].ok and checks["nvfp4 CUDA graphs"].ok
+    assert not checks["nvfp4 kernel vs plan"].ok

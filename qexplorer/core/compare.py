@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qexplorer.core.domain.bench import known
+from qexplorer.core.engines.vllm_kernels import mismatch
 from qexplorer.core.kinds import Family, Priority, SupportMode
 from qexplorer.core.precisions import BY_KEY, Hardware
 from qexplorer.core.results import StoredResult
@@ -92,6 +93,7 @@ class CompareRow:
     compared: bool = True  # measured with the compared settings (results.compare_groups); else shown, never ranked
     settings: str = ""  # those settings in words
     decode_n: int = 0  # repetitions behind decode_tok_s (its standard error is decode_sd / √n)
+    kernel_mismatch: str | None = None  # vLLM picked another kernel than the plan expected (one sentence)
 
     @property
     def memory_bytes(self) -> int | None:
@@ -123,6 +125,7 @@ def row_from_result(result: StoredResult, compared: bool = True) -> CompareRow:
             r.depth_speeds, r.depth_rooflines or (None,) * len(r.depth_speeds), strict=True)),
         decode_n=speed.decode_tok_s.n if speed else 0,
         compared=compared, settings=r.settings_text(),
+        kernel_mismatch=mismatch(r.engine.expected_kernel, r.engine.kernel),
     )
 
 

@@ -251,6 +251,8 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "backend": None if r.engine.name is None else str(r.engine.name), "mode": str(r.engine.mode),
         "engine_version": r.engine.version or None, "kernel": r.engine.kernel or None,
         "serve_command": r.engine.serve_command or None, "fallback_reason": r.engine.fallback_reason,
+        "expected_kernel": r.engine.expected_kernel or None, "served_dtype": r.engine.dtype or None,
+        "cuda_graphs": r.engine.graphs or None, "start_check": r.engine.start_check or None,
         "artifact_sha256": r.engine.artifact_sha256,
         "status": str(result.status), "error": result.error,
         "cpu_info": hw.cpu if hw else None, "gpu_info": hw.gpu if hw else None,

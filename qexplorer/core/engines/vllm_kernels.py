@@ -174,3 +174,16 @@ def expected(precision: Precision, device_kind: str, compute_capability: tuple[i
             return "FlashInferCutlassNvFp4LinearKernel (FP4 tensor cores; Marlin if FlashInfer is absent)"
         return "FlashInferCuteDsl NVFP4 kernel (FP4 tensor cores)"
     return "chosen by vLLM at start"
+
+
+def mismatch(expected_text: str, picked_text: str) -> str | None:
+    """Where the kernel the plan expected is not the one vLLM logged: one sentence; None when they agree (or
+    nothing was expected / named)."""
+    if (not expected_text or not picked_text or picked_text.startswith("quantization=")
+            or expected_text.startswith(("chosen by vLLM", "none:"))):
+        return None
+    picked = picked_text.split(" (")[0]
+    if expected_text.startswith("unquantized"):
+        return None if picked_text.startswith("unquantized") else f"the plan expected dense matmuls; vLLM logged {picked}"
+    name = expected_text.split()[0]
+    return None if name in picked_text else f"the plan expected {name}; vLLM logged {picked}"

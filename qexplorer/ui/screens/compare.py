@@ -91,7 +91,8 @@ class CompareScreen(Screen):
         front = {r.precision for r in pareto_front(self._rows)}
         for r in self._rows:
             marks = {SupportMode.EMULATED: "*", SupportMode.DEQUANTIZED: "†", SupportMode.WEIGHT_ONLY: "ʷ"}.get(r.mode, "")
-            label = ("≠ " if not r.compared else "") + r.label + marks + (" ◆" if r.precision in front else "")
+            label = ("≠ " if not r.compared else "") + r.label + marks + ("ᵏ" if r.kernel_mismatch else "") + (
+                " ◆" if r.precision in front else "")
             noisy = "~" if r.noise else ""
             at = f" d{r.depth}" if r.depth else ""
             table.add_row(
@@ -116,6 +117,8 @@ class CompareScreen(Screen):
             notes.append("~ noisy")
         if any(r.fallback for r in self._rows):
             notes.insert(1, "† fallback")
+        if any(r.kernel_mismatch for r in self._rows):
+            notes.append("ᵏ vLLM picked another kernel than planned (details: the row)")
         if any(r.mode == SupportMode.WEIGHT_ONLY for r in self._rows):
             notes.append("ʷ served weight-only (activations not quantized)")
         if any(not r.compared for r in self._rows):

@@ -9,7 +9,14 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from qexplorer.core.eta import format_duration
-from qexplorer.core.planner import KV_DTYPE_BYTES, PlanRequest, PrecisionPlan, hardware_from_snapshot, plan_model
+from qexplorer.core.planner import (
+    KV_DTYPE_BYTES,
+    PlanRequest,
+    PrecisionPlan,
+    VllmServePlan,
+    hardware_from_snapshot,
+    plan_model,
+)
 from qexplorer.core.units import format_bytes, format_count, format_gib
 from qexplorer.ui.screens.live import watch_while_shown
 
@@ -128,10 +135,12 @@ class PlanScreen(Screen):
             detail.update("")
             return
         group = f", group size {plan.group_size}" if plan.group_size else ""
+        overhead = (f"vLLM on the GPU: {plan.vllm.overhead_source}" if plan.vllm and plan.runs_on == "GPU"
+                    else "runtime + one 512-token prefill chunk")
         detail.update(
             f"{plan.label}: {plan.engine}, {plan.support} on {plan.runs_on} ({plan.support_note}){group}; "
             f"serve with {' / '.join(plan.servers)}. KV {format_bytes(plan.kv_bytes_per_token)}/token; "
-            f"overhead {format_bytes(plan.overhead_bytes)} (runtime + one 512-token prefill chunk)."
+            f"overhead {format_bytes(plan.overhead_bytes)} ({overhead})." + (_vllm_line(plan.vllm) if plan.vllm else "")
         )
 
     # ------------------------------------------------------------------ actions
@@ -215,3 +224,12 @@ def _options_line(options) -> str:
     if options.force:
         parts.append("force")
     return ("\noptions: " + ", ".join(parts)) if parts else ""
+
+
+def _vllm_line(vllm: VllmServePlan) -> str:
+    """How vLLM will be started for the highlighted precision (planned in core; shown here)."""
+    start = (f"would not start: {vllm.start_refusal}" if vllm.start_refusal else
+             f"--gpu-memory-utilization {vllm.utilization:.2f} (passes its start-up check)"
+             if vllm.utilization is not None else "")
+    return f"\nvLLM expected kernel: {vllm.expected_kernel}; {vllm.graphs}; --dtype {vllm.dtype}" + (
+        f"; {start}" if start else "")
