@@ -34,7 +34,7 @@ from qexplorer.core.domain.record import ExportRecord, HardwareFacts, ModelIdent
 from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
 from qexplorer.core.errors import UserError
-from qexplorer.core.kinds import Engine, JobAction, ModelFormat
+from qexplorer.core.kinds import Engine, JobAction, ModelFormat, SupportMode
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.planner import decode_bytes_per_token
 from qexplorer.core.precisions import Hardware, Precision, get
@@ -223,6 +223,10 @@ def _measure(ctx: EngineContext) -> Step[Measured]:
         yield Log(f"{ctx.precision.label}: {reason}; measuring it with {transformers.FALLBACK_LABEL} instead",
                   level="warning")
         return (yield from transformers.measure(ctx, fallback_reason=reason, quality=quality))
+    if quality is not None and measured.engine.mode == SupportMode.WEIGHT_ONLY:
+        yield Log(f"{ctx.precision.label}: vLLM serves it weight-only here ({measured.engine.kernel}): its "
+                  "activations are not quantized, while the artifact's KLD / top-1 / PPL were measured in "
+                  "transformers with them quantized; vLLM's own log-prob KLD is the served numerics", level="warning")
     if quality is not None:
         # the worker's own GPU peak is the quality pass's (vLLM's memory is its server's, sampled from outside)
         measured = replace(measured, quality=quality[0], quality_s=quality[1],
