@@ -63,6 +63,32 @@ async def test_unified_bar_shows_process_sum_and_refresh_keys():
         assert type(app.screen).__name__ == "DashboardScreen"
 
 
+@pytest.mark.parametrize("profile", ["gb10", "gb10-pagecache", "h100"])
+async def test_memfree_is_shown_beside_memavailable_on_unified_memory(profile):
+    """Unified memory: the pool's legend reads "avail X GiB (MemFree Y GiB)", the MemFree figure in the danger
+    style under the guard's 8 GiB floor; a discrete card's host bar keeps its legend."""
+    from qexplorer.core.telemetry import MEMFREE_FLOOR_BYTES
+    from qexplorer.core.units import format_gib
+
+    app = sim_app(profile)
+    now = [0.0]
+    app.sources.sampler.host.machine.monotonic = lambda: now[0]  # the page cache's growth, on a clock of ours
+    async with app.run_test(size=(120, 40)) as pilot:
+        await feed_samples(app, pilot, 1)
+        now[0] = 5.5  # the checkpoint is in page cache: MemFree 1 GiB, MemAvailable where it was
+        await feed_samples(app, pilot, 1)
+        free = app.snapshot.host.free_bytes
+        bars = list(app.screen.query(MemoryBar))
+        legend = "\n".join(bar.render().plain for bar in bars)
+        if profile == "h100":
+            assert "MemFree" not in legend and all(bar.breakdown.mem_free is None for bar in bars)
+            return
+        available = app.snapshot.host.available_bytes.value
+        assert f"avail {format_gib(available)} (MemFree {format_gib(free.value)})" in legend
+        assert bars[0].breakdown.mem_free_low is (free.value < MEMFREE_FLOOR_BYTES)
+        assert bars[0].breakdown.mem_free_low is (profile == "gb10-pagecache")
+
+
 async def test_live_sampling_runs_in_a_thread_and_fills_history():
     from qexplorer.core.settings import Settings
     from qexplorer.ui.app import make_app

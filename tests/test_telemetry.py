@@ -112,6 +112,10 @@ def test_gpu_lost_mid_run_says_telemetry_lost_and_keeps_host():
         ("Some future SoC", False, ADDRESSING_MODE_ATS, True),
         ("NVIDIA H100 80GB HBM3", True, 0, False),
         ("NVIDIA H100 80GB HBM3", False, None, None),
+        # ATS with its own HBM that the memory query reports: Grace Hopper / Grace Blackwell (audit P2-10 (b))
+        ("NVIDIA GH200 480GB", True, ADDRESSING_MODE_ATS, False),
+        ("NVIDIA GB200", True, ADDRESSING_MODE_ATS, False),
+        ("NVIDIA GB10", True, ADDRESSING_MODE_ATS, True),  # a shim answering on GB10: the name wins
     ],
 )
 def test_unified_detection(name, supported, mode, expected):

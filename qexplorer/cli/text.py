@@ -21,6 +21,8 @@ def snapshot_text(snapshot: TelemetrySnapshot) -> str:
     lines.append("Host memory")
     lines.append(f"  total        {reading_text(host.total_bytes)}")
     lines.append(f"  available    {reading_text(host.available_bytes)}")
+    lines.append(f"  MemFree      {reading_text(host.free_bytes)}  (free pages: on unified memory the GPU "
+                 "allocates from these)")
     lines.append(f"  used         {reading_text(host.used_bytes)}  (MemTotal − MemAvailable)")
     lines.append(f"  page cache   {reading_text(host.reclaimable_cache_bytes)}  (reclaimable: Cached − Shmem + SReclaimable)")
     lines.append(f"  shmem        {reading_text(host.shmem_bytes)}  (not reclaimable)")

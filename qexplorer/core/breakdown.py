@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qexplorer.core.telemetry import DeviceTelemetry, Reading, TelemetrySnapshot
+from qexplorer.core.telemetry import MEMFREE_FLOOR_BYTES, DeviceTelemetry, Reading, TelemetrySnapshot
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class MemoryBreakdown:
     reserve_bytes: int  # drawn at the end of the free segment; 0 for no reserve
     headroom: Reading
     note: str = ""
+    # unified memory: MemFree, shown beside MemAvailable - page cache can take it while MemAvailable looks
+    # healthy, and the GPU driver needs it (the guard's MemFree rule); low = under the guard's floor
+    mem_free: Reading | None = None
+    mem_free_low: bool = False
 
 
 def _value(reading: Reading) -> int | None:
@@ -57,9 +61,11 @@ def unified_breakdown(snapshot: TelemetrySnapshot, device: DeviceTelemetry) -> M
             MemorySegment("other host", max(0, other), "host", "(MemTotal − MemAvailable) − GPU"),
             MemorySegment("avail", available, "free", "MemAvailable"),
         ]
+    free = snapshot.host.free_bytes
     return MemoryBreakdown(
         f"Unified pool · {device.name}", total, tuple(segments), snapshot.reserve_bytes,
-        device.headroom_bytes, device.memory_note,
+        device.headroom_bytes, device.memory_note, mem_free=free,
+        mem_free_low=free.value is not None and free.value < MEMFREE_FLOOR_BYTES,
     )
 
 

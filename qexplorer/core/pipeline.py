@@ -36,6 +36,7 @@ from qexplorer.core.engines.base import EngineContext, Measured, current_rss_byt
 from qexplorer.core.errors import UserError
 from qexplorer.core.kinds import Engine, JobAction, ModelFormat, SupportMode
 from qexplorer.core.model import ModelSpec
+from qexplorer.core.pagecache import CacheDrop, drop_page_cache
 from qexplorer.core.planner import decode_bytes_per_token
 from qexplorer.core.precisions import Hardware, Precision, get
 from qexplorer.core.quantize.artifact import produce
@@ -113,6 +114,7 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
                   f"settings were measured as result #{earlier.reused_from}; showing that measurement again "
                   "(--remeasure times it anew)")
         return earlier
+    yield from before_unified_load()
     measured = yield from checked(_measure(ctx), cancel)
     measured = replace(measured, engine=replace(measured.engine, artifact_path=str(artifact),
                                                 artifact_bytes=_size(artifact), artifact_sha256=sha256))
@@ -193,6 +195,19 @@ def _context(spec: ModelSpec, precision: Precision, job: JobSpec, artifact: Path
                          reference=reference, support_mode=support.mode,
                          device="cuda" if cuda and not device.simulated else "cpu", target=device,
                          gpu_name=gpu_name, bench_text=_bench_text(), cancel=cancel)
+
+
+def before_unified_load(unified: Callable[[], bool] | None = None,
+                        drop: Callable[[], CacheDrop] | None = None) -> Step[None]:
+    """On unified memory (GB10), drop the page cache before an engine (vLLM, llama.cpp, transformers) loads the
+    artifact, and say in the log whether it was dropped (:mod:`qexplorer.core.pagecache`). Elsewhere nothing:
+    a discrete card's weights do not come out of the host's free pages. ``unified`` and ``drop`` are test seams."""
+    from qexplorer.core.telemetry import unified_memory_here
+
+    if not (unified or unified_memory_here)():
+        return
+    result = (drop or drop_page_cache)()
+    yield Log(result.message, level="info" if result.dropped else "warning")
 
 
 def _measure(ctx: EngineContext) -> Step[Measured]:

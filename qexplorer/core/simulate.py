@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from qexplorer.core.nvml import GpuProcessUsage, NvmlNotSupported, NvmlQueryError, NvmlUnavailable
 from qexplorer.core.procfs import LocalHostProbe, PressureStall
-from qexplorer.core.telemetry import DEFAULT_RESERVE_BYTES, TelemetrySampler, local_sampler
+from qexplorer.core.telemetry import ADDRESSING_MODE_ATS, DEFAULT_RESERVE_BYTES, TelemetrySampler, local_sampler
 from qexplorer.core.units import GIB, MIB
 
-PROFILES = ("none", "h100", "gb10", "gb10-plunge", "gb10-container", "gb10-shim", "jetson", "thor")
+PROFILES = ("none", "h100", "gb10", "gb10-plunge", "gb10-pagecache", "gb10-container", "gb10-shim", "jetson",
+            "thor", "gh200")
 SIMULATED_EPOCH_S = 1_767_268_800.0  # 2026-01-01 12:00:00 UTC: a frozen clock
 
 
@@ -74,23 +76,35 @@ class SimulatedMachine:
     # a container: NVML lists host PIDs (the namespace's PID + this offset), which this namespace cannot see
     container_pid_offset: int = 0
     # a load that plunges (vLLM #54200): MemAvailable falls at this rate for plunge_s seconds after
-    # start_plunge() (wall clock: the guard measures time for real), then holds
+    # start_load() (wall clock: the guard measures time for real), then holds
     plunge_bytes_s: float = 0.0
     plunge_s: float = 0.0
-    plunge_started: float | None = None
+    # a load that streams a checkpoint into page cache (the GB10 wedge, vLLM #56824): Cached grows at this rate
+    # for cache_growth_s seconds after start_load(), so MemFree falls while MemAvailable (which counts the
+    # cache as available) stays where it was
+    cache_growth_bytes_s: float = 0.0
+    cache_growth_s: float = 0.0
+    load_started: float | None = None
+    monotonic: Callable[[], float] = time.monotonic  # the load's clock; a test may drive it by hand
     # None: MemAvailable from other_host_bytes (the profiles). Set: from independent parts - the kernel's own
     # memory, each process's host memory (RSS), shared memory and, on unified memory, the GPU allocations -
     # so that a test of the formulas is not the formulas run backwards
     kernel_bytes: int | None = None
     host_fallback: LocalHostProbe = field(default_factory=LocalHostProbe)
 
-    def start_plunge(self) -> None:
-        self.plunge_started = time.monotonic()
+    def start_load(self) -> None:
+        self.load_started = self.monotonic()
+
+    def _grown(self, rate_bytes_s: float, duration_s: float) -> int:
+        if self.load_started is None or not rate_bytes_s:
+            return 0
+        return int(rate_bytes_s * min(duration_s, self.monotonic() - self.load_started))
 
     def plunged_bytes(self) -> int:
-        if self.plunge_started is None or not self.plunge_bytes_s:
-            return 0
-        return int(self.plunge_bytes_s * min(self.plunge_s, time.monotonic() - self.plunge_started))
+        return self._grown(self.plunge_bytes_s, self.plunge_s)
+
+    def page_cache_bytes(self) -> int:
+        return self.cached_bytes + self._grown(self.cache_growth_bytes_s, self.cache_growth_s)
 
     def wobble(self, amplitude: int, phase: float = 0.0) -> int:
         return int(amplitude * (0.5 + 0.5 * math.sin(self.sample_index / 6.0 + phase)))
@@ -197,14 +211,15 @@ class SimulatedHost:
     def meminfo(self) -> dict[str, int]:
         m = self.machine
         m.sample_index += 1
-        if m.plunge_bytes_s and m.plunge_started is None:
-            m.start_plunge()
+        if (m.plunge_bytes_s or m.cache_growth_bytes_s) and m.load_started is None:
+            m.start_load()
         available = m.mem_available_bytes()
+        cached = m.page_cache_bytes()
         return {
             "MemTotal": m.mem_total_bytes,
             "MemAvailable": available,
-            "MemFree": max(0, available - m.cached_bytes),
-            "Cached": m.cached_bytes,
+            "MemFree": max(0, available - cached),
+            "Cached": cached,
             "SReclaimable": m.sreclaimable_bytes,
             "SwapTotal": m.swap_total_bytes,
             "SwapFree": m.swap_total_bytes,
@@ -237,11 +252,13 @@ class SimulatedHost:
 def machine_for(profile: str) -> SimulatedMachine:
     """A fresh :class:`SimulatedMachine` for one of ``PROFILES``.
 
-    Besides the three machines (``none``, ``h100``, ``gb10``), the cases the guard and the
+    Besides the machines (``none``, ``h100``, ``gb10``, ``gh200``), the cases the guard and the
     attribution must survive (FACTS §9): ``gb10-plunge`` (a load during which free memory falls from
-    29 to 2.5 GiB in 9 s; it starts with the first sample), ``gb10-container`` (NVML lists host PIDs),
-    ``gb10-shim`` (an LD_PRELOAD shim answers ``nvmlDeviceGetMemoryInfo`` with total = MemTotal),
-    ``jetson`` and ``thor`` (integrated GPUs known by name).
+    29 to 2.5 GiB in 9 s; it starts with the first sample), ``gb10-pagecache`` (a load whose page cache
+    takes MemFree from 12 to 1 GiB in 5.5 s while MemAvailable stays at 22.5 GiB; it starts with the first
+    sample), ``gb10-container`` (NVML lists host PIDs), ``gb10-shim`` (an LD_PRELOAD shim answers
+    ``nvmlDeviceGetMemoryInfo`` with total = MemTotal), ``jetson`` and ``thor`` (integrated GPUs known by name).
+    ``gh200`` has ATS addressing like an integrated GPU, but its own HBM and a memory query that answers.
     """
     if profile == "gb10-plunge":
         machine = machine_for("gb10")
@@ -249,6 +266,21 @@ def machine_for(profile: str) -> SimulatedMachine:
         # 29 GiB available when the plunge starts, 2.5 GiB nine seconds later (vLLM #54200)
         machine.extra_used_bytes = machine.mem_available_bytes() - 29 * GIB
         machine.plunge_bytes_s, machine.plunge_s = 26.5 * GIB / 9, 9.0
+        # allocations, not page cache, take the memory here: with little cache MemFree follows MemAvailable down,
+        # and the trend rule acts before MemFree reaches the 8 GiB floor (gb10-pagecache is the other case)
+        machine.cached_bytes = 2 * GIB
+        return machine
+    if profile == "gb10-pagecache":
+        # vLLM #56824: NV_ERR_NO_MEMORY with MemAvailable at ~22 GiB; PR #19 of GLM-5.3-Flash-NVFP4-DFlash2-2x-DGX-Spark:
+        # the checkpoint streamed into page cache leaves no free pages. Nothing else moves (no wobble), so
+        # MemAvailable is flat and only MemFree tells: 12 GiB free at the start, 2 GiB/s of checkpoint read
+        # for 5.5 s, 1 GiB free at the end.
+        machine = machine_for("gb10")
+        machine.name = profile
+        machine.processes = [replace(p, wobble_bytes=0) for p in machine.processes]
+        machine.extra_used_bytes = machine.mem_available_bytes() - int(22.5 * GIB)
+        machine.cached_bytes = int(10.5 * GIB)
+        machine.cache_growth_bytes_s, machine.cache_growth_s = 2 * GIB, 5.5
         return machine
     if profile == "gb10-container":
         machine = machine_for("gb10")
@@ -301,6 +333,38 @@ def machine_for(profile: str) -> SimulatedMachine:
             psi_some_avg10=0.4,
             shmem_bytes=int(1.6 * GIB),
             mlocked_bytes=64 * MIB,
+        )
+    if profile == "gh200":
+        # Grace Hopper GH200 480GB: 96 GB HBM3 at 4.0 TB/s on the Hopper side (nvidia-smi: 97871 MiB), 480 GB
+        # LPDDR5X on the Grace side (nominal). ATS addressing reaches host memory, but the HBM is its own and
+        # nvmlDeviceGetMemoryInfo answers: not unified memory (reviews/gpu-audit.md P2-10 (b)).
+        return SimulatedMachine(
+            name="gh200",
+            mem_total_bytes=480 * 10**9,
+            other_host_bytes=int(24.0 * GIB),
+            cached_bytes=int(40.0 * GIB),
+            sreclaimable_bytes=int(2.5 * GIB),
+            swap_total_bytes=0,
+            devices=[
+                SimulatedDevice(
+                    name="NVIDIA GH200 480GB",
+                    compute_capability=(9, 0),
+                    memory_total_bytes=97_871 * MIB,
+                    driver_reserved_bytes=530 * MIB,
+                    addressing_mode=ADDRESSING_MODE_ATS,
+                    utilization_pct=55,
+                    temperature_c=38,
+                    power_w=410.0,
+                    sm_clock_mhz=1980,
+                )
+            ],
+            processes=[
+                SimulatedProcess(7100, "vllm serve", int(8.4 * GIB), gpu_bytes=int(71.0 * GIB)),
+                SimulatedProcess(7180, "python3", int(2.6 * GIB), gpu_bytes=int(3.5 * GIB),
+                                 wobble_bytes=int(1.5 * GIB)),
+                SimulatedProcess(1500, "slurmd", int(0.2 * GIB)),
+            ],
+            psi_some_avg10=0.0,
         )
     if profile == "h100":
         return SimulatedMachine(

@@ -15,7 +15,10 @@ below so that the simulated profiles and the real machine run the same code:
 * unified memory: GPU used = Σ per-process ``usedGpuMemory`` (compute + graphics);
   headroom = MemAvailable − safety reserve; other host =
   (MemTotal − MemAvailable) − GPU used. ``nvmlDeviceGetMemoryInfo`` returns
-  NOT_SUPPORTED there, and "MemTotal − MemAvailable" is NOT GPU memory.
+  NOT_SUPPORTED there, and "MemTotal − MemAvailable" is NOT GPU memory. MemFree
+  (``HostMemory.free_bytes``) matters there too: the driver allocates from free
+  pages, which checkpoint page cache can take while MemAvailable looks healthy
+  (:data:`MEMFREE_FLOOR_BYTES`, the guard's MemFree rule).
 * discrete card: total / used / free from ``nvmlDeviceGetMemoryInfo``; a
   NOT_SUPPORTED there (MIG slice, lost GPU) is "unknown", never host numbers.
 * no NVML library or no GPU is a normal state: devices is empty, the host
@@ -48,9 +51,17 @@ from qexplorer.core.units import GIB, format_gib
 DEFAULT_RESERVE_BYTES = 8 * GIB
 """A reserve of ~8 GiB ended load failures on GB10 in the field (FACTS §1)."""
 
+MEMFREE_FLOOR_BYTES = 8 * GIB
+"""On unified memory, MemFree below this while a job loads is the start of the GB10 wedge: checkpoint page cache
+takes the free 2 MiB blocks the driver allocates from, the driver fails with NV_ERR_NO_MEMORY and the host
+livelocks, while MemAvailable still shows ~22 GiB (github.com/vllm-project/vllm/issues/56824,
+github.com/NVIDIA/open-gpu-kernel-modules/issues/1358). The fix that worked watched MemFree against an 8 GiB floor
+from launch to start-up complete (github.com/tonyd2wild/GLM-5.3-Flash-NVFP4-DFlash2-2x-DGX-Spark/pull/19)."""
+
 # Device names that are integrated (share host memory). A NOT_SUPPORTED memory
 # query on one of these means unified memory; on anything else it means unknown.
-INTEGRATED_NAME_PATTERN = re.compile(r"GB10|Jetson|Thor|Orin|Xavier|Tegra|nvgpu", re.IGNORECASE)
+# "GB10" not followed by a digit: a name such as "GB100" is not the Spark's chip.
+INTEGRATED_NAME_PATTERN = re.compile(r"GB10(?!\d)|Jetson|Thor|Orin|Xavier|Tegra|nvgpu", re.IGNORECASE)
 ADDRESSING_MODE_ATS = 2  # NVML_DEVICE_ADDRESSING_MODE_ATS
 
 TOP_HOST_PROCESSES = 8
@@ -209,17 +220,54 @@ def other_host_bytes(mem_total: int, mem_available: int, gpu_used: int) -> int:
 
 
 def is_unified(name: str, memory_query_supported: bool, addressing_mode: int | None) -> bool | None:
-    """FACTS §1, §9: unified if ATS addressing or a known integrated name (GB10, Jetson "... (nvgpu)", Thor).
+    """FACTS §1, §9: unified if a known integrated name (GB10, Jetson "... (nvgpu)", Thor), or if the device
+    memory query fails on a GPU with ATS addressing.
 
     The name wins over the memory query: an LD_PRELOAD shim (nvml-unified-shim) makes
     ``nvmlDeviceGetMemoryInfo`` answer on GB10 with total = MemTotal, and that answer must not turn the
     shared pool into a "discrete card" whose free memory is trusted.
+
+    ATS alone is not unified memory: GH200 and GB200 address host memory through ATS but have their own HBM,
+    and their memory query answers (reviews/gpu-audit.md P2-10 (b)). Treating them as one pool would make host
+    MemAvailable their GPU headroom and switch the VRAM rule off.
     """
-    if addressing_mode == ADDRESSING_MODE_ATS or INTEGRATED_NAME_PATTERN.search(name):
+    if INTEGRATED_NAME_PATTERN.search(name):
         return True
     if memory_query_supported:
         return False
+    if addressing_mode == ADDRESSING_MODE_ATS:
+        return True  # ATS and no device memory of its own to report: the host's pool
     return None  # a discrete card that does not answer: unknown
+
+
+def unified_memory_here(nvml: NvmlBackend | None = None) -> bool:
+    """Whether this machine's GPU shares host memory (GB10), by the rule of :func:`is_unified`; False without
+    NVML or a GPU. For a worker that must decide before it loads, without a whole telemetry sample."""
+    backend = nvml if nvml is not None else PynvmlBackend()
+    try:
+        backend.init()
+    except NvmlUnavailable:
+        return False
+    try:
+        for index in range(backend.device_count()):
+            try:
+                name = backend.name(index)
+            except (NvmlNotSupported, NvmlQueryError):
+                name = ""
+            try:
+                backend.memory_info(index)
+                supported = True
+            except (NvmlNotSupported, NvmlQueryError):
+                supported = False
+            try:
+                mode: int | None = backend.addressing_mode(index)
+            except (NvmlNotSupported, NvmlQueryError):
+                mode = None
+            if is_unified(name, supported, mode):
+                return True
+        return False
+    finally:
+        backend.shutdown()
 
 
 # --------------------------------------------------------------------------- sampler

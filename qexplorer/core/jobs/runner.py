@@ -59,6 +59,13 @@ from qexplorer.core.kinds import Family, JobStatus
 from qexplorer.core.telemetry import TelemetrySampler
 from qexplorer.core.units import format_gib
 
+# The guard kills at once (no grace: memory is running out). On GB10 a process killed mid-load can leave its
+# memory held until a reboot (reviews/gpu-audit.md P3, "Kill while loading on GB10"; after an OOM kill mid-load on a
+# Spark about 30 GiB of shmem stayed resident for a while: github.com/MiaAI-Lab/GLM-5.3-Flash-EXL3-2x-DGX-Sparks/
+# issues/193).
+UNIFIED_KILL_NOTE = ("It was killed at once, and on unified memory (GB10) a process killed mid-load can leave its "
+                     "memory held: if MemAvailable does not recover within a minute, a reboot may be needed.")
+
 
 @dataclass(frozen=True)
 class JobOutcome:
@@ -326,8 +333,11 @@ class _Supervision:
         planned = (f"; the plan predicted a peak of {format_gib(job.planned_peak_bytes)}"
                    if job.planned_peak_bytes else "")
         gpu = f" + {format_gib(sample.gpu_bytes)} on the GPU" if sample.gpu_bytes else ""
-        return (f"Stopped {job.precision} to protect the machine: {reason} while the job held "
-                f"{format_gib(sample.rss_bytes)}{gpu} during {sample.phase}{planned}.")
+        message = (f"Stopped {job.precision} to protect the machine: {reason} while the job held "
+                   f"{format_gib(sample.rss_bytes)}{gpu} during {sample.phase}{planned}.")
+        if self.watch.gpu_unified:
+            message += f" {UNIFIED_KILL_NOTE}"
+        return message
 
     def outcome(self, log_path: Path) -> JobOutcome:
         phases = self.clock.close(time.monotonic())

@@ -2,7 +2,8 @@
 
 Each sample measures the job's process tree (RSS of the worker and of any server it started) and the GPU
 memory NVML attributes to it - per process, or, in a container where NVML lists host PIDs, the device's growth
-since the job started - and hands the machine's headroom to the runner's :class:`~.guard.GuardPool`. Guarding
+since the job started - and hands the machine's headroom (on unified memory MemFree too) to the runner's
+:class:`~.guard.GuardPool`. Guarding
 reads **real** telemetry only: ``--simulate`` changes what is drawn, never what guards a real job. The sampling
 rate follows the phase (:mod:`qexplorer.core.domain.phases`): 4 Hz while memory moves, the user's rate while a figure is timed.
 """
@@ -29,6 +30,7 @@ class MemorySample:
     headroom_bytes: int | None
     phase: str
     gpu_source: str = ""  # how gpu_bytes was attributed to the job
+    mem_free_bytes: int | None = None  # the machine's MemFree (the guard's rule on unified memory)
     vram_free_bytes: int | None = None  # a discrete card's free memory (None: no card, or unified memory)
 
 
@@ -59,6 +61,15 @@ def discrete_free_bytes(snapshot: TelemetrySnapshot) -> int | None:
     return int(min(values)) if values else None
 
 
+def guard_sample(snapshot: TelemetrySnapshot, elapsed_s: float, job_gpu_bytes: int | None) -> GuardSample:
+    """What the guard reads from one telemetry sample: the host headroom, a discrete card's free memory, and on
+    unified memory MemFree."""
+    headroom, free = snapshot.host_headroom_bytes.value, snapshot.host.free_bytes.value
+    return GuardSample(elapsed_s, None if headroom is None else int(headroom), discrete_free_bytes(snapshot),
+                       job_gpu_bytes, mem_free_bytes=None if free is None else int(free),
+                       unified=snapshot.unified)
+
+
 class MemoryWatch:
     """Samples one job's memory when due, keeps its peaks, and asks the pool whether to stop it."""
 
@@ -81,7 +92,7 @@ class MemoryWatch:
 
     def take(self, now_s: float, phase: str) -> tuple[MemorySample, GuardStop | None]:
         self.next_sample_s = now_s + self.pool.guard.interval_s(phase, self.user_interval_s)
-        sample, vram_free = self._measure(now_s - self.started_s, phase)
+        sample, machine = self._measure(now_s - self.started_s, phase)
         self.samples.append(sample)
         if spec_of(phase).in_job_peak:
             self.peak_rss_bytes = max(self.peak_rss_bytes, sample.rss_bytes)
@@ -90,22 +101,18 @@ class MemoryWatch:
                 self.gpu_source = sample.gpu_source
         if self.on_memory:
             self.on_memory(sample)
-        stop = self.pool.check(self.pid, now_s, GuardSample(sample.elapsed_s, sample.headroom_bytes, vram_free,
-                                                            sample.gpu_bytes),
-                               sample.rss_bytes + (sample.gpu_bytes or 0))
+        stop = self.pool.check(self.pid, now_s, machine, sample.rss_bytes + (sample.gpu_bytes or 0))
         return sample, stop
 
-    def _measure(self, elapsed_s: float, phase: str) -> tuple[MemorySample, int | None]:
+    def _measure(self, elapsed_s: float, phase: str) -> tuple[MemorySample, GuardSample]:
         rss, pids = tree_rss(self.pid)
-        gpu = headroom = vram_free = None
-        source = ""
-        if self.sampler is not None:
-            snapshot = self.sampler.sample()
-            value = snapshot.host_headroom_bytes.value
-            headroom = None if value is None else int(value)
-            if self._baseline_used is None:
-                self._baseline_used = devices_used_bytes(snapshot)
-            self.gpu_unified = snapshot.unified if snapshot.devices else None
-            gpu, source = attribute_gpu(snapshot, pids, self._baseline_used, by_growth=self.by_growth)
-            vram_free = discrete_free_bytes(snapshot)
-        return MemorySample(elapsed_s, rss, gpu, headroom, phase, source, vram_free), vram_free
+        if self.sampler is None:
+            return MemorySample(elapsed_s, rss, None, None, phase), GuardSample(elapsed_s, None)
+        snapshot = self.sampler.sample()
+        if self._baseline_used is None:
+            self._baseline_used = devices_used_bytes(snapshot)
+        self.gpu_unified = snapshot.unified if snapshot.devices else None
+        gpu, source = attribute_gpu(snapshot, pids, self._baseline_used, by_growth=self.by_growth)
+        machine = guard_sample(snapshot, elapsed_s, gpu)
+        return (MemorySample(elapsed_s, rss, gpu, machine.host_headroom_bytes, phase, source, machine.mem_free_bytes,
+                             machine.vram_free_bytes), machine)

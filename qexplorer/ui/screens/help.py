@@ -35,7 +35,10 @@ interval from 0.25 s to 10 s, `space` pauses).
   *MemTotal − MemAvailable* as "GPU used" count every host allocation and the
   page cache. qexplorer shows **GPU** = the sum of each process's GPU
   allocation (NVML per-process figures), **other host** = host memory in use
-  that is not a GPU allocation, and **available** = the kernel's MemAvailable.
+  that is not a GPU allocation, and **available** = the kernel's MemAvailable,
+  with **MemFree** beside it (red under 8 GiB): page cache from a checkpoint
+  can take the free pages the GPU needs while MemAvailable still looks healthy,
+  so a job whose load drives MemFree under 8 GiB and still falling is stopped.
 - **VRAM** (discrete cards): NVML's total / used / free. If the card does not
   answer, memory is shown as *unavailable* - never host numbers.
 - **Headroom** = MemAvailable − the safety reserve (default 8 GiB, `▒` on the
@@ -46,8 +49,9 @@ interval from 0.25 s to 10 s, `space` pauses).
   the last 10 s that tasks waited for memory (`/proc/pressure/memory`).
 - The process table lists GPU processes, qexplorer's own jobs (`job`) and the
   largest host processes, sorted by memory.
-- A **SIMULATED** tag means a demo profile (`--simulate gb10`, `h100`, `none`,
-  `gb10-plunge`, `gb10-container`, `gb10-shim`, `jetson`, `thor`): it changes only
+- A **SIMULATED** tag means a demo profile (`--simulate gb10`, `h100`, `gh200`,
+  `none`, `gb10-plunge`, `gb10-pagecache`, `gb10-container`, `gb10-shim`, `jetson`,
+  `thor`): it changes only
   what is drawn (a fake NVML and host that the real formulas read); jobs are
   planned and guarded on the real machine, and their results say which profile
   was on screen.

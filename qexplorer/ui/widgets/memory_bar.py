@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
@@ -58,13 +59,37 @@ class MemoryBar(Widget):
             return text
         text.append_text(self._bar(b, width))
         text.append("\n")
-        for segment in b.segments:
-            text.append("■ ", style=self._style(segment.role))
-            text.append(f"{segment.label} {format_gib(segment.bytes)}  ")
-        if b.reserve_bytes:
-            text.append("▒ ", style=self._style("reserve"))
-            text.append(f"reserve {format_gib(b.reserve_bytes)}")
+        text.append_text(self._legend(b, width))
         return text
+
+    def _legend(self, b: MemoryBreakdown, width: int) -> Text:
+        """One entry per segment (MemFree beside MemAvailable on unified memory) and the reserve, wrapped between
+        entries, never inside one: "▒" stays with "reserve"."""
+        entries: list[Text] = []
+        for segment in b.segments:
+            entry = Text()
+            entry.append("■ ", style=self._style(segment.role))
+            entry.append(f"{segment.label} {format_gib(segment.bytes)}")
+            if segment.role == "free" and b.mem_free is not None:
+                entry.append(" (MemFree ")
+                free = format_gib(b.mem_free.value) if b.mem_free.available else "n/a"
+                entry.append(free, style=self._style("danger") if b.mem_free_low else "")
+                entry.append(")")
+            entry.append("  ")
+            entries.append(entry)
+        if b.reserve_bytes:
+            entry = Text()
+            entry.append("▒ ", style=self._style("reserve"))
+            entry.append(f"reserve {format_gib(b.reserve_bytes)}")
+            entries.append(entry)
+        legend, line_cells = Text(), 0
+        for entry in entries:
+            if line_cells and line_cells + cell_len(entry.plain.rstrip()) > width:
+                legend.append("\n")
+                line_cells = 0
+            legend.append_text(entry)
+            line_cells += entry.cell_len
+        return legend
 
     def _bar(self, b: MemoryBreakdown, width: int) -> Text:
         assert b.total_bytes
