@@ -56,3 +56,30 @@ def test_only_a_quiet_result_with_the_same_key_is_reused(tmp_path: Path):
     assert find_reusable(store, "/another/model.gguf", "q8_0", "k1") is None
     again = reused(found)
     assert again.reused_from == good and again.reused_measured_at and again.speed == record.speed
+
+
+def test_an_artifacts_sha256_is_hashed_once_and_again_when_its_files_change(tmp_path, monkeypatch):
+    """Issue 26 item 2: every job hashed the whole artifact (minutes on a 60 GB folder). The hash is kept beside
+    it, keyed by the files' names, sizes and modification times."""
+    import os
+
+    from qexplorer.core import artifacts
+
+    folder = tmp_path / "fp8-compressed-tensors"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"a" * 1000)
+    (folder / "config.json").write_text("{}")
+    first = artifacts.artifact_sha256(folder)
+    assert first == artifacts.content_sha256(folder) and (tmp_path / "fp8-compressed-tensors.sha256.json").exists()
+    real = artifacts.content_sha256
+    monkeypatch.setattr(artifacts, "content_sha256", lambda path: (_ for _ in ()).throw(AssertionError("rehashed")))
+    assert artifacts.artifact_sha256(folder) == first  # from the sidecar, without reading the weights
+    monkeypatch.setattr(artifacts, "content_sha256", real)
+    (folder / "model.safetensors").write_bytes(b"b" * 1000)  # same size: the modification time tells
+    os.utime(folder / "model.safetensors", ns=(1, 1))
+    assert artifacts.artifact_sha256(folder) == real(folder) != first
+    user = tmp_path / "users-model"
+    user.mkdir()
+    (user / "w.safetensors").write_bytes(b"c")
+    artifacts.artifact_sha256(user, keep=False)
+    assert not (tmp_path / "users-model.sha256.json").exists()  # never writes beside a folder that is not ours

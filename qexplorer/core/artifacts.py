@@ -63,3 +63,42 @@ def content_sha256(path: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _stamp(path: Path) -> str:
+    """What a change to a file or folder changes: each file's relative name, size and modification time."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    parts = [f"{p.relative_to(path) if path.is_dir() else p.name}|{p.stat().st_size}|{p.stat().st_mtime_ns}"
+             for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256.json")
+
+
+def artifact_sha256(path: Path, verify: bool = False, keep: bool = True) -> str:
+    """:func:`content_sha256` of an artifact, hashed once: kept beside it (``NAME.sha256.json``) keyed by its
+    files' names, sizes and modification times, and read back while they are unchanged - hashing a 60 GB folder
+    on every job costs minutes. ``verify`` hashes it again whatever the sidecar says; ``keep=False`` (a folder
+    that is not qexplorer's, such as the user's own BF16 checkpoint) never writes beside it."""
+    import json
+
+    sidecar, stamp = _sidecar(path), _stamp(path)
+    if not verify:
+        try:
+            kept = json.loads(sidecar.read_text(encoding="utf-8"))
+            if kept.get("stamp") == stamp and isinstance(kept.get("sha256"), str):
+                return str(kept["sha256"])
+        except (OSError, ValueError, AttributeError):
+            pass  # none yet, or unreadable: hash it
+    digest = content_sha256(path)
+    if not keep:
+        return digest
+    try:
+        partial = sidecar.with_name(sidecar.name + f".{os.getpid()}.partial")
+        partial.write_text(json.dumps({"stamp": stamp, "sha256": digest}), encoding="utf-8")
+        os.replace(partial, sidecar)
+    except OSError:
+        pass  # a read-only place: hashed again next time
+    return digest

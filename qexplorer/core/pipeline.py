@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from qexplorer import __version__
 from qexplorer.core import reuse
-from qexplorer.core.artifacts import content_sha256, model_work_dir
+from qexplorer.core.artifacts import artifact_sha256, model_work_dir
 from qexplorer.core.bench.bandwidth import roofline_note
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.domain.bench import roofline_pct
@@ -103,8 +103,9 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
         # llm-compressor leaves its session and PyTorch's cached GPU blocks behind (llm-compressor#2319): on a
         # card they would count against vLLM's start-up check in this same worker
         release_memory()
-    yield Log(f"artifact {artifact.name}: hashing it, so the export can be checked against what was measured")
-    sha256 = content_sha256(artifact)
+    yield Log(f"artifact {artifact.name}: its sha256 (hashed once, kept beside it while its files are unchanged), "
+              "so the export can be checked against what was measured")
+    sha256 = artifact_sha256(artifact, keep=artifact.resolve().is_relative_to(work_dir.resolve()))
     ctx = _context(spec, precision, job, artifact, reference, cancel)
     key = reuse.reuse_key(job, sha256, library_versions(), _engine_version(precision), cpu_name(), ctx.gpu_name,
                           corpus_sha256=reference[0].corpus_sha256 if reference is not None else None)
