@@ -79,3 +79,28 @@ def test_adaptive_repetitions_stop_when_the_mean_is_known():
     assert config.settled(quiet, quiet)  # SEM 0.6 % after three
     assert not config.settled(quiet, noisy)  # one series still uncertain: go on
     assert config.settled(noisy + [1.1, 0.9], noisy + [1.1, 0.9])  # the cap ends it
+
+
+def test_a_moes_forward_passes_are_estimated_on_its_active_parameters(tmp_path: Path):
+    """Review A16 / issue 26: a 30B-A3B MoE's reference and quality passes read ~3 B parameters per token, so
+    they are estimated close to a dense 3 B model's - not 10× longer on its 30 B total."""
+    from models import QWEN3_CODER_30B_A3B, write_config
+
+    from qexplorer.core.readers import spec_from_path
+
+    moe = spec_from_path(write_config(tmp_path / "moe", QWEN3_CODER_30B_A3B))
+    dense = spec_from_path(write_config(tmp_path / "dense", {  # a dense Llama of ~3.3 B, the MoE's active size
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6656,
+        "vocab_size": 151936, "tie_word_embeddings": False, "max_position_embeddings": 32768,
+        "torch_dtype": "bfloat16"}))
+    assert moe.total_params > 8 * moe.active_params and abs(dense.total_params / moe.active_params - 1) < 0.1
+
+    def seconds(spec, phase: str) -> float:
+        [estimate] = estimate_jobs(spec, [JobSpec(model_ref=spec.path, precision="q8_0", data_dir=str(tmp_path),
+                                                  quality=True)], tmp_path)
+        return sum(p.seconds for p in estimate.phases if p.name == phase)
+
+    for phase in ("reference", "quality"):
+        ratio = seconds(moe, phase) / seconds(dense, phase)
+        assert 0.8 < ratio < 1.25, (phase, ratio)  # on total parameters it would be ~9×
