@@ -38,7 +38,7 @@ from qexplorer.core.kinds import Engine, JobAction
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.planner import decode_bytes_per_token
 from qexplorer.core.precisions import Hardware, Precision, get
-from qexplorer.core.quantize.artifact import produce
+from qexplorer.core.quantize.artifact import produce, weight_file_bytes
 
 LIBRARIES = ("torch", "transformers", "compressed_tensors", "llmcompressor", "llama_cpp_python", "textual")
 T = TypeVar("T")
@@ -171,9 +171,8 @@ def _context(spec: ModelSpec, precision: Precision, job: JobSpec, artifact: Path
         cc = torch.cuda.get_device_capability(0) if cuda else None
         gpu_name = torch.cuda.get_device_name(0) if cuda else None
     support = precision.support(Hardware(cuda=cuda, compute_capability=cc))
-    weights = (artifact.stat().st_size if artifact.is_file()
-               else sum(p.stat().st_size for p in artifact.glob("*.safetensors")))
-    return EngineContext(spec=spec, precision=precision, job=job, artifact=artifact, artifact_weight_bytes=weights,
+    return EngineContext(spec=spec, precision=precision, job=job, artifact=artifact,
+                         artifact_weight_bytes=weight_file_bytes(artifact),
                          reference=reference, support_mode=support.mode, device="cuda" if cuda else "cpu",
                          gpu_name=gpu_name, bench_text=_bench_text(), cancel=cancel)
 
