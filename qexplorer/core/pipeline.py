@@ -39,7 +39,7 @@ from qexplorer.core.model import ModelSpec
 from qexplorer.core.pagecache import CacheDrop, drop_page_cache
 from qexplorer.core.planner import decode_bytes_per_token
 from qexplorer.core.precisions import Hardware, Precision, get
-from qexplorer.core.quantize.artifact import produce
+from qexplorer.core.quantize.artifact import produce, weight_file_bytes
 
 LIBRARIES = ("torch", "transformers", "compressed_tensors", "llmcompressor", "llama_cpp_python", "textual")
 T = TypeVar("T")
@@ -190,9 +190,8 @@ def _context(spec: ModelSpec, precision: Precision, job: JobSpec, artifact: Path
     cuda = device.cuda and not precision.is_gguf
     gpu_name = device.name if cuda else None
     support = precision.support(Hardware(cuda=cuda, compute_capability=device.compute_capability))
-    weights = (artifact.stat().st_size if artifact.is_file()
-               else sum(p.stat().st_size for p in artifact.glob("*.safetensors")))
-    return EngineContext(spec=spec, precision=precision, job=job, artifact=artifact, artifact_weight_bytes=weights,
+    return EngineContext(spec=spec, precision=precision, job=job, artifact=artifact,
+                         artifact_weight_bytes=weight_file_bytes(artifact),
                          reference=reference, support_mode=support.mode,
                          device="cuda" if cuda and not device.simulated else "cpu", target=device,
                          gpu_name=gpu_name, bench_text=_bench_text(), cancel=cancel)

@@ -141,10 +141,11 @@ class Precision:
 
 
 def _quantized_role(group: TensorGroup, spec: ModelSpec) -> bool:
-    """Linear layers and experts are quantized; a MoE router (n_experts rows) is not."""
+    """Linear layers and experts are quantized; a MoE's routers are not (torch_quant.KEEP_BF16): the router
+    (n_experts rows) and Qwen2-MoE's shared-expert gate (one row)."""
     if group.role == TensorRole.EXPERT:
         return True
-    return group.role == TensorRole.LINEAR and not (spec.n_experts and group.rows == spec.n_experts)
+    return group.role == TensorRole.LINEAR and not (spec.n_experts and group.rows in (spec.n_experts, 1))
 
 
 def _gguf(key: str, mix_bits: float, fallback_bits: float, description: str) -> Precision:

@@ -36,6 +36,19 @@ from qexplorer.core.precisions import Precision
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TRUST_REMOTE_CODE = False  # set per job from JobSpec.trust_remote_code; never on by default
 CALIBRATION_FILE = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
+# Modules every llm-compressor recipe leaves in BF16: the output head and the MoE routers (one list, so no
+# scheme can quantize a router that another keeps). A vLLM maintainer: "Typically the gate weight should be
+# ignored during quantization because it yields bad accuracy"
+# (https://github.com/vllm-project/vllm/pull/22017), and llm-compressor's own MoE examples all ignore it
+# (examples/quantizing_moe/{qwen,mixtral,deepseek_r1}_example.py, examples/awq/qwen3_next_example.py):
+#   mlp.gate               the router of Qwen2-MoE, Qwen3-MoE, Mixtral (transformers 5), DeepSeek, GLM-4-MoE
+#   mlp.shared_expert_gate Qwen2-MoE / Qwen3-Next's shared-expert gate, an nn.Linear(hidden, 1) in
+#                          transformers 5 - the one router a `targets="Linear"` recipe does reach there
+#   block_sparse_moe.gate  Mixtral's router in transformers 4 (an nn.Linear then)
+# Transformers 5 makes most routers a TopKRouter module that is not an nn.Linear, so `targets="Linear"` skips
+# them anyway (llm-compressor's note in examples/awq/qwen3_moe_example.py); the list keeps them BF16 where a
+# model or an older transformers still makes them Linear. A pattern that matches nothing is harmless.
+KEEP_BF16 = ("lm_head", "re:.*mlp.gate$", "re:.*mlp.shared_expert_gate$", "re:.*block_sparse_moe.gate$")
 
 
 def quiet_libraries() -> None:
@@ -232,7 +245,8 @@ def produce_artifact(spec: ModelSpec, precision: Precision, work_dir: Path) -> G
         if precision.producer == Producer.CAST:
             _save_cast(source, out, precision.key)
         elif precision.scheme is not None:
-            yield from llmcompressor_scheme(source, out, precision.scheme, calibrate=precision.needs_calibration)
+            yield from llmcompressor_scheme(source, out, precision.scheme, calibrate=precision.needs_calibration,
+                                            moe=spec.is_moe)
         else:
             yield from llmcompressor_quantize(source, out, precision, spec)
     return out
@@ -288,14 +302,13 @@ def llmcompressor_quantize(folder: Path, out_dir: Path, precision: Precision, sp
                            samples: int = 32, max_seq_len: int = 256) -> Iterator[JobEvent]:
     """W4A16 (RTN / GPTQ / AWQ) with llm-compressor; writes a compressed-tensors folder."""
     import torch
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     group = precision.group_size(spec) or 128
     weights = {"num_bits": 4, "type": "int", "symmetric": precision.key != "awq", "strategy": "group",
                "group_size": group}
     config_groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
-    ignore = ["lm_head"] + (["re:.*mlp.gate$"] if spec.is_moe else [])
+    ignore = list(KEEP_BF16)
     if precision.key == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
@@ -318,18 +331,15 @@ def llmcompressor_quantize(folder: Path, out_dir: Path, precision: Precision, sp
         kwargs = _calibration_kwargs(tokenizer, samples, max_seq_len)
         yield Log(f"calibrating on {kwargs['num_calibration_samples']} samples of prose ({CALIBRATION_FILE.name}) "
                   f"and standard-library code (≤ {max_seq_len} tokens each), group size {group}")
-    started = time.perf_counter()
-    oneshot(model=model, recipe=recipe, **kwargs)
-    yield Metric("oneshot_s", time.perf_counter() - started, "s")
+    yield from _oneshot(model, recipe, kwargs, moe=spec.is_moe)
     _save_folder(model, tokenizer, out_dir, compressed=True)
     del model
 
 
-def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str, calibrate: bool = False,
+def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str, calibrate: bool = False, moe: bool = False,
                          samples: int = 32, max_seq_len: int = 256) -> Iterator[JobEvent]:
     """A preset scheme (FP8_DYNAMIC, W8A8, NVFP4A16; NVFP4 calibrated) written as a compressed-tensors folder."""
     import torch
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -340,11 +350,43 @@ def llmcompressor_scheme(folder: Path, out_dir: Path, scheme: str, calibrate: bo
     if calibrate:
         kwargs = _calibration_kwargs(tokenizer, samples, max_seq_len)
         yield Log(f"calibrating {scheme} on {kwargs['num_calibration_samples']} samples (≤ {max_seq_len} tokens)")
-    started = time.perf_counter()
-    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]), **kwargs)
-    yield Metric("oneshot_s", time.perf_counter() - started, "s")
+    recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=list(KEEP_BF16))
+    yield from _oneshot(model, recipe, kwargs, moe=moe)
     _save_folder(model, tokenizer, out_dir, compressed=True)
     del model
+
+
+def _oneshot(model: Any, recipe: Any, kwargs: dict[str, Any], moe: bool) -> Iterator[JobEvent]:
+    """llm-compressor's oneshot, timed, and what it did with a MoE's experts.
+
+    Transformers 5 stores experts as fused 3-D parameters, not nn.Linear; oneshot replaces each fused block it
+    recognises with LinearExperts2D (one Linear per expert) before quantizing, and with calibration data runs
+    every expert on every token (``moe_calibrate_all_experts``) so none is left uncalibrated
+    (llmcompressor/entrypoints/oneshot.py, modeling/moe/linearize.py). A block it did not recognise stays
+    fused and BF16 - quantized by nothing - which the artifact's size check then refuses."""
+    from llmcompressor import oneshot
+    from llmcompressor.modeling.moe.linearize import get_linearized_moes, get_non_linearized_moes
+
+    fused = sorted({type(module).__name__ for _, module in get_non_linearized_moes(model)})
+    calibrated = "dataset" in kwargs
+    if calibrated:
+        kwargs = {**kwargs, "moe_calibrate_all_experts": True}  # the default, asked for since the log says so
+    started = time.perf_counter()
+    oneshot(model=model, recipe=recipe, **kwargs)
+    yield Metric("oneshot_s", time.perf_counter() - started, "s")
+    linearized = get_linearized_moes(model)
+    left = get_non_linearized_moes(model)
+    if linearized:
+        yield Log(f"MoE: llm-compressor linearized {len(linearized)} expert blocks ({', '.join(fused) or 'fused'} → "
+                  f"{type(linearized[0][1]).__name__})"
+                  + ("; every expert calibrated on every token (moe_calibrate_all_experts)" if calibrated else ""))
+    if left:
+        yield Log(f"MoE: {len(left)} expert blocks ({', '.join(sorted({type(m).__name__ for _, m in left}))}) "
+                  "stayed fused: llm-compressor did not quantize them, so they stay BF16", level="warning")
+    elif moe and not linearized and calibrated:
+        yield Log("MoE: llm-compressor applied no MoE calibration module to this model's experts: each expert is "
+                  "calibrated only on the tokens routed to it, and one that no calibration token reaches is "
+                  "quantized from its weights alone", level="warning")
 
 
 def _calibration_kwargs(tokenizer: Any, samples: int, max_seq_len: int) -> dict[str, Any]:
