@@ -109,9 +109,11 @@ def test_an_oversized_artifact_is_refused_where_it_is_produced(tmp_path: Path):
     _fake_folder(tmp_path / "big" / "fp8-compressed-tensors", 2 * planned)
     with pytest.raises(UserError, match=r"2\.0× its planned .*experts were probably left in BF16"):
         drive(produce(spec, get("fp8"), tmp_path / "big"))
-    # BF16 of a Hugging Face model is the user's own folder, served as it is: never refused, even stored in FP32
+    # an FP32 Hugging Face folder's BF16 artifact is a cast (issue 23 item 4), at its planned size - the folder
+    # itself, twice that, would have been refused
     fp32 = spec_from_folder(tiny_moe(tmp_path / "moe-fp32", "qwen3_moe", dtype="float32"))
-    assert drive(produce(fp32, get("bf16"), tmp_path / "fp32-work")) == Path(fp32.path)
+    cast = drive(produce(fp32, get("bf16"), tmp_path / "fp32-work"))
+    assert cast == tmp_path / "fp32-work" / "bf16-checkpoint" != Path(fp32.path)
     with pytest.raises(UserError, match=r"2\.0× its planned"):
         check_size(fp32, get("bf16"), Path(fp32.path))
 
