@@ -149,10 +149,10 @@ def job_checks(folder: Path, data_dir: Path) -> list[Check]:
 def served_checks(precision_key: str, record, data_dir: Path) -> list[Check]:
     """vLLM as the job served it, against vLLM's own log (issue 23)."""
     from qexplorer.core.engines.vllm import find_vllm
-    from qexplorer.core.engines.vllm_kernels import mismatch, mode_of, parse_log, served_dtype
-    from qexplorer.core.engines.vllm_launch import dtype_for
     from qexplorer.core.kinds import Engine
     from qexplorer.core.precisions import get
+    from qexplorer.core.serving.vllm_kernels import mismatch, mode_of, parse_log, served_dtype
+    from qexplorer.core.serving.vllm_launch import dtype_for
 
     precision, engine = get(precision_key), record.engine
     if engine.is_fallback:

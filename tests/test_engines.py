@@ -16,8 +16,8 @@ from qexplorer.cli import main
 from qexplorer.core.artifacts import content_sha256
 from qexplorer.core.device import CPU_DEVICE
 from qexplorer.core.engines.vllm import VllmServer, find_vllm
-from qexplorer.core.engines.vllm_launch import LaunchSettings, kv_cache_bytes
 from qexplorer.core.kinds import SupportMode
+from qexplorer.core.serving.vllm_launch import LaunchSettings, kv_cache_bytes
 
 needs_vllm = pytest.mark.skipif(find_vllm() is None, reason="no vLLM here (scripts/setup.sh makes .venv-vllm)")
 
@@ -153,8 +153,8 @@ def test_vllm_is_found_from_the_setting_then_the_path_then_the_set_up_environmen
 
 
 def test_the_label_follows_the_kernel_vllm_chose():
-    from qexplorer.core.engines.vllm_kernels import mode_of, parse_log
     from qexplorer.core.precisions import BY_KEY
+    from qexplorer.core.serving.vllm_kernels import mode_of, parse_log
 
     def mode(line: str, planned: SupportMode, device: str, key: str) -> SupportMode:
         return mode_of(parse_log(line, device), planned, BY_KEY[key])

@@ -159,3 +159,16 @@ def test_the_job_machinery_is_small_functions():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert long == []
+
+
+def test_the_parents_side_never_imports_worker_code():
+    """The queue, the runner, the results store, the session and the front ends plan and watch; the worker's
+    engines, quantizers and pipeline run in the child. What both need (the vLLM command, the kernel lines) lives
+    in core/serving."""
+    # known exception: `qexplorer bench-server --quality` builds its local reference in the CLI process (no job,
+    # no worker); the load sweep of issue 25 moves it onto jobs
+    allowed = {"qexplorer.cli.server"}
+    offenders = [f"{m} -> {t}" for m, deps in _module_imports().items()
+                 if _under(m, PARENT_ONLY + ("qexplorer.core.planner", "qexplorer.core.compare")) and m not in allowed
+                 for t in deps if _under(t, WORKER_ONLY)]
+    assert offenders == []

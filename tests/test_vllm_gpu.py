@@ -13,16 +13,16 @@ import pytest
 
 from qexplorer.cli import main
 from qexplorer.core.device import DeviceMemory, simulated_device
-from qexplorer.core.engines.vllm_kernels import expected, mode_of, parse_log
-from qexplorer.core.engines.vllm_launch import (
+from qexplorer.core.kinds import SupportMode
+from qexplorer.core.precisions import BY_KEY
+from qexplorer.core.serving.vllm_kernels import expected, mode_of, parse_log
+from qexplorer.core.serving.vllm_launch import (
     START_MARGIN_BYTES,
     LaunchSettings,
     cuda_graph_config,
     measured_overhead,
     start_check,
 )
-from qexplorer.core.kinds import SupportMode
-from qexplorer.core.precisions import BY_KEY
 from qexplorer.core.units import GIB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +160,8 @@ def test_the_start_clock_does_not_count_a_paused_worker():
 
 
 def test_vllms_overhead_is_refitted_from_a_real_run(tmp_path: Path):
-    from qexplorer.core.engines.vllm_launch import OVERHEAD_KEY, VLLM_CUDA_OVERHEAD_BYTES, overhead_bytes
     from qexplorer.core.eta import DurationBook
+    from qexplorer.core.serving.vllm_launch import OVERHEAD_KEY, VLLM_CUDA_OVERHEAD_BYTES, overhead_bytes
 
     assert measured_overhead(30 * GIB, 16 * GIB, 8 * GIB) == 6 * GIB
     assert measured_overhead(10 * GIB, 16 * GIB, 8 * GIB) is None
@@ -293,7 +293,7 @@ def test_container_mode_runs_vllm_serve_in_the_image_and_removes_it(capsys, monk
 
 
 def test_a_kernel_other_than_the_planned_one_is_a_mismatch():
-    from qexplorer.core.engines.vllm_kernels import describe, mismatch
+    from qexplorer.core.serving.vllm_kernels import describe, mismatch
 
     gb10 = (12, 1)
     picked = describe(parse_log(LOGS[("nvfp4", "cuda")], "cuda"), "compressed-tensors")

@@ -35,10 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qexplorer.core.domain.bench import known
-from qexplorer.core.engines.vllm_kernels import mismatch
 from qexplorer.core.kinds import Family, Priority, SupportMode
 from qexplorer.core.precisions import BY_KEY, Hardware
 from qexplorer.core.results import StoredResult
+from qexplorer.core.serving.vllm_kernels import mismatch
 from qexplorer.core.units import format_bytes
 
 ACCEPTABLE_KLD = 0.1

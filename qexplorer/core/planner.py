@@ -146,7 +146,7 @@ def overhead_bytes(spec: ModelSpec, precision: Precision, request: PlanRequest, 
     if not precision.is_gguf and on_gpu:
         # vLLM on a GPU: CUDA context, activations, CUDA-graph pool, API server and engine core, as one measured
         # figure (vllm_launch.VLLM_CUDA_OVERHEAD_BYTES: 5.4-6.7 GiB on a DGX Spark) or this machine's refit
-        from qexplorer.core.engines.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES
+        from qexplorer.core.serving.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES
 
         return request.vllm_overhead_bytes or VLLM_CUDA_OVERHEAD_BYTES
     if precision.is_gguf:
@@ -236,8 +236,8 @@ def vllm_serve_plan(spec: ModelSpec, precision: Precision, request: PlanRequest,
     """The command, start-up check and kernel of the vLLM a job would start for ``precision`` (the job itself
     re-reads the free memory just before it starts)."""
     from qexplorer.core.device import device_from_snapshot
-    from qexplorer.core.engines.vllm_kernels import expected
-    from qexplorer.core.engines.vllm_launch import (
+    from qexplorer.core.serving.vllm_kernels import expected
+    from qexplorer.core.serving.vllm_launch import (
         LaunchSettings,
         dtype_for,
         kv_cache_bytes,
@@ -347,7 +347,7 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     if vllm is None:
         vllm = on_gpu or not precision.vllm_cpu_gap
     if vllm:
-        from qexplorer.core.engines.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES
+        from qexplorer.core.serving.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES
 
         server = ((VLLM_CUDA_OVERHEAD_BYTES if on_gpu else VLLM_RUNTIME_BYTES) + weight_bytes(spec, precision)
                   + kv_bytes_per_token(spec, "bf16") * (request.context + 16))

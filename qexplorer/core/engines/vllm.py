@@ -53,7 +53,9 @@ from qexplorer.core.domain.events import JobEvent, Log, Phase, Progress
 from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.domain.record import EngineInfo, MemoryFigures, ServerQuality, Speed, Timings
 from qexplorer.core.engines.base import EngineContext, Measured
-from qexplorer.core.engines.vllm_kernels import (
+from qexplorer.core.errors import UserError
+from qexplorer.core.kinds import Engine
+from qexplorer.core.serving.vllm_kernels import (
     KernelChoice,
     describe,
     expected,
@@ -62,7 +64,7 @@ from qexplorer.core.engines.vllm_kernels import (
     quantization_method,
     served_dtype,
 )
-from qexplorer.core.engines.vllm_launch import (
+from qexplorer.core.serving.vllm_launch import (
     OVERHEAD_KEY,
     ContainerVllm,
     LaunchSettings,
@@ -72,8 +74,6 @@ from qexplorer.core.engines.vllm_launch import (
     overhead_bytes,
     start_check,
 )
-from qexplorer.core.errors import UserError
-from qexplorer.core.kinds import Engine
 from qexplorer.core.units import format_bytes
 
 START_TIMEOUT_S = 900.0

@@ -214,7 +214,7 @@ def fits_on_card(running_planned_gpu: Iterable[int | None], running_gpu_now: Ite
     of all of them within a share of the card's memory the running jobs do not hold, and - once the running jobs
     grow to their plans - still room for the new job's vLLM to pass its start-up check (its plan plus
     ``START_MARGIN_BYTES`` free; vLLM's ``v1/worker/utils.py`` l. 724-768). A job with no GPU plan adds nothing."""
-    from qexplorer.core.engines.vllm_launch import START_MARGIN_BYTES
+    from qexplorer.core.serving.vllm_launch import START_MARGIN_BYTES
 
     planned = [int(p) for p in running_planned_gpu if p]
     if not planned and not new_planned_gpu:

@@ -388,7 +388,7 @@ def _label(spec: JobSpec | ServerSpec) -> str:
 def _learn_vllm_overhead(data_dir: str, record: RunRecord | None) -> None:
     """A vLLM job on a real GPU refits the planner's vLLM overhead for that GPU (GB10's default is a field
     report's; the first runs here replace it)."""
-    from qexplorer.core.engines.vllm_launch import OVERHEAD_KEY, measured_overhead
+    from qexplorer.core.serving.vllm_launch import OVERHEAD_KEY, measured_overhead
 
     if record is None or record.engine.name != Engine.VLLM or record.engine.device != "cuda" or not record.hardware:
         return

@@ -43,7 +43,6 @@ from qexplorer.core.domain.events import (
 )
 from qexplorer.core.domain.record import ExportRecord, ModelIdentity, RunRecord
 from qexplorer.core.domain.spec import JobSpec
-from qexplorer.core.engines.vllm_launch import ContainerVllm
 from qexplorer.core.jobs.channel import WorkerChannel
 from qexplorer.core.jobs.clock import PhaseClock, timings_from
 from qexplorer.core.jobs.guard import GuardPool, MemoryGuard
@@ -56,6 +55,7 @@ from qexplorer.core.jobs.overlap import (
 )
 from qexplorer.core.jobs.watch import MemorySample, MemoryWatch
 from qexplorer.core.kinds import Family, JobStatus
+from qexplorer.core.serving.vllm_launch import ContainerVllm
 from qexplorer.core.telemetry import TelemetrySampler
 from qexplorer.core.units import format_gib
 
