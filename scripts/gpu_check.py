@@ -102,6 +102,7 @@ def missing_producer(precision: str) -> str | None:
 
 def job_checks(folder: Path, data_dir: Path) -> list[Check]:
     from qexplorer.core.catalog import Catalog
+    from qexplorer.core.device import local_device
     from qexplorer.core.domain.bench import BenchConfig
     from qexplorer.core.domain.spec import JobSpec
     from qexplorer.core.jobs.runner import JobRunner
@@ -134,7 +135,7 @@ def job_checks(folder: Path, data_dir: Path) -> list[Check]:
         roof = record.roofline_pct
         checks.append(Check(f"{job.precision} roofline ({record.hardware.bandwidth_source})", "≤ 100 %",
                             "n/a" if roof is None else f"{roof:.0f} %", roof is not None and roof <= 100))
-        checks += served_checks(job.precision, record, data_dir)
+        checks += served_checks(job.precision, record, data_dir, local_device().compute_capability)
         plan = record.memory.plan_check(record.hardware.gpu_unified)
         error = plan.error_pct
         checks.append(Check(f"{job.precision} peak {plan.term} vs plan",
@@ -146,8 +147,9 @@ def job_checks(folder: Path, data_dir: Path) -> list[Check]:
     return checks
 
 
-def served_checks(precision_key: str, record, data_dir: Path) -> list[Check]:
-    """vLLM as the job served it, against vLLM's own log (issue 23)."""
+def served_checks(precision_key: str, record, data_dir: Path, compute_capability: tuple[int, int] | None
+                  ) -> list[Check]:
+    """vLLM as the job served it, against vLLM's own log and the plan's label for this GPU (issue 23)."""
     from qexplorer.core.engines.vllm import find_vllm
     from qexplorer.core.kinds import Engine
     from qexplorer.core.precisions import get
@@ -163,11 +165,14 @@ def served_checks(precision_key: str, record, data_dir: Path) -> list[Check]:
         return []
     logs = sorted((data_dir / "logs").glob(f"vllm-{precision_key}-*.log"))
     log = logs[-1].read_text(encoding="utf-8", errors="replace") if logs else ""
-    from_log = mode_of(parse_log(log, "cuda"), engine.mode, precision)
+    from qexplorer.core.precisions import Hardware
+
+    planned = precision.support(Hardware(cuda=True, compute_capability=compute_capability)).mode
+    from_log = mode_of(parse_log(log, "cuda"), planned, precision)
     differs = mismatch(engine.expected_kernel, engine.kernel)
     return [
-        Check(f"{precision_key} label vs vLLM's log", str(from_log), f"{engine.mode}: {engine.kernel}",
-              from_log == engine.mode),
+        Check(f"{precision_key} label: plan vs vLLM's log", f"{planned} (the plan, CC {compute_capability})",
+              f"{from_log} from the log; the row says {engine.mode}", planned == from_log == engine.mode),
         Check(f"{precision_key} dtype", dtype_for(precision), served_dtype(log) or "not in the log",
               served_dtype(log) == dtype_for(precision)),
         Check(f"{precision_key} CUDA graphs", "captured (no --enforce-eager)",

@@ -127,4 +127,7 @@ def test_overlap_on_a_discrete_card_is_admitted_against_its_vram_not_the_hosts_r
     # vLLM's start-up check: after A grows to its plan only 20 GiB would be free, less than B's plan + margin
     assert not fits_on_card([50 * gib], [1 * gib], 19.5 * gib, 70 * gib)
     assert fits_on_card([None], [None], None, None)  # CPU jobs: the card does not matter
+    # one job above its plan does not hide another that will still grow (pairwise, not netted)
+    assert not fits_on_card([10 * gib, 40 * gib], [40 * gib, 0], 25 * gib, 60 * gib)  # netted it passed
+    assert fits_on_card([10 * gib, 40 * gib], [40 * gib, 0], 15 * gib, 60 * gib)
     assert not fits_on_card([30 * gib], [10 * gib], 5 * gib, None)  # a GPU plan and no reading: one at a time

@@ -208,11 +208,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qexplorer.core.planner import PlanRequest, plan_json, plan_model
 
     settings = _settings(args)
-    request = PlanRequest(context=args.context or settings.default_context, batch=args.batch,
-                          kv_dtype=args.kv_dtype)
+    from qexplorer.core.session import learned_vllm_overhead
+
     chosen = precisions.parse_list(args.precision)
     spec = Catalog(extra_paths=settings.models).resolve(args.model)
     snapshot = _sample_once(args, settings.reserve_bytes)
+    request = PlanRequest(context=args.context or settings.default_context, batch=args.batch,
+                          kv_dtype=args.kv_dtype, vllm_overhead_bytes=learned_vllm_overhead(settings.results_path, snapshot))
     plans = plan_model(spec, request, snapshot, chosen)
     document = plan_json(spec, request, snapshot, plans)
     _emit(args.json, document, lambda: plan_text(document))

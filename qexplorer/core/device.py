@@ -101,10 +101,8 @@ def device_from_snapshot(snapshot: object) -> DeviceMemory:
     if device.unified:
         total, free, source = host.total_bytes.value, host.available_bytes.value, "MemAvailable (unified memory)"
     else:
-        total = device.memory_total_bytes.value
-        used = device.gpu_used_bytes.value
-        free = None if total is None or used is None else total - used
-        source = "NVML: total − used"
+        total, free = device.memory_total_bytes.value, device.headroom_bytes.value  # NVML's free: reserved counts
+        source = "NVML free"
     return DeviceMemory("cuda", device.name, device.compute_capability, bool(device.unified),
                         None if total is None else int(total), None if free is None else int(free),
                         f"simulated {simulated}: {source}" if simulated else source, simulated=simulated)

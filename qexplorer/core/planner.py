@@ -242,6 +242,7 @@ def vllm_serve_plan(spec: ModelSpec, precision: Precision, request: PlanRequest,
         dtype_for,
         kv_cache_bytes,
         overhead_bytes,
+        shell_command,
         start_check,
     )
 
@@ -256,8 +257,7 @@ def vllm_serve_plan(spec: ModelSpec, precision: Precision, request: PlanRequest,
               "refitted from this machine's vLLM runs" if request.vllm_overhead_bytes else
               "a DGX Spark figure (llamastash#80) until this machine's own vLLM runs refit it")
     return VllmServePlan(
-        command=" ".join(["vllm", "serve", "ARTIFACT", *(f"'{f}'" if f.startswith("{") else f
-                                                         for f in settings.flags())]),
+        command=shell_command(["vllm", "serve", "ARTIFACT", *settings.flags()]),
         utilization=check.utilization, graphs=settings.graphs, dtype=settings.dtype,
         expected_kernel=expected(precision, device.kind, device.compute_capability), overhead_bytes=overhead,
         overhead_source=source, start_refusal=check.refusal)
@@ -310,7 +310,7 @@ def reference_peak(spec: ModelSpec, ctx: int) -> int:
 
 
 def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: bool, vllm: bool | None = None,
-                  quality: QualityPlan | None = None) -> int:
+                  quality: QualityPlan | None = None, vllm_overhead: int | None = None) -> int:
     """Predicted peak memory of one job's process tree (what the guard compares against).
 
     GGUF (llama.cpp in the worker): the serving plan for pp + tg tokens; the quantizer streams tensors.
@@ -349,7 +349,8 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     if vllm:
         from qexplorer.core.serving.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES
 
-        server = ((VLLM_CUDA_OVERHEAD_BYTES if on_gpu else VLLM_RUNTIME_BYTES) + weight_bytes(spec, precision)
+        server = (((vllm_overhead or VLLM_CUDA_OVERHEAD_BYTES) if on_gpu else VLLM_RUNTIME_BYTES)
+                  + weight_bytes(spec, precision)
                   + kv_bytes_per_token(spec, "bf16") * (request.context + 16))
         return max(worker + server + SERVER_LOGPROB_COPIES * logits, reference)
     fallback = worker + weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context + \

@@ -105,13 +105,25 @@ class PlannedJobs:
     refused: tuple[Refusal, ...]
 
 
+def learned_vllm_overhead(data_dir: str | Path, snapshot: TelemetrySnapshot | None) -> int | None:
+    """vLLM's overhead on this machine's GPU as its own vLLM runs measured it (durations.json), or None."""
+    from qexplorer.core.eta import DurationBook
+    from qexplorer.core.serving.vllm_launch import OVERHEAD_KEY
+
+    if snapshot is None or not snapshot.devices or snapshot.simulated:
+        return None
+    return DurationBook.in_dir(data_dir).learned_bytes(OVERHEAD_KEY, snapshot.devices[0].name)
+
+
 def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: TelemetrySnapshot | None,
               template: JobSpec, *, force: bool = False) -> PlannedJobs:
     """One spec per precision, in the order given, with the plan's figures; what does not fit is refused
     (or, with ``force``, queued anyway). ``template`` carries the options every job shares."""
     from qexplorer.core.planner import PlanRequest, QualityPlan, plan_job_peak, plan_precision
     bench = template.bench
-    request = PlanRequest(context=bench.context_tokens)  # depth + pp + tg: the deepest test's KV cache
+    # depth + pp + tg: the deepest test's KV cache; vLLM's GPU overhead as this machine's runs refitted it
+    request = PlanRequest(context=bench.context_tokens,
+                          vllm_overhead_bytes=learned_vllm_overhead(template.data_dir, snapshot))
     specs, refused = [], []
     builds_reference = False
     if template.quality:  # the first job with quality computes the reference (unless cached); the rest reuse it
@@ -130,7 +142,8 @@ def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: Telem
         specs.append(replace(
             template, precision=precision.key, model_name=model.name, model_path=model.path,
             planned_peak_bytes=plan_job_peak(model, precision, bench, on_gpu=plan.runs_on == "GPU",
-                                             vllm=plan.engine == "vllm", quality=quality),
+                                             vllm=plan.engine == "vllm", quality=quality,
+                                             vllm_overhead=request.vllm_overhead_bytes),
             planned_total_bytes=plan.total_bytes,
             planned_gpu_bytes=plan.total_bytes if plan.runs_on == "GPU" and snapshot is not None
             and snapshot.devices and snapshot.devices[0].unified is False else None,

@@ -86,6 +86,8 @@ class MemoryFigures:
     resident_weight_bytes: int | None = None  # what the engine holds in memory while it runs
     bytes_per_token: int | None = None  # bytes read per decoded token (the roofline's denominator)
     kv_cache_bytes: int | None = None  # the KV cache the engine was given (vLLM: --kv-cache-memory-bytes)
+    # the GPU memory the job grew by while its server ran (vLLM: from its start to its stop), seen from outside
+    server_gpu_bytes: int | None = None
 
 
     def plan_check(self, gpu_unified: bool | None) -> PlanCheck:

@@ -72,6 +72,7 @@ from qexplorer.core.serving.vllm_launch import (
     dtype_for,
     kv_cache_bytes,
     overhead_bytes,
+    shell_command,
     start_check,
 )
 from qexplorer.core.units import format_bytes
@@ -194,15 +195,16 @@ class VllmServer:
     @property
     def serve_command(self) -> str:
         """How a user serves this artifact the way it was measured (port and host are the user's to choose)."""
-        keep = [f"'{a}'" if a.startswith("{") else a for a in self.argv[self.argv.index("--max-model-len"):]]
+        keep = self.argv[self.argv.index("--max-model-len"):]
         if "--model" in self.argv or self.container is not None:
-            return " ".join(["vllm", "serve", str(self.artifact), *keep])
-        return " ".join([*self.argv[:2], str(self.artifact), *keep])
+            return shell_command(["vllm", "serve", str(self.artifact), *keep])
+        return shell_command([*self.argv[:2], str(self.artifact), *keep])
 
     def start(self, cancelled: Any = lambda: False) -> Generator[JobEvent, None, None]:
         import httpx
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._remove_container()
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child holds it; closed here after the spawn
         try:
             # same process group as the worker: when the parent ends the worker's group, the server ends too
@@ -232,8 +234,7 @@ class VllmServer:
 
     def stop(self) -> None:
         if self.container is not None:  # the server is the container's, not this child's: remove it by name
-            subprocess.run(self.container.stop_argv(self.container_name), capture_output=True, timeout=60,
-                           check=False)
+            self._remove_container()
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -242,6 +243,16 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+    def _remove_container(self) -> None:
+        """Remove this worker's container (a leftover of the same name would stop the next ``run``)."""
+        if self.container is None:
+            return
+        try:
+            subprocess.run(self.container.stop_argv(self.container_name), capture_output=True, timeout=60,
+                           check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # a hung daemon: the parent removes it by name when the job ends
 
     def log_text(self) -> str:
         try:
@@ -471,7 +482,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     served = served_dtype(log)
     if served and served != settings.dtype:
         yield Log(f"{ctx.precision.label}: vLLM ran in {served}, not the {settings.dtype} it was asked for "
-                  "(its log); the row is labelled with what ran", level="warning")
+                  "(its log); the row records the dtype that ran", level="warning")
     start_words = (f"--gpu-memory-utilization {check.utilization:.2f} from {format_bytes(check.free_bytes or 0)} "
                    f"free ({device.source}) for a planned {format_bytes(check.needed_bytes)}"
                    if check.utilization is not None else "")
@@ -479,7 +490,9 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         engine=EngineInfo(name=Engine.VLLM, mode=mode_of(kernels, ctx.support_mode, ctx.precision),
                           device=device.label, version=f"vLLM {version}",
                           kernel=describe(kernels, quantization_method(log)), serve_command=server.serve_command,
-                          expected_kernel=expected(ctx.precision, device.kind, device.compute_capability),
+                          expected_kernel=("chosen by vLLM at start (a quantized source, served as stored)"
+                                           if ctx.spec.stored_quantized and not ctx.precision.quantized else
+                                           expected(ctx.precision, device.kind, device.compute_capability)),
                           dtype=served or "", graphs=settings.graphs, start_check=start_words),
         memory=MemoryFigures(weight_bytes=ctx.artifact_weight_bytes, resident_weight_bytes=ctx.artifact_weight_bytes,
                              bytes_per_token=ctx.artifact_weight_bytes, kv_cache_bytes=settings.kv_cache_bytes),

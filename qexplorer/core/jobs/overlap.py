@@ -216,15 +216,16 @@ def fits_on_card(running_planned_gpu: Iterable[int | None], running_gpu_now: Ite
     ``START_MARGIN_BYTES`` free; vLLM's ``v1/worker/utils.py`` l. 724-768). A job with no GPU plan adds nothing."""
     from qexplorer.core.serving.vllm_launch import START_MARGIN_BYTES
 
-    planned = [int(p) for p in running_planned_gpu if p]
+    pairs = [(int(p or 0), int(g or 0)) for p, g in zip(running_planned_gpu, running_gpu_now, strict=True)]
+    planned = sum(p for p, _ in pairs)
     if not planned and not new_planned_gpu:
         return True
     if vram_free_bytes is None:
         return False  # a GPU plan and no reading of the card: one at a time
-    held_now = sum(int(g) for g in running_gpu_now if g)
-    card = vram_free_bytes + held_now  # what the running jobs and the new one have between them
+    card = vram_free_bytes + sum(g for _, g in pairs)  # what the running jobs and the new one have between them
     new = int(new_planned_gpu or 0)
-    if sum(planned) + new > TOGETHER_SHARE * card:
+    if planned + new > TOGETHER_SHARE * card:
         return False
-    free_at_start = vram_free_bytes - max(0, sum(planned) - held_now)  # after the others reach their plans
+    # each running job may still grow to its own plan (one above its plan frees nothing for another)
+    free_at_start = vram_free_bytes - sum(max(0, p - g) for p, g in pairs)
     return not new or free_at_start >= new + START_MARGIN_BYTES

@@ -393,6 +393,6 @@ def _learn_vllm_overhead(data_dir: str, record: RunRecord | None) -> None:
     if record is None or record.engine.name != Engine.VLLM or record.engine.device != "cuda" or not record.hardware:
         return
     memory = record.memory
-    overhead = measured_overhead(memory.peak_gpu_bytes, memory.weight_bytes, memory.kv_cache_bytes)
+    overhead = measured_overhead(memory.server_gpu_bytes, memory.weight_bytes, memory.kv_cache_bytes)
     if overhead is not None and record.hardware.gpu:
         DurationBook.in_dir(data_dir).learn_bytes(OVERHEAD_KEY, record.hardware.gpu, overhead)

@@ -366,7 +366,8 @@ class _Supervision:
         # the child's own high-water mark catches peaks between samples
         peak_rss = max(record.memory.peak_rss_bytes or 0, watch.peak_rss_bytes)
         record = record.with_memory(peak_rss_bytes=peak_rss, peak_gpu_bytes=watch.peak_gpu_bytes,
-                                    peak_gpu_source=watch.gpu_source or None)
+                                    peak_gpu_source=watch.gpu_source or None,
+                                    server_gpu_bytes=watch.server_gpu_bytes)
         if record.hardware is not None:
             record = replace(record, hardware=replace(record.hardware, gpu_unified=watch.gpu_unified,
                                                       shown_profile=self.job.shown_profile))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qexplorer.core.domain.phases import spec_of
+from qexplorer.core.domain.phases import PhaseKind, spec_of
 from qexplorer.core.jobs.guard import GuardPool, GuardSample, GuardStop
 from qexplorer.core.proc import tree_rss
 from qexplorer.core.telemetry import TelemetrySampler, TelemetrySnapshot
@@ -103,6 +103,22 @@ class MemoryWatch:
             self.on_memory(sample)
         stop = self.pool.check(self.pid, now_s, machine, sample.rss_bytes + (sample.gpu_bytes or 0))
         return sample, stop
+
+    @property
+    def server_gpu_bytes(self) -> int | None:
+        """How much the job's GPU memory grew while a serving engine ran (its start, benchmark and log-prob
+        phases) over what the job held just before it started - the server's own footprint, without the
+        worker's quantizing or quality passes."""
+        server = {PhaseKind.ENGINE, PhaseKind.BENCHMARK, PhaseKind.LOG_PROBS}
+        base = peak = None
+        for sample in self.samples:
+            if sample.gpu_bytes is None:
+                continue
+            if spec_of(sample.phase).kind in server:
+                peak = max(peak or 0, sample.gpu_bytes)
+            elif peak is None:
+                base = sample.gpu_bytes
+        return None if peak is None else max(0, peak - (base or 0))
 
     def _measure(self, elapsed_s: float, phase: str) -> tuple[MemorySample, GuardSample]:
         rss, pids = tree_rss(self.pid)

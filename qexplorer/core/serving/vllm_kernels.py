@@ -38,13 +38,11 @@ from qexplorer.core.precisions import Precision
 _LINES = (
     re.compile(r"Selected (?P<kernel>\w+) for (?P<layer>\w+)"),
     re.compile(r"Using (?P<kernel>\w+) for (?P<layer>CompressedTensorsWNA16|mixed-precision linear|NVFP4 GEMM)"),
-    re.compile(r"Using '?(?P<kernel>[\w.]+)'? (?P<layer>Fp8|NvFp4|WNA16|Unquantized) MoE backend"),
+    re.compile(r"Using '?(?P<kernel>[\w.]+)'? (?P<layer>Fp8|NvFp4|WNA16|Int8|Unquantized) MoE backend"),
 )
 _MARLIN_FALLBACK = re.compile(r"Weight-only (FP8|FP4) compression will be used leveraging the Marlin kernel")
 _NVFP4_EMULATION = "NVFP4 linear falling back to the slow and unoptimized emulation backend"
 _WEIGHT_ONLY = re.compile(r"Marlin|Machete|Exllama|Conch|TritonW4A16|W4A16|Humming|WNA16", re.IGNORECASE)
-_FP4_TENSOR_CORES = re.compile(r"FlashInferCutlassNvFp4|CutlassNvFp4|FlashInferCuteDsl|B12x|Trtllm|Cudnn|FLASHINFER|"
-                               r"VLLM_CUTLASS", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -62,22 +60,24 @@ class KernelChoice:
 
 
 def classify(kernel: str, layer: str, device_kind: str) -> tuple[SupportMode, str]:
-    """What one kernel name means on a device ("cpu" or "cuda")."""
-    name = kernel
-    if "Emulation" in name or name.upper() == "EMULATION":
+    """What one kernel name means on a device ("cpu" or "cuda"): by the layer's format first (a FlashInfer or
+    CUTLASS kernel is FP4 only on an NVFP4 layer), then by the kernel's family."""
+    if "Emulation" in kernel or kernel.upper() == "EMULATION":
         return SupportMode.EMULATED, "emulation: the format's maths done in generic PyTorch"
     if device_kind == "cpu":
-        if "Torch" in name:
+        if "Torch" in kernel:
             return SupportMode.EMULATED, "torch._scaled_mm on a CPU: FP8 emulated"
         return SupportMode.NATIVE, "a kernel vLLM built for this CPU"
-    if _WEIGHT_ONLY.search(name) or "WNA16" in layer:
+    if _WEIGHT_ONLY.search(kernel) or "WNA16" in layer:
         return SupportMode.WEIGHT_ONLY, "weight-only: weights dequantized inside the kernel, BF16 maths"
-    if "NVFP4" in layer or "NvFp4" in layer or "Fp4" in name or _FP4_TENSOR_CORES.search(name):
+    if "NVFP4" in layer or "NvFp4" in layer:
         return SupportMode.NATIVE, "FP4 tensor cores"
-    if "Int8" in name or "Int8" in layer:
+    if "Int8" in layer or "Int8" in kernel:
         return SupportMode.NATIVE, "int8 tensor cores"
-    if "FP8" in name or "Fp8" in layer or "FP8" in layer:
-        return SupportMode.NATIVE, "FP8 tensor cores (torch._scaled_mm / CUTLASS)"
+    if "Fp8" in layer or "FP8" in layer or "FP8" in kernel:
+        return SupportMode.NATIVE, "FP8 tensor cores (torch._scaled_mm / CUTLASS / FlashInfer)"
+    if "Unquantized" in layer:
+        return SupportMode.NATIVE, "dense experts in the served dtype"
     return SupportMode.NATIVE, "native CUDA kernel"
 
 
@@ -169,7 +169,9 @@ def expected(precision: Precision, device_kind: str, compute_capability: tuple[i
             if key == "nvfp4a16" and cc in ((10, 0), (10, 3)):
                 return "FlashInferCuteDslNvFp4W4A16LinearKernel (weight-only)"
             served = "" if key == "nvfp4a16" else ": activations not quantized"
-            return f"MarlinNvFp4LinearKernel (weight-only{served})"
+            # on CC 9.0 vLLM prefers Humming when its package is installed (quantization/utils/humming/priority.py)
+            humming = " or HummingLinearKernel" if cc == (9, 0) else ""
+            return f"MarlinNvFp4LinearKernel{humming} (weight-only{served})"
         if cc >= (12, 0):
             return "FlashInferCutlassNvFp4LinearKernel (FP4 tensor cores; Marlin if FlashInfer is absent)"
         return "FlashInferCuteDsl NVFP4 kernel (FP4 tensor cores)"
@@ -177,13 +179,18 @@ def expected(precision: Precision, device_kind: str, compute_capability: tuple[i
 
 
 def mismatch(expected_text: str, picked_text: str) -> str | None:
-    """Where the kernel the plan expected is not the one vLLM logged: one sentence; None when they agree (or
-    nothing was expected / named)."""
-    if (not expected_text or not picked_text or picked_text.startswith("quantization=")
-            or expected_text.startswith(("chosen by vLLM", "none:"))):
+    """Where the linear-layer kernel the plan expected is not one vLLM logged: one sentence; None when they agree
+    (or nothing was expected / named). MoE backend lines are vLLM's own choice and never a mismatch."""
+    if not expected_text or not picked_text or expected_text.startswith(("chosen by vLLM", "none:")):
         return None
-    picked = picked_text.split(" (")[0]
+    linear = [part for part in picked_text.split("; ") if " MoE (" not in part]
+    if not linear or linear[0].startswith(("quantization=", "unquantized")):
+        if expected_text.startswith("unquantized") or (linear and linear[0].startswith("quantization=")):
+            return None
+        return f"the plan expected {expected_text.split(' (')[0]}; vLLM named no linear kernel"
+    picked = linear[0].split(" (")[0]
     if expected_text.startswith("unquantized"):
-        return None if picked_text.startswith("unquantized") else f"the plan expected dense matmuls; vLLM logged {picked}"
-    name = expected_text.split()[0]
-    return None if name in picked_text else f"the plan expected {name}; vLLM logged {picked}"
+        return f"the plan expected dense matmuls; vLLM logged {picked}"
+    names = [name.split()[0] for name in expected_text.split(" (")[0].split(" or ")]
+    return None if any(name in "; ".join(linear) for name in names) else \
+        f"the plan expected {' or '.join(names)}; vLLM logged {picked}"

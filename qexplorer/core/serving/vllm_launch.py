@@ -14,9 +14,10 @@ parent) and the job (the worker) build the same ``vllm serve`` command. Each rul
   l. 698) free is ``psutil.virtual_memory().available`` - MemAvailable (``utils/mem_utils.py`` l. 143-151).
   The default is 0.92 (``config/cache.py`` l. 102, ``0 < x ≤ 1``): 0.92 × 121.7 GiB = 112 GiB on a GB10,
   more than an idle Spark has available (vllm-project/recipes#632: "``--gpu-memory-utilization 0.85`` is
-  required"). So the job passes a utilization computed from the live free memory: with a byte cap on the KV
-  cache, vLLM uses it for nothing but that check. When even the plan's own server does not fit in what is
-  free, the job refuses in one sentence before launching.
+  required"). With a byte cap on the KV cache vLLM uses the fraction for nothing but that check, so the job
+  passes the plan's own share of the device (the server's planned bytes ÷ total, rounded up), checked against
+  the live free memory just before the start; when the plan does not fit in what is free, the job refuses in
+  one sentence before launching.
 * **CUDA graphs.** ``--enforce-eager`` sets ``cudagraph_mode = NONE`` and turns torch.compile off
   (``config/vllm.py`` l. 1691); on a GB10 that cut decode by about 55 % (59 → 26 tok/s, vLLM 0.19), most for
   the small, fast formats - a distorted ranking. On CUDA the job captures full CUDA graphs for decode only, at
@@ -66,26 +67,23 @@ class StartCheck:
 
 
 def start_check(device: DeviceMemory, server_bytes: int) -> StartCheck:
-    """vLLM's check is ``free ≥ ceil(total × u)``; the plan needs ``server_bytes`` of that free memory.
-    u = (free − margin) / total, rounded down to a hundredth, capped at vLLM's default: the check then passes
-    with the margin to spare, and vLLM is started whenever its planned server fits in what is free now."""
+    """vLLM's check is ``free ≥ ceil(total × u)``; the plan needs ``server_bytes`` of that free memory. With a
+    byte cap on the KV cache vLLM uses u for nothing else, so u is the plan's own share of the device, rounded up
+    to a hundredth (capped at vLLM's default): the check then passes with everything free beyond the plan as
+    slack - vLLM's API server and engine core start, and take host memory, before it runs. vLLM is refused
+    before it launches when the plan and ``START_MARGIN_BYTES`` do not fit in what is free now."""
     if not device.cuda:
         return StartCheck(None, needed_bytes=server_bytes)
     if not device.total_bytes or device.free_bytes is None:
         return StartCheck(None, "vLLM's start-up check needs the device's free memory, which could not be read",
                           server_bytes)
-    spare = device.free_bytes - START_MARGIN_BYTES
     where = "available (MemAvailable, shared by CPU and GPU)" if device.unified else "free on the card"
-    if server_bytes > spare:
+    if server_bytes + START_MARGIN_BYTES > device.free_bytes:
         return StartCheck(None, (
             f"vLLM needs about {format_bytes(server_bytes)} on the {device.name} for this artifact (weights, KV "
-            f"cache and its own {format_bytes(overhead_bytes(device))}) plus {format_bytes(START_MARGIN_BYTES)} "
-            f"spare, and {format_bytes(device.free_bytes)} is {where}: not starting it"), server_bytes,
-            device.free_bytes)
-    utilization = min(VLLM_DEFAULT_UTILIZATION, math.floor(100 * spare / device.total_bytes) / 100)
-    if utilization <= 0:
-        return StartCheck(None, f"only {format_bytes(device.free_bytes)} is {where} on the {device.name}: "
-                                "too little to start vLLM", server_bytes, device.free_bytes)
+            f"cache and its own overhead) plus {format_bytes(START_MARGIN_BYTES)} spare, and "
+            f"{format_bytes(device.free_bytes)} is {where}: not starting it"), server_bytes, device.free_bytes)
+    utilization = min(VLLM_DEFAULT_UTILIZATION, max(0.01, math.ceil(100 * server_bytes / device.total_bytes) / 100))
     return StartCheck(utilization, None, server_bytes, device.free_bytes)
 
 
@@ -96,9 +94,11 @@ def overhead_bytes(device: DeviceMemory, learned_bytes: int | None = None) -> in
     return learned_bytes if learned_bytes else VLLM_CUDA_OVERHEAD_BYTES
 
 
-# vLLM's KV-cache block: 16 tokens on CUDA, 128 on vLLM-CPU; a byte cap below one full-length sequence in whole
-# blocks is refused at start ("To serve at least one request with the models's max seq len ...").
-KV_BLOCK_TOKENS = {"cpu": 128, "cuda": 16}
+# vLLM's KV-cache block; a byte cap below one full-length sequence in whole blocks is refused at start ("To serve
+# at least one request with the models's max seq len ...").
+# CUDA's default block is 16 tokens, but some attention backends use larger pages (MLA 64-128, B12x 64/128, FA4
+# at head size 256): 256 on CUDA keeps a full-length sequence within the cap whichever is chosen (a few MiB more)
+KV_BLOCK_TOKENS = {"cpu": 128, "cuda": 256}
 
 
 def kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int, max_num_seqs: int, device: DeviceMemory) -> int:
@@ -152,13 +152,14 @@ class LaunchSettings:
         return tuple(flags)
 
 
-def measured_overhead(peak_gpu_bytes: int | None, weight_bytes: int | None, kv_cache_bytes: int | None
+def measured_overhead(server_gpu_bytes: int | None, weight_bytes: int | None, kv_cache_bytes: int | None
                       ) -> int | None:
-    """vLLM's overhead on a GPU as one run measured it: the job's GPU peak less the weights and the KV cache it
-    was given (None where a figure is missing or the rest is not positive)."""
-    if not peak_gpu_bytes or not weight_bytes or kv_cache_bytes is None:
+    """vLLM's overhead on a GPU as one run measured it: what the job's GPU memory grew by while vLLM ran
+    (``MemoryWatch.server_gpu_bytes``) less the weights and the KV cache it was given (None where a figure is
+    missing or the rest is not positive)."""
+    if not server_gpu_bytes or not weight_bytes or kv_cache_bytes is None:
         return None
-    rest = peak_gpu_bytes - weight_bytes - kv_cache_bytes
+    rest = server_gpu_bytes - weight_bytes - kv_cache_bytes
     return rest if rest > 0 else None
 
 
@@ -185,13 +186,34 @@ class ContainerVllm:
         return f"qexplorer-vllm-{worker_pid}"
 
     def run_argv(self, name: str, artifact: str, env: dict[str, str]) -> list[str]:
-        """``RUNTIME run`` up to and including ``serve ARTIFACT``: the artifact mounted read-only at its own path,
-        host networking (the server binds 127.0.0.1 on the host), the host's IPC (vLLM's shared memory), every
-        GPU (docker's ``--gpus``; podman's CDI device), removed when it stops."""
+        """``RUNTIME run`` up to and including ``serve ARTIFACT``: the artifact mounted read-only at its own path
+        (with the folder its symlinks point into: a Hugging Face cache snapshot links to ``../../blobs``), host
+        networking (the server binds 127.0.0.1 on the host), the host's IPC (vLLM's shared memory), every GPU
+        (docker's ``--gpus``; podman's CDI device), removed when it stops."""
         gpus = ["--gpus", "all"] if self.runtime == "docker" else ["--device", "nvidia.com/gpu=all"]
         envs = [item for key, value in sorted(env.items()) for item in ("-e", f"{key}={value}")]
+        root = mount_root(artifact)
         return [self.runtime, "run", "--rm", "--name", name, "--network", "host", "--ipc", "host", *gpus,
-                "-v", f"{artifact}:{artifact}:ro", *envs, "--entrypoint", "vllm", self.image, "serve", artifact]
+                "-v", f"{root}:{root}:ro", *envs, "--entrypoint", "vllm", self.image, "serve", artifact]
 
     def stop_argv(self, name: str) -> list[str]:
         return [self.runtime, "rm", "-f", name]
+
+
+def mount_root(artifact: str) -> str:
+    """The folder to mount so that the artifact and every file its symlinks point to are inside it."""
+    import os
+    from pathlib import Path
+
+    path = Path(artifact)
+    files = [path] if path.is_file() else [p for p in path.rglob("*")] if path.is_dir() else []
+    targets = [str(path.parent if path.is_file() else path)] + [os.path.dirname(os.path.realpath(p))
+                                                                for p in files if p.is_symlink()]
+    return os.path.commonpath(targets)
+
+
+def shell_command(argv: list[str] | tuple[str, ...]) -> str:
+    """A command as a shell would need it typed (paths with spaces, JSON flags quoted)."""
+    import shlex
+
+    return shlex.join(argv)
