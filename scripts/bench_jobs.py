@@ -8,6 +8,9 @@ planner's predicted peak against the measured peak for every precision.
                                         # the same on random-weight models of other shapes
     python scripts/bench_jobs.py decision [--precision bf16,int8,q8_0,q4_k_m] [--data-dir DIR]
                                         # time to decision, cold then warm, estimated vs actual per job
+    python scripts/bench_jobs.py scale [--shapes dense-185m,llama-0.5b,llama-1b] [--precision ...] [--quick]
+                                        # per size and phase: measured vs the ETA, peak vs the plan, and the
+                                        # exponent of each phase's time against the model's size
 
 Prints numbers; asserts nothing.
 """
@@ -234,6 +237,72 @@ def decision(args: argparse.Namespace) -> None:
             print("".join(err_lines)[-2000:])
 
 
+def scale(args: argparse.Namespace) -> None:
+    """How each phase's time and the job's memory grow with the model: the ladder with quality, cold (a fresh data
+    directory per size), on random-weight models built from configs. Per size and phase: measured seconds, the
+    ETA's prediction and its error; per job: measured peak against the planner's. Then per phase the exponent b
+    of seconds ∝ parameters^b over the sizes (a least-squares line in log-log; 1.0 is linear in the weights)."""
+    import math
+
+    from synthetic import build
+
+    from qexplorer.core.eta import estimate_jobs
+    from qexplorer.core.session import plan_jobs
+    from qexplorer.core.telemetry import local_sampler
+
+    bench = BenchConfig.quick() if args.quick else BenchConfig()
+    chosen = precisions.parse_list(args.precision)
+    times: dict[str, list[tuple[float, float]]] = {}  # phase → (parameters, seconds), summed over the ladder
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = None
+        for shape in args.shapes.split(","):
+            data_dir = Path(tmp) / f"data-{shape}"
+            folder = build(shape, Path(tmp) / shape, data_dir, tokenizer)
+            tokenizer = tokenizer or folder  # the bundled tokenizer, made once
+            spec = Catalog(extra_paths=(str(folder),)).resolve(str(folder))
+            template = JobSpec(model_ref=str(folder), precision="", data_dir=str(data_dir), bench=bench,
+                               model_paths=(str(folder),), quality=True, quality_tokens=args.quality_tokens)
+            jobs = plan_jobs(spec, chosen, local_sampler().sample(), template, force=True).specs
+            estimates = {e.precision: e for e in estimate_jobs(spec, jobs, data_dir)}
+            print(f"\n{shape}: {spec.total_params / 1e9:.2f} B parameters ({spec.active_params / 1e9:.2f} B active), "
+                  f"{bench.describe()}, quality on, cold")
+            print(f"  {'job':9} {'phase':10} {'measured':>9} {'ETA':>8} {'error':>7}")
+            per_phase: dict[str, float] = {}
+            runner = JobRunner(interval_s=0.25)
+            for job in jobs:
+                outcome = runner.run(job)
+                predicted: dict[str, float] = {}
+                for part in estimates[job.precision].phases:
+                    predicted[part.name] = predicted.get(part.name, 0.0) + part.seconds
+                for name, seconds in outcome.phase_seconds:
+                    per_phase[name] = per_phase.get(name, 0.0) + seconds
+                    eta = predicted.get(name)
+                    error = f"{100 * (eta / seconds - 1):+6.0f} %" if eta and seconds > 0.5 else "   n/a"
+                    print(f"  {job.precision:9} {name:10} {seconds:8.1f}s {eta or 0:7.1f}s {error}")
+                check = outcome.record.memory.plan_check(None) if outcome.record else None
+                measured = check.measured_bytes if check else outcome.peak_rss_bytes
+                planned = job.planned_peak_bytes or 0
+                error = 100 * (planned / measured - 1) if measured else float("nan")
+                total_eta = estimates[job.precision].total_s
+                actual = sum(s for _, s in outcome.phase_seconds)
+                print(f"  {job.precision:9} {'TOTAL':10} {actual:8.1f}s {total_eta:7.1f}s "
+                      f"{100 * (total_eta / actual - 1) if actual else float('nan'):+6.0f} %   peak "
+                      f"{measured / 2**20 if measured else 0:.0f} MiB, planned {planned / 2**20:.0f} MiB "
+                      f"({error:+.0f} %) {outcome.status} {outcome.error or ''}", flush=True)
+            for name, seconds in per_phase.items():
+                times.setdefault(name, []).append((float(spec.total_params), seconds))
+    print("\nexponent of time against parameters, per phase (1.0: linear in the weights)")
+    for name, points in times.items():
+        points = [(n, t) for n, t in points if t > 0.2]
+        if len(points) < 2:
+            print(f"  {name:10} n/a (fewer than two sizes with a measurable time)")
+            continue
+        xs, ys = [math.log(n) for n, _ in points], [math.log(t) for _, t in points]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+        print(f"  {name:10} {slope:5.2f}   points: " + ", ".join(f"{n / 1e9:.2f} B {t:.1f} s" for n, t in points))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -264,8 +333,14 @@ def main() -> None:
     d.add_argument("--data-dir", help="default: a new empty folder")
     d.add_argument("--quick", action="store_true")
     d.add_argument("--one-at-a-time", action="store_true", help="no overlap of untimed work (to compare)")
+    c = sub.add_parser("scale")
+    c.add_argument("--shapes", default="dense-185m,llama-0.5b,llama-1b")
+    c.add_argument("--precision", default="bf16,int8,q8_0,q4_k_m")
+    c.add_argument("--quick", action="store_true")
+    c.add_argument("--quality-tokens", type=int, default=4096)
     args = parser.parse_args()
-    {"backend": backend, "peaks": peaks, "shapes": shapes, "served": served, "decision": decision}[args.what](args)
+    {"backend": backend, "peaks": peaks, "shapes": shapes, "served": served, "decision": decision,
+     "scale": scale}[args.what](args)
 
 
 if __name__ == "__main__":

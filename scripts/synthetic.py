@@ -5,6 +5,7 @@ precision, engine and quality pass runs on it as on a real checkpoint. Weights a
 are meaningful, quality figures are not.
 
     dense-185m   Llama, 12 layers, hidden 1024, GQA 16/4 heads              185 M parameters
+    llama-0.5b   Llama, 24 layers, hidden 1024, GQA 16/4 heads, MLP 4096     0.41 B parameters
     moe-small    Qwen3-MoE, 8 layers, hidden 512, 16 experts (top-2)        106 M parameters, 40 M active
     llama-1b     Llama, 16 layers, hidden 2048, GQA 32/8 heads              1.2 B parameters (GPU check)
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SHAPES = ("dense-185m", "moe-small", "llama-1b")
+SHAPES = ("dense-185m", "llama-0.5b", "moe-small", "llama-1b")
 
 
 def build(shape: str, folder: Path, data_dir: Path, tokenizer: Path | None = None) -> Path:
@@ -28,6 +29,9 @@ def build(shape: str, folder: Path, data_dir: Path, tokenizer: Path | None = Non
               "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
     if shape == "dense-185m":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                                             num_attention_heads=16, num_key_value_heads=4, **common))
+    elif shape == "llama-0.5b":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                              num_attention_heads=16, num_key_value_heads=4, **common))
     elif shape == "llama-1b":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

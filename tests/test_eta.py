@@ -33,7 +33,7 @@ def test_the_first_job_pays_for_the_shared_work_and_the_reference_row_has_no_qua
     assert first.total_s > second.total_s > 0
     # bf16 is the reference's own checkpoint: nothing to quantize, and only vLLM's cross-check as quality
     assert "quantize" not in [p.name for p in bf16.phases] and "load" not in [p.name for p in bf16.phases]
-    assert first.source == "from defaults"
+    assert first.source == "from another machine's defaults"
 
 
 def test_rates_measured_here_replace_the_defaults(tmp_path: Path):
@@ -45,7 +45,7 @@ def test_rates_measured_here_replace_the_defaults(tmp_path: Path):
                            ("calibrate", 1.0)])
     (again,) = estimate_jobs(model, specs(tmp_path, ["q4_k_m"], quality=False), tmp_path, vllm_found=False)
     assert next(p for p in again.phases if p.name == "benchmark").seconds == 2 * bench.seconds
-    assert again.source == "from jobs that ran here"
+    assert again.source == "from jobs that ran on this machine"
     stored = json.loads((tmp_path / "durations.json").read_text())["jobs"][-1]
     assert stored["predicted_s"] == round(estimate.total_s, 1) and stored["actual_s"] > 0  # predicted vs actual
 
@@ -104,3 +104,44 @@ def test_a_moes_forward_passes_are_estimated_on_its_active_parameters(tmp_path: 
     for phase in ("reference", "quality"):
         ratio = seconds(moe, phase) / seconds(dense, phase)
         assert 0.8 < ratio < 1.25, (phase, ratio)  # on total parameters it would be ~9×
+
+
+def test_rates_are_learned_per_machine_and_an_old_file_belongs_to_the_machine_it_is_on(tmp_path: Path):
+    """Issue 26: rates fitted on one CPU said 1:40 for a job that took 3:57 on another. A data directory shared
+    by two machines keeps each one's rates; a file from before is this machine's."""
+    from qexplorer.core.machine import instruction_set, machine_key
+
+    assert instruction_set({"avx2", "avx512f", "amx_tile"}) == "AMX" and instruction_set({"avx2"}) == "AVX2"
+    assert instruction_set({"asimd", "sve"}) == "SVE" and " cores · " in machine_key()
+    model = Catalog().resolve("default")
+    jobs = specs(tmp_path, ["q4_k_m"], quality=False)
+    (estimate,) = estimate_jobs(model, jobs, tmp_path, vllm_found=False)
+    bench = next(p for p in estimate.phases if p.name == "benchmark")
+    DurationBook.in_dir(tmp_path, machine="intel · 2 cores · AVX-512 · no GPU").record(
+        estimate, [("benchmark", 3 * bench.seconds)])
+    amd = DurationBook.in_dir(tmp_path, machine="amd · 2 cores · AVX2 · no GPU")
+    assert amd.rate(bench.key) == (DEFAULT_RATES[bench.key], False)  # the other machine's rate is not this one's
+    intel = DurationBook.in_dir(tmp_path, machine="intel · 2 cores · AVX-512 · no GPU")
+    assert intel.rate(bench.key) == (3 * bench.seconds / bench.units, True)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "durations.json").write_text(json.dumps({"rates": {bench.key: [0.5]}, "jobs": []}))
+    assert DurationBook.in_dir(tmp_path / "old", machine="here").rate(bench.key) == (0.5, True)
+
+
+def test_the_plan_command_prints_each_precisions_estimated_job_time(capsys, tmp_path, monkeypatch):
+    """Issue 26, must show: `qexplorer plan` for the Qwen3-Coder-30B-A3B config under --simulate gb10 shows a job
+    time per precision, labelled estimated, with where the rates come from."""
+    from models import QWEN3_CODER_30B_A3B, write_config
+
+    from qexplorer.cli import main
+
+    monkeypatch.setenv("QEXPLORER_DATA_DIR", str(tmp_path / "data"))
+    folder = write_config(tmp_path / "qwen3-coder-30b-a3b", QWEN3_CODER_30B_A3B)
+    assert main(["plan", str(folder), "--simulate", "gb10", "--json", "--precision", "fp8,awq,q4_k_m"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    jobs = {p["precision"]: p["job_estimate"] for p in document["plans"]}
+    assert all(j["seconds"] > 0 and j["label"] == "estimated" for j in jobs.values())
+    assert jobs["awq"]["seconds"] > jobs["fp8"]["seconds"]  # calibration costs more than a data-free scheme
+    assert jobs["fp8"]["source"] == "from another machine's defaults"
+    assert main(["plan", str(folder), "--simulate", "gb10", "--precision", "fp8"]) == 0
+    assert "est. job" in capsys.readouterr().out

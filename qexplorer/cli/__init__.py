@@ -208,7 +208,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qexplorer.core.planner import PlanRequest, plan_json, plan_model
 
     settings = _settings(args)
-    from qexplorer.core.session import learned_vllm_overhead
+    from qexplorer.core.session import job_estimates, learned_vllm_overhead
 
     chosen = precisions.parse_list(args.precision)
     spec = Catalog(extra_paths=settings.models).resolve(args.model)
@@ -217,6 +217,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           kv_dtype=args.kv_dtype, vllm_overhead_bytes=learned_vllm_overhead(settings.results_path, snapshot))
     plans = plan_model(spec, request, snapshot, chosen)
     document = plan_json(spec, request, snapshot, plans)
+    estimates = job_estimates(spec, chosen, settings.results_path, snapshot)
+    for plan in document["plans"]:
+        plan["job_estimate"] = estimates.get(plan["precision"])
     _emit(args.json, document, lambda: plan_text(document))
     return 0
 

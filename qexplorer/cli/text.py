@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from qexplorer.core.catalog import CatalogEntry
+from qexplorer.core.eta import format_duration
 from qexplorer.core.telemetry import Reading, TelemetrySnapshot
 from qexplorer.core.units import format_bytes, format_count, format_gib
 
@@ -86,18 +87,24 @@ def plan_text(document: dict[str, Any]) -> str:
         f"(reserve {format_gib(document['reserve_bytes'])})",
         "",
         f"{'PRECISION':<20} {'BPW':>6} {'WEIGHTS':>11} {'KV CACHE':>11} {'OVERHEAD':>10} {'TOTAL':>11} "
-        f"{'MARGIN':>11}  VERDICT       RUNS",
+        f"{'MARGIN':>11}  {'EST. JOB':>11}  VERDICT       RUNS",
     ]
     for plan in document["plans"]:
         margin = format_bytes(plan["margin_bytes"]) if plan["margin_bytes"] is not None else "n/a"
         runs = plan["support"] if plan["support"] == "native" else f"{plan['support']}: {plan['support_note']}"
+        estimate = plan.get("job_estimate")
+        job = f"~{format_duration(estimate['seconds'])}" if estimate else "n/a"
         lines.append(
             f"{plan['label']:<20} {plan['bits_per_weight']:>6.2f} {format_bytes(plan['weight_bytes']):>11} "
             f"{format_bytes(plan['kv_cache_bytes']):>11} {format_bytes(plan['overhead_bytes']):>10} "
-            f"{format_bytes(plan['total_bytes']):>11} {margin:>11}  {plan['verdict']:<13} {runs}"
+            f"{format_bytes(plan['total_bytes']):>11} {margin:>11}  {job:>11}  {plan['verdict']:<13} {runs}"
         )
     for note in document["notes"]:
         lines.append(f"note: {note}")
     lines.append("estimated: weights from tensor shapes, KV = 2 × layers × kv_heads × head_dim × bytes × tokens;"
                  " formulas in README 'Memory plan'.")
+    sources = {p["job_estimate"]["source"] for p in document["plans"] if p.get("job_estimate")}
+    if sources:
+        lines.append(f"est. job: one job alone with the default benchmark, estimated {' / '.join(sorted(sources))}"
+                     " (durations.json, per machine).")
     return "\n".join(lines) + "\n"

@@ -90,8 +90,8 @@ class JobEstimate:
         """How the estimate was made, to follow "estimated": "from jobs that ran here", "from defaults", ..."""
         measured = sum(p.measured for p in self.phases)
         if measured == len(self.phases):
-            return "from jobs that ran here"
-        return "from defaults" if not measured else "partly from defaults"
+            return "from jobs that ran on this machine"
+        return "from another machine's defaults" if not measured else "partly from defaults"
 
     def left_s(self, phase: str, phase_elapsed_s: float) -> float:
         """Time left while ``phase`` has run for ``phase_elapsed_s``: the rest of it (never below zero) and every
@@ -197,25 +197,42 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str,
 class DurationBook:
     """``durations.json``: the recent seconds per unit of every phase, and predicted vs actual per job."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, machine: str | None = None) -> None:
+        from qexplorer.core.machine import machine_key
+
         self.path = path
+        self.machine = machine or machine_key()  # rates are learned per machine (core.machine)
         self._data = self._load()
 
     @staticmethod
-    def in_dir(data_dir: Path | str) -> DurationBook:
-        return DurationBook(Path(data_dir) / "durations.json")
+    def in_dir(data_dir: Path | str, machine: str | None = None) -> DurationBook:
+        return DurationBook(Path(data_dir) / "durations.json", machine)
 
     def _load(self) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and isinstance(data.get("rates"), dict):
+            if isinstance(data, dict):
+                machines = data.get("machines")
+                if not isinstance(machines, dict):
+                    # a file from before rates were kept per machine: its rates were learned where it lives
+                    legacy = data.get("rates")
+                    machines = {self.machine: {"rates": legacy}} if isinstance(legacy, dict) and legacy else {}
+                data["machines"] = {k: v for k, v in machines.items()
+                                    if isinstance(v, dict) and isinstance(v.get("rates"), dict)}
+                data.pop("rates", None)
+                data.setdefault("jobs", [])
                 return data
         except (OSError, ValueError):
             pass  # none yet, or unreadable: start again from the defaults
-        return {"rates": {}, "jobs": []}
+        return {"machines": {}, "jobs": []}
+
+    def _rates(self) -> dict[str, list[Any]]:
+        """This machine's learned rates (created on first write)."""
+        return self._data["machines"].setdefault(self.machine, {"rates": {}})["rates"]
 
     def rate(self, key: str) -> tuple[float, bool]:
-        seen = [float(v) for v in self._data["rates"].get(key, []) if isinstance(v, (int, float)) and v >= 0]
+        entry = self._data["machines"].get(self.machine) or {}
+        seen = [float(v) for v in (entry.get("rates") or {}).get(key, []) if isinstance(v, (int, float)) and v >= 0]
         if seen:
             return statistics.median(seen[-KEEP:]), True
         return DEFAULT_RATES.get(key, 1.0), False
@@ -261,12 +278,12 @@ class DurationBook:
                 continue
             # a phase name that two estimates share (load + the quality pass's load) splits by their units
             learned.extend((part.key, seconds / units) for part in parts)
-        entry = {"precision": estimate.precision, "predicted_s": round(estimate.total_s, 1),
+        entry = {"precision": estimate.precision, "machine": self.machine, "predicted_s": round(estimate.total_s, 1),
                  "actual_s": round(sum(s for _, s in actual), 1), "source": estimate.source, "at": int(time.time()),
                  "phases": [[name, round(seconds, 2)] for name, seconds in actual]}
         with file_lock(self.path.with_name(self.path.name + ".lock")):
             self._data = self._load()
-            rates = self._data["rates"]
+            rates = self._rates()
             for key, rate in learned:
                 rates[key] = (rates.get(key, []) + [rate])[-KEEP:]
             self._data["jobs"] = (self._data.get("jobs", []) + [entry])[-200:]

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from qexplorer.core.domain.bench import BenchConfig
 from qexplorer.core.domain.spec import JobSpec
@@ -103,6 +104,20 @@ class Refusal:
 class PlannedJobs:
     specs: tuple[JobSpec, ...]
     refused: tuple[Refusal, ...]
+
+
+def job_estimates(model: ModelSpec, precisions: Iterable[Precision], data_dir: str | Path,
+                  snapshot: TelemetrySnapshot | None) -> dict[str, dict[str, Any]]:
+    """Each precision's job alone (nothing cached but what is on disk), with the default benchmark, as the plan
+    shows it: seconds, the phases, and where the rates come from - always labelled estimated."""
+    cuda = bool(snapshot is not None and snapshot.devices)
+    out = {}
+    for precision in precisions:
+        job = JobSpec(model_ref=model.path, precision=precision.key, data_dir=str(data_dir))
+        (estimate,) = estimate_jobs(model, [job], data_dir, cuda=cuda)
+        out[precision.key] = {"seconds": round(estimate.total_s, 1), "label": "estimated", "source": estimate.source,
+                              "phases": [[p.name, round(p.seconds, 1)] for p in estimate.phases]}
+    return out
 
 
 def learned_vllm_overhead(data_dir: str | Path, snapshot: TelemetrySnapshot | None) -> int | None:
