@@ -23,7 +23,7 @@ from models import LLAMA_31_8B, write_config
 from qexplorer.cli import main
 from qexplorer.core.catalog import Catalog, bundled_model_path
 from qexplorer.core.domain.bench import BenchConfig
-from qexplorer.core.domain.events import Phase
+from qexplorer.core.domain.events import Phase, drive
 from qexplorer.core.domain.record import record_from_legacy as legacy
 from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.errors import UserError
@@ -137,7 +137,11 @@ def test_disk_full_during_export_leaves_no_file_under_the_final_name(tmp_path: P
         Path(dst).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def other_file_system(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
     monkeypatch.setattr(shutil, "copyfile", full)
+    monkeypatch.setattr(os, "link", other_file_system)  # a link would not fill the disk: the copy must happen
     out = tmp_path / "model.gguf"
     with pytest.raises(UserError, match="No space left on device"):
         list(export.export_model(spec, get("q8_0"), out, work))
@@ -355,3 +359,19 @@ def test_a_damaged_store_costs_the_reuse_lookup_not_the_job(tmp_path: Path):
     assert outcome.ok, outcome.error
     assert outcome.record is not None and outcome.record.speed is not None
     assert any("no earlier measurement could be looked up" in w for w in warnings)
+
+
+
+def test_an_export_on_the_artifacts_file_system_is_a_hard_link(tmp_path: Path):
+    """Issue 26 item 2: a full copy of a 60 GB folder where a link does: same inode, no second copy on disk."""
+    from qexplorer.core import export
+    from qexplorer.core.catalog import Catalog
+    from qexplorer.core.precisions import get
+
+    spec = Catalog().resolve("default")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "q8_0.gguf").write_bytes(b"GGUF")
+    out = tmp_path / "model.gguf"
+    record = drive(export.export_model(spec, get("q8_0"), out, work))
+    assert out.stat().st_ino == (work / "q8_0.gguf").stat().st_ino and record.bytes == 4

@@ -1,4 +1,4 @@
-"""Exports a server loads: the very artifact that was measured, copied.
+"""Exports a server loads: the very artifact that was measured, hard-linked where it can be, else copied.
 
 * GGUF precisions: the ``.gguf`` file, for ``llama-server -m``.
 * Hugging Face precisions: the folder - a compressed-tensors folder made by
@@ -35,6 +35,15 @@ def serve_command(precision: Precision, out: Path) -> str:
     return f"vllm serve {out}"
 
 
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link where the export lands on the artifact's file system (a 60 GB folder in no time and no
+    space: artifacts are never rewritten in place, a new one replaces the old by rename), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system (EXDEV), or links not allowed: copy
+        shutil.copyfile(src, dst)
+
+
 def _partial(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
@@ -59,18 +68,19 @@ def export_model(spec: ModelSpec, precision: Precision, out: Path, work_dir: Pat
     partial = _partial(out)
     try:
         if artifact.is_file():
-            shutil.copyfile(artifact, partial)
+            _link_or_copy(artifact, partial)
         else:
             shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(artifact, partial)
+            shutil.copytree(artifact, partial, copy_function=_link_or_copy)
     except OSError as exc:
         if partial.is_dir():
             shutil.rmtree(partial, ignore_errors=True)
         else:
             partial.unlink(missing_ok=True)
         raise UserError(f"Could not write {out} ({exc.strerror or exc}); nothing was left under that name.") from None
+    sha256 = content_sha256(partial)  # what was written, hashed before it gets the final name
     _finish(partial, out)
     fmt = "gguf" if precision.is_gguf else ("compressed-tensors" if precision.quantized else "hf")
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return ExportRecord(export_path=str(out), format=fmt, bytes=size, serve_command=serve_command(precision, out),
-                        sha256=content_sha256(out))
+                        sha256=sha256)
