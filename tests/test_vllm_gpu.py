@@ -208,11 +208,13 @@ def test_real_jobs_start_the_fake_vllm_on_simulated_gpus(capsys, monkeypatch, is
     assert 55 < free_gib(idle) - free_gib(held) < 65
     sidecar = run_on(capsys, monkeypatch, "h100:12", "bf16")["result"]["engine"]
     assert sidecar["name"] == "vllm" and sidecar["device"] == "cuda (simulated h100)"
+    grace = run_on(capsys, monkeypatch, "gh200", "bf16")["result"]["engine"]  # ATS, but its own HBM: a card
+    assert grace["name"] == "vllm" and "cudaMemGetInfo" in grace["start_check"]
+    assert "MemAvailable" in idle["start_check"]
     full = run_on(capsys, monkeypatch, "gb10:114", "bf16")
     assert full["result"]["engine"]["name"] == "transformers"  # refused before launching: the fallback, labelled
     assert full["result"]["engine"]["fallback_reason"].startswith("vLLM needs about")
-    assert not list((isolated_user_dirs / "data" / "logs").glob("vllm-*")) or len(
-        list((isolated_user_dirs / "data" / "logs").glob("vllm-*"))) == 3  # the refused one never launched
+    assert len(list((isolated_user_dirs / "data" / "logs").glob("vllm-*"))) == 4  # the refused one never launched
 
 
 @pytest.mark.e2e
