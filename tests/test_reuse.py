@@ -81,5 +81,9 @@ def test_an_artifacts_sha256_is_hashed_once_and_again_when_its_files_change(tmp_
     user = tmp_path / "users-model"
     user.mkdir()
     (user / "w.safetensors").write_bytes(b"c")
-    artifacts.artifact_sha256(user, keep=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert artifacts.artifact_sha256(user, work) == real(user)
     assert not (tmp_path / "users-model.sha256.json").exists()  # never writes beside a folder that is not ours
+    monkeypatch.setattr(artifacts, "content_sha256", lambda path: (_ for _ in ()).throw(AssertionError("rehashed")))
+    assert artifacts.artifact_sha256(user, work) == real(user)  # its sidecar in the work dir: hashed once too

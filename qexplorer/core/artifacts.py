@@ -73,28 +73,27 @@ def _stamp(path: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256.json")
-
-
-def artifact_sha256(path: Path, verify: bool = False, keep: bool = True) -> str:
+def artifact_sha256(path: Path, work_dir: Path | None = None) -> str:
     """:func:`content_sha256` of an artifact, hashed once: kept beside it (``NAME.sha256.json``) keyed by its
     files' names, sizes and modification times, and read back while they are unchanged - hashing a 60 GB folder
-    on every job costs minutes. ``verify`` hashes it again whatever the sidecar says; ``keep=False`` (a folder
-    that is not qexplorer's, such as the user's own BF16 checkpoint) never writes beside it."""
+    on every job costs minutes. A folder outside ``work_dir`` (the user's own BF16 checkpoint) keeps its
+    sidecar in ``work_dir`` instead: nothing is written beside the user's files."""
     import json
 
-    sidecar, stamp = _sidecar(path), _stamp(path)
-    if not verify:
-        try:
-            kept = json.loads(sidecar.read_text(encoding="utf-8"))
-            if kept.get("stamp") == stamp and isinstance(kept.get("sha256"), str):
-                return str(kept["sha256"])
-        except (OSError, ValueError, AttributeError):
-            pass  # none yet, or unreadable: hash it
+    resolved = path.resolve()
+    if work_dir is None or resolved.is_relative_to(work_dir.resolve()):
+        sidecar = path.with_name(path.name + ".sha256.json")
+    else:
+        tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+        sidecar = work_dir / f"source-{path.name}-{tag}.sha256.json"
+    stamp = _stamp(path)
+    try:
+        kept = json.loads(sidecar.read_text(encoding="utf-8"))
+        if kept.get("stamp") == stamp and isinstance(kept.get("sha256"), str):
+            return str(kept["sha256"])
+    except (OSError, ValueError, AttributeError):
+        pass  # none yet, or unreadable: hash it
     digest = content_sha256(path)
-    if not keep:
-        return digest
     try:
         partial = sidecar.with_name(sidecar.name + f".{os.getpid()}.partial")
         partial.write_text(json.dumps({"stamp": stamp, "sha256": digest}), encoding="utf-8")

@@ -198,11 +198,18 @@ class DurationBook:
     """``durations.json``: the recent seconds per unit of every phase, and predicted vs actual per job."""
 
     def __init__(self, path: Path, machine: str | None = None) -> None:
-        from qexplorer.core.machine import machine_key
-
         self.path = path
-        self.machine = machine or machine_key()  # rates are learned per machine (core.machine)
+        self._machine = machine
         self._data = self._load()
+
+    @property
+    def machine(self) -> str:
+        """The machine rates are learned for (core.machine), read only when a rate is (NVML, /proc/cpuinfo)."""
+        if self._machine is None:
+            from qexplorer.core.machine import machine_key
+
+            self._machine = machine_key()
+        return self._machine
 
     @staticmethod
     def in_dir(data_dir: Path | str, machine: str | None = None) -> DurationBook:

@@ -35,13 +35,26 @@ def serve_command(precision: Precision, out: Path) -> str:
     return f"vllm serve {out}"
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
+
+
 def _link_or_copy(src: str | Path, dst: str | Path) -> None:
-    """A hard link where the export lands on the artifact's file system (a 60 GB folder in no time and no
-    space: artifacts are never rewritten in place, a new one replaces the old by rename), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system (EXDEV), or links not allowed: copy
-        shutil.copyfile(src, dst)
+    """A weight file is hard-linked where the export lands on the artifact's file system (a 60 GB folder in no
+    time and no space: qexplorer never rewrites an artifact in place - every producer writes a ``.partial`` and
+    renames it), else copied; the small files around it (config, tokenizer) are always copied, so editing the
+    export's config never edits the measured artifact."""
+    if str(src).endswith(WEIGHT_SUFFIXES):
+        Path(dst).unlink(missing_ok=True)  # a leftover .partial would make the link fail
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system (EXDEV), or links not allowed: copy
+            pass
+    shutil.copyfile(src, dst)
+
+
+def _copy(src: str | Path, dst: str | Path) -> None:
+    shutil.copyfile(src, dst)
 
 
 def _partial(out: Path) -> Path:
@@ -66,12 +79,15 @@ def export_model(spec: ModelSpec, precision: Precision, out: Path, work_dir: Pat
     artifact = yield from produce(spec, precision, work_dir, threads)
     yield Phase(PhaseKind.EXPORT, f"writing {out.name}")
     partial = _partial(out)
+    # only qexplorer's own artifacts are linked: the user's own folder (a BF16 checkpoint served as it is) may be
+    # rewritten in place by whoever owns it
+    place = _link_or_copy if artifact.resolve().is_relative_to(work_dir.resolve()) else _copy
     try:
         if artifact.is_file():
-            _link_or_copy(artifact, partial)
+            place(artifact, partial)
         else:
             shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(artifact, partial, copy_function=_link_or_copy)
+            shutil.copytree(artifact, partial, copy_function=place)
     except OSError as exc:
         if partial.is_dir():
             shutil.rmtree(partial, ignore_errors=True)

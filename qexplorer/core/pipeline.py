@@ -57,14 +57,9 @@ def library_versions() -> dict[str, str]:
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from qexplorer.core.machine import cpu_model
+
+    return cpu_model()
 
 
 def run_job(job: JobSpec, cancel: threading.Event | None = None,
@@ -105,7 +100,7 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
         release_memory()
     yield Log(f"artifact {artifact.name}: its sha256 (hashed once, kept beside it while its files are unchanged), "
               "so the export can be checked against what was measured")
-    sha256 = artifact_sha256(artifact, keep=artifact.resolve().is_relative_to(work_dir.resolve()))
+    sha256 = artifact_sha256(artifact, work_dir)
     ctx = _context(spec, precision, job, artifact, reference, cancel)
     key = reuse.reuse_key(job, sha256, library_versions(), _engine_version(precision), cpu_name(), ctx.gpu_name,
                           corpus_sha256=reference[0].corpus_sha256 if reference is not None else None)

@@ -107,18 +107,11 @@ class MemoryWatch:
     @property
     def server_gpu_bytes(self) -> int | None:
         """How much the job's GPU memory grew while a serving engine ran (its start, benchmark and log-prob
-        phases) over what the job held just before it started - the server's own footprint, without the
-        worker's quantizing or quality passes."""
+        phases) over what the job held as it began starting (the worker's memory, released after its own passes)
+        - the server's own footprint, without the worker's quantizing or quality passes."""
         server = {PhaseKind.ENGINE, PhaseKind.BENCHMARK, PhaseKind.LOG_PROBS}
-        base = peak = None
-        for sample in self.samples:
-            if sample.gpu_bytes is None:
-                continue
-            if spec_of(sample.phase).kind in server:
-                peak = max(peak or 0, sample.gpu_bytes)
-            elif peak is None:
-                base = sample.gpu_bytes
-        return None if peak is None else max(0, peak - (base or 0))
+        during = [s.gpu_bytes for s in self.samples if s.gpu_bytes is not None and spec_of(s.phase).kind in server]
+        return max(0, max(during) - during[0]) if during else None
 
     def _measure(self, elapsed_s: float, phase: str) -> tuple[MemorySample, GuardSample]:
         rss, pids = tree_rss(self.pid)

@@ -78,12 +78,13 @@ def start_check(device: DeviceMemory, server_bytes: int) -> StartCheck:
         return StartCheck(None, "vLLM's start-up check needs the device's free memory, which could not be read",
                           server_bytes)
     where = "available (MemAvailable, shared by CPU and GPU)" if device.unified else "free on the card"
-    if server_bytes + START_MARGIN_BYTES > device.free_bytes:
+    utilization = min(VLLM_DEFAULT_UTILIZATION, max(0.01, math.ceil(100 * server_bytes / device.total_bytes) / 100))
+    requested = max(server_bytes, math.ceil(device.total_bytes * utilization))  # what vLLM's check will ask
+    if requested + START_MARGIN_BYTES > device.free_bytes:
         return StartCheck(None, (
             f"vLLM needs about {format_bytes(server_bytes)} on the {device.name} for this artifact (weights, KV "
             f"cache and its own overhead) plus {format_bytes(START_MARGIN_BYTES)} spare, and "
             f"{format_bytes(device.free_bytes)} is {where}: not starting it"), server_bytes, device.free_bytes)
-    utilization = min(VLLM_DEFAULT_UTILIZATION, max(0.01, math.ceil(100 * server_bytes / device.total_bytes) / 100))
     return StartCheck(utilization, None, server_bytes, device.free_bytes)
 
 
@@ -192,24 +193,28 @@ class ContainerVllm:
         (docker's ``--gpus``; podman's CDI device), removed when it stops."""
         gpus = ["--gpus", "all"] if self.runtime == "docker" else ["--device", "nvidia.com/gpu=all"]
         envs = [item for key, value in sorted(env.items()) for item in ("-e", f"{key}={value}")]
-        root = mount_root(artifact)
+        mounts = [item for root in mount_roots(artifact) for item in ("-v", f"{root}:{root}:ro")]
         return [self.runtime, "run", "--rm", "--name", name, "--network", "host", "--ipc", "host", *gpus,
-                "-v", f"{root}:{root}:ro", *envs, "--entrypoint", "vllm", self.image, "serve", artifact]
+                *mounts, *envs, "--entrypoint", "vllm", self.image, "serve", artifact]
 
     def stop_argv(self, name: str) -> list[str]:
         return [self.runtime, "rm", "-f", name]
 
 
-def mount_root(artifact: str) -> str:
-    """The folder to mount so that the artifact and every file its symlinks point to are inside it."""
+def mount_roots(artifact: str) -> list[str]:
+    """The folders to mount so that the artifact and every file its symlinks point to are inside one: their
+    common folder, or - where that would be ``/`` (links onto another disk) - each distinct folder."""
     import os
     from pathlib import Path
 
     path = Path(artifact)
-    files = [path] if path.is_file() else [p for p in path.rglob("*")] if path.is_dir() else []
-    targets = [str(path.parent if path.is_file() else path)] + [os.path.dirname(os.path.realpath(p))
-                                                                for p in files if p.is_symlink()]
-    return os.path.commonpath(targets)
+    files = [path] if path.is_file() else list(path.rglob("*")) if path.is_dir() else []
+    own = str(path.parent if path.is_file() else path)
+    targets = sorted({own, *(os.path.dirname(os.path.realpath(p)) for p in files if p.is_symlink())})
+    common = os.path.commonpath(targets)
+    if common != os.sep:
+        return [common]
+    return [t for t in targets if not any(t != o and t.startswith(o + os.sep) for o in targets)]
 
 
 def shell_command(argv: list[str] | tuple[str, ...]) -> str:
