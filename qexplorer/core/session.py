@@ -160,6 +160,7 @@ def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: Telem
                                              vllm=plan.engine == "vllm", quality=quality,
                                              vllm_overhead=request.vllm_overhead_bytes),
             planned_total_bytes=plan.total_bytes,
+            vllm_overhead_bytes=request.vllm_overhead_bytes,
             planned_gpu_bytes=plan.total_bytes if plan.runs_on == "GPU" and snapshot is not None
             and snapshot.devices and snapshot.devices[0].unified is False else None,
         ))

@@ -30,6 +30,7 @@ class JobSpec:
     planned_peak_bytes: int | None = None
     planned_total_bytes: int | None = None
     planned_gpu_bytes: int | None = None  # on a discrete card: the plan's VRAM (its serving total); else None
+    vllm_overhead_bytes: int | None = None  # vLLM's GPU overhead as this machine's runs refitted it (the parent's)
     model_name: str = ""  # filled by the parent for failure records
     model_path: str = ""
     action: JobAction = JobAction.RUN

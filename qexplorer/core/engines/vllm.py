@@ -65,7 +65,6 @@ from qexplorer.core.serving.vllm_kernels import (
     served_dtype,
 )
 from qexplorer.core.serving.vllm_launch import (
-    OVERHEAD_KEY,
     ContainerVllm,
     LaunchSettings,
     StartCheck,
@@ -443,7 +442,6 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     from transformers import AutoTokenizer
 
     from qexplorer.core.device import local_device
-    from qexplorer.core.eta import DurationBook
 
     reason = cannot_run_reason(ctx)
     if reason is not None:
@@ -452,8 +450,8 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     assert command is not None
     job, bench = ctx.job, ctx.job.bench
     device = local_device() if ctx.target.cuda else ctx.target  # free memory now, just before the start
-    learned = DurationBook.in_dir(job.data_dir).learned_bytes(OVERHEAD_KEY, device.name) if device.cuda else None
-    settings, check = launch_settings(ctx, device, learned)
+    # the refit is the parent's (session.learned_vllm_overhead), carried on the job: the worker reads no book
+    settings, check = launch_settings(ctx, device, job.vllm_overhead_bytes if device.cuda else None)
     if check.refusal:
         raise VllmCannotRun(check.refusal)
     server = VllmServer(command, ctx.artifact, Path(job.data_dir) / "logs" / f"vllm-{job.precision}-"
