@@ -242,6 +242,7 @@ def scale(args: argparse.Namespace) -> None:
     directory per size), on random-weight models built from configs. Per size and phase: measured seconds, the
     ETA's prediction and its error; per job: measured peak against the planner's. Then per phase the exponent b
     of seconds ∝ parameters^b over the sizes (a least-squares line in log-log; 1.0 is linear in the weights)."""
+    import json
     import math
 
     from synthetic import build
@@ -253,6 +254,7 @@ def scale(args: argparse.Namespace) -> None:
     bench = BenchConfig.quick() if args.quick else BenchConfig()
     chosen = precisions.parse_list(args.precision)
     times: dict[str, list[tuple[float, float]]] = {}  # phase → (parameters, seconds), summed over the ladder
+    points: list[dict[str, object]] = []  # every job's phases, units and seconds: the points a rate is fitted on
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = None
         for shape in args.shapes.split(","):
@@ -282,6 +284,14 @@ def scale(args: argparse.Namespace) -> None:
                 check = outcome.record.memory.plan_check(None) if outcome.record else None
                 measured = check.measured_bytes if check else outcome.peak_rss_bytes
                 planned = job.planned_peak_bytes or 0
+                points.append({"shape": shape, "params": spec.total_params, "active": spec.active_params,
+                               "precision": job.precision, "status": str(outcome.status),
+                               "estimate": [[p.name, p.key, p.units, p.seconds]
+                                            for p in estimates[job.precision].phases],
+                               "measured": [[name, seconds] for name, seconds in outcome.phase_seconds],
+                               "peak_bytes": measured, "planned_bytes": planned})
+                if args.points:  # after every job, so that a run cut short keeps what it measured
+                    Path(args.points).write_text(json.dumps(points, indent=1), encoding="utf-8")
                 error = 100 * (planned / measured - 1) if measured else float("nan")
                 total_eta = estimates[job.precision].total_s
                 actual = sum(s for _, s in outcome.phase_seconds)
@@ -292,15 +302,15 @@ def scale(args: argparse.Namespace) -> None:
             for name, seconds in per_phase.items():
                 times.setdefault(name, []).append((float(spec.total_params), seconds))
     print("\nexponent of time against parameters, per phase (1.0: linear in the weights)")
-    for name, points in times.items():
-        points = [(n, t) for n, t in points if t > 0.2]
-        if len(points) < 2:
+    for name, sized in times.items():
+        sized = [(n, t) for n, t in sized if t > 0.2]
+        if len(sized) < 2:
             print(f"  {name:10} n/a (fewer than two sizes with a measurable time)")
             continue
-        xs, ys = [math.log(n) for n, _ in points], [math.log(t) for _, t in points]
+        xs, ys = [math.log(n) for n, _ in sized], [math.log(t) for _, t in sized]
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-        print(f"  {name:10} {slope:5.2f}   points: " + ", ".join(f"{n / 1e9:.2f} B {t:.1f} s" for n, t in points))
+        print(f"  {name:10} {slope:5.2f}   points: " + ", ".join(f"{n / 1e9:.2f} B {t:.1f} s" for n, t in sized))
 
 
 def main() -> None:
@@ -338,6 +348,7 @@ def main() -> None:
     c.add_argument("--precision", default="bf16,int8,q8_0,q4_k_m")
     c.add_argument("--quick", action="store_true")
     c.add_argument("--quality-tokens", type=int, default=4096)
+    c.add_argument("--points", help="write every job's phases (units, seconds, estimate) to this JSON file")
     args = parser.parse_args()
     {"backend": backend, "peaks": peaks, "shapes": shapes, "served": served, "decision": decision,
      "scale": scale}[args.what](args)

@@ -8,13 +8,14 @@ are meaningful, quality figures are not.
     llama-0.5b   Llama, 24 layers, hidden 1024, GQA 16/4 heads, MLP 4096     0.41 B parameters
     moe-small    Qwen3-MoE, 8 layers, hidden 512, 16 experts (top-2)        106 M parameters, 40 M active
     llama-1b     Llama, 16 layers, hidden 2048, GQA 32/8 heads              1.2 B parameters (GPU check)
+    moe-1b       Qwen3-MoE, 12 layers, hidden 1024, 32 experts (top-4)      1.0 B parameters, 0.19 B active
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-SHAPES = ("dense-185m", "llama-0.5b", "moe-small", "llama-1b")
+SHAPES = ("dense-185m", "llama-0.5b", "moe-small", "llama-1b", "moe-1b")
 
 
 def build(shape: str, folder: Path, data_dir: Path, tokenizer: Path | None = None) -> Path:
@@ -40,6 +41,11 @@ def build(shape: str, folder: Path, data_dir: Path, tokenizer: Path | None = Non
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
             hidden_size=512, intermediate_size=1536, moe_intermediate_size=384, num_hidden_layers=8,
             num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=2,
+            decoder_sparse_step=1, norm_topk_prob=True, **common))
+    elif shape == "moe-1b":  # more, larger experts than moe-small: a 30B-A3B's shape at a thirtieth of its size
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            hidden_size=1024, intermediate_size=3072, moe_intermediate_size=768, num_hidden_layers=12,
+            num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4,
             decoder_sparse_step=1, norm_topk_prob=True, **common))
     else:
         raise SystemExit(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
