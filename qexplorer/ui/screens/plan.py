@@ -77,9 +77,10 @@ class PlanScreen(Screen):
         self._plans_cache = plans
         spec, snap = app.model, app.snapshot
         planned = app.planned_jobs()
-        estimates = planned.estimates
+        estimates = app.shown_estimates(planned)
         eta = {e.precision: e for e in estimates}
-        queue_s = planned.total_s
+        self._eta = eta
+        queue_s = sum(e.total_s for e in estimates)
         order = planned.order_text
         sources = {e.source for e in estimates}
         eta_line = (f"\n{len(estimates)} jobs, at most {format_duration(queue_s)} one after another (estimated "
@@ -141,6 +142,7 @@ class PlanScreen(Screen):
             f"{plan.label}: {plan.engine}, {plan.support} on {plan.runs_on} ({plan.support_note}){group}; "
             f"serve with {' / '.join(plan.servers)}. KV {format_bytes(plan.kv_bytes_per_token)}/token; "
             f"overhead {format_bytes(plan.overhead_bytes)} ({overhead})." + (_vllm_line(plan.vllm) if plan.vllm else "")
+            + _projection_line(getattr(self, "_eta", {}).get(plan.precision))
         )
 
     # ------------------------------------------------------------------ actions
@@ -233,3 +235,12 @@ def _vllm_line(vllm: VllmServePlan) -> str:
              if vllm.utilization is not None else "")
     return f"\nvLLM expected kernel: {vllm.expected_kernel}; {vllm.graphs}; --dtype {vllm.dtype}" + (
         f"; {start}" if start else "")
+
+
+def _projection_line(estimate) -> str:
+    """A projected job estimate's phases, each with what it rests on (the plan's words, not a measurement)."""
+    if estimate is None or not any(p.basis for p in estimate.phases):
+        return ""
+    return "\nprojected job: " + "; ".join(f"{p.name} {format_duration(p.seconds)}" + (f" ({p.basis})" if p.basis
+                                                                                          else "")
+                                             for p in estimate.phases)
