@@ -208,7 +208,7 @@ def test_the_plan_command_prints_each_precisions_estimated_job_time(capsys, tmp_
     jobs = {p["precision"]: p["job_estimate"] for p in document["plans"]}
     assert all(j["seconds"] > 0 and j["label"] == "estimated" and j["projected"] for j in jobs.values())
     assert jobs["awq"]["seconds"] > jobs["fp8"]["seconds"]  # calibration costs more than a data-free scheme
-    assert jobs["fp8"]["source"] == "projected for NVIDIA GB10 from published figures"
+    assert jobs["fp8"]["source"] == "as a projection for NVIDIA GB10 from published figures"
     # every projected phase says what it rests on; the benchmark on GB10's published bandwidth
     assert all(len(phase) == 3 and phase[2] for phase in jobs["fp8"]["phases"])
     assert "273 GB/s" in dict((p[0], p[2]) for p in jobs["fp8"]["phases"])["benchmark"]
@@ -241,3 +241,25 @@ def test_a_first_look_queues_a_quick_pass_of_every_precision_before_the_full_met
     assert [s.precision for s in again.specs if s.first_pass] == ["bf16", "q4_k_m"]
     for other in (replace(options, bench=BenchConfig.quick()), replace(options, first_answer=False)):
         assert not any(s.first_pass for s in plan_run("default", model, chosen, other, None, tmp_path).specs)
+
+
+def test_the_users_own_bf16_folder_costs_a_hash_once(tmp_path: Path):
+    """Issue 26 item 2: the bf16 job of a Hugging Face folder hashes the user's files on its first run only
+    (core.artifacts keeps the hash): its start is estimated per GiB then, and as a plain start afterwards."""
+    from models import QWEN3_CODER_30B_A3B, write_config
+
+    from qexplorer.core.artifacts import artifact_sha256, model_key
+    from qexplorer.core.readers import spec_from_path
+
+    folder = write_config(tmp_path / "moe", QWEN3_CODER_30B_A3B)
+    spec = spec_from_path(folder)
+    data = tmp_path / "data"
+    job = [JobSpec(model_ref=str(folder), precision="bf16", data_dir=str(data))]
+    [first] = estimate_jobs(spec, job, data, vllm_found=True)
+    start = first.phases[0]
+    assert start.key == "start:hash" and start.units > 50  # GiB of BF16 weights (config-only: the planned size)
+    work_dir = data / "artifacts" / model_key(spec)
+    work_dir.mkdir(parents=True)
+    artifact_sha256(folder, work_dir)
+    [again] = estimate_jobs(spec, job, data, vllm_found=True)
+    assert again.phases[0].key == "start" and again.phases[0].seconds < start.seconds

@@ -6,8 +6,7 @@ speed, PyTorch's BF16 work (transformers, vLLM-CPU, llm-compressor) with BF16 ma
 collapses on a CPU without AVX-512 BF16 (FACTS §10: vLLM's BF16 ran 2-2.5× slower on the AVX2 EPYC than on the
 AVX-512 Xeon) - llama.cpp's own kernels and the converter with FP32 SIMD throughput, decoding with memory
 bandwidth. :func:`measure` takes about two seconds (plus importing torch) and runs in its own process
-(``python -m qexplorer.core.calibration`` prints the figures as JSON), so that neither the app nor ``plan``
-imports torch; the result is kept per machine in ``durations.json`` beside the rates learned there.
+(:func:`measure_in_child`), so that neither the app nor ``plan`` imports torch; the result is kept per machine in ``durations.json`` beside the rates learned there.
 """
 
 from __future__ import annotations
@@ -16,9 +15,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 NO_CALIBRATION_ENV = "QEXPLORER_NO_CALIBRATION"  # set: never measure (tests: estimates stay the same everywhere)
@@ -91,35 +92,44 @@ def measure(threads: int) -> Calibration:
 
     def python_loop() -> None:
         total = 0
-        for i in range(200_000):
+        for i in range(1_000_000):
             total += i * i
 
-    python_s = _best_of(5, python_loop)
+    # each timed piece lasts tens of milliseconds and the best of several counts: a VM's scheduling hiccups
+    # only ever make a piece slower, so the best is the machine's speed. The product goes into one output
+    # tensor: allocating a new one per call cost a third of the figure and most of its spread.
+    python_s = _best_of(7, python_loop)
     gflops = {}
-    rounds = 8
+    rounds = 20
     for dtype in (torch.bfloat16, torch.float32):
         a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
-        torch.mm(a, b)  # the first call picks and warms the kernel
-        seconds = _best_of(5, lambda a=a, b=b: [torch.mm(a, b) for _ in range(rounds)])
+        out = torch.empty(512, 512, dtype=dtype)
+
+        def product(a: Any = a, b: Any = b, out: Any = out) -> None:
+            for _ in range(rounds):
+                torch.mm(a, b, out=out)
+
+        product()  # the first calls pick and warm the kernel
+        seconds = _best_of(7, product)
         gflops[dtype] = rounds * 2 * 512**3 / seconds / 1e9
-    copy = measure_host_bandwidth(threads, size_bytes=128 * 1024 * 1024, repeats=5)
-    return Calibration(python_mops=0.4 / python_s, bf16_gflops=gflops[torch.bfloat16],
+    copy = measure_host_bandwidth(threads, size_bytes=128 * 1024 * 1024, repeats=7)
+    return Calibration(python_mops=2.0 / python_s, bf16_gflops=gflops[torch.bfloat16],
                        fp32_gflops=gflops[torch.float32], copy_gbs=copy / 1e9, threads=threads)
 
 
 def measure_in_child(threads: int, timeout_s: float = TIMEOUT_S) -> Calibration | None:
     """:func:`measure` in a fresh interpreter (torch stays out of the caller); None when it could not run."""
-    try:
-        done = subprocess.run([sys.executable, "-m", "qexplorer.core.calibration", str(threads)],
-                              capture_output=True, text=True, timeout=timeout_s, check=True)
-        return Calibration.from_json(json.loads(done.stdout))
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
+    with tempfile.TemporaryDirectory(prefix="qexplorer-calibration-") as tmp:
+        out = Path(tmp) / "calibration.json"
+        code = ("import json, pathlib; from qexplorer.core.calibration import measure; "
+                f"pathlib.Path({str(out)!r}).write_text(json.dumps(measure({int(threads)}).to_json()))")
+        try:
+            subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout_s, check=True)
+            return Calibration.from_json(json.loads(out.read_text(encoding="utf-8")))
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
 
 
 def enabled() -> bool:
     return not os.environ.get(NO_CALIBRATION_ENV)
 
-
-if __name__ == "__main__":
-    print(json.dumps(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 1).to_json()))

@@ -80,34 +80,39 @@ class Source(StrEnum):
 
 
 # The reference machine: a 2-core AMD EPYC with AVX-512 (the development VM, 2026-12-03), as
-# `python -m qexplorer.core.calibration 2` measured it while idle.
-REFERENCE_CALIBRATION = Calibration(python_mops=30.0, bf16_gflops=100.0, fp32_gflops=100.0, copy_gbs=10.0,
+# `measure_in_child(2)` measured it while idle (the median of three runs).
+REFERENCE_CALIBRATION = Calibration(python_mops=44.6, bf16_gflops=411.0, fp32_gflops=192.0, copy_gbs=28.2,
                                     threads=2)
 
 _P, _B, _F, _C = Bound.PYTHON, Bound.BF16, Bound.FP32, Bound.COPY
-# Fitted (scripts/bench_jobs.py fit) on the reference machine: the default ladder with quality, cold, on the
-# bundled model and random-weight models of 0.19-1.2 B parameters. Each is (fixed s, s per unit, bound).
+# Fitted (scripts/bench_jobs.py fit) on the reference machine: the default ladder (Q8_0, Q4_K_M, BF16, INT8) with
+# quality, cold, on the bundled model and random-weight models of 0.19, 0.42, 1.07 B and a 0.99 B MoE (0.20 B
+# active) - 2026-12-03, the README's scale table. Each is (fixed s, s per unit, bound).
 DEFAULT_COSTS: dict[str, Cost] = {
-    # the worker's interpreter, imports, resolving the model, hashing a new artifact
-    rate_key(PhaseKind.START): Cost(3.3, 0.0, _P),
-    rate_key(PhaseKind.DEQUANTIZE): Cost(0.0, 136.0, _F),  # a GGUF model to the BF16 checkpoint, once
-    rate_key(PhaseKind.REFERENCE): Cost(0.0, 0.021, _B),  # the BF16 forward pass over the evaluation text, once
-    rate_key(PhaseKind.CONVERT): Cost(0.0, 60.0, _F),  # llama.cpp's convert_hf_to_gguf.py
-    rate_key(PhaseKind.QUANTIZE, "llama.cpp quantize"): Cost(0.0, 10.0, _F),
-    rate_key(PhaseKind.QUANTIZE, "llama.cpp quantize", "k-quant"): Cost(0.0, 10.0, _F),
-    rate_key(PhaseKind.QUANTIZE, "cast"): Cost(0.0, 10.0, _B),
-    rate_key(PhaseKind.QUANTIZE, "llm-compressor"): Cost(0.0, 30.0, _B),
-    rate_key(PhaseKind.QUANTIZE, "llm-compressor", "calibrated"): Cost(0.0, 300.0, _B),  # GPTQ / AWQ calibration
-    rate_key(PhaseKind.ENGINE, "vllm"): Cost(41.0, 0.0, _P),  # eager mode on 2 cores
-    rate_key(PhaseKind.LOAD, "llama.cpp"): Cost(0.0, 1.4, _F),
-    rate_key(PhaseKind.LOAD, "transformers"): Cost(0.0, 10.0, _B),
-    rate_key(PhaseKind.LOAD, "vllm"): Cost(0.0, 10.0, _B),  # the artifact's own quality pass loads it in transformers
-    rate_key(PhaseKind.BENCHMARK, "llama.cpp"): Cost(0.0, 0.12, _F),
-    rate_key(PhaseKind.BENCHMARK, "vllm"): Cost(0.0, 0.14, _B),
-    rate_key(PhaseKind.BENCHMARK, "transformers"): Cost(0.0, 0.3, _B),
-    rate_key(PhaseKind.QUALITY, "llama.cpp"): Cost(0.0, 0.039, _F),
-    rate_key(PhaseKind.LOG_PROBS, "vllm"): Cost(0.0, 0.025, _B),  # vLLM's prompt log-probs on the reference's chunks
-    rate_key(PhaseKind.QUALITY, "transformers"): Cost(0.0, 0.015, _B),  # the artifact's own pass
+    # the worker's interpreter, imports, resolving the model; a user's own BF16 folder is hashed once
+    rate_key(PhaseKind.START): Cost(1.9, 0.0, _P),
+    rate_key(PhaseKind.START, "hash"): Cost(3.2, 3.94, _P),
+    # a GGUF model to the BF16 checkpoint, once: measured at one size only (24.5 s for 0.25 GiB), so its
+    # imports' few seconds are fixed and the rest counted per GiB
+    rate_key(PhaseKind.DEQUANTIZE): Cost(3.0, 86.0, _F),
+    rate_key(PhaseKind.REFERENCE): Cost(6.9, 0.00706, _B),  # the BF16 forward pass over the evaluation text, once
+    rate_key(PhaseKind.CONVERT): Cost(4.4, 7.84, _F),  # llama.cpp's convert_hf_to_gguf.py
+    rate_key(PhaseKind.QUANTIZE, "llama.cpp quantize"): Cost(0.0, 3.51, _F),
+    rate_key(PhaseKind.QUANTIZE, "llama.cpp quantize", "k-quant"): Cost(0.0, 19.7, _F),  # a K-quant searches scales
+    rate_key(PhaseKind.QUANTIZE, "cast"): Cost(2.0, 6.4, _B),  # not measured: like llm-compressor's data-free pass
+    rate_key(PhaseKind.QUANTIZE, "llm-compressor"): Cost(6.1, 6.42, _B),
+    # not measured (a calibrated pass on 2 cores takes too long for the scale run): ten times the data-free pass
+    rate_key(PhaseKind.QUANTIZE, "llm-compressor", "calibrated"): Cost(60.0, 64.0, _B),
+    rate_key(PhaseKind.ENGINE, "vllm"): Cost(36.3, 8.88, _P),  # eager mode on 2 cores, then the weights
+    rate_key(PhaseKind.LOAD, "llama.cpp"): Cost(0.27, 0.077, _F),
+    rate_key(PhaseKind.LOAD, "transformers"): Cost(0.74, 0.0, _B),  # not measured: like the quality pass's load
+    rate_key(PhaseKind.LOAD, "vllm"): Cost(0.74, 0.0, _B),  # the artifact's own quality pass loads it in transformers
+    rate_key(PhaseKind.BENCHMARK, "llama.cpp"): Cost(0.54, 0.0637, _F),
+    rate_key(PhaseKind.BENCHMARK, "vllm"): Cost(0.52, 0.0638, _B),
+    rate_key(PhaseKind.BENCHMARK, "transformers"): Cost(0.5, 0.13, _B),  # not measured: about half vLLM-CPU's speed
+    rate_key(PhaseKind.QUALITY, "llama.cpp"): Cost(4.6, 0.0149, _F),
+    rate_key(PhaseKind.LOG_PROBS, "vllm"): Cost(7.3, 0.0100, _B),  # vLLM's prompt log-probs on the reference's chunks
+    rate_key(PhaseKind.QUALITY, "transformers"): Cost(1.1, 0.0176, _B),  # the artifact's own pass
     rate_key(PhaseKind.CALIBRATE): Cost(1.3, 0.0, _C),  # the bandwidth test (cached per CPU after a quiet one)
 }
 CPU_COSTS = CostModel(DEFAULT_COSTS, pp_factor=6.0,  # pp512 ≈ 4-6 × tg128's t/s on these CPUs
@@ -142,8 +147,11 @@ def projected_costs(spec: ModelSpec, device: str, bandwidth_bytes_s: float) -> C
     a100 = ("llm-compressor's reference for Llama-3-8B on an A100 ({}; PR 2029), scaled by memory bandwidth "
             "273 / 2039 GB/s")
     per_gib_a100 = {"data-free": 60.0 / 15.0, "calibrated": 1800.0 / 15.0}  # 8 B BF16 ≈ 15 GiB
-    costs = {key: replace(cost, basis=host) for key, cost in DEFAULT_COSTS.items()
-             if key.startswith(("start", "dequantize", "convert", "quantize:llama.cpp", "quantize:cast", "calibrate"))}
+    host_keys = {rate_key(PhaseKind.START), rate_key(PhaseKind.START, "hash"), rate_key(PhaseKind.DEQUANTIZE),
+                 rate_key(PhaseKind.CONVERT), rate_key(PhaseKind.QUANTIZE, str(Producer.LLAMA_QUANTIZE)),
+                 rate_key(PhaseKind.QUANTIZE, str(Producer.LLAMA_QUANTIZE), "k-quant"),
+                 rate_key(PhaseKind.QUANTIZE, str(Producer.CAST)), rate_key(PhaseKind.CALIBRATE)}
+    costs = {key: replace(DEFAULT_COSTS[key], basis=host) for key in host_keys}
     device_bound = Bound.DEVICE
     costs[rate_key(PhaseKind.REFERENCE)] = Cost(read_bf16, 1e9 / PREFILL_PARAM_TOKENS_S, device_bound,
                                                 f"{prefill}; {disk}")
@@ -163,7 +171,7 @@ def projected_costs(spec: ModelSpec, device: str, bandwidth_bytes_s: float) -> C
         costs[rate_key(PhaseKind.BENCHMARK, engine)] = Cost(0.0, GIB / (share * bandwidth_bytes_s), device_bound,
                                                              basis.format(share))
     return CostModel(costs, pp_factor=DEVICE_PP_FACTOR, reference=None,
-                     label=f"projected for {device} from published figures")
+                     label=f"as a projection for {device} from published figures")
 
 
 @dataclass(frozen=True)
@@ -201,7 +209,7 @@ class JobEstimate:
         if Source.MEASURED in sources:
             return "partly from jobs that ran on this machine"
         if Source.PROJECTED in sources:
-            return self.label
+            return self.label  # "as a projection for ..."
         if Source.CALIBRATED in sources:
             return "from defaults scaled by this machine's calibration"
         return f"from {self.label}"
@@ -231,6 +239,7 @@ class Cached:
 
     bf16_checkpoint: bool
     references: frozenset[int]  # the quality references on disk, by their token count
+    source_hashed: bool  # the user's own BF16 folder (the bf16 artifact) has its SHA-256 kept already
     bf16_gguf: bool
     artifacts: frozenset[str]  # precision keys whose artifact exists
 
@@ -245,7 +254,10 @@ def cached_state(spec: ModelSpec, work_dir: Path, references: frozenset[int]) ->
                  if (gguf_path(precision, work_dir).exists() if precision.is_gguf
                      else bf16 if precision.producer == Producer.CAST and key == "bf16"
                      else saved_folder(artifact_dir(precision, work_dir)))}
-    return Cached(bf16_checkpoint=bf16, references=references, bf16_gguf=(work_dir / BF16_GGUF).exists(),
+    from qexplorer.core.artifacts import already_hashed
+
+    hashed = spec.format != ModelFormat.HF or already_hashed(Path(spec.path), work_dir)
+    return Cached(bf16_checkpoint=bf16, references=references, source_hashed=hashed, bf16_gguf=(work_dir / BF16_GGUF).exists(),
                   artifacts=frozenset(artifacts))
 
 
@@ -276,7 +288,9 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str, cac
     def add(phase: PhaseKind, *qualifiers: str) -> None:
         phases.append((phase, rate_key(phase, *qualifiers), units[PHASES[phase].eta_unit]))
 
-    add(PhaseKind.START)
+    # the user's own BF16 folder is hashed by its first job (core.artifacts keeps the hash): seconds per GiB
+    hashes = precision.key == "bf16" and spec.format == ModelFormat.HF and not cached.source_hashed
+    add(PhaseKind.START, *(["hash"] if hashes else []))
     needs_bf16 = not precision.is_gguf or job.quality or spec.format == ModelFormat.HF
     if needs_bf16 and spec.format == ModelFormat.GGUF and not cached.bf16_checkpoint:
         add(PhaseKind.DEQUANTIZE)
@@ -304,7 +318,7 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str, cac
     elif job.quality and not is_reference:
         add(PhaseKind.QUALITY, engine)
     add(PhaseKind.CALIBRATE)
-    after = Cached(bf16_checkpoint=cached.bf16_checkpoint or needs_bf16,
+    after = Cached(bf16_checkpoint=cached.bf16_checkpoint or needs_bf16, source_hashed=cached.source_hashed or hashes,
                    references=cached.references | ({job.quality_tokens} if job.quality else set()),
                    bf16_gguf=cached.bf16_gguf or (precision.is_gguf and spec.format == ModelFormat.HF),
                    artifacts=cached.artifacts | {precision.key})

@@ -169,7 +169,7 @@ class QExplorerApp(App[int]):
         self.history.append(message.snapshot)
         self.snapshot = message.snapshot
 
-    @work(thread=True, group="calibrate", exit_on_error=False)
+    @work(thread=True, group="calibration", exit_on_error=False)
     def _calibrate(self) -> None:
         """On this machine's first use, its calibration for the time estimates (a few seconds, in a child
         process); the plan's estimates are made again with it."""

@@ -87,7 +87,7 @@ class PhaseSpec:
 
 
 PHASES: dict[PhaseKind, PhaseSpec] = {spec.kind: spec for spec in (
-    PhaseSpec(PhaseKind.START, shared_work=True, eta_unit=EtaUnit.JOB),
+    PhaseSpec(PhaseKind.START, shared_work=True, eta_unit=EtaUnit.ARTIFACT_GIB),  # hashing a new artifact
     PhaseSpec(PhaseKind.DEQUANTIZE, shared_work=True, eta_unit=EtaUnit.BF16_GIB),
     PhaseSpec(PhaseKind.REFERENCE, shared_work=True, eta_unit=EtaUnit.PARAM_TOKENS),
     PhaseSpec(PhaseKind.CONVERT, shared_work=True, eta_unit=EtaUnit.BF16_GIB),
