@@ -131,12 +131,17 @@ def served(args: argparse.Namespace) -> None:
     print(f"  ratio served / local: {served_tg.mean / local.mean:.3f}")
 
 
-def phase_peaks(outcome) -> str:
-    """The highest sample of each phase, in MiB, in the order the phases ran."""
+def peaks_by_phase(outcome) -> dict[str, int]:
+    """The highest sample of each phase, in bytes, in the order the phases ran."""
     found: dict[str, int] = {}
     for sample in outcome.memory:
         found[sample.phase] = max(found.get(sample.phase, 0), sample.rss_bytes + (sample.gpu_bytes or 0))
-    return " ".join(f"{name}={value / 2**20:.0f}" for name, value in found.items())
+    return found
+
+
+def phase_peaks(outcome) -> str:
+    """The highest sample of each phase, in MiB, in the order the phases ran."""
+    return " ".join(f"{name}={value / 2**20:.0f}" for name, value in peaks_by_phase(outcome).items())
 
 
 def peaks(args: argparse.Namespace, model_ref: str | None = None, extra_paths: tuple[str, ...] = ()) -> None:
@@ -203,8 +208,8 @@ def decision(args: argparse.Namespace) -> None:
             assert proc.stderr is not None
             for line in proc.stderr:
                 err_lines.append(line)
-                if " done" in line and line.startswith("["):
-                    answers.append((time.perf_counter() - started, line.split("]", 1)[1].split()[0]))
+                if " done" in line and line.startswith("["):  # "[2/8] q8_0 (quick) done: ..."
+                    answers.append((time.perf_counter() - started, line.split("]", 1)[1].split(" done")[0].strip()))
 
         reader = threading.Thread(target=read_stderr, args=(proc, started, err_lines, answers))
         reader.start()
@@ -212,23 +217,29 @@ def decision(args: argparse.Namespace) -> None:
         proc.wait()
         reader.join()
         wall = time.perf_counter() - started
-        jobs = {j["precision"]: j for j in json.loads(out)["jobs"]} if out.strip() else {}
+        jobs = json.loads(out)["jobs"] if out.strip() else []
         book = [j for j in json.loads((data_dir / "durations.json").read_text())["jobs"]
                 if j["at"] >= int(began)] if (data_dir / "durations.json").exists() else []
-        timed = {j["precision"]: j for j in book}
+        timed = {entry["precision"] + (" (quick)" if entry.get("first_pass") else ""): entry for entry in book}
+        quick_at = [at for at, name in answers if name.endswith("(quick)")]
+        full_at = [at for at, name in answers if not name.endswith("(quick)")]
         print(f"\n{run}: {wall:.1f} s to the last result (exit {proc.returncode}); answers at "
               + ", ".join(f"{name} {at:.1f} s" for at, name in answers))
-        print(f"  {'job':8} {'estimated':>10} {'actual':>8}  phases (s)")
-        for name, job in jobs.items():
+        if quick_at:
+            print(f"  every precision answered (quick) by {max(quick_at):.1f} s; full figures from "
+                  f"{min(full_at, default=float('nan')):.1f} s to {max(full_at, default=float('nan')):.1f} s")
+        print(f"  {'job':15} {'estimated':>10} {'actual':>8}  phases (s)")
+        for job in jobs:
+            name = job["precision"] + (" (quick)" if job.get("first_pass") else "")
             result = job.get("result") or {}
             if result.get("reused_from"):
-                print(f"  {name:8} reused result #{result['reused_from']} (measured {result['reused_measured_at']})")
+                print(f"  {name:15} reused result #{result['reused_from']} (measured {result['reused_measured_at']})")
                 continue
             entry = timed.get(name)
             phases = ", ".join(f"{p} {sec:.1f}" for p, sec in entry["phases"]) if entry else "?"
             paused = result.get("paused_for_timing") or []
             shared = result.get("shared_phases") or []
-            print(f"  {name:8} {entry['predicted_s'] if entry else float('nan'):>9.1f}s "
+            print(f"  {name:15} {entry['predicted_s'] if entry else float('nan'):>9.1f}s "
                   f"{entry['actual_s'] if entry else float('nan'):>7.1f}s  {phases}"
                   f"  [{entry['source'] if entry else ''}]"
                   + (f" paused {','.join(paused)} while timed" if paused else "")
@@ -259,11 +270,15 @@ def scale(args: argparse.Namespace) -> None:
         tokenizer = None
         for shape in args.shapes.split(","):
             data_dir = Path(tmp) / f"data-{shape}"
-            folder = build(shape, Path(tmp) / shape, data_dir, tokenizer)
-            tokenizer = tokenizer or folder  # the bundled tokenizer, made once
-            spec = Catalog(extra_paths=(str(folder),)).resolve(str(folder))
-            template = JobSpec(model_ref=str(folder), precision="", data_dir=str(data_dir), bench=bench,
-                               model_paths=(str(folder),), quality=True, quality_tokens=args.quality_tokens)
+            if shape == "default":  # the bundled GGUF itself: its jobs dequantize it first
+                ref, paths = "default", ()
+            else:
+                folder = build(shape, Path(tmp) / shape, data_dir, tokenizer)
+                tokenizer = tokenizer or folder  # the bundled tokenizer, made once
+                ref, paths = str(folder), (str(folder),)
+            spec = Catalog(extra_paths=paths).resolve(ref)
+            template = JobSpec(model_ref=ref, precision="", data_dir=str(data_dir), bench=bench,
+                               model_paths=paths, quality=True, quality_tokens=args.quality_tokens)
             jobs = plan_jobs(spec, chosen, local_sampler().sample(), template, force=True).specs
             estimates = {e.precision: e for e in estimate_jobs(spec, jobs, data_dir)}
             print(f"\n{shape}: {spec.total_params / 1e9:.2f} B parameters ({spec.active_params / 1e9:.2f} B active), "
@@ -289,7 +304,8 @@ def scale(args: argparse.Namespace) -> None:
                                "estimate": [[p.name, p.key, p.units, p.seconds]
                                             for p in estimates[job.precision].phases],
                                "measured": [[name, seconds] for name, seconds in outcome.phase_seconds],
-                               "peak_bytes": measured, "planned_bytes": planned})
+                               "peak_bytes": measured, "planned_bytes": planned,
+                               "phase_peaks": peaks_by_phase(outcome)})
                 if args.points:  # after every job, so that a run cut short keeps what it measured
                     Path(args.points).write_text(json.dumps(points, indent=1), encoding="utf-8")
                 error = 100 * (planned / measured - 1) if measured else float("nan")
@@ -298,7 +314,7 @@ def scale(args: argparse.Namespace) -> None:
                 print(f"  {job.precision:9} {'TOTAL':10} {actual:8.1f}s {total_eta:7.1f}s "
                       f"{100 * (total_eta / actual - 1) if actual else float('nan'):+6.0f} %   peak "
                       f"{measured / 2**20 if measured else 0:.0f} MiB, planned {planned / 2**20:.0f} MiB "
-                      f"({error:+.0f} %) {outcome.status} {outcome.error or ''}", flush=True)
+                      f"({error:+.0f} %) {outcome.status} {outcome.error or ''} [{phase_peaks(outcome)}]", flush=True)
             for name, seconds in per_phase.items():
                 times.setdefault(name, []).append((float(spec.total_params), seconds))
     print("\nexponent of time against parameters, per phase (1.0: linear in the weights)")
@@ -311,6 +327,48 @@ def scale(args: argparse.Namespace) -> None:
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
         print(f"  {name:10} {slope:5.2f}   points: " + ", ".join(f"{n / 1e9:.2f} B {t:.1f} s" for n, t in sized))
+
+
+def fit(args: argparse.Namespace) -> None:
+    """The ETA's default costs from the scale benchmark's points (``scale --points``): per phase key, the
+    least-squares line seconds = fixed + per unit × units over every job that ran it (both parts kept ≥ 0), its
+    points and each point's error; printed ready to paste into ``eta.DEFAULT_COSTS``."""
+    import json
+
+    from qexplorer.core.eta import DEFAULT_COSTS
+
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    for path in args.points:
+        for job in json.loads(Path(path).read_text(encoding="utf-8")):
+            if job["status"] != "ok":
+                continue
+            keys: dict[str, list[tuple[str, float]]] = {}
+            for name, key, units, _seconds in job["estimate"]:
+                keys.setdefault(name, []).append((key, units))
+            spent: dict[str, float] = {}
+            for name, seconds in job["measured"]:
+                spent[name] = spent.get(name, 0.0) + seconds
+            for name, seconds in spent.items():
+                if len(keys.get(name, ())) == 1:  # a name two estimates share cannot be told apart
+                    key, units = keys[name][0]
+                    points.setdefault(key, []).append((units, seconds, f"{job['shape']}/{job['precision']}"))
+    for key, found in sorted(points.items()):
+        xs, ys = [u for u, _, _ in found], [t for _, t, _ in found]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        spread = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / spread if spread > 0 else 0.0
+        fixed = my - slope * mx
+        if slope <= 0 or spread <= 0:  # one size, or no growth: all fixed
+            slope, fixed = 0.0, my
+        elif fixed < 0:  # no fixed part: the line through zero
+            slope, fixed = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs), 0.0
+        old = DEFAULT_COSTS.get(key)
+        print(f"{key:45} fixed {fixed:8.3f} s  per unit {slope:10.5f} s   (was {old.fixed_s if old else 0:.3f} / "
+              f"{old.per_unit_s if old else 0:.5f})")
+        for units, seconds, where in found:
+            predicted = fixed + slope * units
+            print(f"    {where:22} units {units:10.4f}  measured {seconds:7.1f} s  fit {predicted:7.1f} s "
+                  f"({100 * (predicted / seconds - 1) if seconds > 0 else 0:+.0f} %)")
 
 
 def main() -> None:
@@ -349,9 +407,11 @@ def main() -> None:
     c.add_argument("--quick", action="store_true")
     c.add_argument("--quality-tokens", type=int, default=4096)
     c.add_argument("--points", help="write every job's phases (units, seconds, estimate) to this JSON file")
+    f = sub.add_parser("fit")
+    f.add_argument("points", nargs="+", help="files written by scale --points")
     args = parser.parse_args()
     {"backend": backend, "peaks": peaks, "shapes": shapes, "served": served, "decision": decision,
-     "scale": scale}[args.what](args)
+     "scale": scale, "fit": fit}[args.what](args)
 
 
 if __name__ == "__main__":

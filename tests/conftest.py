@@ -29,6 +29,8 @@ def isolated_user_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
     monkeypatch.setenv("QEXPLORER_LMSTUDIO_DIR", str(tmp_path / "lmstudio"))
+    # estimates stay the defaults' on every machine (snapshots show them); test_eta calibrates on purpose
+    monkeypatch.setenv("QEXPLORER_NO_CALIBRATION", "1")
     for var in ("QEXPLORER_CONFIG", "QEXPLORER_REFRESH_S", "QEXPLORER_RESERVE_GIB", "QEXPLORER_THEME",
                 "QEXPLORER_CONTEXT", "QEXPLORER_RESULTS_DIR", "NO_COLOR"):
         monkeypatch.delenv(var, raising=False)

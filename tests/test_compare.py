@@ -299,3 +299,22 @@ def test_depth_rooflines_reach_the_row_and_the_exports(tmp_path: Path):
     assert row_from_result(stored).depths[0].roofline_pct == 61.4
     assert json.loads(flat_row(stored)["depths"])[0]["roofline_pct"] == 61.4
     assert "at depth 512: 50.0 ± 1.0 tok/s decode" in to_markdown([stored]) and "61 % of roofline" in to_markdown([stored])
+
+
+def test_a_quick_first_answer_is_shown_until_its_full_figures_land(tmp_path: Path):
+    """Issue 26 item 4: the quick pass answers every precision first; each quick row gives way to its precision's
+    full row when that lands, and a precision still waiting keeps its quick row, marked."""
+    from qexplorer.core.compare import row_from_result
+
+    made = ResultsStore.in_dir(tmp_path / "made")
+    for key in ("q8_0", "q4_k_m"):
+        _stored_row(made, "/m", key, 100.0, prompt=64)
+    fresh = ResultsStore.in_dir(tmp_path / "run")
+    for stored in made.all("/m"):
+        fresh.add(replace(stored.record, first_pass=True))  # as the quick jobs store them
+    assert {r.precision for r in fresh.comparable("/m").rows} == {"q8_0", "q4_k_m"}
+    assert all(row_from_result(r).first_pass for r in fresh.comparable("/m").rows)
+    _stored_row(fresh, "/m", "q8_0", 120.0, prompt=512)  # q8_0's full figures land
+    shown = fresh.comparable("/m")
+    assert [(r.precision, r.record.first_pass) for r in shown.rows] == [("q8_0", False)]
+    assert [(r.precision, r.record.first_pass) for r in shown.others] == [("q4_k_m", True)]  # still waiting

@@ -12,7 +12,7 @@ import pytest
 
 from qexplorer.core.domain.phases import ALONE, PHASES, TIMED, GuardRate, PhaseKind, spec_of
 from qexplorer.core.domain.spec import JobSpec
-from qexplorer.core.eta import DurationBook, JobEstimate, PhaseEstimate
+from qexplorer.core.eta import DurationBook, JobEstimate, PhaseEstimate, Source
 from qexplorer.core.jobs.clock import PhaseClock, split_waiting, timings_from
 from qexplorer.core.jobs.guard import FAST_INTERVAL_S, GuardPool, GuardSample, MemoryGuard
 from qexplorer.core.jobs.overlap import TimedGate
@@ -138,7 +138,8 @@ def test_one_guard_pool_stops_the_job_whose_footprint_grew():
 
 def test_durations_recorded_at_once_lose_nothing(tmp_path: Path):
     """J7: the app's job threads record at once; before, a shared temp name and no lock lost updates."""
-    estimate = JobEstimate("q8_0", (PhaseEstimate(PhaseKind.LOAD, "load:llama.cpp", 1.0, 1.0, False),))
+    estimate = JobEstimate("q8_0", (PhaseEstimate(PhaseKind.LOAD, "load:llama.cpp", 1.0, 1.0, Source.DEFAULTS,
+                                                  base_s=1.0),))
 
     def record() -> None:
         for _ in range(10):

@@ -13,7 +13,7 @@ from apps import feed_samples, settle, sim_app
 from qexplorer.core.domain.bench import Stat
 from qexplorer.core.domain.events import Phase, Progress
 from qexplorer.core.domain.record import HardwareFacts, ModelIdentity, RunRecord, Speed
-from qexplorer.core.eta import JobEstimate, PhaseEstimate
+from qexplorer.core.eta import JobEstimate, PhaseEstimate, Source
 from qexplorer.core.jobs.queue import JobView
 from qexplorer.core.jobs.watch import GPU_BY_PID, MemorySample
 from qexplorer.core.kinds import Family, JobAction, JobStatus
@@ -35,12 +35,13 @@ async def inject_jobs(app, pilot) -> None:
         return view
 
     app.clock = lambda: 1000.0  # "time left" against a fixed clock: the snapshot must not depend on when it ran
-    estimate = JobEstimate("int8", (PhaseEstimate("start", "start", 1, 6.0, False),
-                                    PhaseEstimate("load", "load:transformers", 0.15, 3.0, False),
-                                    PhaseEstimate("benchmark", "benchmark:transformers", 24.0, 12.0, False),
-                                    PhaseEstimate("calibrate", "calibrate", 1, 3.0, False)))
-    queued = JobEstimate("q4_k_m", (PhaseEstimate("start", "start", 1, 6.0, True),
-                                    PhaseEstimate("benchmark", "benchmark:llama.cpp", 24.0, 4.0, True)))
+    defaults, here = Source.DEFAULTS, Source.MEASURED
+    estimate = JobEstimate("int8", (PhaseEstimate("start", "start", 1, 6.0, defaults),
+                                    PhaseEstimate("load", "load:transformers", 0.15, 3.0, defaults),
+                                    PhaseEstimate("benchmark", "benchmark:transformers", 24.0, 12.0, defaults),
+                                    PhaseEstimate("calibrate", "calibrate", 1, 3.0, defaults)))
+    queued = JobEstimate("q4_k_m", (PhaseEstimate("start", "start", 1, 6.0, here),
+                                    PhaseEstimate("benchmark", "benchmark:llama.cpp", 24.0, 4.0, here)))
     done = post(JobView(id=1, label="GGUF Q8_0", action=JobAction.RUN, planned_peak_bytes=int(1.1 * GIB)))
     running = post(JobView(id=2, label="INT8 W8A8", action=JobAction.RUN, planned_peak_bytes=int(1.1 * GIB),
                            estimate=estimate))
@@ -61,7 +62,7 @@ async def inject_jobs(app, pilot) -> None:
     post(JobView(**{**done.__dict__, "status": JobStatus.OK, "phase": "done", "record": record,
                     "peak_rss_bytes": 247 * MIB, "peak_gpu_bytes": 820 * MIB,
                     "estimate": JobEstimate("q8_0", (PhaseEstimate("benchmark", "benchmark:llama.cpp", 24, 30.0,
-                                                                   False),)), "took_s": 41.0,
+                                                                   Source.DEFAULTS),)), "took_s": 41.0,
                     "message": "stored; it appears on the compare screen (c)"}))
     await pilot.pause()
     await pilot.press("j")

@@ -78,11 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch", type=int, default=1, help="concurrent sequences (default 1)")
     plan.add_argument("--kv-dtype", default="f16", help="KV-cache dtype: f32, f16, bf16, fp8, q8_0, q4_0")
     plan.add_argument("--precision", help="comma-separated precisions (default: all)")
+    plan.add_argument("--quality", action="store_true", help="estimate each job with its quality pass")
     plan.add_argument("--json", action="store_true", help="print JSON")
 
     run = sub.add_parser("run", help="quantize and benchmark precisions in worker processes")
     _loading(run)
     run.add_argument("--precision", required=True, help="comma-separated precisions, e.g. bf16,int8,q4_k_m")
+    run.add_argument("--no-quick-pass", action="store_true",
+                     help="measure with the full method only (default: a quick pass of each precision not measured "
+                          "before comes first, so that every one is answered within minutes)")
     run.add_argument("--quick", action="store_true", help="pp64/tg16 × 2 repetitions instead of pp512/tg128 × 5")
     run.add_argument("--repetitions", type=int, help="timed repetitions (default 5, quick 2)")
     run.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
@@ -217,7 +221,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           kv_dtype=args.kv_dtype, vllm_overhead_bytes=learned_vllm_overhead(settings.results_path, snapshot))
     plans = plan_model(spec, request, snapshot, chosen)
     document = plan_json(spec, request, snapshot, plans)
-    estimates = job_estimates(spec, chosen, settings.results_path, snapshot)
+    if not snapshot.simulated:
+        from qexplorer.core.domain.bench import BenchConfig
+        from qexplorer.core.session import calibrate_machine
+
+        calibrate_machine(settings.results_path, BenchConfig().thread_count,
+                          lambda text: sys.stderr.write(text + "\n"))
+    estimates = job_estimates(spec, chosen, settings.results_path, snapshot, quality=args.quality)
     for plan in document["plans"]:
         plan["job_estimate"] = estimates.get(plan["precision"])
     _emit(args.json, document, lambda: plan_text(document))

@@ -23,7 +23,7 @@ from qexplorer.core.kinds import JobAction
 from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.results import ResultsStore, flat_row, to_markdown
 from qexplorer.core.safety import check_loadable
-from qexplorer.core.session import RunOptions, RunOrder, plan_run
+from qexplorer.core.session import RunOptions, RunOrder, calibrate_machine, plan_run
 from qexplorer.core.settings import Settings, engine_env
 from qexplorer.core.telemetry import local_sampler
 from qexplorer.core.units import format_bytes
@@ -126,7 +126,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       quality_tokens=args.quality_tokens, quality_ctx=args.quality_ctx, reference=args.reference,
                       engine_args=tuple(shlex.split(args.engine_args or "")),
                       trust_remote_code=args.trust_remote_code, reuse=not getattr(args, "remeasure", False),
-                      order=order, force=args.force, shown_profile=args.simulate)
+                      order=order, force=args.force, shown_profile=args.simulate,
+                      first_answer=not getattr(args, "no_quick_pass", False))
 
 
 def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
@@ -140,8 +141,12 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     # --simulate changes what is drawn, never what plans and guards real jobs: this machine does both
     sampler = local_sampler(reserve_bytes=settings.reserve_bytes)
     snapshot = sampler.sample()
-    planned = plan_run(args.model, spec, chosen, run_options(args), snapshot, settings.results_path,
-                       settings.models, cuda=hardware_from_snapshot(snapshot).cuda)
+    options = run_options(args)
+    calibrate_machine(settings.results_path, options.bench.thread_count, lambda text: sys.stderr.write(text + "\n"))
+    store = ResultsStore.in_dir(settings.results_path)
+    planned = plan_run(args.model, spec, chosen, options, snapshot, settings.results_path,
+                       settings.models, cuda=hardware_from_snapshot(snapshot).cuda,
+                       measured={r.precision for r in store.all(spec.path)})
     if planned.refused:
         first = planned.refused[0]
         sampler.close()
@@ -149,14 +154,18 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
             f"{first.label} does not fit: it needs about {format_bytes(first.need_bytes)} and the headroom "
             f"is {format_bytes(first.headroom_bytes)}; free memory, choose a smaller precision, or pass --force."
         )
-    store = ResultsStore.in_dir(settings.results_path)
     count = len(planned.specs)
-    labels = [f"[{i}/{count}] {s.precision}" for i, s in enumerate(planned.specs, start=1)]
+    labels = [f"[{i}/{count}] {s.precision}" + (" (quick)" if s.first_pass else "")
+              for i, s in enumerate(planned.specs, start=1)]
     for label, estimate in zip(labels, planned.estimates, strict=True):
         sys.stderr.write(f"{label} ~{format_duration(estimate.total_s)} (estimated {estimate.source}: "
                          + ", ".join(f"{p.name} {format_duration(p.seconds)}" for p in estimate.phases) + ")\n")
     sys.stderr.write(f"queue: {count} jobs, at most ~{format_duration(planned.total_s)} "
                      "estimated (one after another; overlapping shortens it)\n")
+    if planned.first_answers_s is not None:
+        sys.stderr.write(f"quick pass first: every precision answered within ~"
+                         f"{format_duration(planned.first_answers_s)} (estimated), then the full method; each quick "
+                         "row is replaced when its full figures land (--no-quick-pass: the full method only)\n")
     reporter = _Reporter({})
     queue = JobQueue(JobRunner(sampler=sampler, interval_s=settings.refresh_s, extra_env=engine_env(settings)), store,
                      on_change=reporter, overlap=planned.overlap)
@@ -174,9 +183,12 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
         sampler.close()
     views = [v for v in queue.views() if v.finished]
     stored = store.by_ids([v.stored_id for v in views if v.stored_id is not None])
+    full = {r.precision for r in stored if r.status == "ok" and not r.record.first_pass}
+    stored = [r for r in stored if not (r.record.first_pass and r.precision in full)]  # quick rows give way
     if args.json:
         json.dump({"schema": "qexplorer.run/2", "model": spec.name,
-                   "jobs": [{"precision": s.precision, "status": str(v.status), "error": v.error, "log": v.log_path,
+                   "jobs": [{"precision": s.precision, "first_pass": s.first_pass, "status": str(v.status),
+                             "error": v.error, "log": v.log_path,
                              "stored_id": v.stored_id, "result": v.record.to_json() if v.record else None}
                             for v, s in zip(queue.views(), planned.specs, strict=True)],
                    "results": [flat_row(r) for r in stored if r.status == "ok"]}, sys.stdout, indent=2, default=str)

@@ -107,4 +107,23 @@ def plan_text(document: dict[str, Any]) -> str:
     if sources:
         lines.append(f"est. job: one job alone with the default benchmark, estimated {' / '.join(sorted(sources))}"
                      " (durations.json, per machine).")
+    lines.extend(projection_lines(document))
     return "\n".join(lines) + "\n"
+
+
+def projection_lines(document: dict[str, Any]) -> list[str]:
+    """Where the job estimates are a projection: each precision's phases with their seconds, then what each
+    projected figure rests on, once."""
+    projected = [p for p in document["plans"] if (p.get("job_estimate") or {}).get("projected")]
+    if not projected:
+        return []
+    lines = ["", "projection, per phase (estimated; not measured on this device):"]
+    bases: dict[str, list[str]] = {}
+    for plan in projected:
+        phases = plan["job_estimate"]["phases"]
+        lines.append(f"  {plan['label']:<18} " + ", ".join(f"{p[0]} {format_duration(p[1])}" for p in phases))
+        for phase in phases:
+            if len(phase) > 2 and phase[0] not in bases.setdefault(phase[2], []):
+                bases[phase[2]].append(phase[0])
+    lines.extend(f"  {'/'.join(names)}: {basis}" for basis, names in bases.items())
+    return lines

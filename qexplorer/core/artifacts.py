@@ -73,6 +73,31 @@ def _stamp(path: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def _sidecar(path: Path, work_dir: Path | None) -> Path:
+    resolved = path.resolve()
+    if work_dir is None or resolved.is_relative_to(work_dir.resolve()):
+        return path.with_name(path.name + ".sha256.json")
+    tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    return work_dir / f"source-{path.name}-{tag}.sha256.json"
+
+
+def _kept(sidecar: Path, stamp: str) -> str | None:
+    import json
+
+    try:
+        kept = json.loads(sidecar.read_text(encoding="utf-8"))
+        if kept.get("stamp") == stamp and isinstance(kept.get("sha256"), str):
+            return str(kept["sha256"])
+    except (OSError, ValueError, AttributeError):
+        pass  # none yet, or unreadable: hash it
+    return None
+
+
+def already_hashed(path: Path, work_dir: Path | None = None) -> bool:
+    """Whether :func:`artifact_sha256` would read the hash back instead of hashing (the ETA's question)."""
+    return path.exists() and _kept(_sidecar(path, work_dir), _stamp(path)) is not None
+
+
 def artifact_sha256(path: Path, work_dir: Path | None = None) -> str:
     """:func:`content_sha256` of an artifact, hashed once: kept beside it (``NAME.sha256.json``) keyed by its
     files' names, sizes and modification times, and read back while they are unchanged - hashing a 60 GB folder
@@ -80,19 +105,11 @@ def artifact_sha256(path: Path, work_dir: Path | None = None) -> str:
     sidecar in ``work_dir`` instead: nothing is written beside the user's files."""
     import json
 
-    resolved = path.resolve()
-    if work_dir is None or resolved.is_relative_to(work_dir.resolve()):
-        sidecar = path.with_name(path.name + ".sha256.json")
-    else:
-        tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
-        sidecar = work_dir / f"source-{path.name}-{tag}.sha256.json"
+    sidecar = _sidecar(path, work_dir)
     stamp = _stamp(path)
-    try:
-        kept = json.loads(sidecar.read_text(encoding="utf-8"))
-        if kept.get("stamp") == stamp and isinstance(kept.get("sha256"), str):
-            return str(kept["sha256"])
-    except (OSError, ValueError, AttributeError):
-        pass  # none yet, or unreadable: hash it
+    kept = _kept(sidecar, stamp)
+    if kept is not None:
+        return kept
     digest = content_sha256(path)
     try:
         partial = sidecar.with_name(sidecar.name + f".{os.getpid()}.partial")

@@ -94,6 +94,7 @@ class CompareRow:
     settings: str = ""  # those settings in words
     decode_n: int = 0  # repetitions behind decode_tok_s (its standard error is decode_sd / √n)
     kernel_mismatch: str | None = None  # vLLM picked another kernel than the plan expected (one sentence)
+    first_pass: bool = False  # the quick first answer: its full figures are still being measured
 
     @property
     def memory_bytes(self) -> int | None:
@@ -125,7 +126,7 @@ def row_from_result(result: StoredResult, compared: bool = True) -> CompareRow:
             r.depth_speeds, r.depth_rooflines or (None,) * len(r.depth_speeds), strict=True)),
         decode_n=speed.decode_tok_s.n if speed else 0,
         compared=compared, settings=r.settings_text(),
-        kernel_mismatch=mismatch(r.engine.expected_kernel, r.engine.kernel),
+        kernel_mismatch=mismatch(r.engine.expected_kernel, r.engine.kernel), first_pass=r.first_pass,
     )
 
 

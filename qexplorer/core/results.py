@@ -181,12 +181,18 @@ class ResultsStore:
         return compare_groups(self.latest_per_key(model_path))
 
     def latest_per_key(self, model_path: str | None = None) -> list[StoredResult]:
-        """The newest finished result per model, precision and settings, oldest first."""
+        """The newest finished result per model, precision and settings, oldest first; a quick first answer
+        (``first_pass``) only until a full result of its precision lands after it."""
         latest: dict[tuple[Any, ...], StoredResult] = {}
+        full: dict[tuple[str, str], int] = {}
         for result in self.all(model_path):
             if result.status == JobStatus.OK and result.family != "server":
                 latest[(result.model_path, result.precision, result.record.settings_key())] = result
-        return sorted(latest.values(), key=lambda r: r.created_at)
+                if not result.record.first_pass:
+                    full[(result.model_path, result.precision)] = result.id
+        shown = [r for r in latest.values()
+                 if not (r.record.first_pass and full.get((r.model_path, r.precision), -1) > r.id)]
+        return sorted(shown, key=lambda r: r.created_at)
 
     def latest_servers(self) -> list[StoredResult]:
         """The latest result of each served model (bench-server), whatever the local model."""
@@ -269,6 +275,7 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "noise_other_cpu_pct": speed.noise.other_cpu_pct if speed and speed.noise else None,
         "noise_busiest": speed.noise.busiest if speed and speed.noise else None,
         "noise_reason": speed.noise.reason if speed and speed.noise else None,
+        "first_pass": r.first_pass,
         "depths": json.dumps([{"n_depth": s.depth, "pp_avg_ts": s.prefill_tok_s.known_mean,
                                "pp_stddev_ts": s.prefill_tok_s.known_sd, "tg_avg_ts": s.decode_tok_s.known_mean,
                                "tg_stddev_ts": s.decode_tok_s.known_sd, "noisy": s.noisy, "roofline_pct": roof}

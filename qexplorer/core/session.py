@@ -16,7 +16,7 @@ from typing import Any
 
 from qexplorer.core.domain.bench import BenchConfig
 from qexplorer.core.domain.spec import JobSpec
-from qexplorer.core.eta import JobEstimate, cost_order, estimate_jobs, start_order
+from qexplorer.core.eta import JobEstimate, Source, cost_order, estimate_jobs, start_order
 from qexplorer.core.kinds import Verdict
 from qexplorer.core.model import ModelSpec
 from qexplorer.core.precisions import Precision
@@ -45,6 +45,8 @@ class RunOptions:
     order: RunOrder = RunOrder.OVERLAP
     force: bool = False
     shown_profile: str | None = None  # --simulate's profile, recorded on each result
+    # a quick pass of every precision not measured before, ahead of the full method (the first answer)
+    first_answer: bool = True
 
     @property
     def overlap(self) -> bool:
@@ -63,8 +65,40 @@ class RunPlan:
         return sum(e.total_s for e in self.estimates)
 
     @property
+    def first_answers_s(self) -> float | None:
+        """When the last quick first answer is due (one job after another), None without a quick pass."""
+        quick = [e.total_s for s, e in zip(self.specs, self.estimates, strict=True) if s.first_pass]
+        return sum(quick) if quick else None
+
+    @property
     def order_text(self) -> str:
-        return " → ".join(s.precision for s in self.specs)
+        return " → ".join(s.precision + (" (quick)" if s.first_pass else "") for s in self.specs)
+
+
+FIRST_ANSWER_S = 180.0  # the first answer for every precision within this, on the machines measured (issue 26)
+QUICK_QUALITY_TOKENS = 1024  # the quick pass's quality: two 512-token chunks
+
+
+def first_pass(full: Sequence[JobSpec], measured: Iterable[str] = ()) -> tuple[JobSpec, ...]:
+    """A quick job ahead of each full one whose precision has no result yet (``measured``): llama-bench's
+    quick shape (pp64 / tg16 × 2) and, with quality, the first 1024 tokens of the evaluation text - so that
+    every precision is answered within :data:`FIRST_ANSWER_S` before the full method runs. Measured here
+    (scripts/bench_jobs.py decision): the full ladder's first answer came at 70-90 s and its last at 163-228 s
+    on one 2-core machine and 589 s on another; the artifacts and engine starts the quick pass makes are the
+    full pass's too, so the quick jobs mostly cost their own short measurements."""
+    seen = set(measured)
+    quick = BenchConfig.quick()
+    return tuple(replace(spec, bench=replace(spec.bench, prompt_tokens=quick.prompt_tokens,
+                                             gen_tokens=quick.gen_tokens, repetitions=quick.repetitions,
+                                             min_repetitions=quick.min_repetitions, depths=(0,)),
+                         quality_tokens=min(spec.quality_tokens, QUICK_QUALITY_TOKENS), first_pass=True)
+                 for spec in full if spec.precision not in seen)
+
+
+def is_quick(bench: BenchConfig) -> bool:
+    quick = BenchConfig.quick()
+    return (bench.prompt_tokens, bench.gen_tokens, bench.repetitions) <= (quick.prompt_tokens, quick.gen_tokens,
+                                                                          quick.repetitions)
 
 
 def ordered(model: ModelSpec, chosen: Sequence[Precision], order: RunOrder) -> list[Precision]:
@@ -75,10 +109,12 @@ def ordered(model: ModelSpec, chosen: Sequence[Precision], order: RunOrder) -> l
 
 def plan_run(model_ref: str, model: ModelSpec, chosen: Sequence[Precision], options: RunOptions,
              snapshot: TelemetrySnapshot | None, data_dir: Path, model_paths: Sequence[str] = (), *,
-             cuda: bool = False, estimates: tuple[JobEstimate, ...] | None = None) -> RunPlan:
+             cuda: bool = False, estimates: tuple[JobEstimate, ...] | None = None,
+             measured: Iterable[str] = ()) -> RunPlan:
     """The jobs for these precisions in the order they start, planned against ``snapshot`` (the real
     machine's), each with its estimate. ``estimates`` from an earlier call for the same jobs and settings skip
-    the estimate (the plan screen re-plans every sample; the estimate changes only with the jobs)."""
+    the estimate (the plan screen re-plans every sample; the estimate changes only with the jobs). With
+    ``options.first_answer`` the precisions not ``measured`` before get a quick pass first (:func:`first_pass`)."""
     template = JobSpec(
         model_ref=model_ref, precision="", data_dir=str(data_dir), bench=options.bench,
         model_paths=tuple(model_paths), quality=options.quality, quality_corpus=options.corpus,
@@ -87,9 +123,12 @@ def plan_run(model_ref: str, model: ModelSpec, chosen: Sequence[Precision], opti
         engine_args=options.engine_args, shown_profile=options.shown_profile, reuse=options.reuse,
     )
     planned = plan_jobs(model, ordered(model, chosen, options.order), snapshot, template, force=options.force)
-    if estimates is None or len(estimates) != len(planned.specs):
-        estimates = estimate_jobs(model, planned.specs, data_dir, cuda=cuda)
-    return RunPlan(planned.specs, planned.refused, estimates, options.overlap)
+    specs = planned.specs
+    if options.first_answer and options.reuse and not is_quick(options.bench):
+        specs = first_pass(specs, measured) + specs
+    if estimates is None or len(estimates) != len(specs):
+        estimates = estimate_jobs(model, specs, data_dir, cuda=cuda, **_device_of(snapshot))
+    return RunPlan(specs, planned.refused, estimates, options.overlap)
 
 
 @dataclass(frozen=True)
@@ -106,18 +145,46 @@ class PlannedJobs:
     refused: tuple[Refusal, ...]
 
 
+def _device_of(snapshot: TelemetrySnapshot | None) -> dict[str, Any]:
+    """What the estimate needs to know of the device: its name (a GPU's published figures), and whether it is
+    simulated (then nothing learned on this machine applies to it)."""
+    device = snapshot.devices[0].name if snapshot is not None and snapshot.devices else None
+    return {"device": device, "simulated": bool(snapshot is not None and snapshot.simulated)}
+
+
 def job_estimates(model: ModelSpec, precisions: Iterable[Precision], data_dir: str | Path,
-                  snapshot: TelemetrySnapshot | None) -> dict[str, dict[str, Any]]:
+                  snapshot: TelemetrySnapshot | None, quality: bool = False) -> dict[str, dict[str, Any]]:
     """Each precision's job alone (nothing cached but what is on disk), with the default benchmark, as the plan
-    shows it: seconds, the phases, and where the rates come from - always labelled estimated."""
+    shows it: seconds, the phases (each with what a projected figure rests on), and where the costs come from -
+    always labelled estimated ("projected" on a GPU's published figures)."""
     cuda = bool(snapshot is not None and snapshot.devices)
     out = {}
     for precision in precisions:
-        job = JobSpec(model_ref=model.path, precision=precision.key, data_dir=str(data_dir))
-        (estimate,) = estimate_jobs(model, [job], data_dir, cuda=cuda)
-        out[precision.key] = {"seconds": round(estimate.total_s, 1), "label": "estimated", "source": estimate.source,
-                              "phases": [[p.name, round(p.seconds, 1)] for p in estimate.phases]}
+        job = JobSpec(model_ref=model.path, precision=precision.key, data_dir=str(data_dir), quality=quality)
+        (estimate,) = estimate_jobs(model, [job], data_dir, cuda=cuda, **_device_of(snapshot))
+        out[precision.key] = {"seconds": round(estimate.total_s, 1), "label": "estimated",
+                              "projected": any(p.source == Source.PROJECTED for p in estimate.phases),
+                              "source": estimate.source,
+                              "phases": [[p.name, round(p.seconds, 1)] + ([p.basis] if p.basis else [])
+                                         for p in estimate.phases]}
     return out
+
+
+def calibrate_machine(data_dir: str | Path, threads: int, say: Any = None) -> None:
+    """On a machine's first use, measure its calibration (a few seconds) so that the estimates are scaled to it
+    instead of trusting another machine's defaults; ``say`` is told before it starts and what it found."""
+    from qexplorer.core import calibration
+    from qexplorer.core.eta import DurationBook, ensure_calibration
+
+    book = DurationBook.in_dir(data_dir)
+    if book.calibration() is not None or not calibration.enabled():
+        return
+    if say:
+        say("calibrating this machine for the time estimates (first use, a few seconds)")
+    found = ensure_calibration(book, threads)
+    if say:
+        say(f"calibrated: {found.describe()}" if found else "calibration failed: estimates use another machine's "
+            "defaults until jobs have run here")
 
 
 def learned_vllm_overhead(data_dir: str | Path, snapshot: TelemetrySnapshot | None) -> int | None:

@@ -81,6 +81,7 @@ class QExplorerApp(App[int]):
         self.machine_snapshot: TelemetrySnapshot | None = None  # the real machine's, when the screens simulate
         self.clock = time.monotonic  # the jobs screen's "time left"; tests fix it
         self._estimated: tuple[tuple, tuple] | None = None  # planned_jobs' last estimates and what they depend on
+        self._shown_estimated: tuple[tuple, tuple] | None = None  # the same under --simulate, for the shown device
         self._timer: Timer | None = None
         self._job_queue = None  # created with the first job: the job machinery stays out of start-up
         self.results_error: str | None = None
@@ -118,6 +119,8 @@ class QExplorerApp(App[int]):
             # process walk would otherwise compete with it for the GIL.
             self.call_after_refresh(self.request_sample)
             self._timer = self.set_interval(self.refresh_s, self.request_sample)
+            if not self.dashboard_only:
+                self.call_after_refresh(lambda: self.set_timer(1.0, self._calibrate))
 
     def on_unmount(self) -> None:
         if self._job_queue is not None:
@@ -165,6 +168,22 @@ class QExplorerApp(App[int]):
     def _on_sample(self, message: TelemetrySampled) -> None:
         self.history.append(message.snapshot)
         self.snapshot = message.snapshot
+
+    @work(thread=True, group="calibration", exit_on_error=False)
+    def _calibrate(self) -> None:
+        """On this machine's first use, its calibration for the time estimates (a few seconds, in a child
+        process); the plan's estimates are made again with it."""
+        from qexplorer.core.domain.bench import BenchConfig
+        from qexplorer.core.session import calibrate_machine
+
+        said: list[str] = []
+        calibrate_machine(self.settings.results_path, BenchConfig().thread_count, said.append)
+        if said:
+            self.call_from_thread(self._calibrated, said[-1])
+
+    def _calibrated(self, text: str) -> None:
+        self._estimated = None
+        self.notify(f"Time estimates: {text}.", timeout=6)
 
     # ------------------------------------------------------------------ catalog
     @work(thread=True, group="catalog", exit_on_error=False)
@@ -399,12 +418,29 @@ class QExplorerApp(App[int]):
         cuda = hardware_from_snapshot(real).cuda
         chosen = [p for p in PRECISIONS if p.key in self.chosen]
         # the plan screen asks every second; the estimate changes only with the jobs, the options, or a job's end
-        key = (self.model.path, tuple(p.key for p in chosen), options, cuda, sum(j.finished for j in self.jobs))
+        measured = frozenset(r.precision for r in self.compare_rows)  # those already answered get no quick pass
+        key = (self.model.path, tuple(p.key for p in chosen), options, cuda, sum(j.finished for j in self.jobs),
+               measured)
         cached = self._estimated[1] if self._estimated is not None and self._estimated[0] == key else None
         plan = plan_run(self.model.path, self.model, chosen, options, real, self.settings.results_path,
-                        self.settings.models, cuda=cuda, estimates=cached)
+                        self.settings.models, cuda=cuda, estimates=cached, measured=measured)
         self._estimated = (key, plan.estimates)
         return plan
+
+    def shown_estimates(self, planned):
+        """The estimates the plan screen shows: the real jobs' own, or under --simulate the same jobs as the
+        shown device would run them (projected from its published figures where it has them)."""
+        if not self.sources.separate_guard or self.snapshot is None or not planned.specs:
+            return planned.estimates
+        from qexplorer.core.eta import estimate_jobs
+
+        key = (self._estimated[0] if self._estimated else None, self.snapshot.simulated)
+        if self._shown_estimated is None or self._shown_estimated[0] != key:
+            device = self.snapshot.devices[0].name if self.snapshot.devices else None
+            self._shown_estimated = (key, estimate_jobs(self.model, planned.specs, self.settings.results_path,
+                                                        cuda=bool(self.snapshot.devices), device=device,
+                                                        simulated=True))
+        return self._shown_estimated[1]
 
     def queue_chosen(self) -> None:
         """Queue one job per chosen precision that the plan says fits; then show the jobs screen."""

@@ -87,13 +87,13 @@ class PhaseSpec:
 
 
 PHASES: dict[PhaseKind, PhaseSpec] = {spec.kind: spec for spec in (
-    PhaseSpec(PhaseKind.START, shared_work=True, eta_unit=EtaUnit.JOB),
+    PhaseSpec(PhaseKind.START, shared_work=True, eta_unit=EtaUnit.ARTIFACT_GIB),  # hashing a new artifact
     PhaseSpec(PhaseKind.DEQUANTIZE, shared_work=True, eta_unit=EtaUnit.BF16_GIB),
     PhaseSpec(PhaseKind.REFERENCE, shared_work=True, eta_unit=EtaUnit.PARAM_TOKENS),
     PhaseSpec(PhaseKind.CONVERT, shared_work=True, eta_unit=EtaUnit.BF16_GIB),
     PhaseSpec(PhaseKind.QUANTIZE, eta_unit=EtaUnit.BF16_GIB),
     PhaseSpec(PhaseKind.LOAD, eta_unit=EtaUnit.ARTIFACT_GIB),
-    PhaseSpec(PhaseKind.ENGINE, eta_unit=EtaUnit.JOB),
+    PhaseSpec(PhaseKind.ENGINE, eta_unit=EtaUnit.ARTIFACT_GIB),  # a start, then the weights
     PhaseSpec(PhaseKind.BENCHMARK, timed=True, alone=True, guard=GuardRate.USER, eta_unit=EtaUnit.GIB_TOKENS),
     PhaseSpec(PhaseKind.LOG_PROBS, eta_unit=EtaUnit.PARAM_TOKENS),
     PhaseSpec(PhaseKind.QUALITY, eta_unit=EtaUnit.PARAM_TOKENS),

@@ -310,6 +310,7 @@ class RunRecord:
     reuse_key: str | None = None  # what the figures depend on (core.reuse); equal key, equal measurement
     reused_from: int | None = None  # set when this result is an earlier measurement shown again (core.reuse)
     reused_measured_at: str | None = None  # when that earlier measurement was made (ISO 8601, UTC)
+    first_pass: bool = False  # the quick first answer (JobSpec.first_pass): replaced when the full figures land
     version: int = RECORD_VERSION
 
     @property

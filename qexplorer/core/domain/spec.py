@@ -43,6 +43,9 @@ class JobSpec:
     # takes what the other leaves instead of oversubscribing the cores; the benchmark's count from its first
     # timed phase on. 0: the benchmark's count throughout
     prepare_threads: int = 0
+    # the first answer (session.plan_run): a quick pass of every precision before the full method; its result
+    # is shown labelled "quick" until this precision's full figures land, then gives way to them
+    first_pass: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)

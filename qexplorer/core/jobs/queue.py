@@ -381,7 +381,7 @@ def _label(spec: JobSpec | ServerSpec) -> str:
     from qexplorer.core.precisions import BY_KEY
 
     precision = BY_KEY.get(spec.precision)
-    label = precision.label if precision else spec.precision
+    label = (precision.label if precision else spec.precision) + (" (quick)" if spec.first_pass else "")
     return f"export {label}" if spec.action == JobAction.EXPORT else label
 
 

@@ -92,7 +92,7 @@ class CompareScreen(Screen):
         for r in self._rows:
             marks = {SupportMode.EMULATED: "*", SupportMode.DEQUANTIZED: "†", SupportMode.WEIGHT_ONLY: "ʷ"}.get(r.mode, "")
             label = ("≠ " if not r.compared else "") + r.label + marks + ("ᵏ" if r.kernel_mismatch else "") + (
-                " ◆" if r.precision in front else "")
+                " (quick)" if r.first_pass else "") + (" ◆" if r.precision in front else "")
             noisy = "~" if r.noise else ""
             at = f" d{r.depth}" if r.depth else ""
             table.add_row(
@@ -123,6 +123,8 @@ class CompareScreen(Screen):
             notes.append("ʷ served weight-only (activations not quantized)")
         if any(not r.compared for r in self._rows):
             notes.append("≠ other settings: shown, not ranked")
+        if any(r.first_pass for r in self._rows):
+            notes.append("(quick): the first answer, replaced when the full figures land")
         if any(r.roofline_suspect for r in self._rows):
             notes.append("!roof > 100 %: a wrong bound, not a fact")
         sim = f"[reverse] SIMULATED {self.app.snapshot.simulated} [/reverse] " if (

@@ -85,9 +85,17 @@ does not compete with the figure it shows; they catch up when it is taken.
 A precision that does not fit is not queued. The **est. time** column and the
 summary give each selected job's estimated duration, in the order they will
 run: cheapest first (GGUF re-quantizations, then data-free schemes, calibrated
-methods last). Estimates come from the model's size, the method and the rates
-earlier jobs measured on this machine (defaults until one has run, and the
-label says which); shared work (dequantizing, the reference) counts once.
+methods last). Estimates come from the model's size, the method and what
+earlier jobs took on this machine; before any has, from defaults scaled by a
+few-second calibration of this machine on first use (the label says which).
+Shared work (dequantizing, the reference) counts once. Under `--simulate`
+with a GPU profile (gb10, h100) the estimates are a **projection** from the
+device's published figures; the detail line names what each phase rests on.
+
+A precision measured for the first time gets a **quick pass** first (pp64 /
+tg16 × 2, quality on 1024 tokens), so that every selected precision has an
+answer within minutes; its compare row says "(quick)" until the full
+measurement lands and replaces it (`qexplorer run --no-quick-pass` skips it).
 
 ## Jobs (`j`)
 

@@ -77,12 +77,17 @@ class PlanScreen(Screen):
         self._plans_cache = plans
         spec, snap = app.model, app.snapshot
         planned = app.planned_jobs()
-        estimates = planned.estimates
-        eta = {e.precision: e for e in estimates}
-        queue_s = planned.total_s
+        estimates = app.shown_estimates(planned)
+        eta: dict[str, list] = {}  # a precision's jobs: its quick first answer and its full measurement
+        for estimate in estimates:
+            eta.setdefault(estimate.precision, []).append(estimate)
+        self._eta = eta
+        queue_s = sum(e.total_s for e in estimates)
         order = planned.order_text
         sources = {e.source for e in estimates}
-        eta_line = (f"\n{len(estimates)} jobs, at most {format_duration(queue_s)} one after another (estimated "
+        quick = [e.total_s for e in estimates if e.first_pass]
+        first = f" (every precision answered quick within {format_duration(sum(quick))})" if quick else ""
+        eta_line = (f"\n{len(estimates)} jobs{first}, at most {format_duration(queue_s)} one after another (estimated "
                     f"{sources.pop() if len(sources) == 1 else 'partly from defaults'}; overlapping shortens it), "
                     f"started {order}") if estimates else "\nno job selected"
         hardware = hardware_from_snapshot(snap)
@@ -109,9 +114,9 @@ class PlanScreen(Screen):
             engine = f"{plan.engine}†" if plan.engine == "transformers" else str(plan.engine)
             runs = Text(f"{engine} {plan.support}",
                         style=colours.get("text-warning", "") if plan.support != "native" else "")
-            estimate = eta.get(plan.precision)
+            jobs = eta.get(plan.precision)
             table.add_row(
-                label, f"~{format_duration(estimate.total_s)}" if estimate else "", f"{plan.bits_per_weight:.2f}",
+                label, f"~{format_duration(sum(e.total_s for e in jobs))}" if jobs else "", f"{plan.bits_per_weight:.2f}",
                 format_bytes(plan.weight_bytes), format_bytes(plan.total_bytes),
                 format_bytes(plan.margin_bytes) if plan.margin_bytes is not None else "n/a",
                 verdict, runs, key=plan.precision,
@@ -141,6 +146,7 @@ class PlanScreen(Screen):
             f"{plan.label}: {plan.engine}, {plan.support} on {plan.runs_on} ({plan.support_note}){group}; "
             f"serve with {' / '.join(plan.servers)}. KV {format_bytes(plan.kv_bytes_per_token)}/token; "
             f"overhead {format_bytes(plan.overhead_bytes)} ({overhead})." + (_vllm_line(plan.vllm) if plan.vllm else "")
+            + _projection_line(getattr(self, "_eta", {}).get(plan.precision, [None])[-1])
         )
 
     # ------------------------------------------------------------------ actions
@@ -233,3 +239,12 @@ def _vllm_line(vllm: VllmServePlan) -> str:
              if vllm.utilization is not None else "")
     return f"\nvLLM expected kernel: {vllm.expected_kernel}; {vllm.graphs}; --dtype {vllm.dtype}" + (
         f"; {start}" if start else "")
+
+
+def _projection_line(estimate) -> str:
+    """A projected job estimate's phases, each with what it rests on (the plan's words, not a measurement)."""
+    if estimate is None or not any(p.basis for p in estimate.phases):
+        return ""
+    return "\nprojected job: " + "; ".join(f"{p.name} {format_duration(p.seconds)}" + (f" ({p.basis})" if p.basis
+                                                                                          else "")
+                                             for p in estimate.phases)
