@@ -19,6 +19,11 @@ def problems() -> tuple[humaneval.Problem, ...]:
     return humaneval.load_problems()
 
 
+# the dataset's own solutions and prompts are trusted code: on a machine without namespaces they run under the
+# limits and the guard alone, so that the harness is still checked both ways there
+TRUSTED = True
+
+
 def test_the_164_problems_in_order(problems):
     assert [p.task_id for p in problems] == [f"HumanEval/{i}" for i in range(164)]
     assert all(p.entry_point and f"def {p.entry_point}(" in p.prompt for p in problems)
@@ -84,19 +89,20 @@ def test_completion_from_answer_keeps_definitions_and_drops_the_example_run(prob
     body_only = humaneval.completion_from_answer(problem, f"```python\n{problem.canonical_solution}```")
     assert body_only == problem.canonical_solution
     results = list(sandbox.run_programs([humaneval.program(problem, completion),
-                                         humaneval.program(problem, body_only)]))
+                                         humaneval.program(problem, body_only)], allow_unisolated=TRUSTED))
     assert [r.reason for r in results] == ["passed", "passed"]
 
 
 def test_canonical_solutions_all_pass(problems, tmp_path):
     results = list(sandbox.run_programs([humaneval.program(p, p.canonical_solution) for p in problems],
-                                        temp_root=tmp_path))
+                                        temp_root=tmp_path, allow_unisolated=TRUSTED))
     failures = {p.task_id: r.reason for p, r in zip(problems, results, strict=True) if not r.passed}
     assert failures == {}
 
 
 def test_prompts_alone_all_fail(problems, tmp_path):
-    results = list(sandbox.run_programs([humaneval.program(p, "") for p in problems], temp_root=tmp_path))
+    results = list(sandbox.run_programs([humaneval.program(p, "") for p in problems], temp_root=tmp_path,
+                                        allow_unisolated=TRUSTED))
     passing = [p.task_id for p, r in zip(problems, results, strict=True) if r.passed]
     assert passing == []
     # they fail on the tests' asserts (a docstring-only body returns None), not on the sandbox
