@@ -22,6 +22,7 @@ from qexplorer.core.errors import UserError
 from qexplorer.core.eta import estimate_jobs
 from qexplorer.core.jobs.clock import timings_from
 from qexplorer.core.precisions import get
+from qexplorer.core.results import ResultsStore, flat_row, to_markdown
 from qexplorer.core.reuse import reuse_key
 from qexplorer.core.session import RunOptions, plan_run
 from qexplorer.core.tasks import humaneval, sandbox, stats
@@ -210,3 +211,15 @@ def test_cli_run_with_tasks_on_the_bundled_model(capsys, isolated_user_dirs):
         assert 0 <= row["low"] <= row["accuracy"] <= row["high"] <= 1
         assert row["recovery"] is None and row["versus_reference"] is None  # no bf16 measured in this run
 
+
+def test_the_exports_carry_each_task_with_its_interval(tmp_path: Path):
+    store = ResultsStore.in_dir(tmp_path)
+    store.add(replace(a_record("q8_0"), tasks=(score("arith", (True, False, True, True)),)))
+    (stored,) = store.all()
+    (fields,) = json.loads(flat_row(stored)["task_scores"])
+    interval = stats.wilson(3, 4)
+    assert fields == {"task": "arith", "engine": "llama.cpp", "template": "chat", "n": 4, "passed": 3,
+                      "accuracy": 0.75, "wilson_low": interval.low, "wilson_high": interval.high, "per_length": None}
+    assert (f"arith 3/4 = 75.0 % (95 % CI {100 * interval.low:.1f}-{100 * interval.high:.1f} %, chat)"
+            in to_markdown([stored]))
+    assert flat_row(replace(stored, record=a_record("q8_0")))["task_scores"] is None
