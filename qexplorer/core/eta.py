@@ -85,8 +85,7 @@ REFERENCE_CALIBRATION = Calibration(python_mops=44.6, bf16_gflops=411.0, fp32_gf
                                     threads=2)
 
 _P, _B, _F, _C = Bound.PYTHON, Bound.BF16, Bound.FP32, Bound.COPY
-TASKS_FIXED_S = 5.0
-TASKS_PER_UNIT_S = 0.05
+TASKS_FIXED_S = 5.0  # the task pass's fixed part (see DEFAULT_COSTS)
 # Fitted (scripts/bench_jobs.py fit) on the reference machine: the default ladder (Q8_0, Q4_K_M, BF16, INT8) with
 # quality, cold, on the bundled model and random-weight models of 0.19, 0.42, 1.07 B and a 0.99 B MoE (0.20 B
 # active) - 2026-12-03, the README's scale table. Each is (fixed s, s per unit, bound).
@@ -112,11 +111,15 @@ DEFAULT_COSTS: dict[str, Cost] = {
     rate_key(PhaseKind.BENCHMARK, "llama.cpp"): Cost(0.54, 0.0637, _F),
     rate_key(PhaseKind.BENCHMARK, "vllm"): Cost(0.52, 0.0638, _B),
     rate_key(PhaseKind.BENCHMARK, "transformers"): Cost(0.5, 0.13, _B),  # not measured: about half vLLM-CPU's speed
-    # the task pass: units are the most tokens it may generate × active GiB (answers stop early, the fit absorbs
-    # it); its fixed part is the sandbox probe, a context of its own and scoring
-    rate_key(PhaseKind.TASKS, "llama.cpp"): Cost(TASKS_FIXED_S, TASKS_PER_UNIT_S, _F),
-    rate_key(PhaseKind.TASKS, "vllm"): Cost(TASKS_FIXED_S, TASKS_PER_UNIT_S, _B),
-    rate_key(PhaseKind.TASKS, "transformers"): Cost(TASKS_FIXED_S, 2 * TASKS_PER_UNIT_S, _B),  # not measured
+    # the task pass: units are the most tokens it may generate × active GiB (answers stop early: the rate absorbs
+    # it). Measured 2026-12-03 on the bundled model (--quick --tasks humaneval,arith --tasks-limit 24, its chat
+    # template): Q4_K_M in llama.cpp 58.2 s for 941 units, alone; BF16 in vLLM 41.2 s for 2,502 units, its 48
+    # requests batched, beside another job's work (an upper bound). One point each: the fixed part (the sandbox
+    # probe, a context of its own, scoring the programs two at a time) is assumed, not fitted
+    rate_key(PhaseKind.TASKS, "llama.cpp"): Cost(TASKS_FIXED_S, 0.055, _F),
+    rate_key(PhaseKind.TASKS, "vllm"): Cost(TASKS_FIXED_S, 0.0141, _B),
+    # not measured: generate() one prompt at a time in eager PyTorch, taken as twice llama.cpp's
+    rate_key(PhaseKind.TASKS, "transformers"): Cost(TASKS_FIXED_S, 0.11, _B),
     rate_key(PhaseKind.QUALITY, "llama.cpp"): Cost(4.6, 0.0149, _F),
     rate_key(PhaseKind.LOG_PROBS, "vllm"): Cost(7.3, 0.0100, _B),  # vLLM's prompt log-probs on the reference's chunks
     rate_key(PhaseKind.QUALITY, "transformers"): Cost(1.1, 0.0176, _B),  # the artifact's own pass

@@ -43,8 +43,9 @@ HUMANEVAL_MAX_NEW_TOKENS = 384
 # "Answer with the number only": a number is a few tokens; 32 leaves room for a short sentence around it, which
 # extract_answer reads, without paying for working written out at length
 ARITH_MAX_NEW_TOKENS = 32
-# the longest HumanEval prompt through a chat template is under 1,100 tokens with the bundled model's tokenizer,
-# plus the answer: the context the engines are given for the pass
+# the context the engines are given for the pass: the longest HumanEval prompt is 419 tokens with EvalPlus's
+# instruction in the bundled model's tokenizer (395 without), plus a chat template and 384 new tokens is about
+# 850; twice that leaves room for tokenizers that split code more finely and for templates with a system prompt
 TASK_CONTEXT_TOKENS = 2048
 # requests in flight at once where the engine batches (vLLM): enough to fill a small batch on a CPU or a GPU
 # without a KV cache much larger than the benchmark's
