@@ -112,14 +112,15 @@ DEFAULT_COSTS: dict[str, Cost] = {
     rate_key(PhaseKind.BENCHMARK, "vllm"): Cost(0.52, 0.0638, _B),
     rate_key(PhaseKind.BENCHMARK, "transformers"): Cost(0.5, 0.13, _B),  # not measured: about half vLLM-CPU's speed
     # the task pass: units are the most tokens it may generate × active GiB (answers stop early: the rate absorbs
-    # it). Measured 2026-12-03 on the bundled model (--quick --tasks humaneval,arith --tasks-limit 24, its chat
-    # template): Q4_K_M in llama.cpp 58.2 s for 941 units, alone; BF16 in vLLM 41.2 s for 2,502 units, its 48
-    # requests batched, beside another job's work (an upper bound). One point each: the fixed part (the sandbox
-    # probe, a context of its own, scoring the programs two at a time) is assumed, not fitted
-    rate_key(PhaseKind.TASKS, "llama.cpp"): Cost(TASKS_FIXED_S, 0.055, _F),
-    rate_key(PhaseKind.TASKS, "vllm"): Cost(TASKS_FIXED_S, 0.0141, _B),
+    # it). Measured 2026-12-03 on the bundled model, the full pass (--quick --tasks humaneval,arith: 164 + 160
+    # items, its chat template): Q4_K_M in llama.cpp 478.5 s for 6,417 units, alone; BF16 in vLLM 347.8 s for
+    # 17,062 units, its requests batched 8 at a time, beside another job's work (an upper bound). With 24 items
+    # of each the rates were 0.055 and 0.014: the later HumanEval problems draw longer answers. One point each:
+    # the fixed part (the sandbox probe, a context of its own, scoring programs two at a time) is assumed
+    rate_key(PhaseKind.TASKS, "llama.cpp"): Cost(TASKS_FIXED_S, 0.072, _F),
+    rate_key(PhaseKind.TASKS, "vllm"): Cost(TASKS_FIXED_S, 0.020, _B),
     # not measured: generate() one prompt at a time in eager PyTorch, taken as twice llama.cpp's
-    rate_key(PhaseKind.TASKS, "transformers"): Cost(TASKS_FIXED_S, 0.11, _B),
+    rate_key(PhaseKind.TASKS, "transformers"): Cost(TASKS_FIXED_S, 0.144, _B),
     rate_key(PhaseKind.QUALITY, "llama.cpp"): Cost(4.6, 0.0149, _F),
     rate_key(PhaseKind.LOG_PROBS, "vllm"): Cost(7.3, 0.0100, _B),  # vLLM's prompt log-probs on the reference's chunks
     rate_key(PhaseKind.QUALITY, "transformers"): Cost(1.1, 0.0176, _B),  # the artifact's own pass
