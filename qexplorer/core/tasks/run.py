@@ -36,6 +36,7 @@ from qexplorer.core.tasks import arith, humaneval
 HUMANEVAL = "humaneval"
 ARITH = "arith"
 KNOWN = (HUMANEVAL, ARITH)
+DEFAULT_TASKS = (HUMANEVAL, ARITH)  # what the plan screen's toggle runs (arith with its default lengths)
 # HumanEval's canonical solutions are at most about 300 tokens (most under 100); 384 leaves an instruct model's
 # answer room for its code block without letting a model that never stops run on (EvalPlus allows 768, for
 # large models' prose around the code; the Codex paper's base-model runs used 512 tokens including the prompt)
