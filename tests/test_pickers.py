@@ -165,3 +165,22 @@ async def test_the_app_sets_every_run_option_the_cli_has(tmp_path: Path):
         await pilot.pause()
         assert app.run_options().corpus == str(corpus)
         assert any("does not exist" in n.message for n in app._notifications)
+
+
+async def test_t_on_the_plan_screen_toggles_the_task_pass_for_the_full_jobs():
+    app = sim_app("none")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await feed_samples(app, pilot, 1)
+        await settle(app, pilot)
+        await pilot.press("p")
+        await pilot.pause()
+        assert app.run_options().tasks == ()
+        await pilot.press("t")
+        await pilot.pause()
+        assert app.run_options().tasks == ("humaneval", "arith")
+        plan = app.planned_jobs()
+        assert all(s.tasks == (() if s.first_pass else ("humaneval", "arith")) for s in plan.specs)
+        assert "tasks humaneval,arith" in str(app.screen.query_one("#plan-summary").render())
+        await pilot.press("t")
+        await pilot.pause()
+        assert app.run_options().tasks == ()

@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reference", choices=("bf16", "fp32"), default="bf16", help="reference precision")
     run.add_argument("--quality-tokens", type=int, default=4096, help="tokens of evaluation text (default 4096)")
     run.add_argument("--quality-ctx", type=int, default=512, help="chunk length for quality (default 512)")
+    run.add_argument("--tasks", metavar="TASK,...",
+                     help="after each benchmark, task accuracy with the same engine: humaneval, arith or arith:N "
+                          "(chains of 1 to N steps, default 8); greedy, every item kept for paired comparisons")
+    run.add_argument("--tasks-limit", type=int, metavar="N",
+                     help="at most N items per task (HumanEval: the first N; arith: spread over the lengths)")
+    run.add_argument("--allow-unisolated-exec", action="store_true",
+                     help="let HumanEval run model-written code even where the sandbox has no network isolation")
     run.add_argument("--engine-args", default="", metavar="ARGS",
                      help="extra arguments for the serving engine, recorded with the result "
                           "(vLLM: \"--tensor-parallel-size 2\")")

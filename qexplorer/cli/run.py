@@ -23,8 +23,11 @@ from qexplorer.core.kinds import JobAction
 from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.results import ResultsStore, flat_row, to_markdown
 from qexplorer.core.safety import check_loadable
+from qexplorer.core.serial import to_jsonable
 from qexplorer.core.session import RunOptions, RunOrder, calibrate_machine, plan_run
 from qexplorer.core.settings import Settings, engine_env
+from qexplorer.core.tasks.run import check_can_score, parse_task_list
+from qexplorer.core.tasks.summary import summarize
 from qexplorer.core.telemetry import local_sampler
 from qexplorer.core.units import format_bytes
 
@@ -120,6 +123,9 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
+    limit = args.tasks_limit
+    if limit is not None and limit < 1:
+        raise UserError(f"--tasks-limit {limit} is not a number of items; give 1 or more.")
     order = (RunOrder.AS_LISTED if getattr(args, "as_listed", False) else
              RunOrder.ONE_AT_A_TIME if getattr(args, "one_at_a_time", False) else RunOrder.OVERLAP)
     return RunOptions(bench=bench_config(args), quality=args.quality, corpus=args.corpus,
@@ -127,11 +133,16 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       engine_args=tuple(shlex.split(args.engine_args or "")),
                       trust_remote_code=args.trust_remote_code, reuse=not getattr(args, "remeasure", False),
                       order=order, force=args.force, shown_profile=args.simulate,
-                      first_answer=not getattr(args, "no_quick_pass", False))
+                      first_answer=not getattr(args, "no_quick_pass", False),
+                      tasks=parse_task_list(args.tasks), tasks_limit=limit,
+                      allow_unisolated_exec=args.allow_unisolated_exec)
 
 
 def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     chosen = precisions.parse_list(args.precision)
+    options = run_options(args)
+    # HumanEval without network isolation is refused now, in one sentence, not in every worker after its benchmark
+    check_can_score(options.tasks, options.allow_unisolated_exec)
     if args.corpus:  # a bad evaluation file is caught before any worker starts
         from qexplorer.core.quality import load_corpus
 
@@ -141,7 +152,6 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     # --simulate changes what is drawn, never what plans and guards real jobs: this machine does both
     sampler = local_sampler(reserve_bytes=settings.reserve_bytes)
     snapshot = sampler.sample()
-    options = run_options(args)
     calibrate_machine(settings.results_path, options.bench.thread_count, lambda text: sys.stderr.write(text + "\n"))
     store = ResultsStore.in_dir(settings.results_path)
     planned = plan_run(args.model, spec, chosen, options, snapshot, settings.results_path,
@@ -189,9 +199,15 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
         json.dump({"schema": "qexplorer.run/2", "model": spec.name,
                    "jobs": [{"precision": s.precision, "first_pass": s.first_pass, "status": str(v.status),
                              "error": v.error, "log": v.log_path,
-                             "stored_id": v.stored_id, "result": v.record.to_json() if v.record else None}
+                             "stored_id": v.stored_id, "result": v.record.to_json() if v.record else None,
+                             "estimate": {"total_s": round(v.estimate.total_s, 1), "source": v.estimate.source,
+                                          "phases": [[p.name, round(p.seconds, 1)] for p in v.estimate.phases]}
+                             if v.estimate is not None else None}
                             for v, s in zip(queue.views(), planned.specs, strict=True)],
-                   "results": [flat_row(r) for r in stored if r.status == "ok"]}, sys.stdout, indent=2, default=str)
+                   "results": [flat_row(r) for r in stored if r.status == "ok"],
+                   "task_accuracy": to_jsonable(summarize([r.record for r in stored if r.status == "ok"],
+                                                          options.reference))},
+                  sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(to_markdown([r for r in stored if r.status == "ok"]))

@@ -85,6 +85,7 @@ REFERENCE_CALIBRATION = Calibration(python_mops=44.6, bf16_gflops=411.0, fp32_gf
                                     threads=2)
 
 _P, _B, _F, _C = Bound.PYTHON, Bound.BF16, Bound.FP32, Bound.COPY
+TASKS_FIXED_S = 5.0  # the task pass's fixed part (see DEFAULT_COSTS)
 # Fitted (scripts/bench_jobs.py fit) on the reference machine: the default ladder (Q8_0, Q4_K_M, BF16, INT8) with
 # quality, cold, on the bundled model and random-weight models of 0.19, 0.42, 1.07 B and a 0.99 B MoE (0.20 B
 # active) - 2026-12-03, the README's scale table. Each is (fixed s, s per unit, bound).
@@ -110,6 +111,16 @@ DEFAULT_COSTS: dict[str, Cost] = {
     rate_key(PhaseKind.BENCHMARK, "llama.cpp"): Cost(0.54, 0.0637, _F),
     rate_key(PhaseKind.BENCHMARK, "vllm"): Cost(0.52, 0.0638, _B),
     rate_key(PhaseKind.BENCHMARK, "transformers"): Cost(0.5, 0.13, _B),  # not measured: about half vLLM-CPU's speed
+    # the task pass: units are the most tokens it may generate × active GiB (answers stop early: the rate absorbs
+    # it). Measured 2026-12-03 on the bundled model, the full pass (--quick --tasks humaneval,arith: 164 + 160
+    # items, its chat template): Q4_K_M in llama.cpp 478.5 s for 6,417 units, alone; BF16 in vLLM 347.8 s for
+    # 17,062 units, its requests batched 8 at a time, beside another job's work (an upper bound). With 24 items
+    # of each the rates were 0.055 and 0.014: the later HumanEval problems draw longer answers. One point each:
+    # the fixed part (the sandbox probe, a context of its own, scoring programs two at a time) is assumed
+    rate_key(PhaseKind.TASKS, "llama.cpp"): Cost(TASKS_FIXED_S, 0.072, _F),
+    rate_key(PhaseKind.TASKS, "vllm"): Cost(TASKS_FIXED_S, 0.020, _B),
+    # not measured: generate() one prompt at a time in eager PyTorch, taken as twice llama.cpp's
+    rate_key(PhaseKind.TASKS, "transformers"): Cost(TASKS_FIXED_S, 0.144, _B),
     rate_key(PhaseKind.QUALITY, "llama.cpp"): Cost(4.6, 0.0149, _F),
     rate_key(PhaseKind.LOG_PROBS, "vllm"): Cost(7.3, 0.0100, _B),  # vLLM's prompt log-probs on the reference's chunks
     rate_key(PhaseKind.QUALITY, "transformers"): Cost(1.1, 0.0176, _B),  # the artifact's own pass
@@ -170,6 +181,9 @@ def projected_costs(spec: ModelSpec, device: str, bandwidth_bytes_s: float) -> C
         share, basis = DEVICE_FIGURES["llama.cpp" if engine == "llama.cpp" else "vllm"]
         costs[rate_key(PhaseKind.BENCHMARK, engine)] = Cost(0.0, GIB / (share * bandwidth_bytes_s), device_bound,
                                                              basis.format(share))
+        # one stream's decode rate: a lower bound's worth of speed, since vLLM batches the pass's requests
+        costs[rate_key(PhaseKind.TASKS, engine)] = Cost(TASKS_FIXED_S, GIB / (share * bandwidth_bytes_s),
+                                                        device_bound, basis.format(share))
     return CostModel(costs, pp_factor=DEVICE_PP_FACTOR, reference=None,
                      label=f"as a projection for {device} from published figures")
 
@@ -282,7 +296,8 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str, cac
     units = {EtaUnit.JOB: 1.0, EtaUnit.BF16_GIB: weight_bytes(spec, BY_KEY["bf16"]) / GIB,
              EtaUnit.ARTIFACT_GIB: artifact_gib,
              EtaUnit.PARAM_TOKENS: (spec.active_params or 0) * job.quality_tokens / 1e9,
-             EtaUnit.GIB_TOKENS: timed * artifact_gib * active_weight_fraction(spec, precision)}
+             EtaUnit.GIB_TOKENS: timed * artifact_gib * active_weight_fraction(spec, precision),
+             EtaUnit.TASK_GIB_TOKENS: _task_tokens(job) * artifact_gib * active_weight_fraction(spec, precision)}
     phases: list[tuple[PhaseKind, str, float]] = []
 
     def add(phase: PhaseKind, *qualifiers: str) -> None:
@@ -313,6 +328,8 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str, cac
     else:
         add(PhaseKind.LOAD, engine)
     add(PhaseKind.BENCHMARK, engine)
+    if job.tasks:
+        add(PhaseKind.TASKS, engine)
     if job.quality and engine == str(Engine.VLLM):  # vLLM's own log-probs, its cross-check
         add(PhaseKind.LOG_PROBS, engine)
     elif job.quality and not is_reference:
@@ -323,6 +340,15 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str, cac
                    bf16_gguf=cached.bf16_gguf or (precision.is_gguf and spec.format == ModelFormat.HF),
                    artifacts=cached.artifacts | {precision.key})
     return phases, after
+
+
+def _task_tokens(job: Any) -> int:
+    """The most tokens a job's task pass may generate (0 without one)."""
+    if not job.tasks:
+        return 0
+    from qexplorer.core.tasks.run import token_budget
+
+    return token_budget(job)
 
 
 class DurationBook:

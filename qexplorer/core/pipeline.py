@@ -83,6 +83,10 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
             raise UserError("An export needs an output path (--out).")
         return (yield from checked(export_model(spec, precision, Path(job.export_path), work_dir,
                                                 job.bench.threads), cancel))
+    if job.tasks:  # refused before anything is made where HumanEval's programs could not be isolated
+        from qexplorer.core.tasks.run import check_can_score
+
+        check_can_score(job.tasks, job.allow_unisolated_exec)
     baseline_rss = current_rss_bytes()
     reference = None
     if job.quality:
@@ -144,6 +148,7 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
         depth_rooflines=tuple(roofline_of(s) for s in measured.depth_speeds),
         roofline_note=roofline_note(roofline, hardware.bandwidth_source),
         quality=measured.quality, engine_quality=measured.engine_quality, reuse_key=key, first_pass=job.first_pass,
+        tasks=measured.tasks,
     )
 
 

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from qexplorer.core.domain.bench import Stat, known
-from qexplorer.core.domain.record import RunRecord, record_from_legacy
+from qexplorer.core.domain.record import RunRecord, TaskScore, record_from_legacy
 from qexplorer.core.errors import UserError
 from qexplorer.core.kinds import JobStatus, SupportMode
+from qexplorer.core.tasks.stats import wilson
 from qexplorer.core.units import format_bytes
 
 SCHEMA_VERSION = 2
@@ -297,9 +298,26 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "ppl": known(quality.ppl) if quality else None, "ppl_ref": known(quality.ppl_ref) if quality else None,
         "engine_kld_mean": r.engine_quality.kld_mean if r.engine_quality else None,
         "engine_same_top1_pct": r.engine_quality.same_top1_pct if r.engine_quality else None,
+        "task_scores": json.dumps([task_fields(t) for t in r.tasks]) if r.tasks else None,
         "versions": json.dumps(r.versions, sort_keys=True),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result.created_at)),
     }
+
+
+def task_fields(score: TaskScore) -> dict[str, Any]:
+    """One task's accuracy with its Wilson 95 % interval, flat (the exports; the paired tests across precisions
+    are core.tasks.summary's)."""
+    interval = wilson(score.passed, score.n)
+    return {"task": score.name, "engine": score.engine, "template": score.template, "n": score.n,
+            "passed": score.passed, "accuracy": interval.fraction, "wilson_low": interval.low,
+            "wilson_high": interval.high,
+            "per_length": [[a.length, a.n, a.passed] for a in score.per_length] or None}
+
+
+def task_text(score: TaskScore) -> str:
+    interval = wilson(score.passed, score.n)
+    return (f"{score.name} {score.passed}/{score.n} = {100 * (interval.fraction or 0.0):.1f} % "
+            f"(95 % CI {100 * interval.low:.1f}-{100 * interval.high:.1f} %, {score.template})")
 
 
 def _grouped(results: list[StoredResult]) -> list[tuple[StoredResult, bool]]:
@@ -367,6 +385,8 @@ def to_markdown(results: list[StoredResult]) -> str:
                      f"PPL {_known(q.ppl, '{:.2f}')} (ref {_known(q.ppl_ref, '{:.2f}')})")
         else:
             qtext = "not measured"
+        if r.tasks:
+            qtext += "; " + "; ".join(task_text(t) for t in r.tasks)
         if not compared:
             label += f" (other settings, not compared: {r.settings_text()})"
         lines.append(f"| {label} | {memory} | {throughput} | {qtext} |")

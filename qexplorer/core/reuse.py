@@ -2,8 +2,9 @@
 
 A job's figures depend on: the artifact's bytes (its SHA-256), the engine and
 every library version, the machine (CPU, cores, GPU), the benchmark settings
-(pp, tg, repetitions, threads, depths) and the quality settings (corpus,
-tokens, context, top-k, reference precision, or no quality at all). Their
+(pp, tg, repetitions, threads, depths), the quality settings (corpus,
+tokens, context, top-k, reference precision, or no quality at all) and the task pass (which tasks, how many
+items). Their
 digest is the record's :attr:`~qexplorer.core.domain.record.RunRecord.reuse_key`.
 A later job with the same key would redo the same measurement, so the worker
 asks the parent (which alone opens the results store) and returns the stored
@@ -46,6 +47,10 @@ def reuse_key(job: JobSpec, artifact_sha256: str, versions: dict[str, str], engi
              "engine": engine_version, "engine_args": list(job.engine_args), "bench": to_jsonable(job.bench),
              "threads": job.bench.thread_count, "quality": quality, "cpu": cpu, "cores": os.cpu_count(),
              "machine": platform.machine(), "gpu": gpu}
+    if job.tasks:  # only then: the keys of results without a task pass stay what they were
+        from qexplorer.core.tasks.run import TASK_CONTEXT_TOKENS
+
+        facts["task_pass"] = {"names": list(job.tasks), "limit": job.tasks_limit, "context": TASK_CONTEXT_TOKENS}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 

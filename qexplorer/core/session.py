@@ -47,6 +47,10 @@ class RunOptions:
     shown_profile: str | None = None  # --simulate's profile, recorded on each result
     # a quick pass of every precision not measured before, ahead of the full method (the first answer)
     first_answer: bool = True
+    # task accuracy after each full job's benchmark (core.tasks.run): ("humaneval", "arith:8"); () off
+    tasks: tuple[str, ...] = ()
+    tasks_limit: int | None = None
+    allow_unisolated_exec: bool = False
 
     @property
     def overlap(self) -> bool:
@@ -91,7 +95,8 @@ def first_pass(full: Sequence[JobSpec], measured: Iterable[str] = ()) -> tuple[J
     return tuple(replace(spec, bench=replace(spec.bench, prompt_tokens=quick.prompt_tokens,
                                              gen_tokens=quick.gen_tokens, repetitions=quick.repetitions,
                                              min_repetitions=quick.min_repetitions, depths=(0,)),
-                         quality_tokens=min(spec.quality_tokens, QUICK_QUALITY_TOKENS), first_pass=True)
+                         quality_tokens=min(spec.quality_tokens, QUICK_QUALITY_TOKENS), first_pass=True,
+                         tasks=())  # the task pass belongs to the full job: the quick answer is speed and quality
                  for spec in full if spec.precision not in seen)
 
 
@@ -121,6 +126,7 @@ def plan_run(model_ref: str, model: ModelSpec, chosen: Sequence[Precision], opti
         quality_tokens=options.quality_tokens, quality_ctx=options.quality_ctx,
         reference_precision=options.reference, trust_remote_code=options.trust_remote_code,
         engine_args=options.engine_args, shown_profile=options.shown_profile, reuse=options.reuse,
+        tasks=options.tasks, tasks_limit=options.tasks_limit, allow_unisolated_exec=options.allow_unisolated_exec,
     )
     planned = plan_jobs(model, ordered(model, chosen, options.order), snapshot, template, force=options.force)
     specs = planned.specs

@@ -62,6 +62,7 @@ class QExplorerApp(App[int]):
     bench_depths: reactive[tuple[int, ...]] = reactive((0,))  # llama-bench -d for the jobs queued next
     measure_quality: reactive[bool] = reactive(True)
     remeasure: reactive[bool] = reactive(False)  # False: a stored result with the same key is shown again (reuse)
+    measure_tasks: reactive[bool] = reactive(False)  # the task pass after each full benchmark (core.tasks.run)
     jobs: reactive[tuple[JobView, ...]] = reactive(())  # the queue's latest view of each job, oldest first
     compare_rows: reactive[tuple[CompareRow, ...]] = reactive(())  # measured results for the compare screen
     quiet: reactive[bool] = reactive(False)  # a job is timed now: screens leave their plots (ui.screens.live)
@@ -400,11 +401,14 @@ class QExplorerApp(App[int]):
                        else bench.repetitions)
 
     def run_options(self) -> RunOptions:
-        """The dialog's options with the plan screen's toggles (quick, depth, quality, re-measure) applied."""
+        """The dialog's options with the plan screen's toggles (quick, depth, quality, re-measure, tasks) applied."""
         from dataclasses import replace
 
+        from qexplorer.core.tasks.run import DEFAULT_TASKS
+
         return replace(self.run_extras, bench=self.bench_config(), quality=self.measure_quality,
-                       reuse=not self.remeasure, shown_profile=self.sources.sampler.simulated)
+                       reuse=not self.remeasure, shown_profile=self.sources.sampler.simulated,
+                       tasks=DEFAULT_TASKS if self.measure_tasks else ())
 
     def planned_jobs(self):
         """The chosen precisions as a core run plan (core.session: the CLI's too), each job with its estimate."""

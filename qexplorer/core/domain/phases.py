@@ -15,6 +15,7 @@ quantize                              fast    GiB of BF16 weights
 load                                  fast    GiB of the artifact
 engine                                fast    per job (one vLLM start)
 benchmark       yes    yes            user    GiB-tokens (tokens timed × GiB read)
+tasks                                 fast    GiB-tokens (tokens the task pass may generate × GiB read)
 log-probs                             fast    billion active parameter-tokens
 quality                               fast    billion active parameter-tokens
 calibrate       yes    yes            user    per job (the bandwidth copy test)
@@ -52,6 +53,7 @@ class PhaseKind(StrEnum):
     LOAD = "load"
     ENGINE = "engine"
     BENCHMARK = "benchmark"
+    TASKS = "tasks"
     LOG_PROBS = "log-probs"
     QUALITY = "quality"
     CALIBRATE = "calibrate"
@@ -72,6 +74,7 @@ class EtaUnit(StrEnum):
     ARTIFACT_GIB = "GiB of the artifact"
     PARAM_TOKENS = "billion active parameter-tokens"
     GIB_TOKENS = "GiB-tokens (tokens timed × GiB read per token)"
+    TASK_GIB_TOKENS = "GiB-tokens (tokens the task pass may generate × GiB read per token)"
     NONE = "not estimated"
 
 
@@ -95,6 +98,8 @@ PHASES: dict[PhaseKind, PhaseSpec] = {spec.kind: spec for spec in (
     PhaseSpec(PhaseKind.LOAD, eta_unit=EtaUnit.ARTIFACT_GIB),
     PhaseSpec(PhaseKind.ENGINE, eta_unit=EtaUnit.ARTIFACT_GIB),  # a start, then the weights
     PhaseSpec(PhaseKind.BENCHMARK, timed=True, alone=True, guard=GuardRate.USER, eta_unit=EtaUnit.GIB_TOKENS),
+    # untimed: its figure is an accuracy, not a speed, so it shares the machine like any preparation
+    PhaseSpec(PhaseKind.TASKS, eta_unit=EtaUnit.TASK_GIB_TOKENS),
     PhaseSpec(PhaseKind.LOG_PROBS, eta_unit=EtaUnit.PARAM_TOKENS),
     PhaseSpec(PhaseKind.QUALITY, eta_unit=EtaUnit.PARAM_TOKENS),
     PhaseSpec(PhaseKind.CALIBRATE, timed=True, alone=True, guard=GuardRate.USER, eta_unit=EtaUnit.JOB,

@@ -120,6 +120,38 @@ class Timings:
     quantize_s: float | None = None
     load_s: float | None = None
     quality_s: float | None = None
+    tasks_s: float | None = None  # the task pass: generation and scoring
+
+
+@dataclass(frozen=True)
+class LengthAccuracy:
+    """One chain length of the arithmetic probe: passed of n items."""
+
+    length: int
+    n: int
+    passed: int
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task on one artifact, with the serving engine: every item's outcome in the task's fixed item order, so
+    that two precisions are compared item by item (core.tasks.summary)."""
+
+    name: str  # "humaneval" or "arith"
+    engine: str  # the engine that generated (llama.cpp, vllm, transformers)
+    template: str  # "chat" (the model's chat template, instruct prompts) or "completion" (the raw prompt)
+    n: int
+    passed: int
+    outcomes: tuple[bool, ...]  # item i passed, in the task's order
+    items_sha256: str  # of the item ids in order: two scores are paired only on the same items
+    max_new_tokens: int
+    per_length: tuple[LengthAccuracy, ...] = ()  # arith: accuracy per chain length, shortest first
+    sandbox: str = ""  # HumanEval: the isolation its programs ran under (core.tasks.sandbox)
+    generated_tokens: int = 0  # what the engine generated for it (the ETA's units are the most it may)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.passed / self.n if self.n else None
 
 
 # When a timed figure is noisy (the reasons are in qexplorer.core.bench.noise): other processes took this share
@@ -311,6 +343,7 @@ class RunRecord:
     reused_from: int | None = None  # set when this result is an earlier measurement shown again (core.reuse)
     reused_measured_at: str | None = None  # when that earlier measurement was made (ISO 8601, UTC)
     first_pass: bool = False  # the quick first answer (JobSpec.first_pass): replaced when the full figures land
+    tasks: tuple[TaskScore, ...] = ()  # task accuracy with the serving engine (JobSpec.tasks); () when not asked
     version: int = RECORD_VERSION
 
     @property
@@ -329,7 +362,8 @@ class RunRecord:
         ref = self.quality.reference if self.quality is not None else None
         quality = ((ref.corpus_sha256, ref.ctx, ref.n_tokens, ref.top_k, ref.precision) if ref is not None
                    else "measured" if self.quality is not None else None)
-        return (bench, hw.cpu if hw else None, hw.gpu if hw else None, quality)
+        tasks = tuple((t.name, t.n, t.items_sha256, t.template, t.max_new_tokens) for t in self.tasks)
+        return (bench, hw.cpu if hw else None, hw.gpu if hw else None, quality, tasks)
 
     def settings_text(self) -> str:
         """The settings of :meth:`settings_key` in words, for a row shown beside others it cannot be ranked with."""
@@ -345,6 +379,8 @@ class RunRecord:
             parts.append(f"quality on {ref.corpus} ({ref.n_tokens} tokens, ctx {ref.ctx}) vs {ref.precision}")
         elif self.quality is None:
             parts.append("no quality")
+        if self.tasks:
+            parts.append("tasks " + ", ".join(f"{t.name} ({t.n} items, {t.template})" for t in self.tasks))
         return "; ".join(parts)
 
     def with_memory(self, **changes: Any) -> RunRecord:

@@ -46,6 +46,11 @@ class JobSpec:
     # the first answer (session.plan_run): a quick pass of every precision before the full method; its result
     # is shown labelled "quick" until this precision's full figures land, then gives way to them
     first_pass: bool = False
+    # task accuracy after the benchmark, with the same engine (core.tasks.run): ("humaneval", "arith:8"); () off
+    tasks: tuple[str, ...] = ()
+    tasks_limit: int | None = None  # at most this many items per task (a subset, for a quick look); None: all
+    # HumanEval runs model-written code: without network isolation only when the user said so
+    allow_unisolated_exec: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)

@@ -25,7 +25,15 @@ from typing import Any, TypeVar
 
 from qexplorer.core.device import CPU_DEVICE, DeviceMemory
 from qexplorer.core.domain.events import Cancelled, JobEvent, checked
-from qexplorer.core.domain.record import EngineInfo, MemoryFigures, QualityStats, ServerQuality, Speed, Timings
+from qexplorer.core.domain.record import (
+    EngineInfo,
+    MemoryFigures,
+    QualityStats,
+    ServerQuality,
+    Speed,
+    TaskScore,
+    Timings,
+)
 from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.kinds import SupportMode
 from qexplorer.core.model import ModelSpec
@@ -47,6 +55,7 @@ class Measured:
     engine_quality: ServerQuality | None = None
     quality_s: float | None = None
     depth_speeds: tuple[Speed, ...] = ()  # the depths after the first (BenchConfig.depths)
+    tasks: tuple[TaskScore, ...] = ()  # the task pass, with this engine (core.tasks.run)
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,13 @@ llama-perplexity's)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import replace
 from importlib import metadata
 
 from qexplorer.core.domain.events import JobEvent, Phase
 from qexplorer.core.domain.phases import PhaseKind
-from qexplorer.core.domain.record import EngineInfo, MemoryFigures, Timings
+from qexplorer.core.domain.record import EngineInfo, MemoryFigures, TaskScore, Timings
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, nvml_gpu_name
 from qexplorer.core.kinds import Engine, SupportMode
 
@@ -33,9 +33,12 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     ctx.check()
     yield Phase(PhaseKind.BENCHMARK, f"llama.cpp: {job.bench.describe()}, {job.bench.thread_count} threads")
     first, *deeper = yield from ctx.checked(llamacpp_timer.run(llm, ctx.bench_text, job.bench))
+    del llm  # the task pass and the quality pass each need a larger context of their own
+    tasks: tuple[TaskScore, ...] = ()
+    if job.tasks:
+        tasks = yield from ctx.checked(_tasks(ctx, gpu))
     quality = quality_s = None
-    if ctx.reference is not None:
-        del llm  # the quality pass needs every position's logits: a second context
+    if ctx.reference is not None:  # every position's logits: a context of its own
         from qexplorer.core import quality as quality_mod
         from qexplorer.core.engines.transformers import quality_pass
 
@@ -58,6 +61,38 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=weight_bytes,
                              resident_weight_bytes=weight_bytes, bytes_per_token=weight_bytes),
         timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=quality,
-        quality_s=quality_s,
+        quality_s=quality_s, tasks=tasks,
         gpu_name=(nvml_gpu_name() or "CUDA (llama.cpp offload)") if gpu else None,
     )
+
+
+def _tasks(ctx: EngineContext, gpu: bool) -> Generator[JobEvent, None, tuple[TaskScore, ...]]:
+    """The task pass (core.tasks.run) on the same GGUF file, threads and offload as the benchmark, with flash
+    attention on as llama-server runs it by default; the chat template is the one the file carries."""
+    import llama_cpp
+
+    from qexplorer.core.tasks.run import TASK_CONTEXT_TOKENS, Answer, Prompt, TaskEngine, task_pass
+
+    threads = ctx.job.bench.thread_count
+
+    def start() -> TaskEngine:
+        llm = llama_cpp.Llama(model_path=str(ctx.artifact), n_ctx=TASK_CONTEXT_TOKENS, n_threads=threads,
+                              n_threads_batch=threads, n_gpu_layers=-1 if gpu else 0, verbose=False,
+                              flash_attn=True)
+
+        def generate(prompts: Sequence[Prompt]) -> Iterator[Answer]:
+            for prompt in prompts:
+                # greedy (temperature 0: llama-cpp-python's greedy sampler), no repetition penalty
+                settings = {"temperature": 0.0, "max_tokens": prompt.max_new_tokens, "repeat_penalty": 1.0,
+                            "stop": list(prompt.stop) or None}
+                if prompt.chat:
+                    out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt.text}], **settings)
+                    text = out["choices"][0]["message"]["content"] or ""
+                else:
+                    out = llm.create_completion(prompt.text, **settings)
+                    text = out["choices"][0]["text"]
+                yield Answer(text, int(out["usage"]["completion_tokens"]))
+
+        return TaskEngine(chat=bool(llm.metadata.get("tokenizer.chat_template")), generate=generate)
+
+    return (yield from task_pass(ctx.job, str(Engine.LLAMA_CPP), start, ctx.cancel))

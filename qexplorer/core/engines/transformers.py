@@ -21,7 +21,7 @@ from typing import Any
 
 from qexplorer.core.domain.events import JobEvent, Log, Metric, Phase
 from qexplorer.core.domain.phases import PhaseKind
-from qexplorer.core.domain.record import EngineInfo, MemoryFigures, QualityStats, ReferenceInfo, Timings
+from qexplorer.core.domain.record import EngineInfo, MemoryFigures, QualityStats, ReferenceInfo, TaskScore, Timings
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, peak_rss_bytes
 from qexplorer.core.kinds import Engine, SupportMode
 
@@ -58,6 +58,12 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None,
     ctx.check()
     yield Phase(PhaseKind.BENCHMARK, f"transformers: {job.bench.describe()}")
     first, *deeper = yield from ctx.checked(torch_timer.run(model, tokenizer, ctx.bench_text, job.bench))
+    tasks: tuple[TaskScore, ...] = ()
+    if job.tasks:
+        from qexplorer.core.tasks.run import TaskEngine, task_pass
+
+        tasks = yield from ctx.checked(task_pass(job, str(Engine.TRANSFORMERS), lambda: TaskEngine(
+            bool(getattr(tokenizer, "chat_template", None)), _generate(model, tokenizer)), ctx.cancel))
     quality_stats, quality_s = quality if quality is not None else (None, None)
     if ctx.reference is not None and quality is None:
         quality_stats, quality_s = yield from (reference_row(ctx) if is_reference(ctx) else _quality_of(ctx, model,
@@ -73,8 +79,35 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None,
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=ctx.artifact_weight_bytes,
                              resident_weight_bytes=resident, bytes_per_token=resident, **torch_cuda_peaks()),
         timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=quality_stats,
-        quality_s=quality_s, gpu_name=ctx.gpu_name,
+        quality_s=quality_s, gpu_name=ctx.gpu_name, tasks=tasks,
     )
+
+
+def _generate(model: Any, tokenizer: Any) -> Any:
+    """The task pass's answers with ``generate()``: greedy, one prompt at a time, stopping at a stop string."""
+    import torch
+
+    from qexplorer.core.tasks.run import Answer
+
+    device = next(model.parameters()).device
+
+    def generate(prompts: Any) -> Any:
+        for prompt in prompts:
+            if prompt.chat:
+                inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}],
+                                                       add_generation_prompt=True, return_tensors="pt",
+                                                       return_dict=True)
+            else:
+                inputs = tokenizer(prompt.text, return_tensors="pt")
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=prompt.max_new_tokens, do_sample=False,
+                                     stop_strings=list(prompt.stop) or None, tokenizer=tokenizer,
+                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            new = out[0, inputs["input_ids"].shape[1]:]
+            yield Answer(tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0]))
+
+    return generate
 
 
 def release_memory() -> None:

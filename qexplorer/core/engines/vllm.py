@@ -51,7 +51,7 @@ from qexplorer.core.device import DeviceMemory
 from qexplorer.core.domain.bench import THREAD_ENV_KEY, BenchConfig
 from qexplorer.core.domain.events import JobEvent, Log, Phase, Progress
 from qexplorer.core.domain.phases import PhaseKind
-from qexplorer.core.domain.record import EngineInfo, MemoryFigures, ServerQuality, Speed, Timings
+from qexplorer.core.domain.record import EngineInfo, MemoryFigures, ServerQuality, Speed, TaskScore, Timings
 from qexplorer.core.engines.base import EngineContext, Measured
 from qexplorer.core.errors import UserError
 from qexplorer.core.kinds import Engine
@@ -293,6 +293,34 @@ class VllmServer:
             reason = self.failure_reason() if self.proc is not None and self.proc.poll() is not None else str(exc)
             raise VllmCannotRun(f"vLLM failed on its first requests: {reason}") from None
 
+    def answer(self, prompt: Any) -> Any:
+        """One task prompt (core.tasks.run.Prompt), greedy, through the chat endpoint (vLLM applies the model's
+        chat template) or as a plain completion; its own client, so that answers run on several threads at once."""
+        import httpx
+
+        from qexplorer.core.tasks.run import Answer
+
+        body: dict[str, Any] = {"model": SERVED_NAME, "max_tokens": prompt.max_new_tokens, "temperature": 0.0}
+        if prompt.stop:
+            body["stop"] = list(prompt.stop)
+        if prompt.chat:
+            body["messages"] = [{"role": "user", "content": prompt.text}]
+        else:
+            body["prompt"] = prompt.text
+        path = "/v1/chat/completions" if prompt.chat else "/v1/completions"
+        try:
+            with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), trust_env=False) as client:
+                response = client.post(f"{self.base_url}{path}", json=body)
+                response.raise_for_status()
+                data = response.json()
+        except httpx.HTTPError as exc:
+            reason = self.failure_reason() if self.proc is not None and self.proc.poll() is not None else str(exc)
+            # not VllmCannotRun: that would measure the artifact again with the fallback
+            raise UserError(f"vLLM failed during the task pass: {reason}") from None
+        choice = data["choices"][0]
+        text = (choice.get("message") or {}).get("content") if prompt.chat else choice.get("text")
+        return Answer(text or "", int((data.get("usage") or {}).get("completion_tokens") or 0))
+
     def _stream(self, client: Any, prompt: list[int], tokens: int) -> tuple[float, float, float, int]:
         """(start, first token, last token, generated tokens) of one streamed completion."""
         import httpx
@@ -427,12 +455,16 @@ def launch_settings(ctx: EngineContext, device: DeviceMemory, learned_overhead: 
                     ) -> tuple[LaunchSettings, StartCheck]:
     """The flags this job starts vLLM with on ``device``, and vLLM's start-up check against the plan."""
     from qexplorer.core.planner import kv_bytes_per_token
+    from qexplorer.core.tasks.run import TASK_CONCURRENCY, TASK_CONTEXT_TOKENS
 
     job, bench = ctx.job, ctx.job.bench
-    max_model_len = max(bench.context_tokens + 16, job.quality_ctx + 16 if ctx.reference else 0)
-    kv = kv_cache_bytes(kv_bytes_per_token(ctx.spec, "bf16"), max_model_len, 1, device)
+    max_model_len = max(bench.context_tokens + 16, job.quality_ctx + 16 if ctx.reference else 0,
+                        TASK_CONTEXT_TOKENS if job.tasks else 0)
+    # the task pass sends its requests at once so that vLLM batches them; the benchmark still sends one at a time
+    seqs = TASK_CONCURRENCY if job.tasks else 1
+    kv = kv_cache_bytes(kv_bytes_per_token(ctx.spec, "bf16"), max_model_len, seqs, device)
     check = start_check(device, ctx.artifact_weight_bytes + kv + overhead_bytes(device, learned_overhead))
-    return LaunchSettings(max_model_len=max_model_len, max_num_seqs=1, kv_cache_bytes=kv,
+    return LaunchSettings(max_model_len=max_model_len, max_num_seqs=seqs, kv_cache_bytes=kv,
                           prefix_caching=bench.max_depth > 0, dtype=dtype_for(ctx.precision), device=device,
                           utilization=check.utilization), check
 
@@ -442,6 +474,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     from transformers import AutoTokenizer
 
     from qexplorer.core.device import local_device
+    from qexplorer.core.tasks.run import TASK_CONCURRENCY, TaskEngine, in_order, task_pass
 
     reason = cannot_run_reason(ctx)
     if reason is not None:
@@ -469,6 +502,11 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
             ids = ids + ids
         yield Phase(PhaseKind.BENCHMARK, f"vLLM: {bench.describe()}")
         first, *deeper = yield from ctx.checked(server.measure_speed(ids, bench))
+        tasks: tuple[TaskScore, ...] = ()
+        if job.tasks:
+            chat = bool(getattr(tokenizer, "chat_template", None))
+            tasks = yield from ctx.checked(task_pass(job, str(Engine.VLLM), lambda: TaskEngine(
+                chat, lambda prompts: in_order(server.answer, prompts, TASK_CONCURRENCY)), ctx.cancel))
         engine_quality = None
         if ctx.reference is not None:
             yield Phase(PhaseKind.LOG_PROBS, "vLLM prompt log-probs against the reference (cross-check)")
@@ -495,6 +533,6 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         memory=MemoryFigures(weight_bytes=ctx.artifact_weight_bytes, resident_weight_bytes=ctx.artifact_weight_bytes,
                              bytes_per_token=ctx.artifact_weight_bytes, kv_cache_bytes=settings.kv_cache_bytes),
         timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=None,
-        engine_quality=engine_quality,
+        engine_quality=engine_quality, tasks=tasks,
         gpu_name=ctx.gpu_name,
     )

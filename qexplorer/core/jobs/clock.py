@@ -79,7 +79,8 @@ def timings_from(phases: Iterable[tuple[str, float]]) -> Timings:
     * ``load_s``: the serving engine's start (vLLM's ``engine`` phase), else the first ``load``;
     * ``quality_s``: the artifact's own quality pass, with, beside vLLM, the ``load`` of the artifact for it (it
       runs before the engine starts); vLLM's log-prob cross-check is not the quality pass and is not in it. None
-      where no quality pass ran (the reference precision's row comes from the reference itself).
+      where no quality pass ran (the reference precision's row comes from the reference itself);
+    * ``tasks_s``: the task pass (generation and scoring), None where none ran.
     """
     phases = [(PhaseKind(name), seconds) for name, seconds in phases]
 
@@ -92,4 +93,5 @@ def timings_from(phases: Iterable[tuple[str, float]]) -> Timings:
     if engine:
         quality += loads
     return Timings(quantize_s=total([s for k, s in phases if k in _QUANTIZE]),
-                   load_s=total(engine or loads[:1]), quality_s=total(quality))
+                   load_s=total(engine or loads[:1]), quality_s=total(quality),
+                   tasks_s=total([s for k, s in phases if k == PhaseKind.TASKS]))

@@ -175,6 +175,12 @@ is a Q4_1 file), small differences mean little and the screen says so. The
 reference runs on the job's device (a GPU job's reference on the GPU); a
 reference reused from another device is named in the job's warnings.
 
+With the task pass on (`t` on the plan screen; `qexplorer run --tasks`), each
+full job, after its benchmark and with the same engine, answers HumanEval
+(programs scored in a sandbox; refused without network isolation unless
+`--allow-unisolated-exec`) and arithmetic chains, greedily, keeping every
+item's outcome so that precisions are compared item by item (exact McNemar).
+
 ## Compare (`c`)
 
 Every measured precision of the current model, latest run each: memory, speed

@@ -38,6 +38,7 @@ class PlanScreen(Screen):
         Binding("D", "depth", "Depth", show=False),  # d is the dashboard everywhere
         Binding("v", "toggle_quality", "Quality", show=False),
         Binding("M", "toggle_remeasure", "Re-measure", show=False),
+        Binding("t", "toggle_tasks", "Tasks", show=False),
         Binding("a", "select_all", "All/none", show=False),
         Binding("o", "options", "Options", show=False),
     ]
@@ -53,7 +54,7 @@ class PlanScreen(Screen):
 
     def on_mount(self) -> None:
         watch_while_shown(self, ("snapshot", "model", "context", "kv_dtype", "chosen", "quick_bench", "bench_depths",
-                                 "measure_quality", "remeasure"), self._refresh_plans)
+                                 "measure_quality", "remeasure", "measure_tasks"), self._refresh_plans)
         self._refresh_plans()
         self.query_one("#plan-table", DataTable).focus()
 
@@ -186,6 +187,11 @@ class PlanScreen(Screen):
         self.app.measure_quality = not self.app.measure_quality
         self.notify("Quality (KLD, top-1, PPL vs BF16): " + ("on" if self.app.measure_quality else "off"), timeout=4)
 
+    def action_toggle_tasks(self) -> None:
+        self.app.measure_tasks = not self.app.measure_tasks
+        self.notify("Task pass (HumanEval and arithmetic chains after each full benchmark, same engine): "
+                    + ("on" if self.app.measure_tasks else "off"), timeout=4)
+
     def action_toggle_remeasure(self) -> None:
         self.app.remeasure = not self.app.remeasure
         self.notify("Stored results with the same artifact, engine and settings: " +
@@ -229,6 +235,9 @@ def _options_line(options) -> str:
         parts.append(str(options.order))
     if options.force:
         parts.append("force")
+    if options.tasks:
+        parts.append("tasks " + ",".join(options.tasks) + (f" (at most {options.tasks_limit} items each)"
+                                                           if options.tasks_limit is not None else ""))
     return ("\noptions: " + ", ".join(parts)) if parts else ""
 
 
