@@ -45,7 +45,7 @@ SEED = [
 def test_quality_first_with_plenty_of_memory_is_fp8():
     result = recommend(SEED, H100, headroom_bytes=100 * GIB, priority="quality")
     assert result.precision == "fp8"  # BF16 and Q8_0 tie with it on KLD; the framework breaks the tie
-    assert "KLD 0.0020" in result.text and "Tied within the measurement with" in result.text
+    assert "KLD (top-256, lower bound) 0.0020" in result.text and "Tied within the measurement with" in result.text
     assert "Runner-up BF16: costs 30.0 GiB" in result.text  # what the runner-up would cost
 
 

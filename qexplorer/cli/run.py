@@ -27,7 +27,7 @@ from qexplorer.core.serial import to_jsonable
 from qexplorer.core.session import RunOptions, RunOrder, calibrate_machine, plan_run
 from qexplorer.core.settings import Settings, engine_env
 from qexplorer.core.tasks.run import check_can_score, parse_task_list
-from qexplorer.core.tasks.summary import summarize
+from qexplorer.core.tasks.summary import summarize, verdicts
 from qexplorer.core.telemetry import local_sampler
 from qexplorer.core.units import format_bytes
 
@@ -196,6 +196,7 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     full = {r.precision for r in stored if r.status == "ok" and not r.record.first_pass}
     stored = [r for r in stored if not (r.record.first_pass and r.precision in full)]  # quick rows give way
     if args.json:
+        accuracy = summarize([r.record for r in stored if r.status == "ok"], options.reference)
         json.dump({"schema": "qexplorer.run/2", "model": spec.name,
                    "jobs": [{"precision": s.precision, "first_pass": s.first_pass, "status": str(v.status),
                              "error": v.error, "log": v.log_path,
@@ -205,8 +206,7 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
                              if v.estimate is not None else None}
                             for v, s in zip(queue.views(), planned.specs, strict=True)],
                    "results": [flat_row(r) for r in stored if r.status == "ok"],
-                   "task_accuracy": to_jsonable(summarize([r.record for r in stored if r.status == "ok"],
-                                                          options.reference))},
+                   "task_accuracy": to_jsonable(accuracy), "task_verdicts": to_jsonable(verdicts(accuracy))},
                   sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:

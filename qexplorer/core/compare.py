@@ -5,7 +5,8 @@ measured precision that fits the live headroom and is served here (not a
 transformers fallback, not emulated - those figures are not what a user would
 serve) is a candidate, ranked by the measured numbers:
 
-* quality first → the lowest KLD;
+* quality first → the lowest KLD, with a task veto: a precision whose task accuracy fell significantly below the
+  reference's on the same items (exact McNemar, core.tasks.summary) is not recommended, whatever its KLD;
 * memory first  → the smallest weights whose KLD is acceptable (≤ 0.1, about Q3_K_M);
 * speed first   → the fastest measured decode whose KLD is acceptable;
 * CPU / hybrid  → the fastest decode among the GGUF files (llama.cpp serves them on the CPU,
@@ -19,7 +20,10 @@ measurement, the second a floor for what it cannot see - the corpus, and a
 reference that is itself quantized (the bundled model's is a dequantized Q4_1).
 0.005 is Q8_0's to Q6_K's KLD in FACTS §4 (0.0014 / 0.0055 on LLaMA-3-8B), a
 tenth of the step down to Q4_K_M (0.031): neighbours inside it are not told
-apart, the step to 4 bits always is. Two decode speeds tie by the same rule: within two standard errors
+apart, the step to 4 bits always is. Two rows measured against the same reference were scored on the same
+positions, so the standard error of their difference is the paired one (the spread of the per-position
+differences ÷ √n, :func:`paired_kld_se`), far smaller than the two SEs combined as if independent; rows without
+per-position KLDs (older results) fall back to the independent sum. Two decode speeds tie by the same rule: within two standard errors
 of their difference (each mean's sd / √repetitions), or 2 %. Within a tie the framework orders: FP8 on FP8 tensor cores
 (quality, Ada / Hopper / Blackwell), AWQ then GPTQ (memory, and quality on
 older GPUs), GGUF Q4_K_M / Q5_K_M then Q6_K on a CPU, quantized before the
@@ -32,13 +36,21 @@ host (noisy).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import base64
+from array import array
+from collections.abc import Sequence
 
 from qexplorer.core.domain.bench import known
+from qexplorer.core.domain.record import QualityStats
 from qexplorer.core.kinds import Family, Priority, SupportMode
 from qexplorer.core.precisions import BY_KEY, Hardware
-from qexplorer.core.results import StoredResult
+from qexplorer.core.quality import DEFAULT_TOP_K, kld_name
+from qexplorer.core.results import ComparedResults, StoredResult
 from qexplorer.core.serving.vllm_kernels import mismatch
+from qexplorer.core.tasks.stats import paired_mean_difference
+from qexplorer.core.tasks.summary import TaskAccuracy, summarize, task_title
 from qexplorer.core.units import format_bytes
 
 ACCEPTABLE_KLD = 0.1
@@ -95,6 +107,22 @@ class CompareRow:
     decode_n: int = 0  # repetitions behind decode_tok_s (its standard error is decode_sd / √n)
     kernel_mismatch: str | None = None  # vLLM picked another kernel than the plan expected (one sentence)
     first_pass: bool = False  # the quick first answer: its full figures are still being measured
+    is_reference: bool = False  # the reference precision itself: its KLD and top-1 are by definition, not measured
+    top1_se_pct: float | None = None
+    ppl_se: float | None = None
+    kld_top_k: int = DEFAULT_TOP_K
+    # the standard error of (this KLD − another row's), paired position by position: (precision, SE) per row
+    # measured against the same reference (:func:`paired_kld_se`)
+    kld_paired_se: tuple[tuple[str, float], ...] = ()
+    tasks: tuple[TaskAccuracy, ...] = ()  # task accuracy in the serving engine, with the paired tests
+
+    def task(self, name: str) -> TaskAccuracy | None:
+        return next((t for t in self.tasks if t.task == name), None)
+
+    def task_loss(self) -> TaskAccuracy | None:
+        """The first task whose accuracy fell significantly below the reference's on the same items."""
+        return next((t for t in self.tasks if t.versus_reference is not None and t.versus_reference.significant
+                     and (t.versus_reference.difference or 0.0) < 0), None)
 
     @property
     def memory_bytes(self) -> int | None:
@@ -127,7 +155,68 @@ def row_from_result(result: StoredResult, compared: bool = True) -> CompareRow:
         decode_n=speed.decode_tok_s.n if speed else 0,
         compared=compared, settings=r.settings_text(),
         kernel_mismatch=mismatch(r.engine.expected_kernel, r.engine.kernel), first_pass=r.first_pass,
+        is_reference=r.is_quality_reference, top1_se_pct=known(q.same_top1_se_pct) if q else None,
+        ppl_se=known(q.ppl_se) if q else None,
+        kld_top_k=q.reference.top_k if q and q.reference and q.reference.top_k else DEFAULT_TOP_K,
     )
+
+
+def _positions(quality: QualityStats | None) -> array | None:
+    if quality is None or not quality.kld_positions:
+        return None
+    values = array("f")
+    values.frombytes(base64.b64decode(quality.kld_positions))
+    return values if len(values) == quality.n_positions else None
+
+
+def _same_positions(a: QualityStats, b: QualityStats) -> bool:
+    ra, rb = a.reference, b.reference
+    return (ra is not None and rb is not None and a.n_positions == b.n_positions
+            and (ra.precision, ra.corpus_sha256, ra.n_tokens, ra.ctx, ra.top_k, ra.chunking)
+            == (rb.precision, rb.corpus_sha256, rb.n_tokens, rb.ctx, rb.top_k, rb.chunking))
+
+
+def paired_kld_se(a: QualityStats, b: QualityStats) -> float | None:
+    """The standard error of mean KLD(a) − mean KLD(b) from the per-position differences; None when the two were
+    not scored on the same positions of the same reference (or either lacks its per-position figures)."""
+    if not _same_positions(a, b):
+        return None
+    xa, xb = _positions(a), _positions(b)
+    if xa is None or xb is None or len(xa) < 2:
+        return None
+    return paired_mean_difference(xa, xb).standard_error
+
+
+def reference_precision(results: Sequence[StoredResult], default: str = "bf16") -> str:
+    """The precision the rows' quality was measured against (the newest row's that says)."""
+    for result in reversed(results):
+        quality = result.record.quality
+        if quality is not None and quality.reference is not None:
+            return quality.reference.precision
+    return default
+
+
+def rows_from_results(compared: ComparedResults, servers: Sequence[StoredResult] = ()) -> tuple[CompareRow, ...]:
+    """The compare table's rows: the compared group (ranked together), the precisions measured only with other
+    settings (shown, never ranked), then served models; each row with its task accuracy and paired tests
+    (:func:`~qexplorer.core.tasks.summary.summarize` over the compared group) and its paired KLD standard errors
+    against every other row scored on the same positions."""
+    ranked = sorted(compared.rows, key=lambda r: r.created_at)
+    tasks = summarize([r.record for r in ranked], reference_precision(ranked))
+    rows = []
+    for result, is_compared in [*((r, True) for r in compared.rows), *((r, False) for r in compared.others),
+                                *((r, True) for r in servers)]:
+        row = row_from_result(result, compared=is_compared)
+        paired = []
+        if is_compared and result.record.quality is not None:
+            for other in compared.rows:
+                if other is not result and other.record.quality is not None:
+                    se = paired_kld_se(result.record.quality, other.record.quality)
+                    if se is not None:
+                        paired.append((row_from_result(other).precision, se))
+        own = tuple(t for t in tasks if t.precision == result.precision) if is_compared else ()
+        rows.append(replace(row, kld_paired_se=tuple(paired), tasks=own))
+    return tuple(rows)
 
 
 def sort_rows(rows: list[CompareRow], key: str) -> list[CompareRow]:
@@ -179,12 +268,20 @@ def _kld(row: CompareRow) -> float:
     return row.kld if row.kld is not None else float("inf")
 
 
+def kld_difference_se(a: CompareRow, b: CompareRow) -> float:
+    """The standard error of a.kld − b.kld: paired where the two were scored on the same positions, else the two
+    SEs combined as if independent (an upper bound: the same positions are hard for both)."""
+    paired = dict(a.kld_paired_se).get(b.precision)
+    if paired is not None:
+        return paired
+    return ((a.kld_se or 0.0) ** 2 + (b.kld_se or 0.0) ** 2) ** 0.5
+
+
 def kld_tied(a: CompareRow, b: CompareRow) -> bool:
     """The two KLDs are closer than the measurement can tell apart (see the module's note)."""
     if a.kld is None or b.kld is None:
         return a.kld is None and b.kld is None
-    se = ((a.kld_se or 0.0) ** 2 + (b.kld_se or 0.0) ** 2) ** 0.5
-    return abs(a.kld - b.kld) <= max(2 * se, KLD_TIE)
+    return abs(a.kld - b.kld) <= max(2 * kld_difference_se(a, b), KLD_TIE)
 
 
 def _se(sd: float | None, n: int) -> float:
@@ -265,10 +362,14 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
 
     acceptable = [r for r in fitting if _kld(r) <= ACCEPTABLE_KLD] or fitting
     tie: list[CompareRow] = []
+    vetoed: list[CompareRow] = []
     if priority == Priority.QUALITY:
-        ranked, tie = _first_of_tie(sorted(fitting, key=lambda r: (_kld(r), r.memory_bytes or 0)), kld_tied,
+        vetoed = [r for r in fitting if r.task_loss() is not None]
+        kept = [r for r in fitting if r.task_loss() is None] or fitting
+        vetoed = [r for r in vetoed if r not in kept]
+        ranked, tie = _first_of_tie(sorted(kept, key=lambda r: (_kld(r), r.memory_bytes or 0)), kld_tied,
                                     hardware, priority)
-        basis = "the lowest measured KLD"
+        basis = "the lowest measured KLD" + (" without a significant task loss" if vetoed else "")
     elif priority == Priority.MEMORY:
         ranked = sorted(acceptable, key=lambda r: (r.memory_bytes or 0, _kld(r)))
         basis = f"the smallest weights with KLD ≤ {ACCEPTABLE_KLD}"
@@ -279,6 +380,8 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
     best = ranked[0]
     runner = ranked[1] if len(ranked) > 1 else None
     sentences = [f"{best.label}: {_facts(best)}; {basis} among the {len(fitting)} {among}."]
+    if priority == Priority.QUALITY:
+        sentences.extend(_task_sentences(best, fitting, vetoed))
     if tie:
         sentences.append("Tied within the measurement with " + ", ".join(r.label for r in tie)
                          + "; the decision framework (FACTS §5) breaks the tie.")
@@ -298,12 +401,46 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
                           priority)
 
 
+def _loss_text(row: CompareRow) -> str:
+    loss = row.task_loss()
+    assert loss is not None and loss.versus_reference is not None
+    test = loss.versus_reference
+    return (f"{row.label}'s {task_title(loss.task)} fell {abs(test.difference or 0.0):.1%} below "
+            f"{BY_KEY[test.against].label if test.against in BY_KEY else test.against}'s on the same {test.n} items "
+            f"(exact McNemar p = {test.p_value:.3g})")
+
+
+def _task_sentences(best: CompareRow, fitting: list[CompareRow], vetoed: list[CompareRow]) -> list[str]:
+    """Which figure decided: KLD alone, or the task veto (a significant task loss removes a candidate)."""
+    if vetoed:
+        by_kld = min(fitting, key=lambda r: (_kld(r), r.memory_bytes or 0))
+        if by_kld in vetoed:
+            return [f"The task veto decided: {by_kld.label} has the lowest KLD, but {_loss_text(by_kld)}."]
+        return ["Left out by the task veto: " + "; ".join(_loss_text(r) for r in vetoed) + ". KLD decided."]
+    measured = [t for r in fitting for t in r.tasks if t.versus_reference is not None]
+    if not measured:
+        return []
+    names = sorted({task_title(t.task) for t in measured})
+    return [f"KLD decided; no precision lost task accuracy significantly against the reference "
+            f"({', '.join(names)}, exact McNemar, α = 0.05)."]
+
+
+def _se_text(se: float | None, fmt: str) -> str:
+    return f" ± {fmt.format(se)} SE" if se is not None else ""
+
+
 def _facts(row: CompareRow) -> str:
     parts = [f"{format_bytes(row.memory_bytes)} of weights"]
-    if row.kld is not None:
-        parts.append(f"KLD {row.kld:.4f}")
-    if row.top1_pct is not None:
-        parts.append(f"top-1 {row.top1_pct:.1f} %")
+    if row.is_reference:
+        parts.append("the reference (KLD 0 and top-1 100 % by definition)")
+    else:
+        if row.kld is not None:
+            parts.append(f"{kld_name(row.kld_top_k)} {row.kld:.4f}" + _se_text(row.kld_se, "{:.4f}"))
+        if row.top1_pct is not None:
+            parts.append(f"top-1 {row.top1_pct:.1f} %" + _se_text(row.top1_se_pct, "{:.1f}"))
+    for task in row.tasks:
+        if task.accuracy is not None:
+            parts.append(f"{task_title(task.task)} {task.accuracy:.1%} [{task.low:.1%}, {task.high:.1%}]")
     if row.decode_tok_s is not None:
         parts.append(f"{row.decode_tok_s:.1f} tok/s decode" + (f" ({row.engine})" if row.engine else ""))
     if row.fallback:
@@ -324,7 +461,10 @@ def _delta(best: CompareRow, other: CompareRow) -> str:
         else:
             parts.append(f"{'saves' if diff < 0 else 'costs'} {format_bytes(abs(diff))} of memory")
     if best.kld is not None and other.kld is not None:
-        parts.append(f"KLD {other.kld:.4f} instead of {best.kld:.4f}")
+        se = kld_difference_se(other, best) if (other.kld_se is not None or other.kld_paired_se) else None
+        parts.append(f"KLD {other.kld:.4f} instead of {best.kld:.4f}"
+                     + (f" (difference ± {se:.4f} SE{', paired' if dict(other.kld_paired_se).get(best.precision) is not None else ''})"
+                        if se is not None else ""))
     if best.decode_tok_s and other.decode_tok_s:
         parts.append(f"{other.decode_tok_s - best.decode_tok_s:+.1f} tok/s decode")
     return ", ".join(parts) or "no measured difference"

@@ -22,6 +22,7 @@ the per-position figures, independent of the corpus length's effect on logits.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
@@ -49,6 +50,14 @@ DEFAULT_TOKENS = 4096
 DEFAULT_CTX = 512
 DEFAULT_TOP_K = 256
 REFERENCE_FORMAT = 3
+
+
+
+def kld_name(top_k: int = DEFAULT_TOP_K) -> str:
+    """What the stored KLD is: over the reference's top-k outcomes plus one lumped tail, a lower bound on the
+    full-vocabulary KLD (the module's note)."""
+    return f"KLD (top-{top_k}, lower bound)"
+
 
 LogitsFn = Callable[[list[int]], Any]  # chunk token ids -> float32 array [len(ids), vocab]
 
@@ -413,7 +422,16 @@ def summarize(kld: Any, nll_q: Any, nll_ref: Any, delta_p: Any, same_top1: Any) 
         "same_top1_se_pct": 100.0 * math.sqrt(agree * (1 - agree) / n) if n else 0.0,
         "delta_p_mean_pct": 100.0 * float(np.mean(delta_p)),
         "delta_p_rms_pct": 100.0 * float(np.sqrt(np.mean(delta_p ** 2))),
+        "ppl_se": math.exp(mean_nll_q) * float(np.std(nll_q, ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        "kld_positions": encode_positions(kld),
     }
+
+
+def encode_positions(values: Any) -> str:
+    """Per-position figures as float32 little-endian bytes in base64 (QualityStats.kld_positions)."""
+    import numpy as np
+
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
 
 
 # ----------------------------------------------------------------- backends

@@ -31,7 +31,10 @@ from qexplorer.core.domain.bench import Stat, known
 from qexplorer.core.domain.record import RunRecord, TaskScore, record_from_legacy
 from qexplorer.core.errors import UserError
 from qexplorer.core.kinds import JobStatus, SupportMode
+from qexplorer.core.precisions import BY_KEY
+from qexplorer.core.quality import DEFAULT_TOP_K, kld_name
 from qexplorer.core.tasks.stats import wilson
+from qexplorer.core.tasks.summary import TaskAccuracy, summarize, task_title, verdicts
 from qexplorer.core.units import format_bytes
 
 SCHEMA_VERSION = 2
@@ -293,9 +296,14 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "planned_peak_bytes": memory.planned_peak_bytes, "planned_total_bytes": memory.planned_total_bytes,
         "load_s": r.timings.load_s, "quantize_s": r.timings.quantize_s, "quality_s": r.timings.quality_s,
         "shared_phases": ",".join(r.shared_phases) or None,
+        "quality_reference": _reference_role(r),
+        "kld_name": kld_name(quality.reference.top_k if quality.reference else DEFAULT_TOP_K) if quality else None,
         "kld_mean": known(quality.kld_mean) if quality else None,
+        "kld_se": known(quality.kld_se) if quality else None,
         "same_top1_pct": known(quality.same_top1_pct) if quality else None,
-        "ppl": known(quality.ppl) if quality else None, "ppl_ref": known(quality.ppl_ref) if quality else None,
+        "same_top1_se_pct": known(quality.same_top1_se_pct) if quality else None,
+        "ppl": known(quality.ppl) if quality else None, "ppl_se": known(quality.ppl_se) if quality else None,
+        "ppl_ref": known(quality.ppl_ref) if quality else None,
         "engine_kld_mean": r.engine_quality.kld_mean if r.engine_quality else None,
         "engine_same_top1_pct": r.engine_quality.same_top1_pct if r.engine_quality else None,
         "task_scores": json.dumps([task_fields(t) for t in r.tasks]) if r.tasks else None,
@@ -327,8 +335,26 @@ def _grouped(results: list[StoredResult]) -> list[tuple[StoredResult, bool]]:
     return [(r, True) for r in groups.rows] + [(r, False) for r in groups.others]
 
 
+def _task_accuracy(results: list[StoredResult]) -> tuple[TaskAccuracy, ...]:
+    """The compared group's task accuracy with recovery and the paired tests (core.tasks.summary)."""
+    compared = [r for r, is_compared in _grouped(results) if is_compared]
+    reference = next((r.record.quality.reference.precision for r in reversed(compared)
+                      if r.record.quality is not None and r.record.quality.reference is not None), "bf16")
+    return summarize([r.record for r in compared], reference)
+
+
+def _paired_fields(row: TaskAccuracy) -> dict[str, Any]:
+    return {"task": row.task, "recovery": row.recovery, **{
+        f"{name}_{field}": getattr(test, field) if test else None
+        for name, test in (("vs_reference", row.versus_reference), ("vs_previous", row.versus_previous))
+        for field in ("against", "p_value", "difference", "detectable_difference", "verdict")}}
+
+
 def _compared_rows(results: list[StoredResult]) -> list[dict[str, Any]]:
-    return [{**flat_row(r), "compared": compared, "settings": r.record.settings_text()}
+    tasks = _task_accuracy(results)
+    return [{**flat_row(r), "compared": compared, "settings": r.record.settings_text(),
+             "task_tests": json.dumps([_paired_fields(t) for t in tasks if t.precision == r.precision])
+             if compared and r.record.tasks else None}
             for r, compared in _grouped(results)]
 
 
@@ -343,7 +369,10 @@ def to_csv(results: list[StoredResult]) -> str:
 
 
 def to_json(results: list[StoredResult]) -> str:
-    return json.dumps({"schema": "qexplorer.results/1", "results": _compared_rows(results)}, indent=2)
+    accuracy = _task_accuracy(results)
+    return json.dumps({"schema": "qexplorer.results/1", "results": _compared_rows(results),
+                       "task_verdicts": [{"task": v.task, "n": v.n, "tells_apart": v.tells_apart, "text": v.text}
+                                         for v in verdicts(accuracy)]}, indent=2)
 
 
 def _pm(stat: Stat | None, fmt: str = "{:.1f}") -> str:
@@ -381,8 +410,13 @@ def to_markdown(results: list[StoredResult]) -> str:
             throughput += f" - noisy: {noisy[0].removeprefix('Noisy: ')}"
         q = r.quality
         if q is not None:
-            qtext = (f"KLD {_known(q.kld_mean, '{:.4f}')}, top-1 {_known(q.same_top1_pct, '{:.1f}')} %, "
-                     f"PPL {_known(q.ppl, '{:.2f}')} (ref {_known(q.ppl_ref, '{:.2f}')})")
+            kld = kld_name(q.reference.top_k if q.reference else DEFAULT_TOP_K)
+            ppl = f"PPL {_known_pm(q.ppl, q.ppl_se, '{:.2f}')} (ref {_known(q.ppl_ref, '{:.2f}')})"
+            if r.is_quality_reference:
+                qtext = f"reference ({kld} 0 and top-1 100 % by definition), {ppl}"
+            else:
+                qtext = (f"{kld} {_known_pm(q.kld_mean, q.kld_se, '{:.4f}')}, "
+                         f"top-1 {_known_pm(q.same_top1_pct, q.same_top1_se_pct, '{:.1f}', ' %')}, {ppl}")
         else:
             qtext = "not measured"
         if r.tasks:
@@ -393,12 +427,43 @@ def to_markdown(results: list[StoredResult]) -> str:
     if grouped and grouped[0][1]:
         lines.append("")
         lines.append(f"Compared rows: {grouped[0][0].record.settings_text()}; mean ± sd over each row's own "
-                     "repetitions (adaptive, up to the configured count); engine per row.")
+                     "repetitions (adaptive, up to the configured count); engine per row; quality figures "
+                     "mean ± standard error.")
+    accuracy = _task_accuracy(results)
+    if accuracy:
+        lines += ["", "Task accuracy (95 % Wilson interval; recovery = accuracy ÷ the reference's; exact McNemar "
+                  "on the same items):", ""]
+        for row in accuracy:
+            test = row.versus_reference
+            lines.append(f"- {task_title(row.task)}, {_label(row.precision)}: {row.passed}/{row.n} = "
+                         f"{100 * (row.accuracy or 0.0):.1f} % [{100 * row.low:.1f}, {100 * row.high:.1f}]"
+                         + (f", recovery {row.recovery:.2f}" if row.recovery is not None else "")
+                         + (f"; against {_label(test.against)}: {test.verdict}" if test else ""))
+        lines += [""] + [v.text for v in verdicts(accuracy)]
     return "\n".join(lines) + "\n"
+
+
+def _label(precision: str) -> str:
+    return BY_KEY[precision].label if precision in BY_KEY else precision
 
 
 def _known(value: float | None, fmt: str) -> str:
     return fmt.format(value) if known(value) is not None else "n/a"
+
+
+def _known_pm(value: float | None, se: float | None, fmt: str, unit: str = "") -> str:
+    """A mean ± its standard error; the mean alone where an older row has no SE."""
+    if known(value) is None:
+        return "n/a"
+    return fmt.format(value) + unit + (f" ± {fmt.format(se)} SE" if known(se) is not None else "")
+
+
+def _reference_role(record: RunRecord) -> str | None:
+    """"reference" for the reference precision's own row (its KLD and top-1 are by definition), "measured"
+    for a row measured against it; None without quality."""
+    if record.quality is None:
+        return None
+    return "reference" if record.is_quality_reference else "measured"
 
 
 def write_exports(results: list[StoredResult], folder: Path) -> list[Path]:

@@ -266,16 +266,14 @@ class QExplorerApp(App[int]):
 
     @work(thread=True, group="results", exclusive=True, exit_on_error=False)
     def _load_results(self) -> None:
-        from qexplorer.core.compare import row_from_result
+        from qexplorer.core.compare import rows_from_results
         from qexplorer.core.results import ResultsStore
 
         model_path = self.model.path if self.model else None
         try:
             store = ResultsStore.in_dir(self.settings.results_path)
             compared = store.comparable(model_path)
-            rows = (tuple(row_from_result(r) for r in compared.rows)
-                    + tuple(row_from_result(r, compared=False) for r in compared.others)
-                    + tuple(row_from_result(r) for r in store.latest_servers()))
+            rows = rows_from_results(compared, store.latest_servers())
             error = None
         except UserError as exc:
             rows, error = None, str(exc)

@@ -233,6 +233,10 @@ class QualityStats:
     delta_p_rms_pct: float
     reference: ReferenceInfo | None = None
     quality_peak_rss_bytes: int | None = None
+    ppl_se: float | None = None  # the candidate's PPL × the standard error of its mean NLL (llama-perplexity's ±)
+    # every scored position's KLD, float32 little-endian in base64: two precisions measured against the same
+    # reference are paired position by position (core.compare: the SE of their difference); "" on old rows
+    kld_positions: str = ""
 
 
 @dataclass(frozen=True)
@@ -386,6 +390,13 @@ class RunRecord:
     def with_memory(self, **changes: Any) -> RunRecord:
         return replace(self, memory=replace(self.memory, **changes))
 
+    @property
+    def is_quality_reference(self) -> bool:
+        """This row is the reference precision measured on the reference's own device: its quality row is the
+        reference pass itself (KLD 0 and top-1 100 % by definition, not measured)."""
+        ref = self.quality.reference if self.quality else None
+        return ref is not None and ref.precision == self.precision and ref.device == ref.candidate_device
+
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)
 
@@ -438,7 +449,8 @@ def record_from_legacy(r: dict[str, Any]) -> RunRecord:
                       repetitions=int(r.get("repetitions") or 0), threads=int(r.get("threads") or 0))
     quality = None
     if q.get("kld_mean") is not None:
-        names = [n for n in QualityStats.__dataclass_fields__ if n not in ("reference", "quality_peak_rss_bytes")]
+        names = [n for n in QualityStats.__dataclass_fields__
+                 if n not in ("reference", "quality_peak_rss_bytes", "ppl_se", "kld_positions")]
         reference = None
         if q.get("corpus") is not None:
             reference = ReferenceInfo(precision=str(q.get("reference_precision") or "bf16"),

@@ -7,6 +7,10 @@ they disagree (:mod:`.stats`). Neighbours are consecutive in the precision regis
 the precisions that have the task. A difference that is not significant at α = 0.05 is said in words, with the
 smallest difference these many items could have detected (power 0.8; the measured disagreement rate ψ where
 the two disagree at all, else the conservative ψ = 0.5 before measuring).
+
+:func:`verdicts` says per task whether it tells the precisions apart. Where no paired test is significant it
+compares the best accuracy p with the smallest loss n items detect at ψ = 2p(1 − p): a model that scores less
+than that is too weak for the task, and that is said instead of a ranking.
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ from dataclasses import dataclass
 from qexplorer.core.domain.record import RunRecord, TaskScore
 from qexplorer.core.precisions import BY_KEY
 from qexplorer.core.tasks import stats
+
+TITLES = {"humaneval": "HumanEval pass@1", "arith": "arithmetic-chain accuracy"}
+
+
+def task_title(name: str) -> str:
+    return TITLES.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,11 @@ class TaskAccuracy:
     versus_reference: PairedComparison | None
     versus_previous: PairedComparison | None  # the neighbour above it in the registry's order
     per_length: tuple[tuple[int, int, int], ...] = ()  # arith: (length, n, passed)
+
+    @property
+    def length_accuracy(self) -> tuple[tuple[int, float], ...]:
+        """arith: (chain length, fraction right) for each length measured."""
+        return tuple((length, passed / n) for length, n, passed in self.per_length if n)
 
 
 def compare_pair(candidate: TaskScore, other: TaskScore, against: str) -> PairedComparison | None:
@@ -103,3 +118,55 @@ def summarize(records: Sequence[RunRecord], reference_precision: str = "bf16") -
                 recovery=recovery, versus_reference=versus_reference, versus_previous=versus_previous,
                 per_length=tuple((a.length, a.n, a.passed) for a in score.per_length)))
     return tuple(rows)
+
+
+@dataclass(frozen=True)
+class TaskVerdict:
+    """What one task says about the precisions measured: which differences are real, or that it cannot tell."""
+
+    task: str
+    n: int
+    tells_apart: bool  # at least one paired difference is significant
+    text: str
+
+
+def verdicts(rows: Sequence[TaskAccuracy]) -> tuple[TaskVerdict, ...]:
+    """One sentence per task. Where no paired test is significant the task does not rank the precisions, and
+    where even the best accuracy is below the smallest difference these items can detect, the model is too weak
+    for the task: a loss could never be told from noise, so that is said instead of a ranking."""
+    out = []
+    for task in dict.fromkeys(r.task for r in rows):
+        mine = [r for r in rows if r.task == task]
+        tests = [(r, t) for r in mine for t in (r.versus_reference, r.versus_previous) if t is not None]
+        n = max(r.n for r in mine)
+        title = task_title(task)
+        significant = [(r, t) for r, t in tests if t.significant]
+        if significant:
+            text = f"{title} tells precisions apart at {n} items: " + "; ".join(
+                f"{_label(r.precision)} {t.difference:+.1%} against {_label(t.against)} (p = {t.p_value:.3g})"
+                for r, t in significant) + "."
+            out.append(TaskVerdict(task, n, True, text))
+            continue
+        # how far a precision could fall before n items notice: Connor's δ at the disagreement of two
+        # independent models at the best accuracy p, ψ = 2p(1 − p), the most two positively correlated ones reach
+        # (stats' note), or the disagreement measured where it is larger
+        best = max((r.accuracy or 0.0) for r in mine)
+        psi = max([2 * best * (1 - best), *(t.discordance_rate for _r, t in tests if t.b + t.c)])
+        smallest = stats.detectable_difference(n, psi) if psi > 0 else None
+        if not tests:
+            text = f"{title}: one precision measured at {n} items; nothing to compare yet."
+        elif smallest is None or best < smallest:
+            limit = (f"{n} items cannot detect any difference" if smallest is None else
+                     f"the smallest difference {n} items detect is {smallest:.1%}")
+            text = (f"{title}: the model is too weak for this task to tell these precisions apart - the best "
+                    f"scores {best:.1%}, and {limit}; no ranking by this task.")
+        else:
+            text = (f"{title}: no significant difference at {n} items between any two precisions compared "
+                    f"(the smallest difference these items detect is {smallest:.1%}); no ranking by this task.")
+        out.append(TaskVerdict(task, n, False, text))
+    return tuple(out)
+
+
+def _label(precision: str) -> str:
+    known = BY_KEY.get(precision)
+    return known.label if known else precision

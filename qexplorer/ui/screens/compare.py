@@ -20,14 +20,47 @@ from qexplorer.core.compare import (
     sort_rows,
 )
 from qexplorer.core.kinds import SupportMode
+from qexplorer.core.quality import kld_name
+from qexplorer.core.tasks.run import ARITH
+from qexplorer.core.tasks.run import KNOWN as KNOWN_TASKS
+from qexplorer.core.tasks.summary import task_title
 from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.units import MIB, format_bytes
 from qexplorer.ui.screens.live import watch_while_shown
 from qexplorer.ui.widgets.plots import theme_rgb
 
 FAMILIES = ("all", "torch", "gguf", "server")
-COLUMNS = ("precision", "engine", "weights", "decode tok/s", "KLD", "top-1", "PPL", "prefill tok/s", "TTFT",
-           "deeper", "roof %", "peak RSS", "peak GPU")
+TASK_COLUMNS = tuple(task_title(t) + " (95 % CI)" for t in KNOWN_TASKS)
+COLUMNS = ("precision", "engine", "weights", "decode tok/s", kld_name(), "top-1", "PPL", *TASK_COLUMNS,
+           "task recovery", "prefill tok/s", "TTFT", "deeper", "roof %", "peak RSS", "peak GPU")
+
+
+def _se(mean: float | None, se: float | None, fmt: str, unit: str = "") -> str:
+    """A quality figure with its standard error (the speed columns carry sd over repetitions instead)."""
+    if mean is None:
+        return "n/a"
+    return fmt.format(mean) + (f"±{fmt.format(se)}" if se is not None else "") + unit
+
+
+def _task_cell(row: CompareRow, task: str) -> str:
+    score = row.task(task)
+    if score is None or score.accuracy is None:
+        return "-"
+    return f"{100 * score.accuracy:.1f} % [{100 * score.low:.1f}–{100 * score.high:.1f}]"
+
+
+def _recovery_cell(row: CompareRow) -> str:
+    """Each task's recovery against the reference, ▼ where the loss is significant (exact McNemar)."""
+    cells = []
+    for task in KNOWN_TASKS:
+        score = row.task(task)
+        if score is None:
+            continue
+        test = score.versus_reference
+        mark = "▼" if test is not None and test.significant and (test.difference or 0.0) < 0 else ""
+        cells.append("ref" if row.is_reference else f"{score.recovery:.2f}{mark}" if score.recovery is not None
+                     else "n/a")
+    return " / ".join(cells) or "-"
 
 
 def _pm(mean: float | None, sd: float | None, fmt: str = "{:.1f}") -> str:
@@ -66,6 +99,7 @@ class CompareScreen(Screen):
             yield PlotextPlot(id="plot-speed")
             yield PlotextPlot(id="plot-quality")
             yield PlotextPlot(id="plot-pareto")
+            yield PlotextPlot(id="plot-chains")
         with VerticalScroll(id="recommendation"):
             yield Static("", id="recommendation-text")
         yield Footer()
@@ -97,9 +131,10 @@ class CompareScreen(Screen):
             at = f" d{r.depth}" if r.depth else ""
             table.add_row(
                 label, r.engine or "-", format_bytes(r.memory_bytes), _pm(r.decode_tok_s, r.decode_sd) + noisy + at,
-                f"{r.kld:.4f}" if r.kld is not None else "n/a",
-                f"{r.top1_pct:.1f} %" if r.top1_pct is not None else "n/a",
-                f"{r.ppl:.2f}" if r.ppl is not None else "n/a",
+                "reference" if r.is_reference else _se(r.kld, r.kld_se, "{:.4f}"),
+                "reference" if r.is_reference else _se(r.top1_pct, r.top1_se_pct, "{:.1f}", " %"),
+                _se(r.ppl, r.ppl_se, "{:.2f}"),
+                *(_task_cell(r, task) for task in KNOWN_TASKS), _recovery_cell(r),
                 _pm(r.prefill_tok_s, r.prefill_sd, "{:.0f}") + noisy,
                 f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "n/a",
                 " ".join(f"d{d.depth} {d.decode_tok_s:.0f}±{d.decode_sd:.0f}" + ("~" if d.noisy else "")
@@ -112,7 +147,10 @@ class CompareScreen(Screen):
         if table.row_count:
             table.move_cursor(row=min(max(row, 0), table.row_count - 1))
         model = self.app.model.name if self.app.model else "no model"
-        notes = ["* emulated", "◆ Pareto", "mean±sd", "dN: at depth N"]  # the full legend is on the help screen
+        # the full legend is on the help screen
+        notes = ["* emulated", "◆ Pareto", "speed mean±sd, quality mean±SE", "dN: at depth N"]
+        if any(t.versus_reference is not None and t.versus_reference.significant for r in self._rows for t in r.tasks):
+            notes.append("▼ significant task loss vs the reference")
         if any(r.noise for r in self._rows):
             notes.append("~ noisy")
         if any(r.fallback for r in self._rows):
@@ -164,6 +202,7 @@ class CompareScreen(Screen):
         accent, muted = theme_rgb(self.app, "accent"), theme_rgb(self.app, "primary")
         self._bars("#plot-speed", "decode tok/s", [r.decode_tok_s or 0.0 for r in self._rows], selected)
         self._bars("#plot-quality", "KLD vs reference", [r.kld or 0.0 for r in self._rows], selected)
+        self._chains(selected)
 
         pareto = self.query_one("#plot-pareto", PlotextPlot)
         plt = pareto.plt
@@ -179,6 +218,26 @@ class CompareScreen(Screen):
             if selected is not None and selected in points:
                 plt.scatter([selected.memory_bytes / MIB], [selected.kld], color=accent, marker="◆")
         pareto.refresh()
+
+    def _chains(self, selected: CompareRow | None) -> None:
+        """Arithmetic accuracy by chain length, one line per precision (shown only once one has it): where a
+        precision breaks as chains grow."""
+        widget = self.query_one("#plot-chains", PlotextPlot)
+        measured = [(r, r.task(ARITH)) for r in self._rows if r.task(ARITH) is not None and r.task(ARITH).per_length]
+        widget.display = bool(measured)
+        if not measured:
+            return
+        plt = widget.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title("arith % by chain length")
+        for row, score in measured:
+            lengths = [length for length, _fraction in score.length_accuracy]
+            percent = [100 * fraction for _length, fraction in score.length_accuracy]
+            color = theme_rgb(self.app, "accent" if row is selected else "primary")
+            plt.plot(lengths, percent, marker="braille", color=color, label=row.precision.upper())
+        plt.ylim(0, 100)
+        widget.refresh()
 
     def _bars(self, selector: str, title: str, values: list[float], selected: CompareRow | None) -> None:
         """Horizontal bars at numeric positions (labels as ticks), the selected row redrawn in the accent."""

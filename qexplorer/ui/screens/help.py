@@ -166,33 +166,45 @@ the figure.
 
 With quality on (`v` on the plan screen toggles it), each job also scores the
 precision against the full-precision reference (BF16, dequantized once) on the
-evaluation text: **KLD** (mean KL divergence of the next-token distributions,
-lower is better), **top-1** (% of positions where both pick the same most
+evaluation text: **KLD (top-256, lower bound)** (mean KL divergence of the
+next-token distributions over the reference's 256 likeliest tokens plus one
+lumped tail: a lower bound on the full KLD; lower is better), **top-1** (% of positions where both pick the same most
 likely token), **PPL** (perplexity; the reference's beside it). The text is cut
 into 512-token chunks and the second half of each chunk is scored, as
 llama-perplexity does. If the reference was itself quantized (the bundled model
 is a Q4_1 file), small differences mean little and the screen says so. The
 reference runs on the job's device (a GPU job's reference on the GPU); a
-reference reused from another device is named in the job's warnings.
+reference reused from another device is named in the job's warnings. Each
+quality figure is a mean ± its standard error; the reference's own row reads
+"reference" (its KLD and top-1 are so by definition, not measured).
 
 With the task pass on (`t` on the plan screen; `qexplorer run --tasks`), each
 full job, after its benchmark and with the same engine, answers HumanEval
 (programs scored in a sandbox; refused without network isolation unless
 `--allow-unisolated-exec`) and arithmetic chains, greedily, keeping every
 item's outcome so that precisions are compared item by item (exact McNemar).
+The compare screen shows each task's accuracy with its 95 % Wilson interval,
+its recovery (accuracy ÷ the reference's; ▼ where the loss is significant) and
+a plot of arithmetic accuracy by chain length; where no difference is
+significant the exports say so in words ("no significant difference at 164
+items", or that the model is too weak for the task).
 
 ## Compare (`c`)
 
 Every measured precision of the current model, latest run each: memory, speed
-(mean ± sd), roofline %, KLD, top-1, PPL; three plots (decode speed, KLD, and
-KLD against memory with the Pareto frontier: nothing else is both smaller and
-better). `s` sorts, `f` filters torch / GGUF, the selected row is highlighted
+(mean ± sd), roofline %, KLD, top-1, PPL (± SE), task accuracy; three plots
+(decode speed, KLD, and KLD against memory with the Pareto frontier: nothing
+else is both smaller and better), a fourth by chain length once tasks ran. `s` sorts, `f` filters torch / GGUF, the selected row is highlighted
 in every plot. The **recommendation** is chosen from the table: among every
 measured precision that fits the live headroom and runs natively here (not a
-fallback, not emulated), quality first → the lowest KLD; memory first → the
+fallback, not emulated), quality first → the lowest KLD, except a precision
+whose task accuracy fell significantly below the reference's (the task veto;
+the text says which figure decided); memory first → the
 smallest with KLD ≤ 0.1; speed first → the fastest decode with KLD ≤ 0.1; CPU →
 the fastest GGUF with KLD ≤ 0.1. Results closer than the measurement can tell
-apart (KLD within 2 standard errors or 0.005, speeds within 2 sd or 2 %) are
+apart (KLD within 2 standard errors of the difference - paired, position by
+position, where both were scored on the same text - or 0.005; speeds within 2
+standard errors or 2 %) are
 a tie, and only then does the seed's framework decide (FP8 on FP8 tensor cores,
 AWQ / GPTQ, GGUF Q4_K_M / Q5_K_M on a CPU, quantized before the reference).
 Noisy speeds rank after quiet ones and are named. `o` changes the priority;
