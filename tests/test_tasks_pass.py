@@ -4,6 +4,7 @@ comparisons across precisions, and (e2e) the CLI on the bundled model."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from test_job_queue import a_record
 from qexplorer.cli import main
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.domain.bench import BenchConfig
-from qexplorer.core.domain.events import Phase, Progress, drive
+from qexplorer.core.domain.events import Cancelled, Log, Phase, Progress, checked, drive
 from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.domain.record import LengthAccuracy, RunRecord, TaskScore
 from qexplorer.core.domain.spec import JobSpec
@@ -35,6 +36,7 @@ from qexplorer.core.tasks.run import (
     arith_items,
     parse_tasks,
     task_pass,
+    task_pass_kept,
     token_budget,
 )
 from qexplorer.core.tasks.summary import summarize
@@ -144,15 +146,32 @@ def test_accuracy_recovery_and_paired_tests_come_from_the_stored_outcomes():
     assert q2.versus_reference is None and q2.versus_previous is None and q2.recovery is None
 
 
-def test_a_record_with_tasks_round_trips_and_is_never_compared_with_one_without():
+def test_a_record_with_tasks_round_trips_and_ranks_beside_one_without():
     plain = a_record("q8_0")
     with_tasks = replace(plain, tasks=(replace(score("arith", (True, False)),
                                                per_length=(LengthAccuracy(1, 2, 1),)),))
     again = RunRecord.from_json(json.loads(with_tasks.dumps()))
     assert again == with_tasks and again.tasks[0].outcomes == (True, False)
     assert RunRecord.from_json(json.loads(plain.dumps())).tasks == ()  # a record from before reads as none
-    assert with_tasks.settings_key() != plain.settings_key()
-    assert "tasks arith (2 items, chat)" in with_tasks.settings_text()
+    # tasks do not change the speed or KLD settings: the two rank together; task scores pair by their items
+    assert with_tasks.settings_key() == plain.settings_key()
+
+
+def test_a_failed_task_pass_loses_only_its_scores_and_a_cancel_still_stops():
+    def broken(prompts: Sequence[Prompt]) -> Iterator[Answer]:
+        raise RuntimeError("the server went away")
+        yield  # a generator
+
+    events = []
+    scores, error = drive(task_pass_kept(job(tasks=("arith:2",), tasks_limit=4), "vllm",
+                                         lambda: TaskEngine(True, broken)), events.append)
+    assert scores == () and error == "RuntimeError: the server went away"
+    assert any(isinstance(e, Log) and e.level == "warning" and "the benchmark is kept" in e.message for e in events)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        drive(checked(task_pass_kept(job(tasks=("arith:2",), tasks_limit=4), "vllm", lambda: right_answers(True),
+                                     cancel), cancel), lambda _e: None)
 
 
 def test_the_reuse_key_follows_the_task_pass_and_is_unchanged_without_one():

@@ -115,6 +115,7 @@ class CompareRow:
     # measured against the same reference (:func:`paired_kld_se`)
     kld_paired_se: tuple[tuple[str, float], ...] = ()
     tasks: tuple[TaskAccuracy, ...] = ()  # task accuracy in the serving engine, with the paired tests
+    task_error: str | None = None  # the task pass failed: why (the row's other figures stand)
 
     def task(self, name: str) -> TaskAccuracy | None:
         return next((t for t in self.tasks if t.task == name), None)
@@ -156,7 +157,7 @@ def row_from_result(result: StoredResult, compared: bool = True) -> CompareRow:
         compared=compared, settings=r.settings_text(),
         kernel_mismatch=mismatch(r.engine.expected_kernel, r.engine.kernel), first_pass=r.first_pass,
         is_reference=r.is_quality_reference, top1_se_pct=known(q.same_top1_se_pct) if q else None,
-        ppl_se=known(q.ppl_se) if q else None,
+        ppl_se=known(q.ppl_se) if q else None, task_error=r.task_error,
         kld_top_k=q.reference.top_k if q and q.reference and q.reference.top_k else DEFAULT_TOP_K,
     )
 

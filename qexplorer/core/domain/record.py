@@ -348,6 +348,7 @@ class RunRecord:
     reused_measured_at: str | None = None  # when that earlier measurement was made (ISO 8601, UTC)
     first_pass: bool = False  # the quick first answer (JobSpec.first_pass): replaced when the full figures land
     tasks: tuple[TaskScore, ...] = ()  # task accuracy with the serving engine (JobSpec.tasks); () when not asked
+    task_error: str | None = None  # the task pass failed (one sentence); the benchmark and quality are kept
     version: int = RECORD_VERSION
 
     @property
@@ -366,8 +367,9 @@ class RunRecord:
         ref = self.quality.reference if self.quality is not None else None
         quality = ((ref.corpus_sha256, ref.ctx, ref.n_tokens, ref.top_k, ref.precision) if ref is not None
                    else "measured" if self.quality is not None else None)
-        tasks = tuple((t.name, t.n, t.items_sha256, t.template, t.max_new_tokens) for t in self.tasks)
-        return (bench, hw.cpu if hw else None, hw.gpu if hw else None, quality, tasks)
+        # tasks are not part of it: a row without them still ranks on speed and KLD beside rows with them, and two
+        # task scores are compared only on the same items (core.tasks.summary pairs them by items_sha256)
+        return (bench, hw.cpu if hw else None, hw.gpu if hw else None, quality)
 
     def settings_text(self) -> str:
         """The settings of :meth:`settings_key` in words, for a row shown beside others it cannot be ranked with."""
@@ -383,8 +385,6 @@ class RunRecord:
             parts.append(f"quality on {ref.corpus} ({ref.n_tokens} tokens, ctx {ref.ctx}) vs {ref.precision}")
         elif self.quality is None:
             parts.append("no quality")
-        if self.tasks:
-            parts.append("tasks " + ", ".join(f"{t.name} ({t.n} items, {t.template})" for t in self.tasks))
         return "; ".join(parts)
 
     def with_memory(self, **changes: Any) -> RunRecord:

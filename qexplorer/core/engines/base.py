@@ -56,6 +56,7 @@ class Measured:
     quality_s: float | None = None
     depth_speeds: tuple[Speed, ...] = ()  # the depths after the first (BenchConfig.depths)
     tasks: tuple[TaskScore, ...] = ()  # the task pass, with this engine (core.tasks.run)
+    task_error: str | None = None  # why the task pass failed; what was measured before it is kept
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,9 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     first, *deeper = yield from ctx.checked(llamacpp_timer.run(llm, ctx.bench_text, job.bench))
     del llm  # the task pass and the quality pass each need a larger context of their own
     tasks: tuple[TaskScore, ...] = ()
+    task_error = None
     if job.tasks:
-        tasks = yield from ctx.checked(_tasks(ctx, gpu))
+        tasks, task_error = yield from ctx.checked(_tasks(ctx, gpu))
     quality = quality_s = None
     if ctx.reference is not None:  # every position's logits: a context of its own
         from qexplorer.core import quality as quality_mod
@@ -61,17 +62,17 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=weight_bytes,
                              resident_weight_bytes=weight_bytes, bytes_per_token=weight_bytes),
         timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=quality,
-        quality_s=quality_s, tasks=tasks,
+        quality_s=quality_s, tasks=tasks, task_error=task_error,
         gpu_name=(nvml_gpu_name() or "CUDA (llama.cpp offload)") if gpu else None,
     )
 
 
-def _tasks(ctx: EngineContext, gpu: bool) -> Generator[JobEvent, None, tuple[TaskScore, ...]]:
+def _tasks(ctx: EngineContext, gpu: bool) -> Generator[JobEvent, None, tuple[tuple[TaskScore, ...], str | None]]:
     """The task pass (core.tasks.run) on the same GGUF file, threads and offload as the benchmark, with flash
     attention on as llama-server runs it by default; the chat template is the one the file carries."""
     import llama_cpp
 
-    from qexplorer.core.tasks.run import TASK_CONTEXT_TOKENS, Answer, Prompt, TaskEngine, task_pass
+    from qexplorer.core.tasks.run import TASK_CONTEXT_TOKENS, Answer, Prompt, TaskEngine, task_pass_kept
 
     threads = ctx.job.bench.thread_count
 
@@ -95,4 +96,4 @@ def _tasks(ctx: EngineContext, gpu: bool) -> Generator[JobEvent, None, tuple[Tas
 
         return TaskEngine(chat=bool(llm.metadata.get("tokenizer.chat_template")), generate=generate)
 
-    return (yield from task_pass(ctx.job, str(Engine.LLAMA_CPP), start, ctx.cancel))
+    return (yield from task_pass_kept(ctx.job, str(Engine.LLAMA_CPP), start, ctx.cancel))

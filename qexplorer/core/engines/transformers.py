@@ -59,10 +59,11 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None,
     yield Phase(PhaseKind.BENCHMARK, f"transformers: {job.bench.describe()}")
     first, *deeper = yield from ctx.checked(torch_timer.run(model, tokenizer, ctx.bench_text, job.bench))
     tasks: tuple[TaskScore, ...] = ()
+    task_error = None
     if job.tasks:
-        from qexplorer.core.tasks.run import TaskEngine, task_pass
+        from qexplorer.core.tasks.run import TaskEngine, task_pass_kept
 
-        tasks = yield from ctx.checked(task_pass(job, str(Engine.TRANSFORMERS), lambda: TaskEngine(
+        tasks, task_error = yield from ctx.checked(task_pass_kept(job, str(Engine.TRANSFORMERS), lambda: TaskEngine(
             bool(getattr(tokenizer, "chat_template", None)), _generate(model, tokenizer)), ctx.cancel))
     quality_stats, quality_s = quality if quality is not None else (None, None)
     if ctx.reference is not None and quality is None:
@@ -79,7 +80,7 @@ def measure(ctx: EngineContext, fallback_reason: str | None = None,
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=ctx.artifact_weight_bytes,
                              resident_weight_bytes=resident, bytes_per_token=resident, **torch_cuda_peaks()),
         timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=quality_stats,
-        quality_s=quality_s, gpu_name=ctx.gpu_name, tasks=tasks,
+        quality_s=quality_s, gpu_name=ctx.gpu_name, tasks=tasks, task_error=task_error,
     )
 
 

@@ -474,7 +474,7 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     from transformers import AutoTokenizer
 
     from qexplorer.core.device import local_device
-    from qexplorer.core.tasks.run import TASK_CONCURRENCY, TaskEngine, in_order, task_pass
+    from qexplorer.core.tasks.run import TASK_CONCURRENCY, TaskEngine, in_order, task_pass_kept
 
     reason = cannot_run_reason(ctx)
     if reason is not None:
@@ -503,9 +503,10 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         yield Phase(PhaseKind.BENCHMARK, f"vLLM: {bench.describe()}")
         first, *deeper = yield from ctx.checked(server.measure_speed(ids, bench))
         tasks: tuple[TaskScore, ...] = ()
+        task_error = None
         if job.tasks:
             chat = bool(getattr(tokenizer, "chat_template", None))
-            tasks = yield from ctx.checked(task_pass(job, str(Engine.VLLM), lambda: TaskEngine(
+            tasks, task_error = yield from ctx.checked(task_pass_kept(job, str(Engine.VLLM), lambda: TaskEngine(
                 chat, lambda prompts: in_order(server.answer, prompts, TASK_CONCURRENCY)), ctx.cancel))
         engine_quality = None
         if ctx.reference is not None:
@@ -533,6 +534,6 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         memory=MemoryFigures(weight_bytes=ctx.artifact_weight_bytes, resident_weight_bytes=ctx.artifact_weight_bytes,
                              bytes_per_token=ctx.artifact_weight_bytes, kv_cache_bytes=settings.kv_cache_bytes),
         timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=None,
-        engine_quality=engine_quality, tasks=tasks,
+        engine_quality=engine_quality, tasks=tasks, task_error=task_error,
         gpu_name=ctx.gpu_name,
     )

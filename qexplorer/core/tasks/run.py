@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from qexplorer.core.domain.events import JobEvent, Phase, Progress
+from qexplorer.core.domain.events import Cancelled, JobEvent, Log, Phase, Progress
 from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.domain.record import LengthAccuracy, TaskScore
 from qexplorer.core.domain.spec import JobSpec
@@ -224,6 +224,23 @@ def task_pass(job: JobSpec, engine_name: str, start: Callable[[], TaskEngine],
         else:
             scores.append((yield from _arith(job, choice, engine, engine_name)))
     return tuple(scores)
+
+
+def task_pass_kept(job: JobSpec, engine_name: str, start: Callable[[], TaskEngine],
+                   cancel: threading.Event | None = None,
+                   ) -> Generator[JobEvent, None, tuple[tuple[TaskScore, ...], str | None]]:
+    """:func:`task_pass`, where a failure loses only the task scores: the benchmark measured before it and the
+    quality pass after it are kept. Returns the scores and, on failure, the sentence why (also logged as a
+    warning). A cancel still stops the job."""
+    try:
+        return (yield from task_pass(job, engine_name, start, cancel)), None
+    except Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any engine failure in the pass: kept as one sentence
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        yield Log(f"The task pass failed and its scores are left out; the benchmark is kept: {reason}",
+                  level="warning")
+        return (), reason
 
 
 def in_order(submit: Callable[[Prompt], Answer], prompts: Sequence[Prompt], workers: int) -> Iterator[Answer]:

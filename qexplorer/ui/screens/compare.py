@@ -45,7 +45,7 @@ def _se(mean: float | None, se: float | None, fmt: str, unit: str = "") -> str:
 def _task_cell(row: CompareRow, task: str) -> str:
     score = row.task(task)
     if score is None or score.accuracy is None:
-        return "-"
+        return "failed (see its log)" if row.task_error else "-"
     return f"{100 * score.accuracy:.1f} % [{100 * score.low:.1f}–{100 * score.high:.1f}]"
 
 
