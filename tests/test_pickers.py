@@ -147,12 +147,15 @@ async def test_the_app_sets_every_run_option_the_cli_has(tmp_path: Path):
         dialog.query_one("#opt-tokens").value = "1024"
         dialog.query_one("#opt-engine").value = "--max-num-seqs 4"
         dialog.query_one("#opt-order").value = RunOrder.ONE_AT_A_TIME
+        dialog.query_one("#opt-tasks-limit").value = "20"
+        dialog.query_one("#opt-unisolated").value = True
         await pilot.click("#opt-save")
         await pilot.pause()
         assert isinstance(app.screen, PlanScreen)
         options = app.run_options()
         assert (options.corpus, options.reference, options.quality_tokens) == (str(corpus), "fp32", 1024)
         assert options.engine_args == ("--max-num-seqs", "4") and not options.overlap
+        assert options.tasks_limit == 20 and options.allow_unisolated_exec
         plan = app.planned_jobs()
         assert plan.specs and all(s.quality_corpus == str(corpus) and s.reference_precision == "fp32"
                                   and s.quality_tokens == 1024 for s in plan.specs)

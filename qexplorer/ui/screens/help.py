@@ -181,7 +181,8 @@ quality figure is a mean ± its standard error; the reference's own row reads
 With the task pass on (`t` on the plan screen; `qexplorer run --tasks`), each
 full job, after its benchmark and with the same engine, answers HumanEval
 (programs scored in a sandbox; refused without network isolation unless
-`--allow-unisolated-exec`) and arithmetic chains, greedily, keeping every
+`--allow-unisolated-exec`, or its box in the options dialog `o`, which also
+sets the items per task) and arithmetic chains, greedily, keeping every
 item's outcome so that precisions are compared item by item (exact McNemar).
 The compare screen shows each task's accuracy with its 95 % Wilson interval,
 its recovery (accuracy ÷ the reference's; ▼ where the loss is significant) and

@@ -47,8 +47,14 @@ class RunOptionsScreen(ModalScreen[RunOptions | None]):
                 yield Input(shlex.join(o.engine_args), placeholder="vLLM: --tensor-parallel-size 2", id="opt-engine")
                 yield Label("order")
                 yield Select([(str(r), r) for r in RunOrder], value=o.order, allow_blank=False, id="opt-order")
+                yield Label("task items (--tasks-limit, empty: all)")
+                yield Input("" if o.tasks_limit is None else str(o.tasks_limit), type="integer",
+                            placeholder="164 HumanEval + 160 arith", id="opt-tasks-limit")
                 yield Label("")
                 yield Checkbox("run even when the plan says it does not fit (--force)", o.force, id="opt-force")
+                yield Label("")
+                yield Checkbox("run the model's HumanEval code without network isolation (--allow-unisolated-exec)",
+                               o.allow_unisolated_exec, id="opt-unisolated")
             yield Button("Save", variant="primary", id="opt-save")
 
     def _int(self, widget_id: str, minimum: int) -> int:
@@ -72,7 +78,10 @@ class RunOptionsScreen(ModalScreen[RunOptions | None]):
                        quality_tokens=self._int("#opt-tokens", 64), quality_ctx=self._int("#opt-ctx", 16),
                        bench=bench, engine_args=engine_args,
                        order=RunOrder(self.query_one("#opt-order", Select).value),
-                       force=self.query_one("#opt-force", Checkbox).value)
+                       force=self.query_one("#opt-force", Checkbox).value,
+                       tasks_limit=self._int("#opt-tasks-limit", 1) if self.query_one(
+                           "#opt-tasks-limit", Input).value.strip() else None,
+                       allow_unisolated_exec=self.query_one("#opt-unisolated", Checkbox).value)
 
     @on(Button.Pressed, "#opt-save")
     @on(Input.Submitted)

@@ -238,6 +238,8 @@ def _options_line(options) -> str:
     if options.tasks:
         parts.append("tasks " + ",".join(options.tasks) + (f" (at most {options.tasks_limit} items each)"
                                                            if options.tasks_limit is not None else ""))
+        if options.allow_unisolated_exec:
+            parts.append("model-written code may run without network isolation")
     return ("\noptions: " + ", ".join(parts)) if parts else ""
 
 
