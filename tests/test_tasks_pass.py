@@ -242,3 +242,24 @@ def test_the_exports_carry_each_task_with_its_interval(tmp_path: Path):
     assert (f"arith 3/4 = 75.0 % (95 % CI {100 * interval.low:.1f}-{100 * interval.high:.1f} %, chat)"
             in to_markdown([stored]))
     assert flat_row(replace(stored, record=a_record("q8_0")))["task_scores"] is None
+
+
+def test_the_plan_holds_the_task_pass_context_and_vllms_batch():
+    """A job with the task pass is planned with the memory its pass takes: vLLM started for 8 sequences of 2048
+    tokens (its KV cache as the launch rounds it), llama.cpp a 2048-token context of its own."""
+    from qexplorer.core.planner import kv_bytes_per_token, plan_job_peak
+    from qexplorer.core.serving.vllm_launch import kv_cache_bytes
+    from qexplorer.core.tasks.run import TASK_CONCURRENCY, TASK_CONTEXT_TOKENS
+
+    spec = Catalog().resolve("default")
+    bench = BenchConfig.quick()
+    kv = kv_bytes_per_token(spec, "bf16")
+    for key in ("bf16", "q8_0"):
+        plain = plan_job_peak(spec, get(key), bench, on_gpu=False)
+        with_tasks = plan_job_peak(spec, get(key), bench, on_gpu=False, tasks=True)
+        if key == "bf16":
+            expected = (kv_cache_bytes(kv, TASK_CONTEXT_TOKENS, TASK_CONCURRENCY, "cpu")
+                        - kv_cache_bytes(kv, bench.context_tokens + 16, 1, "cpu"))
+        else:
+            expected = kv_bytes_per_token(spec, "f16") * (TASK_CONTEXT_TOKENS - bench.context_tokens)
+        assert with_tasks - plain == expected

@@ -322,7 +322,7 @@ def reference_peak(spec: ModelSpec, ctx: int) -> int:
 
 
 def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: bool, vllm: bool | None = None,
-                  quality: QualityPlan | None = None, vllm_overhead: int | None = None) -> int:
+                  quality: QualityPlan | None = None, vllm_overhead: int | None = None, tasks: bool = False) -> int:
     """Predicted peak memory of one job's process tree (what the guard compares against).
 
     GGUF (llama.cpp in the worker): the serving plan for pp + tg tokens; the quantizer streams tensors.
@@ -334,13 +334,19 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     With ``quality``: the candidate's pass (llama.cpp: a second context holding every position's logits; vLLM:
     its prompt log-probs inside the server; the fallback: logits in the worker) and, where this job builds it,
     the reference pass - phases that run one after another, so the peak is the largest of them.
+    With ``tasks`` (core.tasks.run): llama.cpp and the fallback generate in a context of TASK_CONTEXT_TOKENS of
+    their own after the benchmark's is released; vLLM is started with KV for TASK_CONCURRENCY sequences of that
+    length (engines.vllm.launch_settings), rounded to its blocks as the launch rounds them.
     """
+    from qexplorer.core.tasks.run import TASK_CONCURRENCY, TASK_CONTEXT_TOKENS
+
+    task_ctx = TASK_CONTEXT_TOKENS if tasks else 0
     request = PlanRequest(context=bench.context_tokens)  # depth + pp + tg: the deepest test's KV cache
     logits = logits_bytes(spec, quality.ctx) if quality else 0
     reference = reference_peak(spec, quality.ctx) if quality and quality.builds_reference else 0
     if precision.is_gguf:
         weights = weight_bytes(spec, precision)
-        serving = (weights + kv_bytes_per_token(spec, "f16") * request.context
+        serving = (weights + kv_bytes_per_token(spec, "f16") * max(request.context, task_ctx)
                    + overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu))
         if not quality:
             return serving
@@ -362,15 +368,21 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     if vllm:
         from qexplorer.core.serving.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES
 
+        from qexplorer.core.serving.vllm_launch import kv_cache_bytes
+
+        # the KV cache the job will start vLLM with (engines.vllm.launch_settings: the same flags)
+        kv = kv_cache_bytes(kv_bytes_per_token(spec, "bf16"),
+                            max(request.context + 16, quality.ctx + 16 if quality else 0, task_ctx),
+                            TASK_CONCURRENCY if tasks else 1, "cuda" if on_gpu else "cpu")
         server = (((vllm_overhead or VLLM_CUDA_OVERHEAD_BYTES) if on_gpu else VLLM_RUNTIME_BYTES)
-                  + int(weight_bytes(spec, precision) * (1 if on_gpu else VLLM_CPU_WEIGHT_COPIES))
-                  + kv_bytes_per_token(spec, "bf16") * (request.context + 16))
+                  + int(weight_bytes(spec, precision) * (1 if on_gpu else VLLM_CPU_WEIGHT_COPIES)) + kv)
         # the worker releases the model it quantized before vLLM starts (llm-compressor's session and PyTorch's
         # cache; the library stays imported): producing and serving are one after the other
         residual = TORCH_RUNTIME_BYTES + (LLMCOMPRESSOR_IMPORT_BYTES if precision.producer == Producer.LLMCOMPRESSOR
                                           else 0)
         return max(worker, residual + server + SERVER_LOGPROB_COPIES * logits, reference)
-    fallback = worker + weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * request.context + \
+    fallback = worker + weight_bytes(spec, precision) + kv_bytes_per_token(spec, "f16") * max(request.context,
+                                                                                               task_ctx) + \
         overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu) - TORCH_RUNTIME_BYTES
     return max(fallback + FALLBACK_LOGITS_COPIES * logits, reference)
 

@@ -231,7 +231,7 @@ def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: Telem
             template, precision=precision.key, model_name=model.name, model_path=model.path,
             planned_peak_bytes=plan_job_peak(model, precision, bench, on_gpu=plan.runs_on == "GPU",
                                              vllm=plan.engine == "vllm", quality=quality,
-                                             vllm_overhead=request.vllm_overhead_bytes),
+                                             vllm_overhead=request.vllm_overhead_bytes, tasks=bool(template.tasks)),
             planned_total_bytes=plan.total_bytes,
             vllm_overhead_bytes=request.vllm_overhead_bytes,
             planned_gpu_bytes=plan.total_bytes if plan.runs_on == "GPU" and snapshot is not None

@@ -102,9 +102,11 @@ def overhead_bytes(device: DeviceMemory, learned_bytes: int | None = None) -> in
 KV_BLOCK_TOKENS = {"cpu": 128, "cuda": 256}
 
 
-def kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int, max_num_seqs: int, device: DeviceMemory) -> int:
-    """The KV cache the plan asks for, rounded up to whole vLLM blocks, at least one full-length sequence each."""
-    block = KV_BLOCK_TOKENS[device.kind]
+def kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int, max_num_seqs: int, device: DeviceMemory | str,
+                   ) -> int:
+    """The KV cache the plan asks for, rounded up to whole vLLM blocks, at least one full-length sequence each
+    (``device``: the device, or its kind, "cpu" or "cuda": the planner's is decided before one is opened)."""
+    block = KV_BLOCK_TOKENS[device if isinstance(device, str) else device.kind]
     tokens = (math.ceil(max_model_len / block) + 1) * block * max_num_seqs
     return max(kv_bytes_per_token * tokens, 16 * MIB)
 
