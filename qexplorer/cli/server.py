@@ -170,6 +170,22 @@ def _server_view(metrics: ServerMetrics | None) -> str:
     return ", ".join(parts) or "-"
 
 
+def _server_detail(m: ServerMetrics) -> str:
+    """The counters and histograms of one level, as far as the engine exports them."""
+    parts = []
+    if m.prefill_s_per_request is not None:
+        parts.append(f"prefill {1000 * m.prefill_s_per_request:.0f} ms per request")
+    if m.decode_s_per_request is not None:
+        parts.append(f"decode {1000 * m.decode_s_per_request:.0f} ms per request")
+    if m.preemptions is not None:
+        parts.append(f"{m.preemptions} preemptions")
+    if m.server_prompt_tok_s is not None:
+        parts.append(f"the server's own prompt processing {m.server_prompt_tok_s:.1f} tok/s")
+    if m.server_decode_tok_s is not None:
+        parts.append(f"generation {m.server_decode_tok_s:.1f} tok/s")
+    return ", ".join(parts)
+
+
 def _load_text(result: ServerSweep) -> str:
     """One row per level: GuideLLM's figures (TTFT and ITL p50 / p90 / p99, output tok/s, requests/s,
     errors), the server's own view from /metrics, host noise, and whether the level meets the objective; then
@@ -184,7 +200,7 @@ def _load_text(result: ServerSweep) -> str:
              f"output length: {result.exact_output or 'n/a'}; tokens counted from {result.token_count}",
              f"objective: {plan.objective.describe()}", ""]
     header = (f"{'conc':>5} {'TTFT p50/p90/p99 (ms)':>23} {'ITL p50/p90/p99 (ms)':>22} {'output (tok/s)':>15} "
-              f"{'req/s':>7} {'errors':>8}  {'server /metrics':<28} {'host':<6} objective")
+              f"{'req/s':>7} {'errors':>8}  {'server /metrics':<34} {'host':<6} objective")
     for depth in sorted({lv.depth for lv in result.levels}):
         if depth:
             lines.append(f"depth {depth} tokens")
@@ -199,33 +215,26 @@ def _load_text(result: ServerSweep) -> str:
             errors = f"{load.errored}/{load.successful + load.errored}"
             lines.append(f"{lv.concurrency:>5} {_pct3(load.time_to_first_token_ms):>23} "
                          f"{_pct3(load.inter_token_latency_ms, digits=1):>22} {load.output_tokens_per_second:>15.1f} "
-                         f"{load.requests_per_second:>7.2f} {errors:>8}  {_server_view(lv.server_metrics):<28} "
+                         f"{load.requests_per_second:>7.2f} {errors:>8}  {_server_view(lv.server_metrics):<34} "
                          f"{noise:<6} {verdict}")
         lines.append("")
     for good in result.goodput:
         lines.append(f"goodput: {result.model_id} {good.sentence}")
     if result.stopped_early:
         lines.append(f"early stop: {result.stopped_early}")
-    first_errors = [(lv.concurrency, lv.load.first_error) for lv in result.levels if lv.load and lv.load.first_error]
-    if first_errors:
-        lines.append(f"first error at concurrency {first_errors[0][0]}: {first_errors[0][1]}")
-    metrics = [lv.server_metrics for lv in result.levels if lv.server_metrics is not None]
+    first_error = next(((lv.concurrency, lv.load.first_error) for lv in result.levels
+                        if lv.load and lv.load.first_error), None)
+    if first_error and first_error[1] not in (result.stopped_early or ""):
+        lines.append(f"first error at concurrency {first_error[0]}: {first_error[1]}")
+    metrics = [lv for lv in result.levels if lv.server_metrics is not None]
     if metrics:
-        vllm = [m for m in metrics if m.prefill_s_per_request is not None or m.decode_s_per_request is not None]
-        llama = [m for m in metrics if m.server_decode_tok_s is not None]
-        lines.append(f"server /metrics: {metrics[0].engine}, sampled every {metrics[0].interval_s:g} s during each "
-                     "level (KV = peak KV-cache usage, run / wait = most requests running / queued)")
-        for lv in result.levels:
-            m = lv.server_metrics
-            if m is not None and m in vllm:
-                prefill = f"{1000 * m.prefill_s_per_request:.0f} ms" if m.prefill_s_per_request is not None else "-"
-                decode = f"{1000 * m.decode_s_per_request:.0f} ms" if m.decode_s_per_request is not None else "-"
-                lines.append(f"  concurrency {lv.concurrency}: prefill {prefill} and decode {decode} per request "
-                             f"(the server's histograms), {m.preemptions or 0} preemptions")
-            elif m is not None and m in llama:
-                prompt = f"{m.server_prompt_tok_s:.1f} tok/s" if m.server_prompt_tok_s is not None else "-"
-                lines.append(f"  concurrency {lv.concurrency}: the server's own prompt {prompt}, generation "
-                             f"{m.server_decode_tok_s:.1f} tok/s")
+        first = metrics[0].server_metrics
+        lines.append(f"server /metrics: {first.engine}, sampled every {first.interval_s:g} s during each level "
+                     "(KV = peak KV-cache usage, run / wait = most requests running / queued)")
+        for lv in metrics:
+            detail = _server_detail(lv.server_metrics)
+            if detail:
+                lines.append(f"  concurrency {lv.concurrency}: {detail}")
     elif result.metrics_note:
         lines.append(f"server /metrics: {result.metrics_note}")
     lines.extend(f"noise at concurrency {lv.concurrency}: {lv.noise.reason}" for lv in result.levels
