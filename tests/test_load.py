@@ -218,7 +218,7 @@ def test_saturation_stops_the_sweep_and_a_server_without_metrics_is_a_note(capsy
     assert "TTFT p50/p90/p99 (ms)" in out and "output (tok/s)" in out and "req/s" in out
     # at 1 stream TTFT is 100 ms (meets 0.2 s); at 2 the queued request waits 350 ms
     assert "goodput: fake-load serves 1 stream at" in out
-    assert "/metrics answered HTTP 404 (llama-server needs --metrics)" in out
+    assert "/metrics answered HTTP 404 (llama-server exports it only with --metrics)" in out
 
 
 def test_no_level_meets_the_objective_says_why(capsys):

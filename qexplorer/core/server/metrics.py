@@ -130,7 +130,7 @@ class MetricsScraper:
             self.note = f"{self.url} did not answer ({type(exc).__name__}): the server's own view is not shown"
             return False
         if response.status_code != 200:
-            hint = " (llama-server needs --metrics)" if response.status_code in (404, 501) else ""
+            hint = " (llama-server exports it only with --metrics)" if response.status_code in (404, 501) else ""
             self.note = f"{self.url} answered HTTP {response.status_code}{hint}: the server's own view is not shown"
             return False
         samples = parse_prometheus(response.text)
