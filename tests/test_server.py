@@ -68,6 +68,24 @@ def test_sweep_at_three_concurrency_levels_is_stored(loopback, capsys, isolated_
 
 
 @pytest.mark.e2e
+def test_load_sweep_against_the_loopback_server(loopback, capsys):
+    """llama-cpp-python's server answers one request at a time: more streams only queue, so the load sweep
+    stops at saturation before its last level, and says why; it has no /metrics, which is a note."""
+    assert main(["bench-server", loopback, "--load", "1,2,4,8", "--repetitions", "2", "--max-tokens", "16",
+                 "--prompt-tokens", "64", "--slo-ttft-p99", "30", "--slo-itl-p99", "1000", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    levels = data["levels"]
+    assert "saturated" in data["stopped_early"] and len(levels) < 4
+    for level in levels:
+        load = level["load"]
+        assert load["errored"] == 0 and load["successful"] == 2 * level["concurrency"]
+        ttft = load["time_to_first_token_ms"]
+        assert 0 < ttft["p50"] <= ttft["p90"] <= ttft["p99"] and load["output_tokens_per_second"] > 0
+    assert data["goodput"][0]["concurrency"] in {lv["concurrency"] for lv in levels}
+    assert "/metrics" in data["metrics_note"]
+
+
+@pytest.mark.e2e
 def test_unique_prompts_measure_prompt_processing_not_the_cache(loopback):
     """llama-cpp-python's server reuses the longest cached prefix: the same prompt twice is answered from the
     cache. Unique prompts (the default) must cost a real prefill, clearly above the cached TTFT."""

@@ -140,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--quality", metavar="MODEL", help="also compare the server's log-probabilities with MODEL's "
                         "local reference ('default', a cache id, a folder or a GGUF file)")
     server.add_argument("--quality-tokens", type=int, default=1024, help="tokens of evaluation text (default 1024)")
+    server.add_argument("--load", nargs="?", const="1,2,4,8,16,32,64", metavar="C,C,...",
+                        help="a load sweep at these concurrency levels (alone: 1,2,4,...,64), instead of "
+                        "--concurrency: errors counted, stopped early at saturation, goodput under the objective")
+    server.add_argument("--slo-ttft-p99", type=float, metavar="S",
+                        help="the objective's TTFT p99 limit in seconds (default: the setting slo_ttft_p99_s, 2)")
+    server.add_argument("--slo-itl-p99", type=float, metavar="MS",
+                        help="the objective's ITL p99 limit in milliseconds (default: the setting "
+                        "slo_itl_p99_ms, 100)")
+    server.add_argument("--slo-error-rate", type=float, default=0.0, metavar="PCT",
+                        help="the objective's largest share of failed requests, in %% (default 0)")
+    server.add_argument("--stop-error-rate", type=float, default=10.0, metavar="PCT",
+                        help="--load stops after a level with at least this %% of failed requests (default 10)")
+    server.add_argument("--stop-min-gain", type=float, default=10.0, metavar="PCT",
+                        help="--load stops at saturation: output tok/s up less than this %% over the best earlier "
+                        "level while TTFT p99 grew over 25 %% (default 10)")
+    server.add_argument("--stop-beyond-slo", type=float, metavar="FACTOR",
+                        help="--load also stops after a level that misses a limit of the objective by more than "
+                        "FACTOR times (default: off)")
+    server.add_argument("--metrics-interval", type=float, default=0.5, metavar="S",
+                        help="scrape the server's /metrics every S seconds during each level; 0: never (default 0.5)")
     server.add_argument("--json", action="store_true", help="print JSON")
 
     results = sub.add_parser("results", help="print stored results")

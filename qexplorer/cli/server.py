@@ -12,6 +12,7 @@ from qexplorer.cli.run import StderrProgress
 from qexplorer.core import server
 from qexplorer.core.domain.bench import parse_depths
 from qexplorer.core.domain.events import drive
+from qexplorer.core.domain.load import LoadPlan, Percentiles, ServerMetrics, ServiceObjective, StopRule
 from qexplorer.core.domain.record import ServerQuality, ServerSweep
 from qexplorer.core.errors import UserError
 from qexplorer.core.results import ResultsStore
@@ -20,14 +21,40 @@ from qexplorer.core.settings import Settings
 from qexplorer.core.units import format_bytes
 
 
-def _levels(text: str) -> tuple[int, ...]:
+def _levels(text: str, flag: str = "--concurrency") -> tuple[int, ...]:
     try:
         levels = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise UserError(f"--concurrency {text!r} is not a list of numbers such as 1,4,16.") from None
+        raise UserError(f"{flag} {text!r} is not a list of numbers such as 1,4,16.") from None
     if not levels or min(levels) < 1:
-        raise UserError("--concurrency needs positive numbers, such as 1,4,16.")
+        raise UserError(f"{flag} needs positive numbers, such as 1,4,16.")
     return levels
+
+
+def _load_plan(args: argparse.Namespace, settings: Settings) -> LoadPlan:
+    """The objective (flags over settings) and the stop rule of ``--load``, each checked."""
+    ttft_s = args.slo_ttft_p99 if args.slo_ttft_p99 is not None else settings.slo_ttft_p99_s
+    itl_ms = args.slo_itl_p99 if args.slo_itl_p99 is not None else settings.slo_itl_p99_ms
+    if ttft_s <= 0 or itl_ms <= 0:
+        raise UserError("--slo-ttft-p99 (seconds) and --slo-itl-p99 (milliseconds) need positive limits, "
+                        "such as 2 and 100.")
+    for flag, pct in (("--slo-error-rate", args.slo_error_rate), ("--stop-error-rate", args.stop_error_rate)):
+        if not 0 <= pct <= 100:
+            raise UserError(f"{flag} is {pct:g}: give a percentage from 0 to 100.")
+    if args.stop_error_rate == 0:
+        raise UserError("--stop-error-rate 0 would stop at any level; give a percentage above 0, such as 10.")
+    if args.stop_min_gain < 0:
+        raise UserError(f"--stop-min-gain is {args.stop_min_gain:g}: give a percentage of 0 or more, such as 10.")
+    if args.stop_beyond_slo is not None and args.stop_beyond_slo < 1:
+        raise UserError(f"--stop-beyond-slo is {args.stop_beyond_slo:g}: give a factor of 1 or more, such as 3.")
+    if args.metrics_interval < 0:
+        raise UserError("--metrics-interval needs 0 (never) or a number of seconds, such as 0.5.")
+    return LoadPlan(objective=ServiceObjective(ttft_p99_s=ttft_s, itl_p99_ms=itl_ms,
+                                               max_error_rate=args.slo_error_rate / 100),
+                    stop=StopRule(max_error_rate=args.stop_error_rate / 100,
+                                  min_throughput_gain=args.stop_min_gain / 100,
+                                  beyond_objective=args.stop_beyond_slo),
+                    metrics_interval_s=args.metrics_interval)
 
 
 def _quality(target: server.ServerTarget, model_id: str, args: argparse.Namespace,
@@ -52,14 +79,15 @@ def _quality(target: server.ServerTarget, model_id: str, args: argparse.Namespac
 
 def bench_server(args: argparse.Namespace, settings: Settings) -> int:
     target = server.ServerTarget(args.url, api_key_env=args.api_key_env, timeout_s=args.timeout)
-    levels = _levels(args.concurrency)
+    load = _load_plan(args, settings) if args.load is not None else None
+    levels = _levels(args.load, "--load") if load is not None else _levels(args.concurrency)
     depths = parse_depths(args.depth)
     if args.prompt_tokens < 1 or args.max_tokens < 1:
         raise UserError("--prompt-tokens and --max-tokens need positive numbers.")
     progress = StderrProgress(sys.stderr, f"[{target.host}]")
     result: ServerSweep = drive(server.sweep(target, levels, args.repetitions, args.max_tokens,
                                              prompt_tokens=args.prompt_tokens, depths=depths,
-                                             unique=not args.same_prompt), progress)
+                                             unique=not args.same_prompt, load=load), progress)
     if args.quality and result.error is None:
         try:
             result = replace(result, quality=_quality(target, result.model_id, args, settings, progress))
@@ -71,7 +99,7 @@ def bench_server(args: argparse.Namespace, settings: Settings) -> int:
         json.dump({"schema": "qexplorer.server/2", **to_jsonable(result)}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(_text(result))
+        sys.stdout.write(_load_text(result) if result.load_plan is not None else _text(result))
     if result.error is not None:
         sys.stderr.write(f"qexplorer: {result.error} (kept {len(result.levels)} finished level(s)).\n")
         return 1
@@ -120,4 +148,101 @@ def _text(result: ServerSweep) -> str:
                      f"({quality.approximation}; alignment {quality.logprob_alignment})")
     if result.quality_error:
         lines.append(f"quality: {result.quality_error}")
+    return "\n".join(lines) + "\n"
+
+
+def _pct3(p: Percentiles | None, scale: float = 1.0, digits: int = 0) -> str:
+    return f"{scale * p.p50:.{digits}f} / {scale * p.p90:.{digits}f} / {scale * p.p99:.{digits}f}" if p else "-"
+
+
+def _server_view(metrics: ServerMetrics | None) -> str:
+    if metrics is None:
+        return "-"
+    parts = []
+    if metrics.kv_cache_usage_peak_pct is not None:
+        parts.append(f"KV {metrics.kv_cache_usage_peak_pct:.0f} %")
+    if metrics.running_max is not None:
+        parts.append(f"run {metrics.running_max}")
+    if metrics.waiting_max is not None:
+        parts.append(f"wait {metrics.waiting_max}")
+    if metrics.preemptions:
+        parts.append(f"preempt {metrics.preemptions}")
+    return ", ".join(parts) or "-"
+
+
+def _server_detail(m: ServerMetrics) -> str:
+    """The counters and histograms of one level, as far as the engine exports them."""
+    parts = []
+    if m.prefill_s_per_request is not None:
+        parts.append(f"prefill {1000 * m.prefill_s_per_request:.0f} ms per request")
+    if m.decode_s_per_request is not None:
+        parts.append(f"decode {1000 * m.decode_s_per_request:.0f} ms per request")
+    if m.preemptions is not None:
+        parts.append(f"{m.preemptions} preemptions")
+    if m.server_prompt_tok_s is not None:
+        parts.append(f"the server's own prompt processing {m.server_prompt_tok_s:.1f} tok/s")
+    if m.server_decode_tok_s is not None:
+        parts.append(f"generation {m.server_decode_tok_s:.1f} tok/s")
+    return ", ".join(parts)
+
+
+def _load_text(result: ServerSweep) -> str:
+    """One row per level: GuideLLM's figures (TTFT and ITL p50 / p90 / p99, output tok/s, requests/s,
+    errors), the server's own view from /metrics, host noise, and whether the level meets the objective; then
+    the goodput and early-stop sentences."""
+    from qexplorer.core.server.load import misses
+
+    plan = result.load_plan
+    assert plan is not None
+    prompts = "unique prompts" if result.unique_prompts else "the same prompt every time (prefix-cache test)"
+    lines = [f"{result.model_id} at {result.host} (measured), load sweep: pp{result.prompt_tokens} / "
+             f"tg{result.max_tokens} tokens, {result.repetitions} repetitions per level after a warm-up, {prompts}",
+             f"output length: {result.exact_output or 'n/a'}; tokens counted from {result.token_count}",
+             f"objective: {plan.objective.describe()}", ""]
+    header = (f"{'conc':>5} {'TTFT p50/p90/p99 (ms)':>23} {'ITL p50/p90/p99 (ms)':>22} {'output (tok/s)':>15} "
+              f"{'req/s':>7} {'errors':>8}  {'server /metrics':<34} {'host':<6} objective")
+    for depth in sorted({lv.depth for lv in result.levels}):
+        if depth:
+            lines.append(f"depth {depth} tokens")
+        lines.append(header)
+        for lv in (lv for lv in result.levels if lv.depth == depth):
+            load = lv.load
+            if load is None:
+                continue
+            noise = "noisy" if lv.noise and lv.noise.noisy else "quiet" if lv.noise else "-"
+            missed = misses(lv, plan.objective)
+            verdict = "met" if not missed else "missed: " + "; ".join(missed)
+            errors = f"{load.errored}/{load.successful + load.errored}"
+            lines.append(f"{lv.concurrency:>5} {_pct3(load.time_to_first_token_ms):>23} "
+                         f"{_pct3(load.inter_token_latency_ms, digits=1):>22} {load.output_tokens_per_second:>15.1f} "
+                         f"{load.requests_per_second:>7.2f} {errors:>8}  {_server_view(lv.server_metrics):<34} "
+                         f"{noise:<6} {verdict}")
+        lines.append("")
+    for good in result.goodput:
+        lines.append(f"goodput: {result.model_id} {good.sentence}")
+    if result.stopped_early:
+        lines.append(f"early stop: {result.stopped_early}")
+    first_error = next(((lv.concurrency, lv.load.first_error) for lv in result.levels
+                        if lv.load and lv.load.first_error), None)
+    if first_error and first_error[1] not in (result.stopped_early or ""):
+        lines.append(f"first error at concurrency {first_error[0]}: {first_error[1]}")
+    metrics = [lv for lv in result.levels if lv.server_metrics is not None]
+    if metrics:
+        first = metrics[0].server_metrics
+        lines.append(f"server /metrics: {first.engine}, sampled every {first.interval_s:g} s during each level "
+                     "(KV = peak KV-cache usage, run / wait = most requests running / queued)")
+        for lv in metrics:
+            detail = _server_detail(lv.server_metrics)
+            if detail:
+                lines.append(f"  concurrency {lv.concurrency}: {detail}")
+    elif result.metrics_note:
+        lines.append(f"server /metrics: {result.metrics_note}")
+    lines.extend(f"noise at concurrency {lv.concurrency}: {lv.noise.reason}" for lv in result.levels
+                 if lv.noise and lv.noise.reason)
+    if result.process is not None:
+        peak = format_bytes(result.process.peak_rss_bytes) if result.process.peak_rss_bytes else "n/a"
+        lines.append(f"server process: {result.process.name} (pid {result.process.pid}), peak RSS {peak} "
+                     f"({result.process.note})")
+    elif result.process_note:
+        lines.append(f"server memory: {result.process_note}")
     return "\n".join(lines) + "\n"

@@ -41,6 +41,9 @@ class Settings:
     results_dir: str = ""  # empty: the user data dir
     models: tuple[str, ...] = ()  # extra model folders / GGUF files for the catalog
     vllm: str = ""  # the vLLM that serves Hugging Face precisions: its python or its `vllm` command; "": found
+    # the service objective of bench-server --load (core.domain.load.ServiceObjective); flags override
+    slo_ttft_p99_s: float = 2.0
+    slo_itl_p99_ms: float = 100.0
 
     @property
     def reserve_bytes(self) -> int:
@@ -78,6 +81,9 @@ def validate(settings: Settings, source: str) -> Settings:
         raise UserError(
             f"default_context in {source} is {settings.default_context}: use 128 to 10,000,000 tokens."
         )
+    if not (0 < settings.slo_ttft_p99_s <= 3600 and 0 < settings.slo_itl_p99_ms <= 60_000):
+        raise UserError(f"slo_ttft_p99_s / slo_itl_p99_ms in {source} are {settings.slo_ttft_p99_s:g} s / "
+                        f"{settings.slo_itl_p99_ms:g} ms: use positive limits (at most 3600 s / 60000 ms).")
     return settings
 
 

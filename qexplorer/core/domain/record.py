@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qexplorer.core.domain.bench import BenchConfig, Stat
+from qexplorer.core.domain.load import Goodput, LevelLoad, LoadPlan, ServerMetrics
 from qexplorer.core.kinds import Engine, Family, SupportMode
 from qexplorer.core.serial import from_jsonable, to_jsonable
 
@@ -245,6 +246,7 @@ class InterTokenLatency:
     p50_ms: float
     p99_ms: float
     n: int
+    p90_ms: float | None = None  # absent from records written before the load sweep
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,8 @@ class ServerLevel:
     ttfr_s: Stat | None = None  # first response of any kind − request start
     est_ppt_s: Stat | None = None  # ttfr − the measured round-trip latency
     noise: Noise | None = None
+    load: LevelLoad | None = None  # percentiles, rates and errors (GuideLLM's names); None in older records
+    server_metrics: ServerMetrics | None = None  # the server's /metrics during the level; None: not scraped
 
 
 @dataclass(frozen=True)
@@ -312,6 +316,10 @@ class ServerSweep:
     exact_output: str = ""  # how the output length was held: "ignore_eos + min_tokens", or why it was not
     process: ServerProcess | None = None
     process_note: str | None = None  # why the server's memory is not shown (remote host, no permission)
+    load_plan: LoadPlan | None = None  # set for a load sweep (errors counted, stop rule, objective)
+    stopped_early: str | None = None  # the sentence why a load sweep skipped its remaining levels
+    goodput: tuple[Goodput, ...] = ()  # one per depth, for a load sweep
+    metrics_note: str | None = None  # why the server's /metrics is not shown
 
     @property
     def single_stream(self) -> ServerLevel | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.load import LoadPlan
 from qexplorer.core.kinds import JobAction
 from qexplorer.core.serial import from_jsonable, to_jsonable
 
@@ -73,3 +74,4 @@ class ServerSpec:
     prompt_tokens: int = 128
     depths: tuple[int, ...] = (0,)
     unique: bool = True  # False: the same prompt every time (a prefix-cache test)
+    load: LoadPlan | None = None  # a load sweep: errors counted, early stop, goodput under the objective

@@ -173,6 +173,8 @@ class Stream:
                     response.read()
                     self.exact = False
                     return self.complete(model, prompt, max_tokens)
+                if response.status_code >= 400:
+                    response.read()  # the error's body, for explain(); a stream's is unread until asked
                 response.raise_for_status()
                 for line in response.iter_lines():
                     if not line.startswith("data:"):

@@ -33,7 +33,6 @@ Quality through the server is :mod:`qexplorer.core.server.quality`.
 from __future__ import annotations
 
 import contextlib
-import math
 import statistics
 import threading
 import time
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from qexplorer.core.bench.noise import NoiseProbe, own_tree
 from qexplorer.core.domain.bench import Stat
 from qexplorer.core.domain.events import JobEvent, Log, Phase, Progress, drive
+from qexplorer.core.domain.load import LoadPlan, ServerMetrics
 from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.domain.record import (
     EngineInfo,
@@ -65,13 +65,9 @@ from qexplorer.core.server.client import (
     StreamTiming,
     discover_model,
 )
+from qexplorer.core.server.load import goodput, level_load, percentile, stop_reason
+from qexplorer.core.server.metrics import MetricsScraper
 from qexplorer.core.server.watch import ServerWatcher
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
-    return ordered[index]
 
 
 class Prompts:
@@ -116,8 +112,9 @@ class Prompts:
 class LevelRun:
     """One repetition of one depth × concurrency test."""
 
-    timings: tuple[StreamTiming, ...]
+    timings: tuple[StreamTiming, ...]  # the requests that succeeded
     wall_s: float
+    errors: tuple[str, ...] = ()  # one sentence per failed request (a load sweep counts them)
 
     @property
     def tokens(self) -> int:
@@ -128,8 +125,10 @@ class LevelRun:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def run_level(streams: list[Stream], model: str, prompts: list[str], max_tokens: int) -> LevelRun:
-    """One request per stream, all at once; all must succeed."""
+def run_level(streams: list[Stream], model: str, prompts: list[str], max_tokens: int,
+              keep_errors: bool = False) -> LevelRun:
+    """One request per stream, all at once; all must succeed, unless ``keep_errors`` (a load sweep), which
+    returns the failures' sentences with the requests that succeeded."""
     timings: list[StreamTiming | None] = [None] * len(streams)
     errors: list[Exception] = []
 
@@ -146,14 +145,15 @@ def run_level(streams: list[Stream], model: str, prompts: list[str], max_tokens:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    if errors:
+    if errors and not keep_errors:
         raise errors[0] if isinstance(errors[0], UserError) else ServerError(str(errors[0]))
-    return LevelRun(tuple(t for t in timings if t is not None), wall)
+    return LevelRun(tuple(t for t in timings if t is not None), wall, tuple(str(e) for e in errors))
 
 
 def _level(concurrency: int, depth: int, pp: int, runs: list[LevelRun], latency_s: float, noise: Noise | None,
-           ) -> ServerLevel:
-    """llama-benchy's figures from the repetitions of one test (its ``_process_batch``)."""
+           server_metrics: ServerMetrics | None = None) -> ServerLevel:
+    """llama-benchy's figures from the repetitions of one test (its ``_process_batch``), and the load figures
+    (percentiles, rates, errors) of :func:`~qexplorer.core.server.load.level_load`."""
     pp_speeds, tg_speeds, ttfr, est_ppt, e2e, per_stream = [], [], [], [], [], []
     for run in runs:
         for t in run.timings:
@@ -168,7 +168,7 @@ def _level(concurrency: int, depth: int, pp: int, runs: list[LevelRun], latency_
                 e2e.append(t.ttft_s)
             if t.decode_tok_s:
                 per_stream.append(t.decode_tok_s)
-        if concurrency > 1:
+        if concurrency > 1 and run.timings:
             starts = min(t.start_s for t in run.timings)
             firsts = [t.first_token_s for t in run.timings if t.first_token_s is not None]
             ends = max(t.end_s for t in run.timings)
@@ -183,12 +183,15 @@ def _level(concurrency: int, depth: int, pp: int, runs: list[LevelRun], latency_
     return ServerLevel(
         concurrency=concurrency, aggregate_tok_s=Stat.of([r.aggregate_tok_s for r in runs]),
         decode_tok_s_per_stream=Stat.of(per_stream) if per_stream else None, ttft_s=Stat.of(e2e) if e2e else None,
-        itl=InterTokenLatency(1000 * statistics.fmean(itl), 1000 * _percentile(itl, 0.5),
-                              1000 * _percentile(itl, 0.99), len(itl)) if itl else None,
+        itl=InterTokenLatency(1000 * statistics.fmean(itl), 1000 * percentile(itl, 0.5),
+                              1000 * percentile(itl, 0.99), len(itl), 1000 * percentile(itl, 0.9)) if itl else None,
         tokens=sum(r.tokens for r in runs), depth=depth,
         prompt_tokens=round(statistics.fmean(reported)) - depth if reported else pp,
         pp_tok_s=Stat.of(pp_speeds) if pp_speeds else None, tg_tok_s=Stat.of(tg_speeds) if tg_speeds else None,
         ttfr_s=Stat.of(ttfr) if ttfr else None, est_ppt_s=Stat.of(est_ppt) if est_ppt else None, noise=noise,
+        load=level_load([t for r in runs for t in r.timings], sum(r.wall_s for r in runs),
+                        [e for r in runs for e in r.errors]),
+        server_metrics=server_metrics,
     )
 
 
@@ -206,14 +209,22 @@ def measure_latency(stream: Stream, probes: int = 3) -> float:
 
 def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetitions: int = 3, max_tokens: int = 64,
           *, prompt_tokens: int = 128, depths: tuple[int, ...] = (0,), unique: bool = True,
-          text: str | None = None) -> Generator[JobEvent, None, ServerSweep]:
+          text: str | None = None, load: LoadPlan | None = None) -> Generator[JobEvent, None, ServerSweep]:
     """Per depth and concurrency level: a warm-up, then ``repetitions`` timed runs; yields progress, returns the
-    sweep (partial on failure)."""
+    sweep (partial on failure). The server's ``/metrics`` is scraped during each level when it has one.
+
+    With ``load`` (a load sweep), the levels run in rising order, a failed request is counted instead of ending
+    the sweep, the stop rule ends a depth's levels early (and says why), and the goodput under the objective is
+    found per depth (:mod:`qexplorer.core.server.load`)."""
+    if load is not None:
+        levels = tuple(sorted(set(levels)))
     model = discover_model(target)
     yield Log(f"{target.host} serves {model}")
     prompts = Prompts(text if text is not None else default_text(), unique=unique)
     watcher = ServerWatcher.for_target(target)
+    scraper = MetricsScraper(target, load.metrics_interval_s if load is not None else 0.5)
     finished: list[ServerLevel] = []
+    stops: list[str] = []
     error = None
     latency_s = 0.0
     exact_output = ""
@@ -228,32 +239,53 @@ def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetition
             prompts.calibrate(len(sample), calibration.usage_prompt_tokens)
             if calibration.usage_prompt_tokens is None:
                 prompts.calibrate(len(sample), _nonstream_prompt_tokens(probe, model, sample))
+        if scraper.interval_s > 0 and not scraper.probe():
+            yield Log(scraper.note or "no /metrics")
         for depth in depths:
-            for level in levels:
+            at_depth: list[ServerLevel] = []
+            for index, level in enumerate(levels):
                 label = f"concurrency {level}" + (f" at depth {depth}" if depth else "")
                 yield Phase(PhaseKind.SERVER, f"{label}: warm-up")
                 with contextlib.ExitStack() as opened:
                     streams = [opened.enter_context(Stream(target)) for _ in range(level)]
                     for stream in streams:
                         stream.connect()  # the TCP connection is opened here, outside every timing
-                    run_level(streams, model, [prompts.make(depth, prompt_tokens) for _ in streams], min(8, max_tokens))
+                    run_level(streams, model, [prompts.make(depth, prompt_tokens) for _ in streams], min(8, max_tokens),
+                              keep_errors=load is not None)
                     probe_noise = NoiseProbe(measured=lambda: own_tree() | watcher.tree()).start()
+                    scraper.start_level()
                     runs = []
-                    for _ in range(repetitions):
-                        runs.append(run_level(streams, model, [prompts.make(depth, prompt_tokens) for _ in streams],
-                                              max_tokens))
-                        step += 1
-                        yield Progress(PhaseKind.SERVER, step, total, label)
-                    exact_output = _exactness(runs, max_tokens, all(s.exact for s in streams), exact_output)
+                    try:
+                        for _ in range(repetitions):
+                            runs.append(run_level(streams, model, [prompts.make(depth, prompt_tokens) for _ in streams],
+                                                  max_tokens, keep_errors=load is not None))
+                            step += 1
+                            yield Progress(PhaseKind.SERVER, step, total, label)
+                    finally:
+                        server_metrics = scraper.stop_level()
+                    if any(r.timings for r in runs):
+                        exact_output = _exactness(runs, max_tokens, all(s.exact for s in streams), exact_output)
                     usage_seen |= any(t.usage_completion_tokens for r in runs for t in r.timings)
                 tg = [t.decode_tok_s for r in runs for t in r.timings if t.decode_tok_s]
                 noise = probe_noise.stop(Stat.of(tg).cv_pct if tg else None)
-                finished.append(_level(level, depth, prompt_tokens, runs, latency_s, noise))
+                measured = _level(level, depth, prompt_tokens, runs, latency_s, noise, server_metrics)
+                finished.append(measured)
+                at_depth.append(measured)
+                if load is not None and index < len(levels) - 1:
+                    reason = stop_reason(at_depth, load.stop, load.objective)
+                    if reason is not None:
+                        skipped = ", ".join(str(c) for c in levels[index + 1:])
+                        stops.append(reason + (f" (depth {depth})" if depth else "") + f"; concurrency {skipped} "
+                                     "not run")
+                        yield Log(stops[-1], level="warning")
+                        total -= (len(levels) - index - 1) * repetitions
+                        break
     except UserError as exc:
         error = str(exc)  # a half-done sweep keeps what it measured
         yield Log(f"sweep stopped: {exc}", level="warning")
     finally:
         process = watcher.stop()
+        scraper.close()
     counted = "usage.completion_tokens" if usage_seen else "streamed chunks with text"
     return ServerSweep(
         model_id=model, host=target.host, max_tokens=max_tokens, repetitions=repetitions,
@@ -261,7 +293,10 @@ def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetition
                                "; prompt lengths estimated at 4 characters per token (the server reports no usage)"),
         levels=tuple(finished), error=error, latency_ms=1000 * latency_s, prompt_tokens=prompt_tokens,
         depths=tuple(depths), unique_prompts=unique, exact_output=exact_output, process=process,
-        process_note=watcher.note,
+        process_note=watcher.note, load_plan=load, stopped_early="; ".join(stops) or None,
+        goodput=tuple(goodput(finished, load.objective, depth) for depth in depths
+                      if any(lv.depth == depth for lv in finished)) if load is not None else (),
+        metrics_note=scraper.note,
     )
 
 
@@ -326,5 +361,6 @@ def run_server_spec(spec: ServerSpec, on_event: Callable[[JobEvent], None]) -> R
     """A queued server job (:class:`~qexplorer.core.jobs.queue.JobQueue`): the sweep, as a record."""
     target = ServerTarget(spec.url, api_key_env=spec.api_key_env, timeout_s=spec.timeout_s)
     return record_from_sweep(drive(sweep(target, spec.levels, spec.repetitions, spec.max_tokens,
-                                         prompt_tokens=spec.prompt_tokens, depths=spec.depths, unique=spec.unique),
+                                         prompt_tokens=spec.prompt_tokens, depths=spec.depths, unique=spec.unique,
+                                         load=spec.load),
                                    on_event))
