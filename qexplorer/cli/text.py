@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qexplorer.core.capacity import sequences_text
 from qexplorer.core.catalog import CatalogEntry
 from qexplorer.core.eta import format_duration
 from qexplorer.core.telemetry import Reading, TelemetrySnapshot
@@ -98,7 +99,7 @@ def plan_text(document: dict[str, Any]) -> str:
         lines.append(
             f"{plan['label']:<20} {plan['bits_per_weight']:>6.2f} {format_bytes(plan['weight_bytes']):>11} "
             f"{format_bytes(plan['kv_cache_bytes']):>11} {format_bytes(plan['overhead_bytes']):>10} "
-            f"{format_bytes(plan['total_bytes']):>11} {margin:>11}  {sequences_text(plan['capacity']):>13}  "
+            f"{format_bytes(plan['total_bytes']):>11} {margin:>11}  {sequences_text((plan['capacity'] or {}).get('sequences')):>13}  "
             f"{job:>11}  {plan['verdict']:<13} {runs}"
         )
     for note in document["notes"]:
@@ -113,13 +114,6 @@ def plan_text(document: dict[str, Any]) -> str:
                      " (durations.json, per machine).")
     lines.extend(projection_lines(document))
     return "\n".join(lines) + "\n"
-
-
-def sequences_text(capacity: dict[str, Any] | None) -> str:
-    """A plan's capacity as "12 seq", "0 seq", or "—" where there is no figure (no headroom, no such KV dtype)."""
-    if not capacity or capacity["sequences"] is None:
-        return "—"
-    return f"{capacity['sequences']:,} seq"
 
 
 def projection_lines(document: dict[str, Any]) -> list[str]:

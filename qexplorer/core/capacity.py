@@ -76,6 +76,11 @@ class Capacity:
     limit: str | None = None  # why there are no sequences (or no figure), in one sentence
 
 
+def sequences_text(sequences: int | None) -> str:
+    """A capacity as a table cell: "12 seq", "0 seq", or "—" where there is no figure."""
+    return "—" if sequences is None else f"{sequences:,} seq"
+
+
 def _pad(tokens: int, multiple: int) -> int:
     return math.ceil(tokens / multiple) * multiple
 
