@@ -94,18 +94,18 @@ def plan_capacity(engine: Engine, device_kind: str, kv_dtype: str, kv_bytes_per_
         blocks_per_sequence = math.ceil(context / block)
         bytes_per_block = block * kv_bytes_per_token
         per_sequence = blocks_per_sequence * bytes_per_block
-        rule = (f"vLLM: {block}-token blocks of {format_bytes(bytes_per_block)} (all layers), "
-                f"{blocks_per_sequence} per {context:,}-token sequence, 1 held back as the null block")
+        rule = (f"vLLM: {block}-token blocks ({format_bytes(bytes_per_block)}, all layers), {blocks_per_sequence} per "
+                f"sequence, 1 null block")
         supported = kv_dtype in VLLM_KV_DTYPES
     elif engine == Engine.LLAMA_CPP:
         cells = _pad(context, LLAMA_CPP_PAD_TOKENS)
         per_sequence = cells * kv_bytes_per_token
-        rule = (f"llama.cpp: --parallel N -c N×{context:,}, each slot {cells:,} cells (padded to "
+        rule = (f"llama.cpp: --parallel N -c N×{context:,}, {cells:,} cells per slot (padded to "
                 f"{LLAMA_CPP_PAD_TOKENS}), at most {LLAMA_CPP_MAX_SEQ} slots")
         supported = kv_dtype in LLAMA_CPP_KV_DTYPES
     else:
         per_sequence = context * kv_bytes_per_token
-        rule = f"{engine}: a contiguous cache of {context:,} tokens per sequence"
+        rule = f"{engine}: {context:,} contiguous tokens per sequence"
         supported = True
     budget = None if headroom_bytes is None else headroom_bytes - weight_bytes - overhead_bytes
     if not supported:
@@ -117,11 +117,11 @@ def plan_capacity(engine: Engine, device_kind: str, kv_dtype: str, kv_bytes_per_
     if engine == Engine.VLLM:
         usable_blocks = budget // bytes_per_block - VLLM_NULL_BLOCKS if budget > 0 else 0
         sequences = max(0, usable_blocks) // blocks_per_sequence
-        rule += f"; {max(0, usable_blocks):,} usable blocks in the budget"
+        rule += f": {max(0, usable_blocks):,} usable"
     else:
         sequences = max(0, budget) // per_sequence
         if engine == Engine.LLAMA_CPP and sequences > LLAMA_CPP_MAX_SEQ:
-            rule += f"; memory for {sequences:,}, capped"
+            rule += f" (memory for {sequences:,})"
             sequences = LLAMA_CPP_MAX_SEQ
     limit = None
     if sequences == 0:

@@ -259,9 +259,9 @@ def _capacity_line(capacity: Capacity) -> str:
     """What the capacity column rests on for the highlighted precision (computed in core)."""
     if capacity.sequences is None or capacity.limit:
         return f"\ncapacity: {capacity.limit}"
-    return (f"\ncapacity: {capacity.sequences:,} × {capacity.context:,}-token sequences, "
-            f"{format_bytes(capacity.kv_bytes_per_sequence)} of {capacity.kv_dtype} KV each, in "
-            f"{format_bytes(capacity.kv_budget_bytes)} (headroom − weights − overhead); {capacity.rule}")
+    return (f"\ncapacity: {capacity.sequences:,} × {capacity.context:,} tokens, "
+            f"{format_bytes(capacity.kv_bytes_per_sequence)} {capacity.kv_dtype} KV each, in the "
+            f"{format_bytes(capacity.kv_budget_bytes)} left; {capacity.rule}")
 
 
 def _projection_line(estimate) -> str:
