@@ -112,6 +112,28 @@ async def test_precision_picker_keys():
         assert not isinstance(app.screen, PlanScreen)
 
 
+async def test_plan_screen_shows_capacity_at_the_chosen_context():
+    """Issue 25: a column of sequences per precision, headed with the context, the figures core computed."""
+    from qexplorer.core.planner import PlanRequest, plan_model
+
+    app = sim_app("gb10")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await feed_samples(app, pilot, 1)
+        await settle(app, pilot)
+        await pilot.press("p")
+        await pilot.pause()
+        table = app.screen.query_one("#plan-table")
+        labels = [str(c.label) for c in table.columns.values()]
+        assert labels[6] == "seqs @ 4,096"
+        plans = plan_model(app.model, PlanRequest(context=4096, kv_dtype=app.kv_dtype), app.snapshot)
+        assert [table.get_row_at(i)[6] for i in range(table.row_count)] == [
+            f"{p.capacity.sequences:,} seq" for p in plans]
+        assert "capacity: " in str(app.screen.query_one("#plan-detail").render())
+        await pilot.press("right_square_bracket")
+        await pilot.pause()
+        assert str(list(table.columns.values())[6].label) == "seqs @ 8,192"
+
+
 async def test_unreadable_model_is_listed_with_its_error(tmp_path: Path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 16)

@@ -18,7 +18,7 @@ from qexplorer.core.planner import PlanRequest, kv_bytes_per_token, plan_model, 
 from qexplorer.core.precisions import BY_KEY, Hardware, get, parse_list
 from qexplorer.core.readers import spec_from_path
 from qexplorer.core.simulate import simulated_sampler
-from qexplorer.core.units import GIB, KIB
+from qexplorer.core.units import GIB, KIB, MIB
 
 
 def plans_by_key(spec, snapshot=None, **request):
@@ -214,3 +214,94 @@ def test_plan_json_carries_the_vllm_command_its_start_check_and_kernel_on_a_gb10
     assert main(["plan", "default", "--json"]) == 0  # this CPU: vLLM-CPU stays eager, no utilization
     cpu = {p["precision"]: p for p in json.loads(capsys.readouterr().out)["plans"]}["bf16"]["vllm"]
     assert "--enforce-eager" in cpu["command"] and cpu["utilization"] is None
+
+
+# ------------------------------------------------------------------ capacity (issue 25)
+LLAMA_BF16_TOKEN = 2 * 32 * 8 * 128 * 2  # 128 KiB per token: 32 layers × 8 KV heads × head_dim 128 × K and V × 2 B
+
+
+def test_capacity_vllm_counts_whole_blocks_and_the_null_block():
+    from qexplorer.core.capacity import plan_capacity
+
+    assert LLAMA_BF16_TOKEN == 128 * KIB
+    # 30 GiB headroom − 16 GiB weights − 6 GiB overhead = 8 GiB = 4096 blocks of 16 tokens × 128 KiB (2 MiB);
+    # one is vLLM's null block: 4095 usable; a 4096-token sequence takes 256 blocks (512 MiB) -> 15, not 16
+    cap = plan_capacity("vllm", "cuda", "bf16", LLAMA_BF16_TOKEN, 4096, 30 * GIB, 16 * GIB, 6 * GIB)
+    assert (cap.sequences, cap.kv_budget_bytes, cap.kv_bytes_per_sequence) == (15, 8 * GIB, 512 * 1024 * KIB)
+    assert cap.limit is None
+    assert cap.rule == "vLLM: 16-token blocks (2.0 MiB, all layers), 256 per sequence, 1 null block: 4,095 usable"
+    # a context that is not a whole number of blocks rounds up per sequence: 4100 tokens = 257 blocks
+    assert plan_capacity("vllm", "cuda", "bf16", LLAMA_BF16_TOKEN, 4100, 30 * GIB, 16 * GIB, 6 * GIB).sequences == 15
+    assert plan_capacity("vllm", "cuda", "bf16", LLAMA_BF16_TOKEN, 4000, 30 * GIB, 16 * GIB, 6 * GIB).sequences == 16
+    # vLLM-CPU pages in 128-token blocks (16 MiB here): 512 - 1 usable, 32 per sequence
+    assert plan_capacity("vllm", "cpu", "bf16", LLAMA_BF16_TOKEN, 4096, 30 * GIB, 16 * GIB, 6 * GIB).sequences == 15
+
+
+def test_capacity_fp8_kv_doubles_it():
+    from qexplorer.core.capacity import plan_capacity
+
+    bf16 = plan_capacity("vllm", "cuda", "bf16", LLAMA_BF16_TOKEN, 4096, 30 * GIB, 16 * GIB, 6 * GIB)
+    fp8 = plan_capacity("vllm", "cuda", "fp8", LLAMA_BF16_TOKEN // 2, 4096, 30 * GIB, 16 * GIB, 6 * GIB)
+    assert fp8.kv_bytes_per_sequence * 2 == bf16.kv_bytes_per_sequence
+    assert fp8.sequences == 31 == 2 * bf16.sequences + 1  # 8191 usable 1 MiB blocks // 256
+
+
+def test_capacity_llama_cpp_slots_are_padded_to_256_cells_and_capped():
+    from qexplorer.core.capacity import plan_capacity
+
+    q8_token = 2 * 32 * 8 * 128 * 34 // 32  # 68 KiB: q8_0 stores 32 values in 34 bytes
+    # 4000 tokens per slot: llama.cpp pads each slot to 4096 cells (272 MiB); 8 GiB / 272 MiB = 30.1 -> 30
+    cap = plan_capacity("llama.cpp", "cuda", "q8_0", q8_token, 4000, 30 * GIB, 16 * GIB, 6 * GIB)
+    assert (cap.sequences, cap.kv_bytes_per_sequence) == (30, 4096 * 68 * KIB)
+    # no null block in llama.cpp: 8 GiB holds exactly 16 f16 slots of 4096 tokens
+    assert plan_capacity("llama.cpp", "cuda", "f16", LLAMA_BF16_TOKEN, 4096, 30 * GIB, 16 * GIB, 6 * GIB
+                         ).sequences == 16
+    tiny = plan_capacity("llama.cpp", "cpu", "f16", 1 * KIB, 256, 30 * GIB, 16 * GIB, 6 * GIB)
+    assert tiny.sequences == 256 and "(memory for 32,768)" in tiny.rule  # LLAMA_MAX_SEQ
+
+
+def test_capacity_is_zero_with_its_reason_or_absent_without_headroom_or_dtype():
+    from qexplorer.core.capacity import plan_capacity
+
+    over = plan_capacity("vllm", "cuda", "bf16", LLAMA_BF16_TOKEN, 4096, 20 * GIB, 16 * GIB, 6 * GIB)
+    assert over.sequences == 0 and over.kv_budget_bytes == -2 * GIB
+    assert over.limit == ("weights (16.0 GiB) + overhead (6.0 GiB) leave nothing of the 20.0 GiB headroom: no room "
+                          "for one 4,096-token sequence (512.0 MiB of bf16 KV cache)")
+    short = plan_capacity("llama.cpp", "cuda", "f16", LLAMA_BF16_TOKEN, 4096, int(22.25 * GIB), 16 * GIB, 6 * GIB)
+    assert short.sequences == 0 and "leave 256.0 MiB of the 22.2 GiB headroom" in short.limit
+    unknown = plan_capacity("vllm", "cuda", "bf16", LLAMA_BF16_TOKEN, 4096, None, 16 * GIB, 6 * GIB)
+    assert unknown.sequences is None and unknown.kv_budget_bytes is None and "headroom" in unknown.limit
+    assert plan_capacity("vllm", "cuda", "q8_0", 68 * KIB, 4096, 30 * GIB, 16 * GIB, 6 * GIB).limit.startswith(
+        "vllm has no q8_0 KV cache")
+    assert plan_capacity("llama.cpp", "cuda", "fp8", 64 * KIB, 4096, 30 * GIB, 16 * GIB, 6 * GIB).sequences is None
+
+
+def test_plan_capacity_on_a_gb10_follows_the_weights(tmp_path: Path):
+    """The seed's case: on a GB10, FP8 weights leave room for more sequences than BF16; FP8 KV doubles that."""
+    spec = spec_from_path(write_config(tmp_path / "l", LLAMA_31_8B))
+    snapshot = simulated_sampler("gb10").sample()
+    plans = plans_by_key(spec, snapshot, context=4096)
+    bf16, fp8 = plans["bf16"], plans["fp8"]
+    assert bf16.engine == "vllm" and bf16.runs_on == "GPU" and bf16.capacity.context == 4096
+    budget = bf16.headroom_bytes - bf16.weight_bytes - bf16.overhead_bytes
+    assert bf16.capacity.kv_budget_bytes == budget
+    assert bf16.capacity.sequences == (budget // (2 * MIB) - 1) // 256 > 0  # 2 MiB blocks, 256 per sequence
+    assert fp8.capacity.sequences > bf16.capacity.sequences
+    fp8_kv = plans_by_key(spec, snapshot, context=4096, kv_dtype="fp8")["bf16"].capacity
+    assert fp8_kv.sequences >= 2 * bf16.capacity.sequences
+    assert plans_by_key(spec, None)["bf16"].capacity.sequences is None  # no telemetry, no figure
+
+
+def test_plan_json_and_text_carry_capacity(capsys):
+    assert main(["plan", "default", "--simulate", "gb10", "--json", "--context", "8192"]) == 0
+    plans = {p["precision"]: p for p in json.loads(capsys.readouterr().out)["plans"]}
+    for plan in plans.values():
+        cap = plan["capacity"]
+        assert set(cap) == {"sequences", "context", "kv_dtype", "kv_bytes_per_sequence", "kv_budget_bytes", "rule",
+                            "limit"}
+        assert cap["context"] == 8192 and cap["sequences"] >= 1
+    assert plans["bf16"]["capacity"]["rule"].startswith("vLLM: 16-token blocks")
+    assert plans["q4_k_m"]["capacity"]["rule"].startswith("llama.cpp: --parallel N")
+    assert main(["plan", "default", "--simulate", "gb10", "--context", "8192", "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "SEQS @ 8192" in out and f"{plans['bf16']['capacity']['sequences']:,} seq" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qexplorer.core.capacity import sequences_text
 from qexplorer.core.catalog import CatalogEntry
 from qexplorer.core.eta import format_duration
 from qexplorer.core.telemetry import Reading, TelemetrySnapshot
@@ -78,6 +79,7 @@ def models_text(entries: list[CatalogEntry]) -> str:
 def plan_text(document: dict[str, Any]) -> str:
     model, request = document["model"], document["request"]
     head = document["headroom_bytes"]
+    seqs_header = f"SEQS @ {request['context']}"
     simulated = f" (SIMULATED {document['hardware']['simulated']})" if document["hardware"]["simulated"] else ""
     lines = [
         f"{model['name']}: {model['architecture']}, {format_count(model['total_params'])} parameters"
@@ -87,7 +89,7 @@ def plan_text(document: dict[str, Any]) -> str:
         f"(reserve {format_gib(document['reserve_bytes'])})",
         "",
         f"{'PRECISION':<20} {'BPW':>6} {'WEIGHTS':>11} {'KV CACHE':>11} {'OVERHEAD':>10} {'TOTAL':>11} "
-        f"{'MARGIN':>11}  {'EST. JOB':>11}  VERDICT       RUNS",
+        f"{'MARGIN':>11}  {seqs_header:>13}  {'EST. JOB':>11}  VERDICT       RUNS",
     ]
     for plan in document["plans"]:
         margin = format_bytes(plan["margin_bytes"]) if plan["margin_bytes"] is not None else "n/a"
@@ -97,12 +99,15 @@ def plan_text(document: dict[str, Any]) -> str:
         lines.append(
             f"{plan['label']:<20} {plan['bits_per_weight']:>6.2f} {format_bytes(plan['weight_bytes']):>11} "
             f"{format_bytes(plan['kv_cache_bytes']):>11} {format_bytes(plan['overhead_bytes']):>10} "
-            f"{format_bytes(plan['total_bytes']):>11} {margin:>11}  {job:>11}  {plan['verdict']:<13} {runs}"
+            f"{format_bytes(plan['total_bytes']):>11} {margin:>11}  {sequences_text((plan['capacity'] or {}).get('sequences')):>13}  "
+            f"{job:>11}  {plan['verdict']:<13} {runs}"
         )
     for note in document["notes"]:
         lines.append(f"note: {note}")
     lines.append("estimated: weights from tensor shapes, KV = 2 × layers × kv_heads × head_dim × bytes × tokens;"
                  " formulas in README 'Memory plan'.")
+    lines.append(f"seqs @ {request['context']}: {request['context']}-token sequences whose {request['kv_dtype']} KV cache "
+                 "fits in headroom − weights − overhead, in the engine's blocks or slots (JSON: capacity).")
     sources = {p["job_estimate"]["source"] for p in document["plans"] if p.get("job_estimate")}
     if sources:
         lines.append(f"est. job: one job alone with the default benchmark, estimated {' / '.join(sorted(sources))}"

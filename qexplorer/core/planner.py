@@ -9,6 +9,8 @@ For a model, a precision and a request (context length, batch, KV dtype):
                      activations = batch × min(context, 512) × (hidden × 4 B × 8 + vocab × 4 B)
                   (llama.cpp: vocab × 4 B once - it keeps the last position's logits only)
     total_bytes    = weight_bytes + kv_cache_bytes + overhead_bytes
+    capacity       = the sequences of ``context`` tokens whose KV cache fits in headroom − weights − overhead,
+                     rounded the engine's way (vLLM's blocks, llama.cpp's slots): :mod:`qexplorer.core.capacity`
 
 ``bits(precision, group)`` comes from :mod:`qexplorer.core.precisions`
 (embeddings, lm_head and norms stay at higher precision in torch schemes;
@@ -37,6 +39,7 @@ import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from qexplorer.core.capacity import Capacity, plan_capacity
 from qexplorer.core.errors import UserError
 from qexplorer.core.kinds import Engine, Family, Producer, RunsOn, SupportMode, TensorRole, Verdict
 from qexplorer.core.model import ModelSpec
@@ -108,6 +111,7 @@ class PrecisionPlan:
     servers: tuple[str, ...]
     engine: Engine  # the engine that serves it (vLLM for Hugging Face formats, llama.cpp for GGUF)
     vllm: VllmServePlan | None = None  # how vLLM will be started for it on this device
+    capacity: Capacity | None = None  # sequences at the chosen context that fit in the headroom (core.capacity)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -209,6 +213,7 @@ def plan_precision(spec: ModelSpec, precision: Precision, request: PlanRequest,
         value = snapshot.headroom_for(on_gpu=on_gpu).value
         headroom = None if value is None else int(value)
     fit, margin = verdict(total, headroom)
+    engine = Engine.TRANSFORMERS if not on_gpu and precision.vllm_cpu_gap else precision.engine
     return PrecisionPlan(
         precision=precision.key,
         label=precision.label,
@@ -228,9 +233,11 @@ def plan_precision(spec: ModelSpec, precision: Precision, request: PlanRequest,
         support_note=support.note if on_gpu or not precision.vllm_cpu_gap else
         f"{precision.vllm_cpu_gap}; measured with transformers, weights dequantized - not serving speed",
         servers=precision.servers,
-        engine=Engine.TRANSFORMERS if not on_gpu and precision.vllm_cpu_gap else precision.engine,
+        engine=engine,
         vllm=None if precision.is_gguf or (not on_gpu and precision.vllm_cpu_gap) else
         vllm_serve_plan(spec, precision, request, snapshot, weights),
+        capacity=plan_capacity(engine, "cuda" if on_gpu else "cpu", request.kv_dtype, per_token, request.context,
+                               headroom, weights, overhead),
     )
 
 

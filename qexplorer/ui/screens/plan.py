@@ -8,6 +8,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from qexplorer.core.capacity import Capacity, sequences_text
 from qexplorer.core.eta import format_duration
 from qexplorer.core.planner import (
     KV_DTYPE_BYTES,
@@ -46,9 +47,7 @@ class PlanScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("", id="plan-summary")
-        table: DataTable = DataTable(id="plan-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("precision", "est. time", "bpw", "weights", "total", "margin", "verdict", "runs here")
-        yield table
+        yield DataTable(id="plan-table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="plan-detail")
         yield Footer()
 
@@ -106,6 +105,11 @@ class PlanScreen(Screen):
             f"{_options_line(app.run_options())}{eta_line}"
         )
         row = table.cursor_row
+        if getattr(self, "_columns_context", None) != app.context:  # the capacity column's header names it
+            table.clear(columns=True)
+            table.add_columns("precision", "est. time", "bpw", "weights", "total", "margin",
+                              f"seqs @ {app.context:,}", "verdict", "runs here")
+            self._columns_context = app.context
         table.clear()
         colours = app.theme_variables
         for plan in plans:
@@ -120,7 +124,7 @@ class PlanScreen(Screen):
                 label, f"~{format_duration(sum(e.total_s for e in jobs))}" if jobs else "", f"{plan.bits_per_weight:.2f}",
                 format_bytes(plan.weight_bytes), format_bytes(plan.total_bytes),
                 format_bytes(plan.margin_bytes) if plan.margin_bytes is not None else "n/a",
-                verdict, runs, key=plan.precision,
+                sequences_text(plan.capacity.sequences if plan.capacity else None), verdict, runs, key=plan.precision,
             )
         if table.row_count:
             table.move_cursor(row=min(row, table.row_count - 1))
@@ -147,6 +151,7 @@ class PlanScreen(Screen):
             f"{plan.label}: {plan.engine}, {plan.support} on {plan.runs_on} ({plan.support_note}){group}; "
             f"serve with {' / '.join(plan.servers)}. KV {format_bytes(plan.kv_bytes_per_token)}/token; "
             f"overhead {format_bytes(plan.overhead_bytes)} ({overhead})." + (_vllm_line(plan.vllm) if plan.vllm else "")
+            + (_capacity_line(plan.capacity) if plan.capacity else "")
             + _projection_line(getattr(self, "_eta", {}).get(plan.precision, [None])[-1])
         )
 
@@ -250,6 +255,15 @@ def _vllm_line(vllm: VllmServePlan) -> str:
              if vllm.utilization is not None else "")
     return f"\nvLLM expected kernel: {vllm.expected_kernel}; {vllm.graphs}; --dtype {vllm.dtype}" + (
         f"; {start}" if start else "")
+
+
+def _capacity_line(capacity: Capacity) -> str:
+    """What the capacity column rests on for the highlighted precision (computed in core)."""
+    if capacity.sequences is None or capacity.limit:
+        return f"\ncapacity: {capacity.limit}"
+    return (f"\ncapacity: {capacity.sequences:,} × {capacity.context:,} tokens, "
+            f"{format_bytes(capacity.kv_bytes_per_sequence)} {capacity.kv_dtype} KV each, in the "
+            f"{format_bytes(capacity.kv_budget_bytes)} left; {capacity.rule}")
 
 
 def _projection_line(estimate) -> str:
