@@ -263,3 +263,31 @@ def test_the_plan_holds_the_task_pass_context_and_vllms_batch():
         else:
             expected = kv_bytes_per_token(spec, "f16") * (TASK_CONTEXT_TOKENS - bench.context_tokens)
         assert with_tasks - plain == expected
+
+
+def test_the_transformers_fallback_generates_the_task_pass_through_the_chat_template():
+    """The fallback's generate() (engines.transformers._generate) on a random-weight model with the bundled
+    model's own tokenizer and chat template: every item answered, within its token budget, greedy (twice the
+    same)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qexplorer.core.catalog import bundled_model_path
+    from qexplorer.core.engines.transformers import _generate
+
+    path = bundled_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    torch.manual_seed(24)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    assert tokenizer.chat_template
+
+    def run() -> TaskScore:
+        (result,) = drive(task_pass(job(tasks=("arith:2",), tasks_limit=2), "transformers",
+                                    lambda: TaskEngine(True, _generate(model, tokenizer))), lambda _e: None)
+        return result
+
+    first = run()
+    assert (first.n, first.template, first.engine) == (2, "chat", "transformers")
+    assert 0 < first.generated_tokens <= 2 * ARITH_MAX_NEW_TOKENS
+    assert run() == first  # greedy: the same answers again
