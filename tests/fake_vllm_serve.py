@@ -13,7 +13,12 @@ It follows vLLM 0.32's source (paths relative to the ``vllm`` package) where the
 * the kernel lines each compressed-tensors format gets on a device of that compute capability
   (``model_executor/kernels/linear/__init__.py`` l. 431-591, 798, 847, 923, 1174-1240;
   ``compressed_tensors_wNa16.py`` l. 138; ``marlin_utils_fp8.py`` l. 108; ``nvfp4/marlin.py`` l. 34);
-* an OpenAI-compatible ``/health``, ``/version`` and streamed ``/v1/completions`` with ``usage``.
+* an OpenAI-compatible ``/health``, ``/version``, ``/v1/models`` (the ``--served-model-name``) and streamed
+  ``/v1/completions`` with ``usage``;
+* ``/metrics`` with the gauges a load sweep reads (``v1/metrics/loggers.py``, ``PrometheusStatLogger``):
+  ``vllm:num_requests_running`` (the requests in flight), ``vllm:num_requests_waiting`` (those beyond
+  ``--max-num-seqs``, which vLLM queues), ``vllm:kv_cache_usage_perc`` (running ÷ max-num-seqs, 0-1) and the
+  counter ``vllm:num_preemptions_total``.
 
 Run as ``python fake_vllm_serve.py serve MODEL --port N ...`` (the test writes a ``vllm`` wrapper that does).
 """
@@ -118,6 +123,12 @@ def main(argv: list[str]) -> int:
 
 
 def serve(args: argparse.Namespace) -> None:
+    import threading
+
+    lock = threading.Lock()
+    state = {"in_flight": 0}
+    slots = args.max_num_seqs or 256
+
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a: object) -> None:
             pass
@@ -137,6 +148,22 @@ def serve(args: argparse.Namespace) -> None:
                 self.end_headers()
             elif self.path == "/version":
                 self._json({"version": "0.32.0-contract-fake"})
+            elif self.path == "/v1/models":
+                self._json({"object": "list", "data": [{"id": args.served_model_name or args.model,
+                                                        "object": "model", "max_model_len": args.max_model_len}]})
+            elif self.path == "/metrics":
+                with lock:
+                    flight = state["in_flight"]
+                running, waiting = min(flight, slots), max(0, flight - slots)
+                text = (f"vllm:num_requests_running{{engine=\"0\"}} {running}\n"
+                        f"vllm:num_requests_waiting{{engine=\"0\"}} {waiting}\n"
+                        f"vllm:kv_cache_usage_perc{{engine=\"0\"}} {running / slots}\n"
+                        "vllm:num_preemptions_total{engine=\"0\"} 0\n").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text)
             else:
                 self.send_error(404)
 
@@ -149,13 +176,22 @@ def serve(args: argparse.Namespace) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
-            for _ in range(tokens):
-                time.sleep(0.002)
-                self.wfile.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+            with lock:
+                state["in_flight"] += 1
+            try:
+                for _ in range(tokens):
+                    time.sleep(0.002)
+                    self.wfile.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+                    self.wfile.flush()
+                counts = {"completion_tokens": tokens}
+                if isinstance(body.get("prompt"), str):  # a text prompt (a load sweep): 4 characters a token
+                    counts["prompt_tokens"] = max(1, len(body["prompt"]) // 4)
+                usage = json.dumps({"choices": [], "usage": counts})
+                self.wfile.write(f"data: {usage}\n\ndata: [DONE]\n\n".encode())
                 self.wfile.flush()
-            usage = json.dumps({"choices": [], "usage": {"completion_tokens": tokens}})
-            self.wfile.write(f"data: {usage}\n\ndata: [DONE]\n\n".encode())
-            self.wfile.flush()
+            finally:
+                with lock:
+                    state["in_flight"] -= 1
 
     ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
 

@@ -417,3 +417,29 @@ def test_the_refit_learns_the_servers_growth_not_the_jobs_peak(tmp_path: Path):
     real = __import__("dataclasses").replace(snapshot, simulated=None)
     DurationBook.in_dir(tmp_path).learn_bytes(OVERHEAD_KEY, real.devices[0].name, 3 * GIB)
     assert learned_vllm_overhead(tmp_path, real) == 3 * GIB
+
+
+@pytest.mark.e2e
+def test_a_load_sweep_runs_against_the_jobs_own_vllm_with_a_slot_per_stream(capsys, monkeypatch, isolated_user_dirs,
+                                                                             fake_vllm):
+    """Issue 25: `run --load` sweeps the artifact in the vLLM the job started, with --max-num-seqs the highest
+    level and a KV cache for that many sequences of the sweep's context; the sweep's levels, its goodput under
+    the objective and the server's own /metrics come back in the JSON."""
+    monkeypatch.setenv("QEXPLORER_SIMULATE_DEVICE", "gb10")
+    code = main(["run", "default", "--precision", "bf16", "--quick", "--json", "--remeasure", "--load", "1,2",
+                 "--load-prompt-tokens", "32", "--load-max-tokens", "8", "--load-repetitions", "1",
+                 "--metrics-interval", "0.05"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = json.loads(captured.out)
+    engine = out["jobs"][0]["result"]["engine"]
+    assert "--max-num-seqs 2" in engine["serve_command"]
+    assert "--max-model-len 104" in engine["serve_command"]  # the sweep's 32 + 8 + 64 of margin > pp64 + tg16 + 16
+    (load,) = out["capacity_under_load"]
+    assert load["precision"] == "bf16" and load["engine"] == "vllm"
+    assert [lv["concurrency"] for lv in load["levels"]] == [1, 2]
+    assert all(lv["errored"] == 0 and lv["successful"] == lv["concurrency"] for lv in load["levels"])
+    assert load["objective"].startswith("TTFT p99 ≤ 2 s, ITL p99 ≤ 100 ms")
+    (goodput,) = load["goodput"]
+    assert goodput["concurrency"] == 2 and goodput["output_tokens_per_second"] > 0  # the fake meets it easily
+    assert any(lv["server_metrics"] and lv["server_metrics"]["engine"] == "vLLM" for lv in load["levels"])

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from qexplorer import __version__
+from qexplorer.core.domain.load import DEFAULT_LOAD_MAX_TOKENS, DEFAULT_LOAD_PROMPT_TOKENS, DEFAULT_LOAD_REPETITIONS
 from qexplorer.core.errors import UserError
 from qexplorer.core.simulate import PROFILES as PROFILE_CHOICES
 
@@ -37,6 +38,30 @@ def _common(parser: argparse.ArgumentParser, *, sub: bool = True) -> None:
                         help="show tracebacks")
     parser.add_argument("--allow-download", action="store_true", default=argparse.SUPPRESS if sub else False,
                         help="allow model hubs to be contacted (off by default)")
+
+
+def _load_flags(parser: argparse.ArgumentParser, levels: str, instead: str = "") -> None:
+    """The load sweep's flags (bench-server and run): its levels, objective and stop rule."""
+    parser.add_argument("--load", nargs="?", const=levels, metavar="C,C,...",
+                        help=f"a load sweep at these concurrency levels (alone: {levels}), {instead}errors counted, "
+                        "stopped early at saturation, goodput under the objective")
+    parser.add_argument("--slo-ttft-p99", type=float, metavar="S",
+                        help="the objective's TTFT p99 limit in seconds (default: the setting slo_ttft_p99_s, 2)")
+    parser.add_argument("--slo-itl-p99", type=float, metavar="MS",
+                        help="the objective's ITL p99 limit in milliseconds (default: the setting "
+                        "slo_itl_p99_ms, 100)")
+    parser.add_argument("--slo-error-rate", type=float, default=0.0, metavar="PCT",
+                        help="the objective's largest share of failed requests, in %% (default 0)")
+    parser.add_argument("--stop-error-rate", type=float, default=10.0, metavar="PCT",
+                        help="--load stops after a level with at least this %% of failed requests (default 10)")
+    parser.add_argument("--stop-min-gain", type=float, default=10.0, metavar="PCT",
+                        help="--load stops at saturation: output tok/s up less than this %% over the best earlier "
+                        "level while TTFT p99 grew over 25 %% (default 10)")
+    parser.add_argument("--stop-beyond-slo", type=float, metavar="FACTOR",
+                        help="--load also stops after a level that misses a limit of the objective by more than "
+                        "FACTOR times (default: off)")
+    parser.add_argument("--metrics-interval", type=float, default=0.5, metavar="S",
+                        help="scrape the server's /metrics every S seconds during each level; 0: never (default 0.5)")
 
 
 def _loading(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="at most N items per task (HumanEval: the first N; arith: spread over the lengths)")
     run.add_argument("--allow-unisolated-exec", action="store_true",
                      help="let HumanEval run model-written code even where the sandbox has no network isolation")
+    _load_flags(run, "1,2,4,8", "after each full job's benchmark, in its serving engine (vLLM, llama-server): ")
+    run.add_argument("--load-prompt-tokens", type=int, default=DEFAULT_LOAD_PROMPT_TOKENS, metavar="N",
+                     help=f"--load: each request's prompt, in tokens (default {DEFAULT_LOAD_PROMPT_TOKENS})")
+    run.add_argument("--load-max-tokens", type=int, default=DEFAULT_LOAD_MAX_TOKENS, metavar="N",
+                     help=f"--load: each request's exact output, in tokens (default {DEFAULT_LOAD_MAX_TOKENS})")
+    run.add_argument("--load-repetitions", type=int, default=DEFAULT_LOAD_REPETITIONS, metavar="N",
+                     help=f"--load: timed rounds per level after its warm-up (default {DEFAULT_LOAD_REPETITIONS})")
     run.add_argument("--engine-args", default="", metavar="ARGS",
                      help="extra arguments for the serving engine, recorded with the result "
                           "(vLLM: \"--tensor-parallel-size 2\")")
@@ -140,26 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--quality", metavar="MODEL", help="also compare the server's log-probabilities with MODEL's "
                         "local reference ('default', a cache id, a folder or a GGUF file)")
     server.add_argument("--quality-tokens", type=int, default=1024, help="tokens of evaluation text (default 1024)")
-    server.add_argument("--load", nargs="?", const="1,2,4,8,16,32,64", metavar="C,C,...",
-                        help="a load sweep at these concurrency levels (alone: 1,2,4,...,64), instead of "
-                        "--concurrency: errors counted, stopped early at saturation, goodput under the objective")
-    server.add_argument("--slo-ttft-p99", type=float, metavar="S",
-                        help="the objective's TTFT p99 limit in seconds (default: the setting slo_ttft_p99_s, 2)")
-    server.add_argument("--slo-itl-p99", type=float, metavar="MS",
-                        help="the objective's ITL p99 limit in milliseconds (default: the setting "
-                        "slo_itl_p99_ms, 100)")
-    server.add_argument("--slo-error-rate", type=float, default=0.0, metavar="PCT",
-                        help="the objective's largest share of failed requests, in %% (default 0)")
-    server.add_argument("--stop-error-rate", type=float, default=10.0, metavar="PCT",
-                        help="--load stops after a level with at least this %% of failed requests (default 10)")
-    server.add_argument("--stop-min-gain", type=float, default=10.0, metavar="PCT",
-                        help="--load stops at saturation: output tok/s up less than this %% over the best earlier "
-                        "level while TTFT p99 grew over 25 %% (default 10)")
-    server.add_argument("--stop-beyond-slo", type=float, metavar="FACTOR",
-                        help="--load also stops after a level that misses a limit of the objective by more than "
-                        "FACTOR times (default: off)")
-    server.add_argument("--metrics-interval", type=float, default=0.5, metavar="S",
-                        help="scrape the server's /metrics every S seconds during each level; 0: never (default 0.5)")
+    _load_flags(server, "1,2,4,8,16,32,64", "instead of --concurrency: ")
     server.add_argument("--json", action="store_true", help="print JSON")
 
     results = sub.add_parser("results", help="print stored results")

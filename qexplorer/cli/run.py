@@ -14,6 +14,7 @@ from qexplorer.core import precisions
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.domain.bench import BenchConfig, parse_depths
 from qexplorer.core.domain.events import JobEvent, Log, Phase, Progress
+from qexplorer.core.domain.load import LoadSweepSpec
 from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.errors import UserError
 from qexplorer.core.eta import format_duration
@@ -122,7 +123,22 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
                        args.threads or bench.threads, depths=parse_depths(getattr(args, "depth", "0")))
 
 
-def run_options(args: argparse.Namespace) -> RunOptions:
+def load_spec(args: argparse.Namespace, settings: Settings) -> LoadSweepSpec | None:
+    """``--load`` and its flags as the jobs' load sweep, each value checked; None without ``--load``."""
+    from qexplorer.cli.server import _levels, _load_plan
+
+    if args.load is None:
+        return None
+    for flag, value in (("--load-prompt-tokens", args.load_prompt_tokens), ("--load-max-tokens", args.load_max_tokens),
+                        ("--load-repetitions", args.load_repetitions)):
+        if value < 1:
+            raise UserError(f"{flag} is {value}: give 1 or more.")
+    return LoadSweepSpec(levels=tuple(sorted(set(_levels(args.load, "--load")))), prompt_tokens=args.load_prompt_tokens,
+                         max_tokens=args.load_max_tokens, repetitions=args.load_repetitions,
+                         plan=_load_plan(args, settings))
+
+
+def run_options(args: argparse.Namespace, settings: Settings | None = None) -> RunOptions:
     limit = args.tasks_limit
     if limit is not None and limit < 1:
         raise UserError(f"--tasks-limit {limit} is not a number of items; give 1 or more.")
@@ -135,12 +151,13 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       order=order, force=args.force, shown_profile=args.simulate,
                       first_answer=not getattr(args, "no_quick_pass", False),
                       tasks=parse_task_list(args.tasks), tasks_limit=limit,
-                      allow_unisolated_exec=args.allow_unisolated_exec)
+                      allow_unisolated_exec=args.allow_unisolated_exec,
+                      load=load_spec(args, settings) if settings is not None else None)
 
 
 def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     chosen = precisions.parse_list(args.precision)
-    options = run_options(args)
+    options = run_options(args, settings)
     # HumanEval without network isolation is refused now, in one sentence, not in every worker after its benchmark
     check_can_score(options.tasks, options.allow_unisolated_exec)
     if args.corpus:  # a bad evaluation file is caught before any worker starts
@@ -206,7 +223,8 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
                              if v.estimate is not None else None}
                             for v, s in zip(queue.views(), planned.specs, strict=True)],
                    "results": [flat_row(r) for r in stored if r.status == "ok"],
-                   "task_accuracy": to_jsonable(accuracy), "task_verdicts": to_jsonable(verdicts(accuracy))},
+                   "task_accuracy": to_jsonable(accuracy), "task_verdicts": to_jsonable(verdicts(accuracy)),
+                   "capacity_under_load": [_load_json(r) for r in stored if r.status == "ok" and r.record.server]},
                   sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
@@ -214,6 +232,19 @@ def run_precisions(args: argparse.Namespace, settings: Settings) -> int:
     if interrupted:
         return 130
     return 0 if len(views) == count and all(v.status == "ok" for v in views) else 1
+
+
+def _load_json(result) -> dict:
+    """One precision's load sweep: the objective, the goodput under it, why it stopped, every level's figures
+    (GuideLLM's names, core.domain.load) beside the server's own /metrics."""
+    sweep = result.record.server
+    return {"precision": result.precision, "engine": str(result.record.engine.name or ""),
+            "objective": sweep.load_plan.objective.describe() if sweep.load_plan else None,
+            "goodput": to_jsonable(sweep.goodput), "stopped_early": sweep.stopped_early, "error": sweep.error,
+            "prompt_tokens": sweep.prompt_tokens, "output_tokens": sweep.max_tokens,
+            "repetitions": sweep.repetitions, "metrics_note": sweep.metrics_note,
+            "levels": [{"concurrency": lv.concurrency, **to_jsonable(lv.load), "server_metrics": to_jsonable(
+                lv.server_metrics)} for lv in sweep.levels if lv.load is not None]}
 
 
 def export_precision(args: argparse.Namespace, settings: Settings) -> int:

@@ -86,6 +86,7 @@ REFERENCE_CALIBRATION = Calibration(python_mops=44.6, bf16_gflops=411.0, fp32_gf
 
 _P, _B, _F, _C = Bound.PYTHON, Bound.BF16, Bound.FP32, Bound.COPY
 TASKS_FIXED_S = 5.0  # the task pass's fixed part (see DEFAULT_COSTS)
+LOAD_SWEEP_FIXED_S = 5.0  # the load sweep's: a server started (llama-server), the prompt-length calibration
 # Fitted (scripts/bench_jobs.py fit) on the reference machine: the default ladder (Q8_0, Q4_K_M, BF16, INT8) with
 # quality, cold, on the bundled model and random-weight models of 0.19, 0.42, 1.07 B and a 0.99 B MoE (0.20 B
 # active) - 2026-12-03, the README's scale table. Each is (fixed s, s per unit, bound).
@@ -121,6 +122,10 @@ DEFAULT_COSTS: dict[str, Cost] = {
     rate_key(PhaseKind.TASKS, "vllm"): Cost(TASKS_FIXED_S, 0.020, _B),
     # not measured: generate() one prompt at a time in eager PyTorch, taken as twice llama.cpp's
     rate_key(PhaseKind.TASKS, "transformers"): Cost(TASKS_FIXED_S, 0.144, _B),
+    # the load sweep: not measured yet - the benchmark's rate per token with every stream counted (batched
+    # streams share a decode step, so this is an upper bound); llama-server's start is its fixed part
+    rate_key(PhaseKind.LOAD_SWEEP, "llama.cpp"): Cost(LOAD_SWEEP_FIXED_S, 0.0637, _F),
+    rate_key(PhaseKind.LOAD_SWEEP, "vllm"): Cost(LOAD_SWEEP_FIXED_S, 0.0638, _B),
     rate_key(PhaseKind.QUALITY, "llama.cpp"): Cost(4.6, 0.0149, _F),
     rate_key(PhaseKind.LOG_PROBS, "vllm"): Cost(7.3, 0.0100, _B),  # vLLM's prompt log-probs on the reference's chunks
     rate_key(PhaseKind.QUALITY, "transformers"): Cost(1.1, 0.0176, _B),  # the artifact's own pass
@@ -184,6 +189,8 @@ def projected_costs(spec: ModelSpec, device: str, bandwidth_bytes_s: float) -> C
         # one stream's decode rate: a lower bound's worth of speed, since vLLM batches the pass's requests
         costs[rate_key(PhaseKind.TASKS, engine)] = Cost(TASKS_FIXED_S, GIB / (share * bandwidth_bytes_s),
                                                         device_bound, basis.format(share))
+        costs[rate_key(PhaseKind.LOAD_SWEEP, engine)] = Cost(LOAD_SWEEP_FIXED_S, GIB / (share * bandwidth_bytes_s),
+                                                             device_bound, basis.format(share))
     return CostModel(costs, pp_factor=DEVICE_PP_FACTOR, reference=None,
                      label=f"as a projection for {device} from published figures")
 
@@ -297,7 +304,9 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str, cac
              EtaUnit.ARTIFACT_GIB: artifact_gib,
              EtaUnit.PARAM_TOKENS: (spec.active_params or 0) * job.quality_tokens / 1e9,
              EtaUnit.GIB_TOKENS: timed * artifact_gib * active_weight_fraction(spec, precision),
-             EtaUnit.TASK_GIB_TOKENS: _task_tokens(job) * artifact_gib * active_weight_fraction(spec, precision)}
+             EtaUnit.TASK_GIB_TOKENS: _task_tokens(job) * artifact_gib * active_weight_fraction(spec, precision),
+             EtaUnit.LOAD_GIB_TOKENS: (job.load.timed_tokens(pp_factor) if job.load else 0.0) * artifact_gib
+             * active_weight_fraction(spec, precision)}
     phases: list[tuple[PhaseKind, str, float]] = []
 
     def add(phase: PhaseKind, *qualifiers: str) -> None:
@@ -330,6 +339,8 @@ def job_phases(spec: ModelSpec, precision: Precision, job: Any, engine: str, cac
     add(PhaseKind.BENCHMARK, engine)
     if job.tasks:
         add(PhaseKind.TASKS, engine)
+    if job.load and engine != str(Engine.TRANSFORMERS):  # the fallback serves nothing: no sweep
+        add(PhaseKind.LOAD_SWEEP, engine)
     if job.quality and engine == str(Engine.VLLM):  # vLLM's own log-probs, its cross-check
         add(PhaseKind.LOG_PROBS, engine)
     elif job.quality and not is_reference:

@@ -148,7 +148,7 @@ def run_job(job: JobSpec, cancel: threading.Event | None = None,
         depth_rooflines=tuple(roofline_of(s) for s in measured.depth_speeds),
         roofline_note=roofline_note(roofline, hardware.bandwidth_source),
         quality=measured.quality, engine_quality=measured.engine_quality, reuse_key=key, first_pass=job.first_pass,
-        tasks=measured.tasks, task_error=measured.task_error,
+        tasks=measured.tasks, task_error=measured.task_error, server=measured.server,
     )
 
 

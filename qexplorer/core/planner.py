@@ -329,7 +329,8 @@ def reference_peak(spec: ModelSpec, ctx: int) -> int:
 
 
 def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: bool, vllm: bool | None = None,
-                  quality: QualityPlan | None = None, vllm_overhead: int | None = None, tasks: bool = False) -> int:
+                  quality: QualityPlan | None = None, vllm_overhead: int | None = None, tasks: bool = False,
+                  load: Any = None) -> int:
     """Predicted peak memory of one job's process tree (what the guard compares against).
 
     GGUF (llama.cpp in the worker): the serving plan for pp + tg tokens; the quantizer streams tensors.
@@ -344,6 +345,9 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     With ``tasks`` (core.tasks.run): llama.cpp and the fallback generate in a context of TASK_CONTEXT_TOKENS of
     their own after the benchmark's is released; vLLM is started with KV for TASK_CONCURRENCY sequences of that
     length (engines.vllm.launch_settings), rounded to its blocks as the launch rounds them.
+    With ``load`` (a LoadSweepSpec): vLLM holds KV for its highest level's sequences of the sweep's context;
+    llama.cpp's sweep runs in llama-server, a process of the job's tree, with the weights and one KV slot per
+    stream (256-token padded cells, core.capacity) while the worker holds nothing of its own.
     """
     from qexplorer.core.tasks.run import TASK_CONCURRENCY, TASK_CONTEXT_TOKENS
 
@@ -355,6 +359,12 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
         weights = weight_bytes(spec, precision)
         serving = (weights + kv_bytes_per_token(spec, "f16") * max(request.context, task_ctx)
                    + overhead_bytes(spec, precision, PlanRequest(context=bench.prompt_tokens), on_gpu))
+        if load is not None:
+            from qexplorer.core.capacity import LLAMA_CPP_PAD_TOKENS
+
+            cells = -(-load.context_tokens // LLAMA_CPP_PAD_TOKENS) * LLAMA_CPP_PAD_TOKENS * load.slots
+            serving = max(serving, weights + kv_bytes_per_token(spec, "f16") * cells
+                          + overhead_bytes(spec, precision, PlanRequest(context=load.prompt_tokens), on_gpu))
         if not quality:
             return serving
         # a second context maps the weights again; PyTorch stays imported after a reference pass
@@ -379,8 +389,10 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
 
         # the KV cache the job will start vLLM with (engines.vllm.launch_settings: the same flags)
         kv = kv_cache_bytes(kv_bytes_per_token(spec, "bf16"),
-                            max(request.context + 16, quality.ctx + 16 if quality else 0, task_ctx),
-                            TASK_CONCURRENCY if tasks else 1, "cuda" if on_gpu else "cpu")
+                            max(request.context + 16, quality.ctx + 16 if quality else 0, task_ctx,
+                                load.context_tokens if load is not None else 0),
+                            max(TASK_CONCURRENCY if tasks else 1, load.slots if load is not None else 1),
+                            "cuda" if on_gpu else "cpu")
         server = (((vllm_overhead or VLLM_CUDA_OVERHEAD_BYTES) if on_gpu else VLLM_RUNTIME_BYTES)
                   + int(weight_bytes(spec, precision) * (1 if on_gpu else VLLM_CPU_WEIGHT_COPIES)) + kv)
         # the worker releases the model it quantized before vLLM starts (llm-compressor's session and PyTorch's

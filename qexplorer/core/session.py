@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qexplorer.core.domain.bench import BenchConfig
+from qexplorer.core.domain.load import LoadSweepSpec
 from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.eta import JobEstimate, Source, cost_order, estimate_jobs, start_order
 from qexplorer.core.kinds import Verdict
@@ -51,6 +52,8 @@ class RunOptions:
     tasks: tuple[str, ...] = ()
     tasks_limit: int | None = None
     allow_unisolated_exec: bool = False
+    # capacity under load after each full job's benchmark (issue 25); None: off, the default (it is long)
+    load: LoadSweepSpec | None = None
 
     @property
     def overlap(self) -> bool:
@@ -96,7 +99,7 @@ def first_pass(full: Sequence[JobSpec], measured: Iterable[str] = ()) -> tuple[J
                                              gen_tokens=quick.gen_tokens, repetitions=quick.repetitions,
                                              min_repetitions=quick.min_repetitions, depths=(0,)),
                          quality_tokens=min(spec.quality_tokens, QUICK_QUALITY_TOKENS), first_pass=True,
-                         tasks=())  # the task pass belongs to the full job: the quick answer is speed and quality
+                         tasks=(), load=None)  # tasks and load belong to the full job: the quick answer is speed and quality
                  for spec in full if spec.precision not in seen)
 
 
@@ -127,6 +130,7 @@ def plan_run(model_ref: str, model: ModelSpec, chosen: Sequence[Precision], opti
         reference_precision=options.reference, trust_remote_code=options.trust_remote_code,
         engine_args=options.engine_args, shown_profile=options.shown_profile, reuse=options.reuse,
         tasks=options.tasks, tasks_limit=options.tasks_limit, allow_unisolated_exec=options.allow_unisolated_exec,
+        load=options.load,
     )
     planned = plan_jobs(model, ordered(model, chosen, options.order), snapshot, template, force=options.force)
     specs = planned.specs
@@ -203,6 +207,21 @@ def learned_vllm_overhead(data_dir: str | Path, snapshot: TelemetrySnapshot | No
     return DurationBook.in_dir(data_dir).learned_bytes(OVERHEAD_KEY, snapshot.devices[0].name)
 
 
+def capped_load(load: LoadSweepSpec, model: ModelSpec, precision: Precision, snapshot: TelemetrySnapshot | None,
+                request: Any) -> LoadSweepSpec:
+    """The load sweep's levels within the plan's capacity at the sweep's context (core.capacity: the sequences
+    whose KV cache fits beside the weights and the engine's overhead in the live headroom); the levels above it
+    are kept as ``dropped`` and said in the job's log. At least one stream is always tried."""
+    from qexplorer.core.planner import plan_precision
+
+    at_context = plan_precision(model, precision, replace(request, context=load.context_tokens), snapshot)
+    capacity = at_context.capacity.sequences if at_context.capacity is not None else None
+    if capacity is None:
+        return load
+    kept = tuple(level for level in load.levels if level <= max(1, capacity)) or (1,)
+    return replace(load, levels=kept, dropped=tuple(level for level in load.levels if level not in kept))
+
+
 def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: TelemetrySnapshot | None,
               template: JobSpec, *, force: bool = False) -> PlannedJobs:
     """One spec per precision, in the order given, with the plan's figures; what does not fit is refused
@@ -227,11 +246,13 @@ def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: Telem
             refused.append(Refusal(precision.key, precision.label, plan.total_bytes, plan.headroom_bytes))
             continue
         quality = QualityPlan(template.quality_ctx, builds_reference and not specs) if template.quality else None
+        load = capped_load(template.load, model, precision, snapshot, request) if template.load else None
         specs.append(replace(
-            template, precision=precision.key, model_name=model.name, model_path=model.path,
+            template, precision=precision.key, load=load, model_name=model.name, model_path=model.path,
             planned_peak_bytes=plan_job_peak(model, precision, bench, on_gpu=plan.runs_on == "GPU",
                                              vllm=plan.engine == "vllm", quality=quality,
-                                             vllm_overhead=request.vllm_overhead_bytes, tasks=bool(template.tasks)),
+                                             vllm_overhead=request.vllm_overhead_bytes, tasks=bool(template.tasks),
+                                             load=load),
             planned_total_bytes=plan.total_bytes,
             vllm_overhead_bytes=request.vllm_overhead_bytes,
             planned_gpu_bytes=plan.total_bytes if plan.runs_on == "GPU" and snapshot is not None

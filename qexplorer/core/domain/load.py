@@ -107,3 +107,48 @@ class Goodput:
     output_tokens_per_second: float | None
     requests_per_second: float | None
     sentence: str
+
+
+DEFAULT_LOAD_LEVELS = (1, 2, 4, 8)
+# Chosen for a 2-core CPU as much as for a GB10: a 256-token prompt keeps a level's prefill at a few seconds on
+# vLLM-CPU (about 40-400 tok/s of BF16 prefill here), so the default objective separates precisions rather than
+# failing every level; 64 output tokens give 63 inter-token gaps per request for the ITL percentiles.
+DEFAULT_LOAD_PROMPT_TOKENS = 256
+DEFAULT_LOAD_MAX_TOKENS = 64
+DEFAULT_LOAD_REPETITIONS = 2
+# room in each sequence beyond prompt + output: the request's number and the tokenizer's rounding of the
+# characters-per-token estimate (core.server.sweep.Prompts)
+LOAD_CONTEXT_MARGIN = 64
+
+
+@dataclass(frozen=True)
+class LoadSweepSpec:
+    """A job's load sweep (issue 25): its artifact served by its engine with one slot per stream at the highest
+    level (vLLM ``--max-num-seqs``, llama-server ``--parallel``), then concurrency ``levels`` in rising order,
+    each with a warm-up and ``repetitions`` timed rounds of unique prompts, under ``plan``'s objective and stop
+    rule (core.server.sweep)."""
+
+    levels: tuple[int, ...] = DEFAULT_LOAD_LEVELS
+    prompt_tokens: int = DEFAULT_LOAD_PROMPT_TOKENS
+    max_tokens: int = DEFAULT_LOAD_MAX_TOKENS
+    repetitions: int = DEFAULT_LOAD_REPETITIONS
+    plan: LoadPlan = field(default_factory=LoadPlan)
+    dropped: tuple[int, ...] = ()  # levels above the plan's capacity at this context, left out before starting
+
+    @property
+    def context_tokens(self) -> int:
+        """Each sequence's context: prompt + output + margin."""
+        return self.prompt_tokens + self.max_tokens + LOAD_CONTEXT_MARGIN
+
+    @property
+    def slots(self) -> int:
+        """Sequences the server is started for: the highest level."""
+        return max(self.levels) if self.levels else 1
+
+    def timed_tokens(self, pp_factor: float) -> float:
+        """The tokens the sweep has the server process, each level's warm-up and rounds, every stream counted
+        (an upper bound: batched streams share a step), prompt tokens weighted as the benchmark weighs them
+        (÷ ``pp_factor``, prefill being that much faster per token): the ETA's unit with the GiB read per
+        token."""
+        return sum((self.repetitions + 1) * level * (self.max_tokens + self.prompt_tokens / pp_factor)
+                   for level in self.levels)

@@ -16,6 +16,7 @@ load                                  fast    GiB of the artifact
 engine                                fast    per job (one vLLM start)
 benchmark       yes    yes            user    GiB-tokens (tokens timed × GiB read)
 tasks                                 fast    GiB-tokens (tokens the task pass may generate × GiB read)
+load-sweep      yes    yes            user    GiB-tokens (tokens the load sweep processes × GiB read)
 log-probs                             fast    billion active parameter-tokens
 quality                               fast    billion active parameter-tokens
 calibrate       yes    yes            user    per job (the bandwidth copy test)
@@ -54,6 +55,7 @@ class PhaseKind(StrEnum):
     ENGINE = "engine"
     BENCHMARK = "benchmark"
     TASKS = "tasks"
+    LOAD_SWEEP = "load-sweep"
     LOG_PROBS = "log-probs"
     QUALITY = "quality"
     CALIBRATE = "calibrate"
@@ -75,6 +77,7 @@ class EtaUnit(StrEnum):
     PARAM_TOKENS = "billion active parameter-tokens"
     GIB_TOKENS = "GiB-tokens (tokens timed × GiB read per token)"
     TASK_GIB_TOKENS = "GiB-tokens (tokens the task pass may generate × GiB read per token)"
+    LOAD_GIB_TOKENS = "GiB-tokens (tokens the load sweep has the server process × GiB read per token)"
     NONE = "not estimated"
 
 
@@ -100,6 +103,8 @@ PHASES: dict[PhaseKind, PhaseSpec] = {spec.kind: spec for spec in (
     PhaseSpec(PhaseKind.BENCHMARK, timed=True, alone=True, guard=GuardRate.USER, eta_unit=EtaUnit.GIB_TOKENS),
     # untimed: its figure is an accuracy, not a speed, so it shares the machine like any preparation
     PhaseSpec(PhaseKind.TASKS, eta_unit=EtaUnit.TASK_GIB_TOKENS),
+    # latency under load is a timing: it runs alone, like the benchmark
+    PhaseSpec(PhaseKind.LOAD_SWEEP, timed=True, alone=True, guard=GuardRate.USER, eta_unit=EtaUnit.LOAD_GIB_TOKENS),
     PhaseSpec(PhaseKind.LOG_PROBS, eta_unit=EtaUnit.PARAM_TOKENS),
     PhaseSpec(PhaseKind.QUALITY, eta_unit=EtaUnit.PARAM_TOKENS),
     PhaseSpec(PhaseKind.CALIBRATE, timed=True, alone=True, guard=GuardRate.USER, eta_unit=EtaUnit.JOB,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qexplorer.core.domain.bench import BenchConfig
-from qexplorer.core.domain.load import LoadPlan
+from qexplorer.core.domain.load import LoadPlan, LoadSweepSpec
 from qexplorer.core.kinds import JobAction
 from qexplorer.core.serial import from_jsonable, to_jsonable
 
@@ -52,6 +52,8 @@ class JobSpec:
     tasks_limit: int | None = None  # at most this many items per task (a subset, for a quick look); None: all
     # HumanEval runs model-written code: without network isolation only when the user said so
     allow_unisolated_exec: bool = False
+    # capacity under load after the benchmark, in the same engine (issue 25); None: off (the default: it is long)
+    load: LoadSweepSpec | None = None
 
     def to_json(self) -> dict[str, Any]:
         return to_jsonable(self)

@@ -30,6 +30,7 @@ from qexplorer.core.domain.record import (
     MemoryFigures,
     QualityStats,
     ServerQuality,
+    ServerSweep,
     Speed,
     TaskScore,
     Timings,
@@ -57,6 +58,7 @@ class Measured:
     depth_speeds: tuple[Speed, ...] = ()  # the depths after the first (BenchConfig.depths)
     tasks: tuple[TaskScore, ...] = ()  # the task pass, with this engine (core.tasks.run)
     task_error: str | None = None  # why the task pass failed; what was measured before it is kept
+    server: ServerSweep | None = None  # the load sweep against this engine's own server (JobSpec.load)
 
 
 @dataclass(frozen=True)

@@ -459,9 +459,11 @@ def launch_settings(ctx: EngineContext, device: DeviceMemory, learned_overhead: 
 
     job, bench = ctx.job, ctx.job.bench
     max_model_len = max(bench.context_tokens + 16, job.quality_ctx + 16 if ctx.reference else 0,
-                        TASK_CONTEXT_TOKENS if job.tasks else 0)
-    # the task pass sends its requests at once so that vLLM batches them; the benchmark still sends one at a time
-    seqs = TASK_CONCURRENCY if job.tasks else 1
+                        TASK_CONTEXT_TOKENS if job.tasks else 0, job.load.context_tokens if job.load else 0)
+    # the task pass sends its requests at once so that vLLM batches them, the load sweep up to its highest level;
+    # the benchmark still sends one at a time. The KV cache holds that many full-length sequences (the plan's
+    # capacity capped the levels: session.plan_run)
+    seqs = max(TASK_CONCURRENCY if job.tasks else 1, job.load.slots if job.load else 1)
     kv = kv_cache_bytes(kv_bytes_per_token(ctx.spec, "bf16"), max_model_len, seqs, device)
     check = start_check(device, ctx.artifact_weight_bytes + kv + overhead_bytes(device, learned_overhead))
     return LaunchSettings(max_model_len=max_model_len, max_num_seqs=seqs, kv_cache_bytes=kv,
@@ -508,6 +510,11 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
             chat = bool(getattr(tokenizer, "chat_template", None))
             tasks, task_error = yield from ctx.checked(task_pass_kept(job, str(Engine.VLLM), lambda: TaskEngine(
                 chat, lambda prompts: in_order(server.answer, prompts, TASK_CONCURRENCY)), ctx.cancel))
+        load_sweep = None
+        if job.load is not None:
+            from qexplorer.core.server.sweep import job_load_sweep
+
+            load_sweep = yield from ctx.checked(job_load_sweep(server.base_url, job.load))
         engine_quality = None
         if ctx.reference is not None:
             yield Phase(PhaseKind.LOG_PROBS, "vLLM prompt log-probs against the reference (cross-check)")
@@ -534,6 +541,6 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         memory=MemoryFigures(weight_bytes=ctx.artifact_weight_bytes, resident_weight_bytes=ctx.artifact_weight_bytes,
                              bytes_per_token=ctx.artifact_weight_bytes, kv_cache_bytes=settings.kv_cache_bytes),
         timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=None,
-        engine_quality=engine_quality, tasks=tasks, task_error=task_error,
+        engine_quality=engine_quality, tasks=tasks, task_error=task_error, server=load_sweep,
         gpu_name=ctx.gpu_name,
     )

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 from qexplorer.core.bench.noise import NoiseProbe, own_tree
 from qexplorer.core.domain.bench import Stat
-from qexplorer.core.domain.events import JobEvent, Log, Phase, Progress, drive
-from qexplorer.core.domain.load import LoadPlan, ServerMetrics
+from qexplorer.core.domain.events import Cancelled, JobEvent, Log, Phase, Progress, drive
+from qexplorer.core.domain.load import LoadPlan, LoadSweepSpec, ServerMetrics
 from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.domain.record import (
     EngineInfo,
@@ -209,7 +209,8 @@ def measure_latency(stream: Stream, probes: int = 3) -> float:
 
 def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetitions: int = 3, max_tokens: int = 64,
           *, prompt_tokens: int = 128, depths: tuple[int, ...] = (0,), unique: bool = True,
-          text: str | None = None, load: LoadPlan | None = None) -> Generator[JobEvent, None, ServerSweep]:
+          text: str | None = None, load: LoadPlan | None = None, phase: PhaseKind = PhaseKind.SERVER,
+          ) -> Generator[JobEvent, None, ServerSweep]:
     """Per depth and concurrency level: a warm-up, then ``repetitions`` timed runs; yields progress, returns the
     sweep (partial on failure). The server's ``/metrics`` is scraped during each level when it has one.
 
@@ -245,7 +246,7 @@ def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetition
             at_depth: list[ServerLevel] = []
             for index, level in enumerate(levels):
                 label = f"concurrency {level}" + (f" at depth {depth}" if depth else "")
-                yield Phase(PhaseKind.SERVER, f"{label}: warm-up")
+                yield Phase(phase, f"{label}: warm-up")
                 with contextlib.ExitStack() as opened:
                     streams = [opened.enter_context(Stream(target)) for _ in range(level)]
                     for stream in streams:
@@ -260,7 +261,7 @@ def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetition
                             runs.append(run_level(streams, model, [prompts.make(depth, prompt_tokens) for _ in streams],
                                                   max_tokens, keep_errors=load is not None))
                             step += 1
-                            yield Progress(PhaseKind.SERVER, step, total, label)
+                            yield Progress(phase, step, total, label)
                     finally:
                         server_metrics = scraper.stop_level()
                     if any(r.timings for r in runs):
@@ -364,3 +365,23 @@ def run_server_spec(spec: ServerSpec, on_event: Callable[[JobEvent], None]) -> R
                                          prompt_tokens=spec.prompt_tokens, depths=spec.depths, unique=spec.unique,
                                          load=spec.load),
                                    on_event))
+
+
+def job_load_sweep(base_url: str, spec: LoadSweepSpec, text: str | None = None, timeout_s: float = 600.0,
+                   ) -> Generator[JobEvent, None, ServerSweep | None]:
+    """A job's load sweep (JobSpec.load) against the server its engine started: the sweep in load mode, its
+    levels announced as the job's LOAD_SWEEP phase (timed, alone). A failure keeps what the job measured
+    before: the sweep keeps its finished levels, and anything else is one warning and no sweep."""
+    if spec.dropped:
+        yield Log(f"load levels {', '.join(map(str, spec.dropped))} left out: above the plan's capacity of "
+                  f"{spec.slots} sequences of {spec.context_tokens} tokens", level="warning")
+    try:
+        return (yield from sweep(ServerTarget(base_url, timeout_s=timeout_s), spec.levels, spec.repetitions,
+                                 spec.max_tokens, prompt_tokens=spec.prompt_tokens, text=text, load=spec.plan,
+                                 phase=PhaseKind.LOAD_SWEEP))
+    except Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the job's other figures stand; the reason is logged
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        yield Log(f"The load sweep failed and is left out; the benchmark is kept: {reason}", level="warning")
+        return None
