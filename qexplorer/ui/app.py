@@ -63,6 +63,7 @@ class QExplorerApp(App[int]):
     measure_quality: reactive[bool] = reactive(True)
     remeasure: reactive[bool] = reactive(False)  # False: a stored result with the same key is shown again (reuse)
     measure_tasks: reactive[bool] = reactive(False)  # the task pass after each full benchmark (core.tasks.run)
+    measure_load: reactive[bool] = reactive(False)  # the load sweep after each full benchmark (issue 25)
     jobs: reactive[tuple[JobView, ...]] = reactive(())  # the queue's latest view of each job, oldest first
     compare_rows: reactive[tuple[CompareRow, ...]] = reactive(())  # measured results for the compare screen
     quiet: reactive[bool] = reactive(False)  # a job is timed now: screens leave their plots (ui.screens.live)
@@ -406,7 +407,15 @@ class QExplorerApp(App[int]):
 
         return replace(self.run_extras, bench=self.bench_config(), quality=self.measure_quality,
                        reuse=not self.remeasure, shown_profile=self.sources.sampler.simulated,
-                       tasks=DEFAULT_TASKS if self.measure_tasks else ())
+                       tasks=DEFAULT_TASKS if self.measure_tasks else (), load=self.load_sweep() if self.measure_load
+                       else None)
+
+    def load_sweep(self):
+        """The plan screen's load sweep: the default levels under the objective the settings give."""
+        from qexplorer.core.domain.load import LoadPlan, LoadSweepSpec, ServiceObjective
+
+        objective = ServiceObjective(ttft_p99_s=self.settings.slo_ttft_p99_s, itl_p99_ms=self.settings.slo_itl_p99_ms)
+        return LoadSweepSpec(plan=LoadPlan(objective=objective))
 
     def planned_jobs(self):
         """The chosen precisions as a core run plan (core.session: the CLI's too), each job with its estimate."""

@@ -80,6 +80,12 @@ quality, `M` re-measures instead of showing stored results again, `[` / `]`
 halve / double the context, `k` cycles the KV-cache dtype, `o` opens the run
 options `qexplorer run` takes as flags (evaluation text, reference, quality
 tokens and chunk length, threads, repetitions, engine arguments, order, force).
+`l` adds a **load sweep** to each full job (off by default: it is long): the
+artifact in its serving engine (vLLM with a slot per stream, llama-server with
+`--parallel`) at concurrency 1, 2, 4, 8 - capped at the plan's capacity - with
+TTFT / ITL percentiles, throughput, errors and the server's own `/metrics`,
+stopped early at saturation, and the highest concurrency that meets the
+objective (settings `slo_ttft_p99_s`, `slo_itl_p99_ms`; `qexplorer run --load`).
 While a job is timed the screens stop redrawing their plots, so that the app
 does not compete with the figure it shows; they catch up when it is taken.
 A precision that does not fit is not queued. The **est. time** column and the

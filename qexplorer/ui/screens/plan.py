@@ -40,6 +40,7 @@ class PlanScreen(Screen):
         Binding("v", "toggle_quality", "Quality", show=False),
         Binding("M", "toggle_remeasure", "Re-measure", show=False),
         Binding("t", "toggle_tasks", "Tasks", show=False),
+        Binding("l", "toggle_load", "Load sweep", show=False),
         Binding("a", "select_all", "All/none", show=False),
         Binding("o", "options", "Options", show=False),
     ]
@@ -53,7 +54,8 @@ class PlanScreen(Screen):
 
     def on_mount(self) -> None:
         watch_while_shown(self, ("snapshot", "model", "context", "kv_dtype", "chosen", "quick_bench", "bench_depths",
-                                 "measure_quality", "remeasure", "measure_tasks"), self._refresh_plans)
+                                 "measure_quality", "remeasure", "measure_tasks", "measure_load"),
+                         self._refresh_plans)
         self._refresh_plans()
         self.query_one("#plan-table", DataTable).focus()
 
@@ -197,6 +199,11 @@ class PlanScreen(Screen):
         self.notify("Task pass (HumanEval and arithmetic chains after each full benchmark, same engine): "
                     + ("on" if self.app.measure_tasks else "off"), timeout=4)
 
+    def action_toggle_load(self) -> None:
+        self.app.measure_load = not self.app.measure_load
+        self.notify("Load sweep (concurrency 1, 2, 4, 8 in the serving engine after each full benchmark; long): "
+                    + ("on" if self.app.measure_load else "off"), timeout=4)
+
     def action_toggle_remeasure(self) -> None:
         self.app.remeasure = not self.app.remeasure
         self.notify("Stored results with the same artifact, engine and settings: " +
@@ -245,6 +252,10 @@ def _options_line(options) -> str:
                                                            if options.tasks_limit is not None else ""))
         if options.allow_unisolated_exec:
             parts.append("model-written code may run without network isolation")
+    if options.load is not None:
+        parts.append(f"load sweep at concurrency {','.join(map(str, options.load.levels))} "
+                     f"({options.load.prompt_tokens}-token prompts, {options.load.max_tokens} out; "
+                     f"objective {options.load.plan.objective.describe()})")
     return ("\noptions: " + ", ".join(parts)) if parts else ""
 
 
