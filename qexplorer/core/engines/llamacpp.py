@@ -7,11 +7,13 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import replace
 from importlib import metadata
+from pathlib import Path
 
-from qexplorer.core.domain.events import JobEvent, Phase
+from qexplorer.core.domain.events import JobEvent, Log, Phase
 from qexplorer.core.domain.phases import PhaseKind
-from qexplorer.core.domain.record import EngineInfo, MemoryFigures, TaskScore, Timings
+from qexplorer.core.domain.record import EngineInfo, MemoryFigures, ServerSweep, TaskScore, Timings
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, nvml_gpu_name
+from qexplorer.core.errors import UserError
 from qexplorer.core.kinds import Engine, SupportMode
 
 
@@ -38,6 +40,9 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
     task_error = None
     if job.tasks:
         tasks, task_error = yield from ctx.checked(_tasks(ctx, gpu))
+    load_sweep = None
+    if job.load is not None:
+        load_sweep = yield from ctx.checked(_load_sweep(ctx, gpu))
     quality = quality_s = None
     if ctx.reference is not None:  # every position's logits: a context of its own
         from qexplorer.core import quality as quality_mod
@@ -62,9 +67,33 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         memory=MemoryFigures(loaded_rss_bytes=loaded_rss, weight_bytes=weight_bytes,
                              resident_weight_bytes=weight_bytes, bytes_per_token=weight_bytes),
         timings=Timings(load_s=load_s), speed=first, depth_speeds=tuple(deeper), quality=quality,
-        quality_s=quality_s, tasks=tasks, task_error=task_error,
+        quality_s=quality_s, tasks=tasks, task_error=task_error, server=load_sweep,
         gpu_name=(nvml_gpu_name() or "CUDA (llama.cpp offload)") if gpu else None,
     )
+
+
+def _load_sweep(ctx: EngineContext, gpu: bool) -> Generator[JobEvent, None, ServerSweep | None]:
+    """The load sweep (JobSpec.load) in llama.cpp's own server, built from the llama.cpp this llama-cpp-python
+    vendors (scripts/setup.sh): llama-cpp-python's server interrupts a running request when another arrives, so
+    it cannot be measured under load. One slot per stream of the highest level (``--parallel``), each with the
+    sweep's context; the same file, threads and offload as the benchmark. The start counts as the sweep's (its
+    fixed part in the ETA); a server that cannot start is one warning, and the job keeps what it measured."""
+    from qexplorer.core.server.sweep import job_load_sweep
+    from qexplorer.core.serving.llama_server import LlamaServer, LlamaServerSettings
+
+    load = ctx.job.load
+    assert load is not None
+    settings = LlamaServerSettings(model_path=ctx.artifact, parallel=load.slots, ctx_per_slot=load.context_tokens,
+                                   threads=ctx.job.bench.thread_count, n_gpu_layers="all" if gpu else 0)
+    yield Phase(PhaseKind.LOAD_SWEEP, f"starting llama-server with {load.slots} slots: {settings.serve_command}")
+    log_dir = Path(ctx.job.data_dir) / "logs" / f"llama-server-{ctx.job.precision}-{int(time.time() * 1000)}"
+    try:
+        with LlamaServer(settings, log_dir) as server:
+            url = server.start(ctx.cancel)
+            return (yield from job_load_sweep(url, load))
+    except UserError as exc:
+        yield Log(f"The load sweep was not run: {exc}", level="warning")
+        return None
 
 
 def _tasks(ctx: EngineContext, gpu: bool) -> Generator[JobEvent, None, tuple[tuple[TaskScore, ...], str | None]]:
