@@ -458,7 +458,9 @@ def _goodput(row: CompareRow) -> float:
 
 
 def _short_capacity(load: LoadCapacity) -> str:
-    return f"{load.streams} at {load.output_tok_s:.1f}" if load.streams is not None and load.output_tok_s else "none"
+    if load.streams is None or load.output_tok_s is None:
+        return "none"
+    return f"{load.streams} at {load.output_tok_s:.1f}"
 
 
 def _recommend_serving(fitting: list[CompareRow], excluded: list[CompareRow], among: str, hardware: Hardware,
@@ -492,12 +494,12 @@ def _recommend_serving(fitting: list[CompareRow], excluded: list[CompareRow], am
     sentences.append(f"{best.label}: {_facts(best)}; the most output tok/s within the objective (goodput) among "
                      f"the {len(holds)} {among} and keep their quality (KLD ≤ {ACCEPTABLE_KLD}, no significant "
                      "task loss).")
-    better = [r for r in dropped if _goodput(r) > _goodput(best)]
-    if better:
-        top = max(better, key=_goodput)
+    top = max(dropped, key=_goodput, default=None)
+    if top is not None and _goodput(top) > _goodput(best):
         sentences.append(f"Quality decided: {top.label} serves more ({capacity_text(top.load)}), but "
                          f"{quality_problem(top)}.")
-    rest = [r for r in dropped if not better or r is not max(better, key=_goodput)]
+        dropped = [r for r in dropped if r is not top]
+    rest = dropped
     if rest:
         sentences.append("Passed over because their quality does not hold: " + "; ".join(
             f"{quality_problem(r)} ({capacity_text(r.load)})" for r in rest) + ".")
@@ -515,8 +517,8 @@ def _recommend_serving(fitting: list[CompareRow], excluded: list[CompareRow], am
         sentences.append(not_fitting)
     if runner is not None:
         gain = (f" ({_goodput(runner) - _goodput(best):+.1f} tok/s)" if runner.load.streams is not None else "")
-        sentences.append(f"Runner-up {runner.label}: {capacity_text(runner.load)}{gain}, "
-                         f"{_delta(best, replace(runner, kld=None, decode_tok_s=None))}.")
+        memory = _delta(best, replace(runner, kld=None, decode_tok_s=None))  # the memory part alone
+        sentences.append(f"Runner-up {runner.label}: {capacity_text(runner.load)}{gain}, {memory}.")
     if best.load.streams == best.load.highest_tested:
         sentences.append(f"{best.label} met the objective at the highest concurrency tested ({best.load.streams}): "
                          "it may serve more; sweep higher levels.")
