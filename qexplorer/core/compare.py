@@ -10,7 +10,10 @@ serve) is a candidate, ranked by the measured numbers:
 * memory first  → the smallest weights whose KLD is acceptable (≤ 0.1, about Q3_K_M);
 * speed first   → the fastest measured decode whose KLD is acceptable;
 * CPU / hybrid  → the fastest decode among the GGUF files (llama.cpp serves them on the CPU,
-  or split between CPU and GPU) whose KLD is acceptable.
+  or split between CPU and GPU) whose KLD is acceptable;
+* serving       → the most output tok/s within the service objective (a load sweep's goodput,
+  core.load_capacity) among the precisions whose quality holds: KLD acceptable and no significant task loss.
+  Goodputs tie within 2 standard errors of their difference or 2 %, as decode speeds do.
 
 The seed's decision framework (FACTS §5) never removes a candidate: it breaks
 ties - measurements closer than they can tell apart - and explains the choice.
@@ -36,15 +39,15 @@ host (noisy).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import base64
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from qexplorer.core.domain.bench import known
 from qexplorer.core.domain.record import QualityStats
 from qexplorer.core.kinds import Family, Priority, SupportMode
+from qexplorer.core.load_capacity import LoadCapacity, capacity_from_sweep, capacity_text, goodput_tied
 from qexplorer.core.precisions import BY_KEY, Hardware
 from qexplorer.core.quality import DEFAULT_TOP_K, kld_name
 from qexplorer.core.results import ComparedResults, StoredResult
@@ -116,6 +119,7 @@ class CompareRow:
     kld_paired_se: tuple[tuple[str, float], ...] = ()
     tasks: tuple[TaskAccuracy, ...] = ()  # task accuracy in the serving engine, with the paired tests
     task_error: str | None = None  # the task pass failed: why (the row's other figures stand)
+    load: LoadCapacity | None = None  # streams within the objective and tok/s by concurrency; None: no load sweep
 
     def task(self, name: str) -> TaskAccuracy | None:
         return next((t for t in self.tasks if t.task == name), None)
@@ -159,6 +163,7 @@ def row_from_result(result: StoredResult, compared: bool = True) -> CompareRow:
         is_reference=r.is_quality_reference, top1_se_pct=known(q.same_top1_se_pct) if q else None,
         ppl_se=known(q.ppl_se) if q else None, task_error=r.task_error,
         kld_top_k=q.reference.top_k if q and q.reference and q.reference.top_k else DEFAULT_TOP_K,
+        load=capacity_from_sweep(r.server),
     )
 
 
@@ -352,8 +357,13 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
         gguf = [r for r in pool if r.family == Family.GGUF]
         if gguf:
             pool, among = gguf, "measured GGUF files that fit (llama.cpp serves them on a CPU or split with a GPU)"
+    if priority == Priority.SERVING:  # a load sweep's goodput is serving throughput only on a serving engine
+        pool = [r for r in measured if served_here(r, hardware)]
+        among = "measured precisions that fit, run natively here"
     fitting = [r for r in pool if fits(r)]
     excluded = [r for r in pool if not fits(r)]
+    if priority == Priority.SERVING:
+        return _recommend_serving(fitting, excluded, among, hardware, headroom_bytes)
     if not fitting:
         smallest = min(pool, key=lambda r: _need(r) or 0)
         return Recommendation(None, "none fits", (
@@ -424,6 +434,98 @@ def _task_sentences(best: CompareRow, fitting: list[CompareRow], vetoed: list[Co
     names = sorted({task_title(t.task) for t in measured})
     return [f"KLD decided; no precision lost task accuracy significantly against the reference "
             f"({', '.join(names)}, exact McNemar, α = 0.05)."]
+
+
+NO_LOAD_SWEEP = ("No precision has a load sweep yet: run with --load (qexplorer bench-server URL --load, or a run "
+                 "with the load sweep) to measure how many streams each serves within the service objective.")
+
+
+def quality_problem(row: CompareRow) -> str | None:
+    """Why a row's quality does not hold for the serving priority, as one clause; None when it holds: a measured
+    KLD ≤ ACCEPTABLE_KLD (the reference's own row by definition) and no significant task loss."""
+    if not row.is_reference:
+        if row.kld is None:
+            return f"{row.label}'s KLD was not measured"
+        if row.kld > ACCEPTABLE_KLD:
+            return f"{row.label}'s {kld_name(row.kld_top_k)} {row.kld:.4f} is above {ACCEPTABLE_KLD}"
+    return _loss_text(row) if row.task_loss() is not None else None
+
+
+def _goodput(row: CompareRow) -> float:
+    """The ranking figure: output tok/s within the objective; −1 where no concurrency met it (or no sweep)."""
+    load = row.load
+    return load.output_tok_s if load and load.streams is not None and load.output_tok_s is not None else -1.0
+
+
+def _short_capacity(load: LoadCapacity) -> str:
+    if load.streams is None or load.output_tok_s is None:
+        return "none"
+    return f"{load.streams} at {load.output_tok_s:.1f}"
+
+
+def _recommend_serving(fitting: list[CompareRow], excluded: list[CompareRow], among: str, hardware: Hardware,
+                       headroom_bytes: int | None) -> Recommendation:
+    """Serving first: the highest goodput among the rows whose quality holds; the text names the figure that
+    decided and every row passed over (quality, no sweep, memory)."""
+    priority = Priority.SERVING
+    not_fitting = ("Left out because they do not fit the live headroom of " f"{format_bytes(headroom_bytes)}: "
+                   + ", ".join(f"{r.label} ({format_bytes(_need(r))})" for r in excluded) + ".") if excluded else ""
+    swept = [r for r in fitting if r.load is not None]
+    if not swept:
+        return Recommendation(None, "no load sweep", " ".join(filter(None, (NO_LOAD_SWEEP, not_fitting))), None,
+                              priority)
+    dropped = [r for r in swept if quality_problem(r) is not None]
+    holds = [r for r in swept if r not in dropped]
+    if not holds:
+        return Recommendation(None, "quality does not hold", (
+            "No precision with a load sweep keeps its quality (KLD ≤ "
+            f"{ACCEPTABLE_KLD} and no significant task loss): " + "; ".join(map(quality_problem, dropped))
+            + ". Measure its quality, or sweep a precision closer to the reference."), None, priority)
+    ranked = sorted(holds, key=lambda r: (-_goodput(r), r.memory_bytes or 0))
+    if ranked[0].load.streams is None:
+        return Recommendation(None, "none within the objective", (
+            "No precision whose quality holds meets its objective at any concurrency tested: "
+            + "; ".join(f"{r.label} {r.load.sentence}" for r in ranked)
+            + ". Relax the objective (--slo-ttft-p99, --slo-itl-p99) or serve on a larger machine."), None, priority)
+    ranked, tie = _first_of_tie(ranked, lambda a, b: goodput_tied(a.load, b.load), hardware, priority)
+    best, runner = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+    sentences = [f"{best.label} serves {capacity_text(best.load)} within {best.load.objective}"
+                 + "".join(f"; {r.label} {_short_capacity(r.load)}" for r in ranked[1:]) + "."]
+    sentences.append(f"{best.label}: {_facts(best)}; the most output tok/s within the objective (goodput) among "
+                     f"the {len(holds)} {among} and keep their quality (KLD ≤ {ACCEPTABLE_KLD}, no significant "
+                     "task loss).")
+    top = max(dropped, key=_goodput, default=None)
+    if top is not None and _goodput(top) > _goodput(best):
+        sentences.append(f"Quality decided: {top.label} serves more ({capacity_text(top.load)}), but "
+                         f"{quality_problem(top)}.")
+        dropped = [r for r in dropped if r is not top]
+    rest = dropped
+    if rest:
+        sentences.append("Passed over because their quality does not hold: " + "; ".join(
+            f"{quality_problem(r)} ({capacity_text(r.load)})" for r in rest) + ".")
+    objectives = {r.load.objective for r in swept}
+    if len(objectives) > 1:
+        sentences.append("Measured under different objectives, so these goodputs do not compare: " + "; ".join(
+            f"{r.label} {r.load.objective}" for r in swept) + ". Re-run the sweeps with one objective.")
+    if tie:
+        sentences.append("Tied within the measurement with " + ", ".join(r.label for r in tie)
+                         + "; the decision framework (FACTS §5) breaks the tie.")
+    unswept = [r.label for r in fitting if r.load is None]
+    if unswept:
+        sentences.append(f"Not ranked, no load sweep: {', '.join(unswept)}.")
+    if not_fitting:
+        sentences.append(not_fitting)
+    if runner is not None:
+        gain = (f" ({_goodput(runner) - _goodput(best):+.1f} tok/s)" if runner.load.streams is not None else "")
+        memory = _delta(best, replace(runner, kld=None, decode_tok_s=None))  # the memory part alone
+        sentences.append(f"Runner-up {runner.label}: {capacity_text(runner.load)}{gain}, {memory}.")
+    if best.load.streams == best.load.highest_tested:
+        sentences.append(f"{best.label} met the objective at the highest concurrency tested ({best.load.streams}): "
+                         "it may serve more; sweep higher levels.")
+    if best.load.stopped_early:
+        sentences.append(f"{best.label}'s sweep {best.load.stopped_early}.")
+    return Recommendation(best.precision, best.label, " ".join(sentences), runner.precision if runner else None,
+                          priority)
 
 
 def _se_text(se: float | None, fmt: str) -> str:

@@ -88,6 +88,7 @@ class Priority(StrEnum):
     MEMORY = "memory"
     SPEED = "speed"
     CPU = "cpu"
+    SERVING = "serving"  # the most output tok/s within the service objective (a load sweep's goodput)
 
 
 class NvmlState(StrEnum):

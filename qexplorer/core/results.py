@@ -31,6 +31,7 @@ from qexplorer.core.domain.bench import Stat, known
 from qexplorer.core.domain.record import RunRecord, TaskScore, record_from_legacy
 from qexplorer.core.errors import UserError
 from qexplorer.core.kinds import JobStatus, SupportMode
+from qexplorer.core.load_capacity import capacity_from_sweep
 from qexplorer.core.precisions import BY_KEY
 from qexplorer.core.quality import DEFAULT_TOP_K, kld_name
 from qexplorer.core.tasks.stats import wilson
@@ -255,6 +256,7 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
     r = result.record
     hw = r.hardware
     speed, quality, memory = r.speed, r.quality, r.memory
+    load = capacity_from_sweep(r.server)
     return {
         "id": result.id, "model_name": result.model_name, "model_filename": result.model_path,
         "model_n_params": r.model.params, "precision": result.precision, "family": str(result.family),
@@ -307,6 +309,10 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "engine_kld_mean": r.engine_quality.kld_mean if r.engine_quality else None,
         "engine_same_top1_pct": r.engine_quality.same_top1_pct if r.engine_quality else None,
         "task_scores": json.dumps([task_fields(t) for t in r.tasks]) if r.tasks else None,
+        # a load sweep's goodput at its first depth (core.load_capacity); None without one
+        "goodput_streams": load.streams if load else None,
+        "goodput_output_tok_s": load.output_tok_s if load else None,
+        "slo": load.objective if load else None,
         "versions": json.dumps(r.versions, sort_keys=True),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result.created_at)),
     }
@@ -440,6 +446,12 @@ def to_markdown(results: list[StoredResult]) -> str:
                          + (f", recovery {row.recovery:.2f}" if row.recovery is not None else "")
                          + (f"; against {_label(test.against)}: {test.verdict}" if test else ""))
         lines += [""] + [v.text for v in verdicts(accuracy)]
+    loads = [(result.record, good) for result, _compared in grouped if result.record.server is not None
+             and result.record.server.load_plan is not None for good in result.record.server.goodput]
+    if loads:
+        lines += ["", "Capacity under load (goodput: the highest concurrency within the objective, and its output "
+                  "tok/s over all streams):", ""]
+        lines += [f"- {record.precision_label}: {good.sentence}" for record, good in loads]
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -20,11 +22,11 @@ from qexplorer.core.compare import (
     sort_rows,
 )
 from qexplorer.core.kinds import SupportMode
+from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.quality import kld_name
 from qexplorer.core.tasks.run import ARITH
 from qexplorer.core.tasks.run import KNOWN as KNOWN_TASKS
 from qexplorer.core.tasks.summary import task_title
-from qexplorer.core.planner import hardware_from_snapshot
 from qexplorer.core.units import MIB, format_bytes
 from qexplorer.ui.screens.live import watch_while_shown
 from qexplorer.ui.widgets.plots import theme_rgb
@@ -32,7 +34,7 @@ from qexplorer.ui.widgets.plots import theme_rgb
 FAMILIES = ("all", "torch", "gguf", "server")
 TASK_COLUMNS = tuple(task_title(t) + " (95 % CI)" for t in KNOWN_TASKS)
 COLUMNS = ("precision", "engine", "weights", "decode tok/s", kld_name(), "top-1", "PPL", *TASK_COLUMNS,
-           "task recovery", "prefill tok/s", "TTFT", "deeper", "roof %", "peak RSS", "peak GPU")
+           "task recovery", "streams in SLO", "prefill tok/s", "TTFT", "deeper", "roof %", "peak RSS", "peak GPU")
 
 
 def _se(mean: float | None, se: float | None, fmt: str, unit: str = "") -> str:
@@ -61,6 +63,16 @@ def _recovery_cell(row: CompareRow) -> str:
         cells.append("ref" if row.is_reference else f"{score.recovery:.2f}{mark}" if score.recovery is not None
                      else "n/a")
     return " / ".join(cells) or "-"
+
+
+def _streams_cell(row: CompareRow) -> str:
+    """Streams within the objective and their output tok/s; "none" when no concurrency met it, "-" unswept."""
+    load = row.load
+    if load is None:
+        return "-"
+    if load.streams is None or load.output_tok_s is None:
+        return "none"
+    return f"{load.streams} @ {load.output_tok_s:.1f} tok/s"
 
 
 def _pm(mean: float | None, sd: float | None, fmt: str = "{:.1f}") -> str:
@@ -100,6 +112,7 @@ class CompareScreen(Screen):
             yield PlotextPlot(id="plot-quality")
             yield PlotextPlot(id="plot-pareto")
             yield PlotextPlot(id="plot-chains")
+            yield PlotextPlot(id="plot-load")
         with VerticalScroll(id="recommendation"):
             yield Static("", id="recommendation-text")
         yield Footer()
@@ -134,7 +147,7 @@ class CompareScreen(Screen):
                 "reference" if r.is_reference else _se(r.kld, r.kld_se, "{:.4f}"),
                 "reference" if r.is_reference else _se(r.top1_pct, r.top1_se_pct, "{:.1f}", " %"),
                 _se(r.ppl, r.ppl_se, "{:.2f}"),
-                *(_task_cell(r, task) for task in KNOWN_TASKS), _recovery_cell(r),
+                *(_task_cell(r, task) for task in KNOWN_TASKS), _recovery_cell(r), _streams_cell(r),
                 _pm(r.prefill_tok_s, r.prefill_sd, "{:.0f}") + noisy,
                 f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "n/a",
                 " ".join(f"d{d.depth} {d.decode_tok_s:.0f}±{d.decode_sd:.0f}" + ("~" if d.noisy else "")
@@ -203,6 +216,7 @@ class CompareScreen(Screen):
         self._bars("#plot-speed", "decode tok/s", [r.decode_tok_s or 0.0 for r in self._rows], selected)
         self._bars("#plot-quality", "KLD vs reference", [r.kld or 0.0 for r in self._rows], selected)
         self._chains(selected)
+        self._load(selected)
 
         pareto = self.query_one("#plot-pareto", PlotextPlot)
         plt = pareto.plt
@@ -237,6 +251,31 @@ class CompareScreen(Screen):
             color = theme_rgb(self.app, "accent" if row is selected else "primary")
             plt.plot(lengths, percent, marker="braille", color=color, label=row.precision.upper())
         plt.ylim(0, 100)
+        widget.refresh()
+
+    def _load(self, selected: CompareRow | None) -> None:
+        """Output tok/s (all streams) by concurrency, one line per row with a load sweep (shown only once one has
+        it), ◆ the selected row's goodput; the concurrency axis is log2 (the sweep doubles it), labelled with the
+        concurrencies themselves."""
+        widget = self.query_one("#plot-load", PlotextPlot)
+        swept = [r for r in self._rows if r.load is not None and r.load.curve]
+        widget.display = bool(swept)
+        if not swept:
+            return
+        plt = widget.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title("tok/s by concurrency")
+        for row in swept:  # only the selected line is named: a legend of every row covers a narrow plot
+            selected_row = row is selected
+            plt.plot([math.log2(c) for c, _tok_s in row.load.curve], [tok_s for _c, tok_s in row.load.curve],
+                     marker="braille", color=theme_rgb(self.app, "accent" if selected_row else "primary"),
+                     label=row.precision.upper() if selected_row else None)
+        if selected is not None and selected.load is not None and selected.load.streams is not None:
+            plt.scatter([math.log2(selected.load.streams)], [selected.load.output_tok_s or 0.0],
+                        color=theme_rgb(self.app, "accent"), marker="◆")
+        levels = sorted({c for r in swept for c, _tok_s in r.load.curve})
+        plt.xticks([math.log2(c) for c in levels], [str(c) for c in levels])
         widget.refresh()
 
     def _bars(self, selector: str, title: str, values: list[float], selected: CompareRow | None) -> None:

@@ -201,17 +201,24 @@ items", or that the model is too weak for the task).
 Every measured precision of the current model, latest run each: memory, speed
 (mean ± sd), roofline %, KLD, top-1, PPL (± SE), task accuracy; three plots
 (decode speed, KLD, and KLD against memory with the Pareto frontier: nothing
-else is both smaller and better), a fourth by chain length once tasks ran. `s` sorts, `f` filters torch / GGUF, the selected row is highlighted
+else is both smaller and better), a fourth by chain length once tasks ran, and
+output tok/s by concurrency once a row has a load sweep (`--load`; ◆ marks the
+selected row's goodput). **streams in SLO** is that goodput: the highest
+concurrency that met the service objective (TTFT p99, ITL p99, errors) and the
+output tok/s of all streams there; "none" when no concurrency met it, "-"
+without a load sweep. `s` sorts, `f` filters torch / GGUF, the selected row is highlighted
 in every plot. The **recommendation** is chosen from the table: among every
 measured precision that fits the live headroom and runs natively here (not a
 fallback, not emulated), quality first → the lowest KLD, except a precision
 whose task accuracy fell significantly below the reference's (the task veto;
 the text says which figure decided); memory first → the
 smallest with KLD ≤ 0.1; speed first → the fastest decode with KLD ≤ 0.1; CPU →
-the fastest GGUF with KLD ≤ 0.1. Results closer than the measurement can tell
+the fastest GGUF with KLD ≤ 0.1; serving → the most output tok/s within the
+objective among those whose quality holds (KLD ≤ 0.1 and no significant task
+loss; the text names any faster precision it passed over, and why). Results closer than the measurement can tell
 apart (KLD within 2 standard errors of the difference - paired, position by
 position, where both were scored on the same text - or 0.005; speeds within 2
-standard errors or 2 %) are
+standard errors or 2 %, goodputs alike) are
 a tie, and only then does the seed's framework decide (FP8 on FP8 tensor cores,
 AWQ / GPTQ, GGUF Q4_K_M / Q5_K_M on a CPU, quantized before the reference).
 Noisy speeds rank after quiet ones and are named. `o` changes the priority;
