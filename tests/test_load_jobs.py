@@ -19,7 +19,7 @@ from qexplorer.core.eta import estimate_jobs
 from qexplorer.core.planner import PlanRequest, kv_bytes_per_token, plan_job_peak, plan_precision
 from qexplorer.core.precisions import get
 from qexplorer.core.serving.vllm_launch import kv_cache_bytes
-from qexplorer.core.session import RunOptions, capped_load, plan_run
+from qexplorer.core.session import capped_load, plan_run
 from qexplorer.core.simulate import simulated_sampler
 
 

@@ -383,9 +383,7 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     if vllm is None:
         vllm = on_gpu or not precision.vllm_cpu_gap
     if vllm:
-        from qexplorer.core.serving.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES
-
-        from qexplorer.core.serving.vllm_launch import kv_cache_bytes
+        from qexplorer.core.serving.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES, kv_cache_bytes
 
         # the KV cache the job will start vLLM with (engines.vllm.launch_settings: the same flags)
         kv = kv_cache_bytes(kv_bytes_per_token(spec, "bf16"),
