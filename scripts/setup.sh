@@ -56,6 +56,8 @@ python -m pip install --quiet --upgrade pip
 install_torch python "$TORCH_VERSION"
 # llama-cpp-python before the project, with explicit compile flags (see the script for why)
 bash scripts/llama_cpp.sh
+# llama.cpp's llama-server from the same sources and flags, for the GGUF load sweep (warns if it cannot)
+bash scripts/llama_server.sh
 echo "setup: installing qexplorer[$EXTRAS]" >&2
 python -m pip install --quiet -e ".[$EXTRAS]"
 # after the project: its requirements (llm-compressor: torch<=2.14.0) can replace the torch above

@@ -340,6 +340,85 @@ def test_a_failed_cpu_decode_still_says_crashed(fake_llama: Box) -> None:
     assert "crashed in its first decode" in result.stderr
 
 
+# llama-server --------------------------------------------------------------------------------------
+
+# Records configure and build; a build leaves a llama-server that answers --version with the flags it was built with.
+FAKE_CMAKE = """echo "cmake $*" >> "$FAKE_LOG"
+[ "$FAKE_CMAKE_FAILS" = 1 ] && { echo "CMake Error: no compiler"; exit 1; }
+if [ "$1" = "--build" ]; then
+    mkdir -p "$2/bin"
+    printf '#!/bin/sh\\necho "version: 1 (built with %s)"\\n' "$(cat "$2/flags")" > "$2/bin/llama-server"
+    chmod +x "$2/bin/llama-server"
+else
+    mkdir -p "$4"; echo "$*" > "$4/flags"
+fi
+"""
+SERVER_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON "
+                  "-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF "
+                  "-DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF")
+
+
+@pytest.fixture
+def server_box(box: Box) -> Box:
+    """A box with the llama-cpp-python sdist in its cache, cmake faked, and the tools the script needs."""
+    import tarfile
+
+    for tool in ("tar", "gzip", "sha256sum", "cut", "mktemp", "cmp", "rm", "mv", "chmod", "nproc"):
+        (box.tools / tool).symlink_to(shutil.which(tool) or tool)
+    sources = box.tmp / "home" / ".cache" / "qexplorer" / "llama-cpp-python"
+    sources.mkdir(parents=True)
+    vendored = box.tmp / "sdist" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    vendored.mkdir(parents=True)
+    (vendored / "CMakeLists.txt").write_text("project(llama.cpp)\n")
+    with tarfile.open(sources / "llama_cpp_python-0.3.36.tar.gz", "w:gz") as sdist:
+        sdist.add(box.tmp / "sdist" / "llama_cpp_python-0.3.36", "llama_cpp_python-0.3.36")
+    write_program(box.bin / "cmake", FAKE_CMAKE)
+    write_program(box.bin / "python", f'echo "{box.tmp / "venv"}"\n')  # sys.prefix
+    return box
+
+
+def build_server(box: Box, **env: str) -> subprocess.CompletedProcess[str]:
+    return box.run("bash scripts/llama_server.sh", **env)
+
+
+def test_llama_server_is_built_from_the_wheels_sources_and_flags_and_installed_as_a_copy(server_box: Box) -> None:
+    result = build_server(server_box)
+    assert result.returncode == 0, result.stderr
+    configure, build = server_box.calls()
+    assert configure.startswith("cmake -S ") and configure.endswith(f"{CPU_FLAGS} {SERVER_OPTIONS}")
+    assert build.startswith("cmake --build ") and " --target llama-server -j" in build
+    assert result.stderr.strip().endswith("about 6 minutes on 2 cores, once per machine")
+    installed = server_box.tmp / "venv" / "bin" / "llama-server"
+    cached = list((server_box.tmp / "home" / ".cache" / "qexplorer" / "llama-server").glob("*/llama-server"))
+    assert len(cached) == 1 and not installed.is_symlink()
+    assert installed.read_bytes() == cached[0].read_bytes()
+    assert CPU_FLAGS in subprocess.run([installed, "--version"], capture_output=True, text=True).stdout
+
+
+def test_llama_server_is_built_once_per_flag_set(server_box: Box) -> None:
+    assert build_server(server_box).returncode == 0
+    again = build_server(server_box)
+    assert again.returncode == 0 and again.stderr == ""
+    assert len(server_box.calls()) == 2  # no second build
+    other = build_server(server_box, QEXPLORER_LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF")
+    assert other.returncode == 0, other.stderr
+    assert len(server_box.calls()) == 4
+    installed = server_box.tmp / "venv" / "bin" / "llama-server"
+    version = subprocess.run([installed, "--version"], capture_output=True, text=True).stdout
+    assert f"-DGGML_NATIVE=OFF {SERVER_OPTIONS}" in version and "AVX2" not in version
+
+
+def test_a_failed_llama_server_build_warns_in_one_sentence_and_set_up_goes_on(server_box: Box) -> None:
+    result = build_server(server_box, FAKE_CMAKE_FAILS="1")
+    assert result.returncode == 0
+    warning = result.stderr.strip().splitlines()[-1]
+    assert warning.startswith("setup: WARNING: llama-server could not be built (cmake failed; its log is ")
+    assert "GGUF load sweep is unavailable" in warning and "scripts/llama_server.sh" in warning
+    assert warning.endswith(".") and not (server_box.tmp / "venv" / "bin" / "llama-server").exists()
+    log = next((server_box.tmp / "home" / ".cache" / "qexplorer" / "llama-server").glob("*/build.log"))
+    assert "CMake Error: no compiler" in log.read_text()
+
+
 # vLLM ----------------------------------------------------------------------------------------------
 
 
