@@ -4,6 +4,7 @@ planned peak, its cost in the ETA, its flags on the command line and its toggle 
 from __future__ import annotations
 
 from dataclasses import replace
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,22 @@ async def test_l_on_the_plan_screen_toggles_the_load_sweep():
         await pilot.press("l")
         await pilot.pause()
         assert app.run_options().load is None
+
+
+@pytest.mark.e2e
+def test_a_gguf_jobs_load_sweep_runs_in_llama_server(capsys, isolated_user_dirs):
+    """The GGUF artifact swept in llama.cpp's own server (built by set-up from the vendored llama.cpp): one slot
+    per stream, /metrics read, and the result's goodput under the objective; a second identical run reuses it,
+    a different sweep is a new measurement."""
+    args = ["run", "default", "--precision", "q4_k_m", "--quick", "--no-quick-pass", "--json", "--load", "1,2",
+            "--load-prompt-tokens", "48", "--load-max-tokens", "8", "--load-repetitions", "1"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    (load,) = out["capacity_under_load"]
+    assert load["engine"] == "llama.cpp" and [lv["concurrency"] for lv in load["levels"]] == [1, 2]
+    assert all(lv["errored"] == 0 for lv in load["levels"])
+    assert load["levels"][1]["server_metrics"]["engine"] == "llama-server"
+    assert load["levels"][1]["server_metrics"]["running_max"] <= 2  # two slots: never more running
+    assert main([*args[:-2], "--load-repetitions", "2"]) == 0  # another sweep: measured again, not reused
+    again = json.loads(capsys.readouterr().out)["jobs"][0]["result"]
+    assert again["reused_from"] is None

@@ -3,8 +3,8 @@
 A job's figures depend on: the artifact's bytes (its SHA-256), the engine and
 every library version, the machine (CPU, cores, GPU), the benchmark settings
 (pp, tg, repetitions, threads, depths), the quality settings (corpus,
-tokens, context, top-k, reference precision, or no quality at all) and the task pass (which tasks, how many
-items). Their
+tokens, context, top-k, reference precision, or no quality at all), the task pass (which tasks, how many
+items) and the load sweep (levels, lengths, objective). Their
 digest is the record's :attr:`~qexplorer.core.domain.record.RunRecord.reuse_key`.
 A later job with the same key would redo the same measurement, so the worker
 asks the parent (which alone opens the results store) and returns the stored
@@ -51,6 +51,8 @@ def reuse_key(job: JobSpec, artifact_sha256: str, versions: dict[str, str], engi
         from qexplorer.core.tasks.run import TASK_CONTEXT_TOKENS
 
         facts["task_pass"] = {"names": list(job.tasks), "limit": job.tasks_limit, "context": TASK_CONTEXT_TOKENS}
+    if job.load is not None:  # likewise: a load sweep (its levels, lengths, objective, stop rule) is a new key
+        facts["load_sweep"] = to_jsonable(job.load)
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -235,7 +235,9 @@ def sweep(target: ServerTarget, levels: tuple[int, ...] = (1, 4, 16), repetition
     try:
         with Stream(target) as probe:
             latency_s = measure_latency(probe)
-            sample = prompts.sample()
+            # about one prompt's worth of text: a server started for short sequences (a job's llama-server, one
+            # slot per stream of prompt + output) refuses a longer request than its context
+            sample = prompts.sample(min(2000, 4 * max(prompt_tokens, 16)))
             calibration = probe.complete(model, sample, 1)
             prompts.calibrate(len(sample), calibration.usage_prompt_tokens)
             if calibration.usage_prompt_tokens is None:
