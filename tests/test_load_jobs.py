@@ -3,8 +3,8 @@ planned peak, its cost in the ETA, its flags on the command line and its toggle 
 
 from __future__ import annotations
 
-from dataclasses import replace
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
