@@ -45,7 +45,7 @@ def test_the_jobs_planned_peak_holds_the_sweeps_sequences():
             - plan_job_peak(spec, get("bf16"), bench, on_gpu=False))
     assert vllm == (kv_cache_bytes(kv, load.context_tokens, 8, "cpu")
                     - kv_cache_bytes(kv, bench.context_tokens + 16, 1, "cpu"))
-    # llama-server: 8 slots of 384 tokens padded to 512 cells, f16 KV (core.capacity's rule)
+    # llama-server: 8 slots of 512 tokens (256 × 1.5 + 64 + 64), 512 cells each, f16 KV (core.capacity's rule)
     gguf = plan_job_peak(spec, get("q4_k_m"), bench, on_gpu=False, load=load)
     assert gguf >= kv_bytes_per_token(spec, "f16") * 512 * 8
 

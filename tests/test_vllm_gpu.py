@@ -434,7 +434,7 @@ def test_a_load_sweep_runs_against_the_jobs_own_vllm_with_a_slot_per_stream(caps
     out = json.loads(captured.out)
     engine = out["jobs"][0]["result"]["engine"]
     assert "--max-num-seqs 2" in engine["serve_command"]
-    assert "--max-model-len 104" in engine["serve_command"]  # the sweep's 32 + 8 + 64 of margin > pp64 + tg16 + 16
+    assert "--max-model-len 120" in engine["serve_command"]  # the sweep's 32 × 1.5 + 8 + 64 > pp64 + tg16 + 16
     (load,) = out["capacity_under_load"]
     assert load["precision"] == "bf16" and load["engine"] == "vllm"
     assert [lv["concurrency"] for lv in load["levels"]] == [1, 2]

@@ -116,8 +116,10 @@ DEFAULT_LOAD_LEVELS = (1, 2, 4, 8)
 DEFAULT_LOAD_PROMPT_TOKENS = 256
 DEFAULT_LOAD_MAX_TOKENS = 64
 DEFAULT_LOAD_REPETITIONS = 2
-# room in each sequence beyond prompt + output: the request's number and the tokenizer's rounding of the
-# characters-per-token estimate (core.server.sweep.Prompts)
+# room in each sequence beyond prompt + output: the request's number, and the spread of a window's tokens
+# around the calibrated characters per token (core.server.sweep.Prompts: a window of Python source tokenizes
+# denser than the mix; measured here, a 256-token prompt reached 385 tokens before the calibration was spread
+# over the text), so half a prompt more, and 64 tokens
 LOAD_CONTEXT_MARGIN = 64
 
 
@@ -137,8 +139,8 @@ class LoadSweepSpec:
 
     @property
     def context_tokens(self) -> int:
-        """Each sequence's context: prompt + output + margin."""
-        return self.prompt_tokens + self.max_tokens + LOAD_CONTEXT_MARGIN
+        """Each sequence's context: prompt × 1.5 + output + margin."""
+        return self.prompt_tokens + self.prompt_tokens // 2 + self.max_tokens + LOAD_CONTEXT_MARGIN
 
     @property
     def slots(self) -> int:

@@ -91,8 +91,13 @@ class Prompts:
             self.chars_per_token = prompt_chars / prompt_tokens
             self.calibrated = True
 
-    def sample(self, chars: int = 2000) -> str:
-        return self.text[:chars]
+    def sample(self, chars: int = 2000, windows: int = 4) -> str:
+        """About ``chars`` characters for the calibration request: ``windows`` pieces spread over the text, so
+        the characters per token it measures are the mix the prompts are cut from (the default text is short
+        prose then Python source, which tokenizes denser)."""
+        step = max(1, len(self.text) // windows)
+        piece = max(1, chars // windows)
+        return " ".join(self.text[i * step:i * step + piece] for i in range(windows))
 
     def make(self, depth: int, tokens: int) -> str:
         """The context (``depth`` tokens) then the prompt (``tokens``): one completion prompt."""
