@@ -50,7 +50,7 @@ if [[ ! -x "$cached" ]]; then
     [[ -f "$sdist" ]] || warn "the llama-cpp-python $VERSION sdist is not in $sources; scripts/llama_cpp.sh downloads it"
     command -v cmake >/dev/null || warn "cmake is not installed"
     echo "setup: compiling llama-server (llama.cpp of llama-cpp-python $VERSION, ${flags:-default flags}):" \
-         "about 6 minutes on 2 cores, once per machine" >&2
+         "about 8 minutes on 2 cores, once per machine" >&2
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
     tar xzf "$sdist" -C "$work" --strip-components=3 "llama_cpp_python-$VERSION/vendor/llama.cpp"

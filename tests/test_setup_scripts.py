@@ -387,7 +387,7 @@ def test_llama_server_is_built_from_the_wheels_sources_and_flags_and_installed_a
     configure, build = server_box.calls()
     assert configure.startswith("cmake -S ") and configure.endswith(f"{CPU_FLAGS} {SERVER_OPTIONS}")
     assert build.startswith("cmake --build ") and " --target llama-server -j" in build
-    assert result.stderr.strip().endswith("about 6 minutes on 2 cores, once per machine")
+    assert result.stderr.strip().endswith("about 8 minutes on 2 cores, once per machine")
     installed = server_box.tmp / "venv" / "bin" / "llama-server"
     cached = list((server_box.tmp / "home" / ".cache" / "qexplorer" / "llama-server").glob("*/llama-server"))
     assert len(cached) == 1 and not installed.is_symlink()
