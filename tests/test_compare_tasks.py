@@ -202,3 +202,30 @@ def test_compare_screen_with_tasks_snapshot(snap_compare, size, isolated_user_di
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_the_veto_holds_each_of_several_tasks_to_a_bonferroni_share_and_pairs_only_like_prompts():
+    from qexplorer.core.tasks.summary import compare_pair
+
+    reference = (True,) * 40 + (False,) * 124
+    lost = (False,) * 6 + (True,) * 34 + (False,) * 124  # six lost, none gained: p = 2/64 = 0.03125
+    one = summarize([replace(a_record("bf16"), tasks=(task("humaneval", reference),)),
+                     replace(a_record("q8_0"), tasks=(task("humaneval", lost),))])
+    row = CompareRow(precision="q8_0", label="Q8_0", family=Family.GGUF, mode=SupportMode.NATIVE, weight_bytes=1,
+                     peak_bytes=None, plan_bytes=None, prefill_tok_s=None, prefill_sd=None, decode_tok_s=1.0,
+                     decode_sd=0.0, ttft_s=None, roofline_pct=None, kld=0.01, top1_pct=None, ppl=None, ppl_ref=None,
+                     reference_quantized=False, tasks=tuple(t for t in one if t.precision == "q8_0"))
+    assert row.tasks[0].versus_reference.p_value == pytest.approx(0.03125)
+    assert row.task_loss() is not None  # one task: α = 0.05
+    two = summarize([replace(a_record("bf16"), tasks=(task("humaneval", reference), chains([10] * 8))),
+                     replace(a_record("q8_0"), tasks=(task("humaneval", lost), chains([10] * 8)))])
+    assert replace(row, tasks=tuple(t for t in two if t.precision == "q8_0")).task_loss() is None  # α = 0.025
+    completion = replace(task("humaneval", lost), template="completion")
+    assert compare_pair(completion, task("humaneval", reference), "bf16") is None  # another prompt: not paired
+
+
+def test_when_every_candidate_lost_task_accuracy_kld_decides_and_says_so(tmp_path: Path):
+    rows = [r for r in rows_from_results(store_task_results(tmp_path).comparable(str(bundled_model_path())))
+            if r.precision == "q4_k_m"]
+    result = recommend(rows, CPU, None, "quality")
+    assert result.precision == "q4_k_m" and "the task veto cannot choose: ranked by KLD alone" in result.text

@@ -87,3 +87,18 @@ def test_an_artifacts_sha256_is_hashed_once_and_again_when_its_files_change(tmp_
     assert not (tmp_path / "users-model.sha256.json").exists()  # never writes beside a folder that is not ours
     monkeypatch.setattr(artifacts, "content_sha256", lambda path: (_ for _ in ()).throw(AssertionError("rehashed")))
     assert artifacts.artifact_sha256(user, work) == real(user)  # its sidecar in the work dir: hashed once too
+
+
+def test_a_result_whose_task_pass_or_load_sweep_failed_is_measured_again(tmp_path: Path):
+    from qexplorer.core.domain.record import ServerSweep
+
+    store = ResultsStore.in_dir(tmp_path)
+    record = replace(a_record("q8_0"), reuse_key="k1")
+    store.add(replace(record, task_error="RuntimeError: the server went away"))
+    assert find_reusable(store, record.model.path, "q8_0", "k1") is None
+    store.add(record)  # no sweep: fine for a job without one, measured again for a job that asks for one
+    assert find_reusable(store, record.model.path, "q8_0", "k1") is not None
+    assert find_reusable(store, record.model.path, "q8_0", "k1", wants_load=True) is None
+    failed = ServerSweep(model_id="m", host="h", max_tokens=8, repetitions=1, token_count="", error="refused")
+    store.add(replace(record, server=failed))
+    assert find_reusable(store, record.model.path, "q8_0", "k1", wants_load=True) is None

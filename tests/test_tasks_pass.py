@@ -157,7 +157,7 @@ def test_a_record_with_tasks_round_trips_and_ranks_beside_one_without():
     assert with_tasks.settings_key() == plain.settings_key()
 
 
-def test_a_failed_task_pass_loses_only_its_scores_and_a_cancel_still_stops():
+def test_a_failed_task_pass_loses_only_its_scores_and_a_cancel_still_stops(monkeypatch):
     def broken(prompts: Sequence[Prompt]) -> Iterator[Answer]:
         raise RuntimeError("the server went away")
         yield  # a generator
@@ -167,6 +167,19 @@ def test_a_failed_task_pass_loses_only_its_scores_and_a_cancel_still_stops():
                                          lambda: TaskEngine(True, broken)), events.append)
     assert scores == () and error == "RuntimeError: the server went away"
     assert any(isinstance(e, Log) and e.level == "warning" and "the benchmark is kept" in e.message for e in events)
+    calls = []
+
+    def second_fails(prompts: Sequence[Prompt]) -> Iterator[Answer]:
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise RuntimeError("the server went away")
+        yield from right_answers(True).generate(prompts)
+
+    monkeypatch.setattr(sandbox, "isolation", lambda: sandbox.NO_ISOLATION)
+    scores, error = drive(task_pass_kept(job(tasks=("arith:2", "humaneval"), tasks_limit=4,
+                                             allow_unisolated_exec=True), "vllm",
+                                         lambda: TaskEngine(True, second_fails)), lambda _e: None)
+    assert [s.name for s in scores] == ["arith"] and error  # HumanEval failed: the arithmetic score is kept
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):

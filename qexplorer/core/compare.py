@@ -40,6 +40,7 @@ host (noisy).
 from __future__ import annotations
 
 import base64
+import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -52,7 +53,7 @@ from qexplorer.core.precisions import BY_KEY, Hardware
 from qexplorer.core.quality import DEFAULT_TOP_K, kld_name
 from qexplorer.core.results import ComparedResults, StoredResult
 from qexplorer.core.serving.vllm_kernels import mismatch
-from qexplorer.core.tasks.stats import paired_mean_difference
+from qexplorer.core.tasks.stats import ALPHA, paired_mean_difference
 from qexplorer.core.tasks.summary import TaskAccuracy, summarize, task_title
 from qexplorer.core.units import format_bytes
 
@@ -125,8 +126,12 @@ class CompareRow:
         return next((t for t in self.tasks if t.task == name), None)
 
     def task_loss(self) -> TaskAccuracy | None:
-        """The first task whose accuracy fell significantly below the reference's on the same items."""
-        return next((t for t in self.tasks if t.versus_reference is not None and t.versus_reference.significant
+        """The first task whose accuracy fell significantly below the reference's on the same items. With several
+        tasks the veto holds each to α ÷ their number (Bonferroni), so that testing two tasks does not double the
+        chance of vetoing a precision that lost nothing; the p-values shown stay each test's own."""
+        tested = [t for t in self.tasks if t.versus_reference is not None]
+        alpha = ALPHA / max(1, len(tested))
+        return next((t for t in tested if t.versus_reference.p_value < alpha
                      and (t.versus_reference.difference or 0.0) < 0), None)
 
     @property
@@ -171,7 +176,12 @@ def _positions(quality: QualityStats | None) -> array | None:
     if quality is None or not quality.kld_positions:
         return None
     values = array("f")
-    values.frombytes(base64.b64decode(quality.kld_positions))
+    try:
+        values.frombytes(base64.b64decode(quality.kld_positions, validate=True))
+    except ValueError:  # damaged: no pairing, the independent SEs stand
+        return None
+    if sys.byteorder == "big":  # stored little-endian (quality.encode_positions)
+        values.byteswap()
     return values if len(values) == quality.n_positions else None
 
 
@@ -374,10 +384,12 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
     acceptable = [r for r in fitting if _kld(r) <= ACCEPTABLE_KLD] or fitting
     tie: list[CompareRow] = []
     vetoed: list[CompareRow] = []
+    all_vetoed = False
     if priority == Priority.QUALITY:
         vetoed = [r for r in fitting if r.task_loss() is not None]
-        kept = [r for r in fitting if r.task_loss() is None] or fitting
-        vetoed = [r for r in vetoed if r not in kept]
+        kept = [r for r in fitting if r.task_loss() is None]
+        if not kept:  # every candidate lost: the veto cannot choose, KLD does (said below)
+            kept, vetoed, all_vetoed = fitting, [], True
         ranked, tie = _first_of_tie(sorted(kept, key=lambda r: (_kld(r), r.memory_bytes or 0)), kld_tied,
                                     hardware, priority)
         basis = "the lowest measured KLD" + (" without a significant task loss" if vetoed else "")
@@ -391,7 +403,10 @@ def recommend(rows: list[CompareRow], hardware: Hardware, headroom_bytes: int | 
     best = ranked[0]
     runner = ranked[1] if len(ranked) > 1 else None
     sentences = [f"{best.label}: {_facts(best)}; {basis} among the {len(fitting)} {among}."]
-    if priority == Priority.QUALITY:
+    if priority == Priority.QUALITY and all_vetoed:
+        sentences.append("Every candidate lost task accuracy significantly against the reference, so the task veto "
+                         "cannot choose: ranked by KLD alone.")
+    elif priority == Priority.QUALITY:
         sentences.extend(_task_sentences(best, fitting, vetoed))
     if tie:
         sentences.append("Tied within the measurement with " + ", ".join(r.label for r in tie)

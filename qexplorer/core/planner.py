@@ -383,14 +383,17 @@ def plan_job_peak(spec: ModelSpec, precision: Precision, bench: Any, on_gpu: boo
     if vllm is None:
         vllm = on_gpu or not precision.vllm_cpu_gap
     if vllm:
-        from qexplorer.core.serving.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES, kv_cache_bytes
+        from qexplorer.core.serving.vllm_launch import VLLM_CUDA_OVERHEAD_BYTES, serve_shape
 
-        # the KV cache the job will start vLLM with (engines.vllm.launch_settings: the same flags)
-        kv = kv_cache_bytes(kv_bytes_per_token(spec, "bf16"),
-                            max(request.context + 16, quality.ctx + 16 if quality else 0, task_ctx,
-                                load.context_tokens if load is not None else 0),
-                            max(TASK_CONCURRENCY if tasks else 1, load.slots if load is not None else 1),
-                            "cuda" if on_gpu else "cpu")
+        # the KV cache the job will start vLLM with (engines.vllm.launch_settings: the same phases and rule)
+        demands = [(request.context + 16, 1)]
+        if quality:
+            demands.append((quality.ctx + 16, 1))
+        if tasks:
+            demands.append((task_ctx, TASK_CONCURRENCY))
+        if load is not None:
+            demands.append((load.context_tokens, load.slots))
+        kv = serve_shape(kv_bytes_per_token(spec, "bf16"), demands, "cuda" if on_gpu else "cpu")[2]
         server = (((vllm_overhead or VLLM_CUDA_OVERHEAD_BYTES) if on_gpu else VLLM_RUNTIME_BYTES)
                   + int(weight_bytes(spec, precision) * (1 if on_gpu else VLLM_CPU_WEIGHT_COPIES)) + kv)
         # the worker releases the model it quantized before vLLM starts (llm-compressor's session and PyTorch's

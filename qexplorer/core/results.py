@@ -309,6 +309,7 @@ def flat_row(result: StoredResult) -> dict[str, Any]:
         "engine_kld_mean": r.engine_quality.kld_mean if r.engine_quality else None,
         "engine_same_top1_pct": r.engine_quality.same_top1_pct if r.engine_quality else None,
         "task_scores": json.dumps([task_fields(t) for t in r.tasks]) if r.tasks else None,
+        "task_error": r.task_error, "tasks_s": r.timings.tasks_s,
         # a load sweep's goodput at its first depth (core.load_capacity); None without one
         "goodput_streams": load.streams if load else None,
         "goodput_output_tok_s": load.output_tok_s if load else None,

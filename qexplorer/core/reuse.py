@@ -64,12 +64,19 @@ def quiet(record: RunRecord) -> bool:
     return bool(speeds) and not record.busy_host and TIMED.isdisjoint(record.shared_phases)
 
 
-def find_reusable(store: ResultsStore, record_path: str, precision: str, key: str) -> StoredResult | None:
+def complete(record: RunRecord, wants_load: bool = False) -> bool:
+    """Its task pass and, when the job asks for one, its load sweep succeeded (a sweep with no finished level is
+    a failure): one that failed is measured again, not shown again."""
+    return record.task_error is None and not (wants_load and (record.server is None or not record.server.levels))
+
+
+def find_reusable(store: ResultsStore, record_path: str, precision: str, key: str, *,
+                  wants_load: bool = False) -> StoredResult | None:
     """The newest finished result of this model and precision with the same key and a quiet speed."""
     for stored in sorted(store.all(model_path=record_path), key=lambda r: r.created_at, reverse=True):
         record = stored.record
         if (stored.status == JobStatus.OK and record.precision == precision and record.reuse_key == key
-                and record.reused_from is None and quiet(record)):
+                and record.reused_from is None and quiet(record) and complete(record, wants_load)):
             return stored
     return None
 

@@ -219,7 +219,8 @@ def capped_load(load: LoadSweepSpec, model: ModelSpec, precision: Precision, sna
     if capacity is None:
         return load
     kept = tuple(level for level in load.levels if level <= max(1, capacity)) or (1,)
-    return replace(load, levels=kept, dropped=tuple(level for level in load.levels if level not in kept))
+    return replace(load, levels=kept, dropped=tuple(level for level in load.levels if level not in kept),
+                   capacity=capacity)
 
 
 def plan_jobs(model: ModelSpec, precisions: Iterable[Precision], snapshot: TelemetrySnapshot | None,

@@ -462,6 +462,12 @@ class QExplorerApp(App[int]):
             return
         try:
             check_loadable(self.model)
+            # HumanEval without network isolation is refused here, in one sentence, as the CLI does - not in
+            # every worker after its benchmark
+            from qexplorer.core.tasks.run import check_can_score
+
+            options = self.run_options()
+            check_can_score(options.tasks, options.allow_unisolated_exec)
         except UserError as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return

@@ -136,6 +136,7 @@ class LoadSweepSpec:
     repetitions: int = DEFAULT_LOAD_REPETITIONS
     plan: LoadPlan = field(default_factory=LoadPlan)
     dropped: tuple[int, ...] = ()  # levels above the plan's capacity at this context, left out before starting
+    capacity: int | None = None  # that capacity (sequences of context_tokens), when the levels were capped
 
     @property
     def context_tokens(self) -> int:

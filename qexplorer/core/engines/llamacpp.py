@@ -9,7 +9,7 @@ from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
-from qexplorer.core.domain.events import JobEvent, Log, Phase
+from qexplorer.core.domain.events import Cancelled, JobEvent, Log, Phase
 from qexplorer.core.domain.phases import PhaseKind
 from qexplorer.core.domain.record import EngineInfo, MemoryFigures, ServerSweep, TaskScore, Timings
 from qexplorer.core.engines.base import EngineContext, Measured, current_rss_bytes, nvml_gpu_name
@@ -91,8 +91,11 @@ def _load_sweep(ctx: EngineContext, gpu: bool) -> Generator[JobEvent, None, Serv
         with LlamaServer(settings, log_dir) as server:
             url = server.start(ctx.cancel)
             return (yield from job_load_sweep(url, load))
-    except UserError as exc:
-        yield Log(f"The load sweep was not run: {exc}", level="warning")
+    except Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the job keeps what it measured; the reason is one warning
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        yield Log(f"The load sweep was not run: {reason}", level="warning")
         return None
 
 

@@ -69,8 +69,8 @@ from qexplorer.core.serving.vllm_launch import (
     LaunchSettings,
     StartCheck,
     dtype_for,
-    kv_cache_bytes,
     overhead_bytes,
+    serve_shape,
     shell_command,
     start_check,
 )
@@ -458,13 +458,17 @@ def launch_settings(ctx: EngineContext, device: DeviceMemory, learned_overhead: 
     from qexplorer.core.tasks.run import TASK_CONCURRENCY, TASK_CONTEXT_TOKENS
 
     job, bench = ctx.job, ctx.job.bench
-    max_model_len = max(bench.context_tokens + 16, job.quality_ctx + 16 if ctx.reference else 0,
-                        TASK_CONTEXT_TOKENS if job.tasks else 0, job.load.context_tokens if job.load else 0)
-    # the task pass sends its requests at once so that vLLM batches them, the load sweep up to its highest level;
-    # the benchmark still sends one at a time. The KV cache holds that many full-length sequences (the plan's
-    # capacity capped the levels: session.plan_run)
-    seqs = max(TASK_CONCURRENCY if job.tasks else 1, job.load.slots if job.load else 1)
-    kv = kv_cache_bytes(kv_bytes_per_token(ctx.spec, "bf16"), max_model_len, seqs, device)
+    # each phase's sequences: the benchmark and the log-prob pass one at a time; the task pass sends its requests
+    # at once so that vLLM batches them; the load sweep up to its highest level (the plan's capacity capped the
+    # levels: session.plan_run). The KV cache is the largest phase's
+    demands = [(bench.context_tokens + 16, 1)]
+    if ctx.reference:
+        demands.append((job.quality_ctx + 16, 1))
+    if job.tasks:
+        demands.append((TASK_CONTEXT_TOKENS, TASK_CONCURRENCY))
+    if job.load:
+        demands.append((job.load.context_tokens, job.load.slots))
+    max_model_len, seqs, kv = serve_shape(kv_bytes_per_token(ctx.spec, "bf16"), demands, device)
     check = start_check(device, ctx.artifact_weight_bytes + kv + overhead_bytes(device, learned_overhead))
     return LaunchSettings(max_model_len=max_model_len, max_num_seqs=seqs, kv_cache_bytes=kv,
                           prefix_caching=bench.max_depth > 0, dtype=dtype_for(ctx.precision), device=device,
@@ -518,7 +522,10 @@ def measure(ctx: EngineContext) -> Generator[JobEvent, None, Measured]:
         engine_quality = None
         if ctx.reference is not None:
             yield Phase(PhaseKind.LOG_PROBS, "vLLM prompt log-probs against the reference (cross-check)")
-            engine_quality = yield from ctx.checked(server.measure_logprobs(ctx.reference))
+            try:
+                engine_quality = yield from ctx.checked(server.measure_logprobs(ctx.reference))
+            except UserError as exc:  # VllmCannotRun included: the benchmark, tasks and sweep measured stand
+                yield Log(f"vLLM's own log-probs were not measured: {exc}", level="warning")
         log = server.log_text()
         kernels = server.kernels()
     finally:

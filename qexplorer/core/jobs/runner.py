@@ -320,7 +320,7 @@ class _Supervision:
 
         try:
             stored = reuse.find_reusable(ResultsStore.in_dir(Path(self.job.data_dir)), query.model_path,
-                                         query.precision, query.key)
+                                         query.precision, query.key, wants_load=self.job.load is not None)
         except (UserError, sqlite3.Error, OSError) as exc:
             if self.on_event:
                 self.on_event(Log(f"no earlier measurement could be looked up ({str(exc)[:200]}); "

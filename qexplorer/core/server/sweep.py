@@ -381,7 +381,7 @@ def job_load_sweep(base_url: str, spec: LoadSweepSpec, text: str | None = None, 
     before: the sweep keeps its finished levels, and anything else is one warning and no sweep."""
     if spec.dropped:
         yield Log(f"load levels {', '.join(map(str, spec.dropped))} left out: above the plan's capacity of "
-                  f"{spec.slots} sequences of {spec.context_tokens} tokens", level="warning")
+                  f"{spec.capacity} sequences of {spec.context_tokens} tokens", level="warning")
     try:
         return (yield from sweep(ServerTarget(base_url, timeout_s=timeout_s), spec.levels, spec.repetitions,
                                  spec.max_tokens, prompt_tokens=spec.prompt_tokens, text=text, load=spec.plan,

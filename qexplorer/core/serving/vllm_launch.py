@@ -111,6 +111,16 @@ def kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int, max_num_seqs: in
     return max(kv_bytes_per_token * tokens, 16 * MIB)
 
 
+def serve_shape(kv_bytes_per_token: int, demands: list[tuple[int, int]], device: DeviceMemory | str,
+                ) -> tuple[int, int, int]:
+    """``--max-model-len``, ``--max-num-seqs`` and the KV cache for a server whose phases each need
+    (sequence length, sequences at once): the longest length, the most sequences, and the largest of the
+    phases' KV caches - not the longest length times the most sequences, since the phases run one after another
+    (vLLM schedules as many sequences as its blocks hold, and needs one full-length sequence to start)."""
+    return (max(length for length, _ in demands), max(seqs for _, seqs in demands),
+            max(kv_cache_bytes(kv_bytes_per_token, length, seqs, device) for length, seqs in demands))
+
+
 def dtype_for(precision: Precision) -> str:
     return DTYPES.get(precision.key, "bfloat16")
 

@@ -205,10 +205,12 @@ def _arith(job: JobSpec, choice: TaskChoice, engine: TaskEngine,
 
 
 def task_pass(job: JobSpec, engine_name: str, start: Callable[[], TaskEngine],
-              cancel: threading.Event | None = None) -> Generator[JobEvent, None, tuple[TaskScore, ...]]:
+              cancel: threading.Event | None = None, finished: list[TaskScore] | None = None,
+              ) -> Generator[JobEvent, None, tuple[TaskScore, ...]]:
     """Every task the job asks for, with the engine ``start`` opens (after the phase is announced, so that its
     cost is the pass's); returns one score per task in the order asked. Refuses before generating anything when
-    HumanEval's programs could not be isolated (:func:`check_can_score`)."""
+    HumanEval's programs could not be isolated (:func:`check_can_score`). Each score is also appended to
+    ``finished`` as it completes, so a caller keeps those when a later task fails."""
     choices = parse_tasks(job.tasks)
     if not choices:
         return ()
@@ -217,7 +219,7 @@ def task_pass(job: JobSpec, engine_name: str, start: Callable[[], TaskEngine],
     limit = f", at most {job.tasks_limit} items each" if job.tasks_limit is not None else ""
     yield Phase(PhaseKind.TASKS, f"{engine_name}: {names}, greedy{limit}")
     engine = start()
-    scores = []
+    scores = finished if finished is not None else []
     for choice in choices:
         if choice.name == HUMANEVAL:
             scores.append((yield from _humaneval(job, engine, engine_name, isolation or "", cancel)))
@@ -229,18 +231,21 @@ def task_pass(job: JobSpec, engine_name: str, start: Callable[[], TaskEngine],
 def task_pass_kept(job: JobSpec, engine_name: str, start: Callable[[], TaskEngine],
                    cancel: threading.Event | None = None,
                    ) -> Generator[JobEvent, None, tuple[tuple[TaskScore, ...], str | None]]:
-    """:func:`task_pass`, where a failure loses only the task scores: the benchmark measured before it and the
-    quality pass after it are kept. Returns the scores and, on failure, the sentence why (also logged as a
-    warning). A cancel still stops the job."""
+    """:func:`task_pass`, where a failure loses only what it had not finished: the benchmark measured before it,
+    the quality pass after it and the tasks scored before the failure are kept. Returns the scores and, on
+    failure, the sentence why (also logged as a warning). A cancel still stops the job."""
+    finished: list[TaskScore] = []
     try:
-        return (yield from task_pass(job, engine_name, start, cancel)), None
+        yield from task_pass(job, engine_name, start, cancel, finished)
+        return tuple(finished), None
     except Cancelled:
         raise
     except Exception as exc:  # noqa: BLE001 - any engine failure in the pass: kept as one sentence
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        yield Log(f"The task pass failed and its scores are left out; the benchmark is kept: {reason}",
-                  level="warning")
-        return (), reason
+        kept = f"; {', '.join(s.name for s in finished)} kept" if finished else ""
+        yield Log(f"The task pass failed and its unfinished scores are left out; the benchmark is kept{kept}: "
+                  f"{reason}", level="warning")
+        return tuple(finished), reason
 
 
 def in_order(submit: Callable[[Prompt], Answer], prompts: Sequence[Prompt], workers: int) -> Iterator[Answer]:

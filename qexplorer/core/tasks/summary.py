@@ -68,8 +68,10 @@ class TaskAccuracy:
 
 
 def compare_pair(candidate: TaskScore, other: TaskScore, against: str) -> PairedComparison | None:
-    """The paired test of ``candidate`` against ``other``; None when they are not on the same items."""
-    if (candidate.name, candidate.items_sha256, candidate.n) != (other.name, other.items_sha256, other.n):
+    """The paired test of ``candidate`` against ``other``; None when they are not on the same items asked the same
+    way (a chat template against a raw completion, or another token budget, differs for prompting's sake)."""
+    if ((candidate.name, candidate.items_sha256, candidate.n, candidate.template, candidate.max_new_tokens)
+            != (other.name, other.items_sha256, other.n, other.template, other.max_new_tokens)):
         return None
     test = stats.paired_test(other.outcomes, candidate.outcomes)
     psi = test.discordance_rate or stats.UNKNOWN_DISCORDANCE
