@@ -119,3 +119,17 @@ def test_a_gguf_jobs_load_sweep_runs_in_llama_server(capsys, isolated_user_dirs)
     assert main([*args[:-2], "--load-repetitions", "2"]) == 0  # another sweep: measured again, not reused
     again = json.loads(capsys.readouterr().out)["jobs"][0]["result"]
     assert again["reused_from"] is None
+
+
+def test_a_sweep_or_task_pass_cut_short_teaches_the_eta_nothing():
+    from test_job_queue import a_record
+
+    from qexplorer.core.domain.record import ServerSweep
+    from qexplorer.core.jobs.queue import cut_short
+
+    done = ServerSweep(model_id="m", host="h", max_tokens=8, repetitions=1, token_count="",
+                       levels=(None,))  # type: ignore[arg-type] - only its presence is read
+    record = replace(a_record(), server=done)
+    assert cut_short(record) == set()
+    assert cut_short(replace(record, server=replace(done, stopped_early="saturated"))) == {"load-sweep"}
+    assert cut_short(replace(record, server=None, task_error="x")) == {"load-sweep", "tasks"}

@@ -324,6 +324,7 @@ class JobQueue:
                 shared = set(outcome.record.shared_phases) if outcome.record is not None else set()
                 if outcome.record is not None and outcome.record.busy_host:
                     shared |= {name for name, _ in outcome.phase_seconds}
+                shared |= cut_short(outcome.record)
                 DurationBook.in_dir(spec.data_dir).record(estimate, outcome.phase_seconds, skip=shared)
                 _learn_vllm_overhead(spec.data_dir, outcome.record)
             except OSError as exc:
@@ -396,3 +397,15 @@ def _learn_vllm_overhead(data_dir: str, record: RunRecord | None) -> None:
     overhead = measured_overhead(memory.server_gpu_bytes, memory.weight_bytes, memory.kv_cache_bytes)
     if overhead is not None and record.hardware.gpu:
         DurationBook.in_dir(data_dir).learn_bytes(OVERHEAD_KEY, record.hardware.gpu, overhead)
+
+
+def cut_short(record: RunRecord | None) -> set[str]:
+    """Phases that did not do the work their estimate counted - a task pass that failed, a load sweep that
+    failed, was not run or stopped early - and so teach the ETA no rate."""
+    if record is None:
+        return set()
+    short = {str(PhaseKind.TASKS)} if record.task_error else set()
+    sweep = record.server
+    if sweep is None or sweep.error or sweep.stopped_early or not sweep.levels:
+        short.add(str(PhaseKind.LOAD_SWEEP))
+    return short
