@@ -148,6 +148,9 @@ def test_serving_without_a_load_sweep_says_how_to_get_one(tmp_path: Path):
     result = recommend(compare_rows(store), H100, None, Priority.SERVING)
     assert result.precision is None and "INT8 W8A8 no concurrency tested meets" in result.text
     assert "TTFT p99 3.00 s > 2 s" in result.text
+    # swept, but nothing fits the headroom now: said as that, not as "no load sweep"
+    result = recommend(compare_rows(store_load_results(tmp_path / "full")), H100, 1, Priority.SERVING)
+    assert result.precision is None and result.text.startswith("Every precision with a load sweep needs more")
 
 
 def test_serving_is_the_last_priority():

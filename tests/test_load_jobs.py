@@ -79,6 +79,9 @@ def test_run_load_flags_become_the_jobs_sweep(tmp_path: Path):
                     tmp_path)
     quick, full = plan.specs
     assert quick.first_pass and quick.load is None and full.load is not None and full.load.levels == (1, 2, 4)
+    plain = plan_run("default", Catalog().resolve("default"), [get("q8_0")], replace(options, load=None),
+                     simulated_sampler("none").sample(), tmp_path)
+    assert quick.planned_peak_bytes == plain.specs[0].planned_peak_bytes < full.planned_peak_bytes
     assert main(["run", "default", "--precision", "q8_0", "--load", "1,0"]) == 2
     assert main(["run", "default", "--precision", "q8_0", "--load", "--load-repetitions", "0"]) == 2
 

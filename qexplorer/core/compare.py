@@ -219,19 +219,19 @@ def rows_from_results(compared: ComparedResults, servers: Sequence[StoredResult]
     against every other row scored on the same positions."""
     ranked = sorted(compared.rows, key=lambda r: r.created_at)
     tasks = summarize([r.record for r in ranked], reference_precision(ranked))
-    rows = []
-    for result, is_compared in [*((r, True) for r in compared.rows), *((r, False) for r in compared.others),
-                                *((r, True) for r in servers)]:
-        row = row_from_result(result, compared=is_compared)
-        paired = []
-        if is_compared and result.record.quality is not None:
-            for other in compared.rows:
-                if other is not result and other.record.quality is not None:
-                    se = paired_kld_se(result.record.quality, other.record.quality)
-                    if se is not None:
-                        paired.append((row_from_result(other).precision, se))
-        own = tuple(t for t in tasks if t.precision == result.precision) if is_compared else ()
-        rows.append(replace(row, kld_paired_se=tuple(paired), tasks=own))
+    group = {result.id: row_from_result(result) for result in compared.rows}
+    paired: dict[int, list[tuple[str, float]]] = {result.id: [] for result in compared.rows}
+    for i, a in enumerate(compared.rows):  # each pair once: the SE of a − b is that of b − a
+        for b in compared.rows[i + 1:]:
+            if a.record.quality is not None and b.record.quality is not None:
+                se = paired_kld_se(a.record.quality, b.record.quality)
+                if se is not None:
+                    paired[a.id].append((group[b.id].precision, se))
+                    paired[b.id].append((group[a.id].precision, se))
+    rows = [replace(group[r.id], kld_paired_se=tuple(paired[r.id]),
+                    tasks=tuple(t for t in tasks if t.precision == r.precision)) for r in compared.rows]
+    rows += [row_from_result(r, compared=False) for r in compared.others]
+    rows += [row_from_result(r) for r in servers]
     return tuple(rows)
 
 
@@ -486,6 +486,9 @@ def _recommend_serving(fitting: list[CompareRow], excluded: list[CompareRow], am
     not_fitting = ("Left out because they do not fit the live headroom of " f"{format_bytes(headroom_bytes)}: "
                    + ", ".join(f"{r.label} ({format_bytes(_need(r))})" for r in excluded) + ".") if excluded else ""
     swept = [r for r in fitting if r.load is not None]
+    if not swept and any(r.load is not None for r in excluded):  # swept, but none fits the headroom now
+        return Recommendation(None, "none fits", "Every precision with a load sweep needs more memory than is free "
+                              "now. " + not_fitting, None, priority)
     if not swept:
         return Recommendation(None, "no load sweep", " ".join(filter(None, (NO_LOAD_SWEEP, not_fitting))), None,
                               priority)

@@ -132,10 +132,14 @@ def plan_run(model_ref: str, model: ModelSpec, chosen: Sequence[Precision], opti
         tasks=options.tasks, tasks_limit=options.tasks_limit, allow_unisolated_exec=options.allow_unisolated_exec,
         load=options.load,
     )
-    planned = plan_jobs(model, ordered(model, chosen, options.order), snapshot, template, force=options.force)
+    order = ordered(model, chosen, options.order)
+    planned = plan_jobs(model, order, snapshot, template, force=options.force)
     specs = planned.specs
     if options.first_answer and options.reuse and not is_quick(options.bench):
-        specs = first_pass(specs, measured) + specs
+        # the quick jobs carry no task pass and no load sweep: their planned peak is planned without them
+        bare = (planned if not (template.tasks or template.load) else
+                plan_jobs(model, order, snapshot, replace(template, tasks=(), load=None), force=options.force))
+        specs = first_pass(bare.specs, measured) + specs
     if estimates is None or len(estimates) != len(specs):
         estimates = estimate_jobs(model, specs, data_dir, cuda=cuda, **_device_of(snapshot))
     return RunPlan(specs, planned.refused, estimates, options.overlap)

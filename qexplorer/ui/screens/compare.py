@@ -233,18 +233,25 @@ class CompareScreen(Screen):
                 plt.scatter([selected.memory_bytes / MIB], [selected.kld], color=accent, marker="◆")
         pareto.refresh()
 
+    def _shown_plot(self, selector: str, title: str, shown: bool) -> PlotextPlot | None:
+        """A plot shown only while some row has its data: cleared and titled, or hidden (None)."""
+        widget = self.query_one(selector, PlotextPlot)
+        widget.display = shown
+        if not shown:
+            return None
+        widget.plt.clear_data()
+        widget.plt.clear_figure()
+        widget.plt.title(title)
+        return widget
+
     def _chains(self, selected: CompareRow | None) -> None:
         """Arithmetic accuracy by chain length, one line per precision (shown only once one has it): where a
         precision breaks as chains grow."""
-        widget = self.query_one("#plot-chains", PlotextPlot)
         measured = [(r, r.task(ARITH)) for r in self._rows if r.task(ARITH) is not None and r.task(ARITH).per_length]
-        widget.display = bool(measured)
-        if not measured:
+        widget = self._shown_plot("#plot-chains", "arith % by chain length", bool(measured))
+        if widget is None:
             return
         plt = widget.plt
-        plt.clear_data()
-        plt.clear_figure()
-        plt.title("arith % by chain length")
         for row, score in measured:
             lengths = [length for length, _fraction in score.length_accuracy]
             percent = [100 * fraction for _length, fraction in score.length_accuracy]
@@ -257,15 +264,11 @@ class CompareScreen(Screen):
         """Output tok/s (all streams) by concurrency, one line per row with a load sweep (shown only once one has
         it), ◆ the selected row's goodput; the concurrency axis is log2 (the sweep doubles it), labelled with the
         concurrencies themselves."""
-        widget = self.query_one("#plot-load", PlotextPlot)
         swept = [r for r in self._rows if r.load is not None and r.load.curve]
-        widget.display = bool(swept)
-        if not swept:
+        widget = self._shown_plot("#plot-load", "tok/s by concurrency", bool(swept))
+        if widget is None:
             return
         plt = widget.plt
-        plt.clear_data()
-        plt.clear_figure()
-        plt.title("tok/s by concurrency")
         for row in swept:  # only the selected line is named: a legend of every row covers a narrow plot
             selected_row = row is selected
             plt.plot([math.log2(c) for c, _tok_s in row.load.curve], [tok_s for _c, tok_s in row.load.curve],
