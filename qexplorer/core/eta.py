@@ -484,20 +484,6 @@ class DurationBook:
         os.replace(tmp, self.path)
 
 
-def ensure_calibration(book: DurationBook, threads: int) -> Calibration | None:
-    """This machine's calibration, measured now (a few seconds, in a child process) if it has none yet;
-    None where calibration is switched off (:data:`~qexplorer.core.calibration.NO_CALIBRATION_ENV`) or failed."""
-    from qexplorer.core import calibration
-
-    found = book.calibration()
-    if found is not None or not calibration.enabled():
-        return found
-    measured = calibration.measure_in_child(threads)
-    if measured is not None:
-        book.keep_calibration(measured)
-    return measured
-
-
 def cost_model(spec: ModelSpec, cuda: bool, device: str | None) -> CostModel:
     """The GPU's projection where its bandwidth is published, else the CPU's fitted costs."""
     from qexplorer.core.bench.bandwidth import published_bandwidth
@@ -527,9 +513,10 @@ def estimate_jobs(spec: ModelSpec, jobs: Sequence[Any], data_dir: Path | str, *,
     work_dir = Path(data_dir) / "artifacts" / model_key(spec)  # model_work_dir's path, without creating it
     from qexplorer.core.quality import reference_cached
 
-    references = frozenset(job.quality_tokens for job in jobs if job.quality and reference_cached(
-        Path(data_dir), model_key(spec), job.quality_corpus, job.reference_precision, job.quality_ctx,
-        job.quality_tokens, job.top_k))
+    asked = {(job.quality_corpus, job.reference_precision, job.quality_ctx, job.quality_tokens, job.top_k)
+             for job in jobs if job.quality}  # every job of a run asks for the same one or two: each looked up once
+    references = frozenset(tokens for corpus, reference, ctx, tokens, top_k in asked if reference_cached(
+        Path(data_dir), model_key(spec), corpus, reference, ctx, tokens, top_k))
     cached = cached_state(spec, work_dir, references)
     estimates = []
     for job in jobs:

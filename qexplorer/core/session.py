@@ -185,17 +185,21 @@ def job_estimates(model: ModelSpec, precisions: Iterable[Precision], data_dir: s
 
 
 def calibrate_machine(data_dir: str | Path, threads: int, say: Any = None) -> None:
-    """On a machine's first use, measure its calibration (a few seconds) so that the estimates are scaled to it
-    instead of trusting another machine's defaults; ``say`` is told before it starts and what it found."""
+    """On a machine's first use, measure its calibration (a few seconds, in a child process) and keep it, so that
+    the estimates are scaled to it instead of trusting another machine's defaults; nothing where it has one or
+    calibration is switched off (:data:`~qexplorer.core.calibration.NO_CALIBRATION_ENV`). ``say`` is told
+    before it starts and what it found."""
     from qexplorer.core import calibration
-    from qexplorer.core.eta import DurationBook, ensure_calibration
+    from qexplorer.core.eta import DurationBook
 
     book = DurationBook.in_dir(data_dir)
     if book.calibration() is not None or not calibration.enabled():
         return
     if say:
         say("calibrating this machine for the time estimates (first use, a few seconds)")
-    found = ensure_calibration(book, threads)
+    found = calibration.measure_in_child(threads)
+    if found is not None:
+        book.keep_calibration(found)
     if say:
         say(f"calibrated: {found.describe()}" if found else "calibration failed: estimates use another machine's "
             "defaults until jobs have run here")
