@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from qexplorer.cli.load import load_spec
 from qexplorer.core import precisions
 from qexplorer.core.catalog import Catalog
 from qexplorer.core.domain.bench import BenchConfig, parse_depths
 from qexplorer.core.domain.events import JobEvent, Log, Phase, Progress
-from qexplorer.core.domain.load import LoadSweepSpec
 from qexplorer.core.domain.spec import JobSpec
 from qexplorer.core.errors import UserError
 from qexplorer.core.eta import format_duration
@@ -121,21 +121,6 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     bench = BenchConfig.quick() if args.quick else BenchConfig()
     return BenchConfig(bench.prompt_tokens, bench.gen_tokens, args.repetitions or bench.repetitions,
                        args.threads or bench.threads, depths=parse_depths(getattr(args, "depth", "0")))
-
-
-def load_spec(args: argparse.Namespace, settings: Settings) -> LoadSweepSpec | None:
-    """``--load`` and its flags as the jobs' load sweep, each value checked; None without ``--load``."""
-    from qexplorer.cli.server import _levels, _load_plan
-
-    if args.load is None:
-        return None
-    for flag, value in (("--load-prompt-tokens", args.load_prompt_tokens), ("--load-max-tokens", args.load_max_tokens),
-                        ("--load-repetitions", args.load_repetitions)):
-        if value < 1:
-            raise UserError(f"{flag} is {value}: give 1 or more.")
-    return LoadSweepSpec(levels=tuple(sorted(set(_levels(args.load, "--load")))), prompt_tokens=args.load_prompt_tokens,
-                         max_tokens=args.load_max_tokens, repetitions=args.load_repetitions,
-                         plan=_load_plan(args, settings))
 
 
 def run_options(args: argparse.Namespace, settings: Settings | None = None) -> RunOptions:
